@@ -1,0 +1,116 @@
+"""Write bundles atomically: stage in a temp dir next to the destination, then rename.
+
+A failed build never leaves a half bundle, and an existing bundle is only replaced when the
+caller asks (``force``). Checksums and sizes are filled in here, from the bytes written.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from edgebuild.errors import UsageError
+from edgerun.bundle import sha256_file
+from edgerun.manifest import MANIFEST_NAME, Manifest
+
+
+def check_destination(dest: Path, force: bool) -> None:
+    """Fail early (before any work) when the destination exists and may not be replaced."""
+    if dest.exists() and not force:
+        raise UsageError(f"'{dest}' already exists; pass --force to replace it or choose another -o/--name")
+    if dest.exists() and not (dest / MANIFEST_NAME).is_file():
+        raise UsageError(f"'{dest}' exists and is not a bundle; refusing to replace it even with --force")
+
+
+def _finalise_manifest(stage: Path, manifest: Manifest) -> Manifest:
+    for model in manifest.all_models():
+        path = stage / model.path
+        model.sha256 = sha256_file(path)
+        model.size_bytes = path.stat().st_size
+    files = {}
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        relative = path.relative_to(stage).as_posix()
+        if relative != MANIFEST_NAME:
+            files[relative] = sha256_file(path)
+    manifest.files = files
+    return manifest
+
+
+def sign_manifest(manifest: Manifest, private_key_pem: bytes) -> None:
+    """Add an ed25519 signature over the manifest (which holds every file's sha256)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(private_key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"signing key is not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UsageError("signing key must be an ed25519 private key (openssl genpkey -algorithm ed25519)")
+    manifest.signature = None
+    value = key.sign(manifest.signed_payload())
+    manifest.signature = {"algorithm": "ed25519", "value": base64.b64encode(value).decode()}
+
+
+def write_bundle(
+    dest: Path,
+    manifest: Manifest,
+    files: dict[str, Path | bytes],
+    *,
+    force: bool = False,
+    sign_key: bytes | None = None,
+    archive: bool = False,
+) -> Path:
+    """Write ``files`` (bundle-relative path -> source file or bytes) and the manifest to ``dest``.
+
+    Fills in every model's sha256/size and the ``files`` map, optionally signs, then moves the
+    staged directory into place in one rename. Returns ``dest``.
+    """
+    dest = Path(dest)
+    check_destination(dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        for relative, source in files.items():
+            target = stage / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, bytes):
+                target.write_bytes(source)
+            else:
+                shutil.copyfile(source, target)
+        _finalise_manifest(stage, manifest)
+        if sign_key is not None:
+            sign_manifest(manifest, sign_key)
+        (stage / MANIFEST_NAME).write_text(manifest.to_json())
+        if archive:
+            _write_archive(stage, dest)
+        _replace(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dest
+
+
+def _write_archive(stage: Path, dest: Path) -> None:
+    tmp = dest.parent / f".{dest.name}.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(stage, arcname=dest.name)
+    tmp.replace(dest.parent / f"{dest.name}.tar.gz")
+
+
+def _replace(stage: Path, dest: Path) -> None:
+    if not dest.exists():
+        stage.rename(dest)
+        return
+    backup = dest.parent / f".{dest.name}.old"
+    shutil.rmtree(backup, ignore_errors=True)
+    dest.rename(backup)
+    try:
+        stage.rename(dest)
+    except BaseException:
+        backup.rename(dest)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

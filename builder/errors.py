@@ -1,0 +1,23 @@
+"""One exception family for the builder; each carries the CLI exit code it maps to."""
+
+
+class EdgebuildError(Exception):
+    """Base class of every error the builder reports to a user (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(EdgebuildError):
+    """Bad usage or input: a clear message, nothing written (exit code 2)."""
+
+    exit_code = 2
+
+
+class AccuracyBudgetError(EdgebuildError):
+    """The packed model left the accuracy budget; a report was written, no bundle (exit code 3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, report_path=None):
+        super().__init__(message)
+        self.report_path = report_path

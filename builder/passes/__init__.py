@@ -1,0 +1,1 @@
+"""Model passes: one technique per module, each with a typed config."""

@@ -1,0 +1,105 @@
+"""Target profiles: validated data describing a device family (providers, precisions, INT8 preset)."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgebuild.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_Strict = ConfigDict(extra="forbid")
+
+
+class ProviderProfile(BaseModel):
+    model_config = _Strict
+    name: str = Field(description="ONNX Runtime execution provider, e.g. CUDAExecutionProvider")
+    options: dict[str, Any] = Field(default_factory=dict, description="provider options written to the manifest")
+
+
+class QuantizationProfile(BaseModel):
+    """Static INT8 preset (ONNX Runtime quantization tool settings)."""
+
+    model_config = _Strict
+    format: Literal["qdq", "qoperator"] = "qdq"
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["uint8", "int8"] = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class SessionProfile(BaseModel):
+    model_config = _Strict
+    graph_optimization_level: Literal["disable_all", "basic", "extended", "all"] = "all"
+    config: dict[str, str] = Field(default_factory=dict)
+
+
+class ContainerProfile(BaseModel):
+    model_config = _Strict
+    dockerfile: str
+    base_image: str
+    runtime: str | None = Field(default=None, description="container runtime, e.g. nvidia on Jetson")
+
+
+class TargetProfile(BaseModel):
+    model_config = _Strict
+    name: str
+    description: str
+    device: Literal["cpu", "gpu"]
+    opset: int = Field(ge=13, le=23, description="ONNX opset; >= 13 so per-channel QDQ is valid")
+    precisions: list[Literal["fp32", "fp16", "int8", "int8-dynamic"]]
+    providers: list[ProviderProfile] = Field(min_length=1)
+    quantization: QuantizationProfile = Field(default_factory=QuantizationProfile)
+    session: SessionProfile = Field(default_factory=SessionProfile)
+    container: ContainerProfile | None = None
+    # Free-form target facts (e.g. TensorRT op support notes) carried into the manifest.
+    notes: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def host_provider(self) -> str:
+        """The CPU-side provider used to measure candidates on the build host."""
+        return "CPUExecutionProvider"
+
+
+def builtin_target_names() -> list[str]:
+    files = resources.files("edgebuild.profiles")
+    return sorted(p.name[: -len(".toml")] for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def _parse(text: str, source: str) -> TargetProfile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"target profile {source}: not valid TOML ({exc})") from None
+    try:
+        return TargetProfile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"'{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in exc.errors()[:3]
+        )
+        raise UsageError(f"target profile {source} is invalid: {problems}") from None
+
+
+def load_target(name_or_path: str) -> TargetProfile:
+    """Load a built-in profile by name (``x86``) or a user profile file (``my-board.toml``)."""
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UsageError(f"target profile file '{path}' does not exist")
+        return _parse(path.read_text(), str(path))
+    names = builtin_target_names()
+    if name_or_path not in names:
+        raise UsageError(f"unknown target '{name_or_path}'; known targets: {', '.join(names)} (or a path to a .toml profile)")
+    text = resources.files("edgebuild.profiles").joinpath(f"{name_or_path}.toml").read_text()
+    return _parse(text, f"'{name_or_path}'")

@@ -1,0 +1,1 @@
+"""Embedded example models (the default `edgebuild pack` model)."""

@@ -1,0 +1,1 @@
+"""Built-in target profiles (data files), shipped as package data of edgebuild."""
