@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgebuild.errors import UsageError
 
@@ -19,10 +19,23 @@ else:  # pragma: no cover
 _Strict = ConfigDict(extra="forbid")
 
 
+Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
+
+
 class ProviderProfile(BaseModel):
     model_config = _Strict
     name: str = Field(description="ONNX Runtime execution provider, e.g. CUDAExecutionProvider")
     options: dict[str, Any] = Field(default_factory=dict, description="provider options written to the manifest")
+    # Some options only fit one precision of the packed model: TensorRT refuses a QDQ (INT8)
+    # network unless trt_int8_enable is set, and the flag must stay off for float models.
+    precision_options: dict[Precision, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="options merged over `options` when the packed model has that precision",
+    )
+
+    def options_for(self, precision: str) -> dict[str, Any]:
+        """This provider's options for a packed model of ``precision``."""
+        return {**self.options, **self.precision_options.get(precision, {})}
 
 
 class QuantizationProfile(BaseModel):
@@ -50,6 +63,9 @@ class ContainerProfile(BaseModel):
     dockerfile: str
     base_image: str
     runtime: str | None = Field(default=None, description="container runtime, e.g. nvidia on Jetson")
+    platform: Literal["linux/amd64", "linux/arm64"] = Field(
+        default="linux/amd64", description="image platform (docker --platform); also the fleet's node architecture"
+    )
 
 
 class TargetProfile(BaseModel):
@@ -58,13 +74,28 @@ class TargetProfile(BaseModel):
     description: str
     device: Literal["cpu", "gpu"]
     opset: int = Field(ge=13, le=23, description="ONNX opset; >= 13 so per-channel QDQ is valid")
-    precisions: list[Literal["fp32", "fp16", "int8", "int8-dynamic"]]
+    precisions: list[Precision] = Field(min_length=1)
     providers: list[ProviderProfile] = Field(min_length=1)
     quantization: QuantizationProfile = Field(default_factory=QuantizationProfile)
     session: SessionProfile = Field(default_factory=SessionProfile)
     container: ContainerProfile | None = None
     # Free-form target facts (e.g. TensorRT op support notes) carried into the manifest.
     notes: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _precision_options_match_precisions(self) -> TargetProfile:
+        for provider in self.providers:
+            for precision in provider.precision_options:
+                if precision not in self.precisions:
+                    raise ValueError(
+                        f"providers '{provider.name}' has precision_options for '{precision}', "
+                        f"which is not in precisions {self.precisions}"
+                    )
+        return self
+
+    def providers_for(self, precision: str) -> list[ProviderProfile]:
+        """The provider list to write into a manifest whose model has ``precision``."""
+        return [ProviderProfile(name=p.name, options=p.options_for(precision)) for p in self.providers]
 
     @property
     def host_provider(self) -> str:
@@ -85,10 +116,20 @@ def _parse(text: str, source: str) -> TargetProfile:
     try:
         return TargetProfile.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"'{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in exc.errors()[:3]
-        )
+        problems = "; ".join(_describe(err) for err in exc.errors()[:3])
         raise UsageError(f"target profile {source} is invalid: {problems}") from None
+
+
+def _describe(err: Any) -> str:
+    """One validation problem as 'key.path': what is wrong (got value)."""
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"'{where}': unknown key (check its spelling against targets/x86.toml)"
+    if not where:  # a check across keys: its message names them
+        return err["msg"].removeprefix("Value error, ")
+    got = repr(err.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"'{where}': {err['msg']} (got {got})"
 
 
 def load_target(name_or_path: str) -> TargetProfile:
