@@ -73,6 +73,7 @@ def write_bundle(
     check_destination(dest, force)
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    stage.chmod(0o755)  # mkdtemp is private (0700); a bundle is meant to be read by a service user
     try:
         for relative, source in files.items():
             target = stage / relative

@@ -1,0 +1,102 @@
+"""The ``edgebuild`` command line: thin click commands over library functions."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgebuild.errors import EdgebuildError
+
+
+def _handle_errors(fn):
+    """Turn our errors into one line on stderr and the documented exit code (traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgebuildError as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(f"edgebuild: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
+@click.version_option(package_name="edgebuild")
+def main(debug: bool) -> None:
+    """Pack trained PyTorch/ONNX models into small, fast, validated ONNX bundles for edge targets.
+
+    Start with `edgebuild pack --target x86` (packs the embedded digits example) and serve the
+    bundle with `edgerun serve dist/digits-x86`.
+    """
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="edgebuild: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--target", "-t", default="x86", show_default=True, help="Target profile name (see `edgebuild targets`) or a .toml profile file.")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=Path("dist"), show_default=True, help="Directory the bundle <name>-<target>/ is written into.")
+@click.option("--name", help="Bundle/model name (default: from the model).")
+@click.option("--weights", help="State dict for a module:callable model (.pt/.pth via torch.load(weights_only=True), or .safetensors).")
+@click.option("--input-shape", help="Example input shape, e.g. 1,3,224,224 (default: model's example_inputs/input_shape or the ONNX graph).")
+@click.option("--input-names", help="Comma-separated input names (default: from example_inputs or 'input').")
+@click.option("--calib-data", help="Calibration DATA: image folder, .npz, module:callable, or 'random' (then not validated).")
+@click.option("--val-data", help="Validation DATA: image folder, .npz (x, y) or module:callable.")
+@click.option("--quantize", type=click.Choice(["auto", "int8", "int8-dynamic", "fp16", "none"]), default="auto", show_default=True,
+              help="auto builds every sensible variant, measures each, and keeps the fastest within the accuracy budget.")
+@click.option("--max-accuracy-drop", type=float, default=0.01, show_default=True, help="Largest allowed drop of the metric (absolute, e.g. 0.01 = 1 point).")
+@click.option("--metric", help="accuracy | agreement | cosine | module:callable (default: accuracy with labels, else agreement/cosine).")
+@click.option("--optimize-for", type=click.Choice(["latency", "size"]), default="latency", show_default=True, help="What auto minimises among in-budget variants.")
+@click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples used.")
+@click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
+@click.option("--ship-variants/--no-ship-variants", default=None, help="Also ship every in-budget variant for the device to choose from (default: on for GPU targets).")
+@click.option("--archive", is_flag=True, help="Also write <bundle>.tar.gz.")
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ed25519 private key (PEM) to sign the manifest.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at the destination.")
+@_handle_errors
+def pack(model, target, output_dir, name, weights, input_shape, input_names, calib_data, val_data, quantize, max_accuracy_drop, metric,
+         optimize_for, calib_samples, val_samples, ship_variants, archive, sign_key, force):
+    """Pack MODEL into a validated bundle for a target; prints the bundle path last on stdout.
+
+    MODEL is package.module:callable (returns an nn.Module), a torch.export .pt2 file, or an .onnx
+    file. Without MODEL the embedded digits example is packed with its real data.
+
+    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle).
+    """
+    from edgebuild.pack import PackOptions, pack as run_pack
+    from edgebuild.sources import parse_shape
+
+    options = PackOptions(
+        model=model, target=target, output_dir=output_dir, name=name, weights=weights,
+        input_shape=parse_shape(input_shape) if input_shape else None,
+        input_names=[n.strip() for n in input_names.split(",")] if input_names else None,
+        calib_data=calib_data, val_data=val_data, quantize=quantize, max_accuracy_drop=max_accuracy_drop, metric=metric,
+        optimize_for=optimize_for, calib_samples=calib_samples, val_samples=val_samples, ship_variants=ship_variants,
+        archive=archive, sign_key=sign_key.read_bytes() if sign_key else None, force=force,
+    )
+    result = run_pack(options)
+    v = result.manifest.validation
+    click.echo(
+        f"edgebuild: {result.chosen.name}: {v.metric} {v.packed:.4f} (reference {v.reference:.4f}, drop {v.drop:+.4f}); "
+        f"speed-up vs FP32 {result.manifest.benchmark['speedup_vs_fp32']}×, size {result.chosen.size_bytes / 1024:.1f} KiB",
+        err=True,
+    )
+    click.echo(str(result.bundle))
+
+
+@main.command()
+def targets():
+    """List the built-in target profiles."""
+    from edgebuild.targets import builtin_target_names, load_target
+
+    for target_name in builtin_target_names():
+        profile = load_target(target_name)
+        click.echo(f"{profile.name:<10} {profile.description}")
