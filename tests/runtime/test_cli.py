@@ -1,0 +1,119 @@
+"""The edgerun CLI: one-line errors, info/verify/bench, and a real server driven by tritonclient."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgerun.cli import main
+from runtime_fixtures import classifier_reference, free_port
+
+
+def test_runtime_never_imports_torch_or_builder():
+    code = ("import sys, edgerun.server, edgerun.cli, edgerun.loader, edgerun.reload, edgerun.preprocess; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'edgebuild')]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_import_is_light():
+    code = "import sys, edgerun.cli; print([m for m in ('numpy', 'onnxruntime', 'fastapi') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_info_and_verify(bundles, cache_dir):
+    runner = CliRunner()
+    result = runner.invoke(main, ["info", str(bundles["classifier"])])
+    assert result.exit_code == 0, result.output
+    assert "clf" in result.output and "x  float32  [-1, 4]" in result.output
+    result = runner.invoke(main, ["info", "--json", str(bundles["pair"])])
+    assert json.loads(result.output)["inputs"][1]["name"] == "attention_mask"
+    result = runner.invoke(main, ["verify", str(bundles["classifier"]), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("OK clf") and "golden samples match" in result.output
+
+
+def test_bench_json(bundles, cache_dir):
+    result = CliRunner().invoke(main, ["bench", str(bundles["classifier"]), "--json", "--batch", "4",
+                                       "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(result.output)["benchmark"]
+    assert set(numbers) >= {"batch_1", "batch_4"}
+    assert numbers["batch_4"]["p50_ms"] > 0 and numbers["batch_1"]["throughput_per_s"] > 0
+
+
+def test_bad_bundle_is_one_line_no_traceback(tmp_path, bundles):
+    runner = CliRunner()
+    result = runner.invoke(main, ["info", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "does not exist" in result.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ nope")
+    result = runner.invoke(main, ["verify", str(broken)])
+    assert result.exit_code == 2 and "not valid JSON" in result.output and "Traceback" not in result.output
+    result = runner.invoke(main, ["--debug", "verify", str(broken)])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become ready")
+
+
+@pytest.fixture()
+def served(bundles, cache_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgerun.cli", "serve", str(bundles["classifier"]),
+                             "--port", str(port), "--no-bench", "--cache-dir", str(cache_dir), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_real_server_with_tritonclient_json_and_binary(served):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{served}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("clf")
+    meta = client.get_model_metadata("clf")
+    assert meta["inputs"][0]["name"] == "x"
+    x = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+    for binary in (False, True):
+        tensor = httpclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput("probs", binary_data=binary)]
+        result = client.infer("clf", [tensor], outputs=outputs)
+        np.testing.assert_allclose(result.as_numpy("probs"), classifier_reference(x), rtol=1e-5)
+    # No requested outputs: tritonclient asks for all outputs in binary.
+    tensor = httpclient.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    np.testing.assert_allclose(client.infer("clf", [tensor]).as_numpy("probs"), classifier_reference(x), rtol=1e-5)
+    bad = httpclient.InferInput("x", [2, 3], "FP32")
+    bad.set_data_from_numpy(np.ones((2, 3), np.float32), binary_data=True)
+    with pytest.raises(InferenceServerException, match="expects shape"):
+        client.infer("clf", [bad])
+    assert client.is_server_ready()
