@@ -58,12 +58,13 @@ def main(debug: bool) -> None:
 @click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples used.")
 @click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
 @click.option("--ship-variants/--no-ship-variants", default=None, help="Also ship every in-budget variant for the device to choose from (default: on for GPU targets).")
+@click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each candidate on this host.")
 @click.option("--archive", is_flag=True, help="Also write <bundle>.tar.gz.")
 @click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ed25519 private key (PEM) to sign the manifest.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the destination.")
 @_handle_errors
 def pack(model, target, output_dir, name, weights, input_shape, input_names, calib_data, val_data, quantize, max_accuracy_drop, metric,
-         optimize_for, calib_samples, val_samples, ship_variants, archive, sign_key, force):
+         optimize_for, calib_samples, val_samples, ship_variants, bench_seconds, archive, sign_key, force):
     """Pack MODEL into a validated bundle for a target; prints the bundle path last on stdout.
 
     MODEL is package.module:callable (returns an nn.Module), a torch.export .pt2 file, or an .onnx
@@ -80,7 +81,7 @@ def pack(model, target, output_dir, name, weights, input_shape, input_names, cal
         input_names=[n.strip() for n in input_names.split(",")] if input_names else None,
         calib_data=calib_data, val_data=val_data, quantize=quantize, max_accuracy_drop=max_accuracy_drop, metric=metric,
         optimize_for=optimize_for, calib_samples=calib_samples, val_samples=val_samples, ship_variants=ship_variants,
-        archive=archive, sign_key=sign_key.read_bytes() if sign_key else None, force=force,
+        bench_seconds=bench_seconds, archive=archive, sign_key=sign_key.read_bytes() if sign_key else None, force=force,
     )
     result = run_pack(options)
     v = result.manifest.validation

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgebuild.cli import main
+from edgerun.bundle import open_bundle
+
+FAST = ["--bench-seconds", "0.05"]
+
+
+def _pack(tmp_path, *args):
+    return CliRunner().invoke(main, ["pack", *args, "-o", str(tmp_path / "out"), *FAST])
+
+
+def test_pack_tiny_model_writes_verified_bundle_and_prints_path_last(tmp_path):
+    result = _pack(tmp_path, "tinymodels:tiny_cnn", "--calib-data", "tinymodels:tiny_images", "--val-data", "tinymodels:tiny_images",
+                   "--max-accuracy-drop", "0.1")
+    assert result.exit_code == 0, result.stderr
+    path = result.stdout.strip().splitlines()[-1]
+    bundle = open_bundle(path)
+    m = bundle.manifest
+    assert m.name == "tiny-cnn" and m.inputs[0].shape == [-1, 3, 8, 8] and m.inputs[0].dtype == "float32"
+    assert m.validation.metric == "accuracy" and m.validation.samples == 48 and m.validation.validated
+    assert m.validation.drop <= 0.1
+    assert {r.name for r in m.passes} >= {"export", "candidate:fp32"}
+    assert m.golden is not None and "golden.npz" in m.files and "report.md" in m.files
+    rows = m.benchmark["candidates"]
+    assert {r["name"] for r in rows} >= {"fp32", "int8-qdq-u8s8-per-channel"}
+    chosen = min((r for r in rows if r["within_budget"]), key=lambda r: (r["p50_ms"], r["size_bytes"]))
+    assert m.model.precision == next(r["precision"] for r in rows if r["name"] == chosen["name"])
+
+
+def test_multi_input_model_packs_with_named_int64_inputs(tmp_path):
+    result = _pack(tmp_path, "tinymodels:token_classifier", "--calib-data", "tinymodels:token_data",
+                   "--val-data", "tinymodels:token_data", "--quantize", "none")
+    assert result.exit_code == 0, result.stderr
+    m = open_bundle(result.stdout.strip().splitlines()[-1]).manifest
+    assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [("input_ids", "int64", [-1, -1]), ("attention_mask", "int64", [-1, -1])]
+    assert m.validation.metric == "agreement"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.onnx"], "does not exist"),
+        (["tinymodels:nope"], "has no attribute"),
+        (["tinymodels:no_shape", "--input-shape", "1,x"], "comma-separated"),
+        (["tinymodels:tiny_cnn", "--target", "toaster"], "unknown target 'toaster'"),
+        (["tinymodels:tiny_cnn", "--quantize", "int8"], "needs --calib-data"),
+        (["tinymodels:tiny_cnn", "--val-data", "random"], "calibration only"),
+        (["tinymodels:tiny_cnn", "--quantize", "fp16"], "not allowed on target 'x86'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    result = _pack(tmp_path, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_existing_bundle_is_kept_without_force(tmp_path):
+    args = ["tinymodels:tiny_cnn", "--calib-data", "tinymodels:tiny_images", "--quantize", "none"]
+    first = _pack(tmp_path, *args)
+    assert first.exit_code == 0, first.stderr
+    manifest = (tmp_path / "out" / "tiny-cnn-x86" / "manifest.json").read_text()
+    second = _pack(tmp_path, *args)
+    assert second.exit_code == 2 and "--force" in second.stderr
+    assert (tmp_path / "out" / "tiny-cnn-x86" / "manifest.json").read_text() == manifest
+    third = _pack(tmp_path, *args, "--force")
+    assert third.exit_code == 0
+    assert json.loads((tmp_path / "out" / "tiny-cnn-x86" / "manifest.json").read_text())["created"]
+
+
+def test_random_calibration_is_recorded_as_not_validated(tmp_path):
+    result = _pack(tmp_path, "tinymodels:tiny_cnn", "--calib-data", "random", "--max-accuracy-drop", "1.0")
+    assert result.exit_code == 0, result.stderr
+    assert "NOT validated" in result.stderr
+    m = open_bundle(result.stdout.strip().splitlines()[-1]).manifest
+    assert m.validation.validated is False and m.validation.data == "random"
+
+
+def test_targets_lists_builtin_profiles():
+    result = CliRunner().invoke(main, ["targets"])
+    assert result.exit_code == 0 and result.stdout.splitlines()[-1].split()[0] in {"arm64", "jetson", "x86"}
+    assert any(line.startswith("x86 ") for line in result.stdout.splitlines())

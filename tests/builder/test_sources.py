@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from edgebuild.errors import UsageError
+from edgebuild.sources import load_model, parse_shape
+
+
+def test_callable_with_example_inputs():
+    source = load_model("tinymodels:tiny_cnn")
+    assert source.kind == "callable"
+    assert [(s.name, s.shape, s.dtype) for s in source.inputs] == [("input", (1, 3, 8, 8), "float32")]
+    assert not source.module.training
+
+
+def test_multi_input_names_and_dtypes_come_from_example_dict():
+    source = load_model("tinymodels:token_classifier")
+    assert [(s.name, s.dtype) for s in source.inputs] == [("input_ids", "int64"), ("attention_mask", "int64")]
+
+
+def test_input_shape_flag_overrides_and_is_validated():
+    assert load_model("tinymodels:no_shape", input_shape=(2, 5)).inputs[0].shape == (2, 5)
+    with pytest.raises(UsageError, match="--input-shape"):
+        load_model("tinymodels:no_shape")
+    with pytest.raises(UsageError, match="comma-separated"):
+        parse_shape("1,three")
+    with pytest.raises(UsageError, match="positive"):
+        parse_shape("1,0,8")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("tinymodels:missing", "has no attribute 'missing'"),
+        ("no_such_module_xyz:f", "cannot import module"),
+        ("tinymodels:not_a_module", "expected a torch.nn.Module"),
+        ("missing.onnx", "does not exist"),
+        ("missing.pt2", "does not exist"),
+        ("weird.txt", "does not exist"),
+    ],
+)
+def test_bad_specs_have_clear_errors(spec, message):
+    with pytest.raises(UsageError, match=message):
+        load_model(spec)
+
+
+def test_weights_are_loaded_safely(tmp_path):
+    model = load_model("tinymodels:tiny_cnn").module
+    state = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "w.pt")
+    loaded = load_model("tinymodels:tiny_cnn", weights=str(tmp_path / "w.pt")).module
+    assert torch.all(loaded.conv.weight == 0.5)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match="do not fit the model"):
+        load_model("tinymodels:tiny_cnn", weights=str(tmp_path / "bad.pt"))
+
+
+def test_pt2_source(tmp_path):
+    model = load_model("tinymodels:tiny_cnn").module
+    program = torch.export.export(model, (torch.zeros(1, 3, 8, 8),))
+    torch.export.save(program, tmp_path / "m.pt2")
+    source = load_model(str(tmp_path / "m.pt2"))
+    assert source.kind == "pt2" and source.inputs[0].shape == (1, 3, 8, 8)
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.allclose(source.module(x), model(x), atol=1e-6)
+
+
+def test_onnx_source_reads_graph_inputs(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    source = load_model(str(tmp_path / "m.onnx"))
+    assert source.kind == "onnx" and source.inputs[0].shape == (1, 4) and source.output_names == ["y"]
+    assert np.array_equal(source.example_feed()["x"], np.zeros((1, 4), np.float32))

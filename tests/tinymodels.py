@@ -1,0 +1,87 @@
+"""Tiny models and data built in code (milliseconds), importable as ``tinymodels:<name>`` in tests."""
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    example_inputs = (torch.zeros(1, 3, 8, 8),)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class TokenClassifier(nn.Module):
+    """Two int64 inputs (input_ids, attention_mask), like a tiny transformer encoder head."""
+
+    example_inputs = {"input_ids": torch.zeros(1, 6, dtype=torch.int64), "attention_mask": torch.ones(1, 6, dtype=torch.int64)}
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.proj(self.embed(input_ids)))
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+class NoShape(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class Broken(nn.Module):
+    example_inputs = (torch.zeros(1, 4),)
+
+    def forward(self, x):
+        raise RuntimeError("layer 'mystery' exploded")
+
+
+def tiny_cnn():
+    return TinyCNN().eval()
+
+
+def token_classifier():
+    return TokenClassifier().eval()
+
+
+def no_shape():
+    return NoShape()
+
+
+def broken():
+    return Broken()
+
+
+def not_a_module():
+    return 42
+
+
+def tiny_images(n=48, seed=0):
+    """(x, y) batches whose labels are the TinyCNN's own predictions (so accuracy is meaningful)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 3, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        y = TinyCNN()(torch.from_numpy(x)).argmax(1).numpy()
+    for i in range(0, n, 16):
+        yield x[i : i + 16], y[i : i + 16]
+
+
+def token_data(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n // 8):
+        ids = rng.integers(0, 50, (8, 6)).astype(np.int64)
+        mask = np.ones((8, 6), dtype=np.int64)
+        yield {"input_ids": ids, "attention_mask": mask}
