@@ -27,7 +27,8 @@ BUNDLE_MOUNT = "/bundle"
 RUNTIME_UID = 10001
 # Owner group of the Tegra GPU device nodes on L4T; the server needs it to reach the GPU.
 VIDEO_GID = 44
-ENGINE_CACHE = "/var/cache/edgerun"
+# EDGERUN_CACHE_DIR: TensorRT engine/timing caches, self-benchmark decisions, kept versions.
+CACHE_DIR = "/var/cache/edgerun"
 # Nodes opt in to a target with `kubectl label node NODE edgebuild.dev/target=jetson`: the
 # architecture alone cannot tell a Jetson from a Raspberry Pi.
 TARGET_LABEL = "edgebuild.dev/target"
@@ -53,8 +54,10 @@ class FleetOptions:
     memory: str | None = None
     # None: the bundle baked into the image at /bundle. A path: that directory on every node.
     bundle_host_path: str | None = None
-    # None: engine cache in the pod (kept across container restarts). A path: kept on the node.
+    # None: runtime cache in the pod (kept across container restarts). A path: kept on the node.
     cache_host_path: str | None = None
+    # A Secret whose key "token" the server requires as a Bearer token (health stays open).
+    token_secret: str | None = None
     service: str = "none"  # none | local | cluster
 
 
@@ -108,6 +111,8 @@ def _check(options: FleetOptions, name: str) -> None:
     for flag, path in (("--bundle-host-path", options.bundle_host_path), ("--cache-host-path", options.cache_host_path)):
         if path is not None and not path.startswith("/"):
             raise UsageError(f"{flag} '{path}' must be an absolute path on the nodes")
+    if options.token_secret is not None and not _DNS_LABEL.match(options.token_secret):
+        raise UsageError(f"--token-secret '{options.token_secret}' is not a valid Secret name")
     if options.service not in ("none", "local", "cluster"):
         raise UsageError(f"--service '{options.service}' must be none, local or cluster")
 
@@ -134,18 +139,23 @@ def fleet_objects(bundle: Path, options: FleetOptions) -> list[dict[str, Any]]:
     memory = options.memory or ("2Gi" if target.gpu else "512Mi")
     resources = {"limits": {"cpu": cpu, "memory": memory}, "requests": {"cpu": cpu, "memory": memory}}
 
+    # The root filesystem is read-only; these are the places the server writes.
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {}},
-        # ~/.cache/edgerun: the runtime's record of which variant/provider won its self-benchmark.
-        {"name": "runtime-cache", "emptyDir": {}},
-        {"name": "engine-cache", **({"hostPath": {"path": options.cache_host_path, "type": "DirectoryOrCreate"}}
-                                    if options.cache_host_path else {"emptyDir": {}})},
+        {"name": "cache", **({"hostPath": {"path": options.cache_host_path, "type": "DirectoryOrCreate"}}
+                             if options.cache_host_path else {"emptyDir": {}})},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "runtime-cache", "mountPath": "/home/edgerun/.cache"},
-        {"name": "engine-cache", "mountPath": ENGINE_CACHE},
+        {"name": "cache", "mountPath": CACHE_DIR},
     ]
+    env: list[dict[str, Any]] = [
+        {"name": "EDGERUN_PORT", "value": str(PORT)},
+        {"name": "EDGERUN_CACHE_DIR", "value": CACHE_DIR},
+    ]
+    if options.token_secret:
+        env.append({"name": "EDGERUN_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": options.token_secret, "key": "token"}}})
     if options.bundle_host_path:
         volumes.append({"name": "bundle", "hostPath": {"path": options.bundle_host_path, "type": "Directory"}})
         mounts.append({"name": "bundle", "mountPath": BUNDLE_MOUNT, "readOnly": True})
@@ -155,7 +165,7 @@ def fleet_objects(bundle: Path, options: FleetOptions) -> list[dict[str, Any]]:
         "image": options.image,
         # 0.0.0.0 inside the pod only: the pod network and the Service decide who can reach it.
         "args": [BUNDLE_MOUNT, "--host", "0.0.0.0", "--port", str(PORT)],
-        "env": [{"name": "EDGERUN_PORT", "value": str(PORT)}],
+        "env": env,
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         # The first start on a GPU target builds TensorRT engines (minutes): the startup probe
         # holds liveness off until the server answers at all.
@@ -223,7 +233,14 @@ def render(objects: list[dict[str, Any]], fmt: str = "yaml") -> str:
         import yaml
     except ImportError:
         raise UsageError("writing YAML needs PyYAML (pip install pyyaml); or write JSON with -o FILE.json") from None
-    return "---\n".join(yaml.safe_dump(obj, sort_keys=False) for obj in objects)
+
+    class _Dumper(yaml.SafeDumper):
+        # Shared dicts (labels, selector) would otherwise come out as &id001 anchors: valid,
+        # but unreadable and unlike what anyone writes by hand.
+        def ignore_aliases(self, data):
+            return True
+
+    return "---\n".join(yaml.dump(obj, Dumper=_Dumper, sort_keys=False) for obj in objects)
 
 
 def _parse_selector(values: tuple[str, ...]) -> dict[str, str]:
@@ -267,12 +284,14 @@ def deploy() -> None:
 @click.option("--cpu", help="CPU limit and request (default 2).")
 @click.option("--memory", help="Memory limit and request (default 512Mi; 2Gi on GPU targets).")
 @click.option("--bundle-host-path", help=f"Serve the bundle from this directory on each node (read-only at {BUNDLE_MOUNT}) instead of the one baked into the image.")
-@click.option("--cache-host-path", help=f"Keep the engine cache ({ENGINE_CACHE}) in this node directory, owned by uid {RUNTIME_UID}, so pod restarts reuse TensorRT engines.")
+@click.option("--cache-host-path", help=f"Keep the runtime cache ({CACHE_DIR}: TensorRT engines, kept versions) in this node directory, owned by uid {RUNTIME_UID}, so pod restarts reuse it.")
+@click.option("--token-secret", help="Secret (key 'token') whose value clients must send as a Bearer token; health probes stay open.")
 @click.option("--service", type=click.Choice(["none", "local", "cluster"]), default="none", show_default=True,
               help="Also write a ClusterIP Service; local routes each client to its own node's server.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to FILE (.json for JSON) instead of stdout.")
 @_handle_errors
-def k8s(bundle, image, name, namespace, node_selector, cpu, memory, bundle_host_path, cache_host_path, service, output):
+def k8s(bundle, image, name, namespace, node_selector, cpu, memory, bundle_host_path, cache_host_path, token_secret, service,
+        output):
     """Kubernetes YAML for serving BUNDLE on every device of its target.
 
     Nodes opt in with `kubectl label node NODE edgebuild.dev/target=<target>`; GPU targets use
@@ -280,7 +299,8 @@ def k8s(bundle, image, name, namespace, node_selector, cpu, memory, bundle_host_
     """
     options = FleetOptions(
         image=image, name=name, namespace=namespace, node_selector=_parse_selector(node_selector),
-        cpu=cpu, memory=memory, bundle_host_path=bundle_host_path, cache_host_path=cache_host_path, service=service,
+        cpu=cpu, memory=memory, bundle_host_path=bundle_host_path, cache_host_path=cache_host_path,
+        token_secret=token_secret, service=service,
     )
     objects = fleet_objects(bundle, options)
     text = render(objects, "json" if output and output.suffix == ".json" else "yaml")

@@ -75,6 +75,9 @@ def test_jetson_daemonset(tmp_path):
     assert 44 in pod.security_context.supplemental_groups
     mounts = {m.mount_path: m for m in container.volume_mounts}
     assert "/var/cache/edgerun" in mounts and "/bundle" not in mounts  # bundle baked into the image
+    env = {e.name: e for e in container.env}
+    assert env["EDGERUN_CACHE_DIR"].value == "/var/cache/edgerun"
+    assert "EDGERUN_TOKEN" not in env
     assert ds.spec.update_strategy.type == "RollingUpdate"
 
 
@@ -103,7 +106,7 @@ def test_host_path_bundle_service_and_options(tmp_path):
         image="edgerun-jetson:1", name="vision", namespace="edge",
         node_selector={"edgebuild.dev/site": "plant-2", "kubernetes.io/arch": "arm64"},
         bundle_host_path="/opt/edgebuild/bundles/current", cache_host_path="/var/cache/edgerun",
-        service="local",
+        service="local", token_secret="edgerun-token",
     )
     objects = by_kind(fleet_objects(bundle, options))
     ds = as_model(objects["DaemonSet"], "V1DaemonSet")
@@ -112,7 +115,9 @@ def test_host_path_bundle_service_and_options(tmp_path):
     assert pod.node_selector == {"edgebuild.dev/target": "jetson", "kubernetes.io/arch": "arm64", "edgebuild.dev/site": "plant-2"}
     volumes = {v.name: v for v in pod.volumes}
     assert volumes["bundle"].host_path.path == "/opt/edgebuild/bundles/current"
-    assert volumes["engine-cache"].host_path.path == "/var/cache/edgerun"
+    assert volumes["cache"].host_path.path == "/var/cache/edgerun"
+    token = {e.name: e for e in pod.containers[0].env}["EDGERUN_TOKEN"]
+    assert token.value_from.secret_key_ref.name == "edgerun-token" and token.value_from.secret_key_ref.key == "token"
     mounts = {m.mount_path: m for m in pod.containers[0].volume_mounts}
     assert mounts["/bundle"].read_only is True and mounts["/bundle"].name == "bundle"
     assert svc.metadata.namespace == "edge" and ds.metadata.namespace == "edge"
@@ -131,6 +136,7 @@ def test_host_path_bundle_service_and_options(tmp_path):
         (dict(node_selector={"bad key": "x"}), r"--node-selector 'bad key=x'"),
         (dict(bundle_host_path="bundles/current"), r"--bundle-host-path 'bundles/current' must be an absolute path"),
         (dict(image="edge run"), r"--image 'edge run'"),
+        (dict(token_secret="My_Token"), r"--token-secret 'My_Token'"),
     ],
 )
 def test_bad_options_are_usage_errors(tmp_path, options, message):
@@ -192,4 +198,6 @@ def test_cli_missing_bundle_exits_2(tmp_path):
 
 def test_render_yaml_round_trips(tmp_path):
     objects = fleet_objects(make_bundle(tmp_path, "x86"), FleetOptions(image="edgerun:1", service="local"))
-    assert list(yaml.safe_load_all(render(objects))) == objects
+    text = render(objects)
+    assert list(yaml.safe_load_all(text)) == objects
+    assert "&id" not in text and "*id" not in text  # plain YAML, no anchors
