@@ -101,3 +101,17 @@ def targets():
     for target_name in builtin_target_names():
         profile = load_target(target_name)
         click.echo(f"{profile.name:<10} {profile.description}")
+
+
+def _register_commands() -> None:
+    """Commands that live next to the library code they drive."""
+    from edgebuild.deploy import deploy
+
+    main.add_command(deploy)
+
+
+_register_commands()
+
+
+if __name__ == "__main__":
+    main()
