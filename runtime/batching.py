@@ -92,6 +92,9 @@ class Batcher:
         if self._closing:
             raise OverloadedError("server is shutting down; retry on another instance", retry_after_s=5)
         if len(self._pending) >= self.max_queue:
+            # Timed-out or cancelled callers leave their jobs behind; they must not hold queue slots.
+            self._pending = deque(job for job in self._pending if not job.future.done())
+        if len(self._pending) >= self.max_queue:
             raise OverloadedError(f"inference queue is full ({self.max_queue} requests waiting); retry shortly "
                                   f"or raise --max-queue", retry_after_s=1)
         rows = len(next(iter(feeds.values()))) if feeds else 1

@@ -65,12 +65,14 @@ def image_onnx() -> bytes:
     weight = np.zeros((16, 3), dtype=np.float32)
     weight[:8, 0] = 1.0 / 8  # top half bright -> class 0
     weight[8:, 1] = 1.0 / 8  # bottom half bright -> class 1
-    weight[:, 2] = -1.0 / 16  # dark image -> class 2
-    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["logits"])]
+    weight[:, 2] = -1.0 / 16  # dark image -> class 2 (through its bias)
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["fw"]),
+             helper.make_node("Add", ["fw", "B"], ["logits"])]
     graph = helper.make_graph(nodes, "image",
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 4, 4])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-                              [numpy_helper.from_array(weight, "W")])
+                              [numpy_helper.from_array(weight, "W"),
+                               numpy_helper.from_array(np.array([0, 0, 0.1], dtype=np.float32), "B")])
     return _save(graph)
 
 

@@ -1,0 +1,121 @@
+"""Dynamic batching: stacking, per-caller rows, bounded queue, timeouts — counted, not timed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from edgerun.batching import Batcher
+from edgerun.errors import InferenceTimeoutError, OverloadedError, RequestError
+
+
+class CountingSession:
+    """Doubles its input; records every run's batch size. ``gate`` lets a test hold a run."""
+
+    batchable = True
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.runs: list[int] = []
+        self.gate = gate
+
+    def run(self, feeds):
+        if self.gate is not None:
+            self.gate.wait(10)
+        x = feeds["x"]
+        if (x < 0).any():
+            raise RequestError("negative input")
+        self.runs.append(len(x))
+        return {"y": x * 2}
+
+
+def test_concurrent_requests_are_stacked_and_split_back():
+    session = CountingSession()
+
+    async def scenario():
+        batcher = Batcher(max_batch=8, max_delay_ms=50, max_queue=16)
+        inputs = [np.full((1 + i % 2, 3), i, dtype=np.float32) for i in range(6)]  # 9 rows in all
+        results = await asyncio.gather(*(batcher.submit(session, {"x": x}) for x in inputs))
+        await batcher.close()
+        return inputs, results
+
+    inputs, results = asyncio.run(scenario())
+    assert sum(session.runs) == 9 and len(session.runs) < 6
+    assert max(session.runs) <= 8
+    for x, result in zip(inputs, results):
+        np.testing.assert_array_equal(result["y"], x * 2)
+
+
+def test_incompatible_shapes_are_not_stacked():
+    session = CountingSession()
+
+    async def scenario():
+        batcher = Batcher(max_batch=8, max_delay_ms=20)
+        a, b = np.ones((1, 3), np.float32), np.ones((1, 5), np.float32)
+        out = await asyncio.gather(batcher.submit(session, {"x": a}), batcher.submit(session, {"x": b}))
+        await batcher.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert session.runs == [1, 1]
+    assert out[0]["y"].shape == (1, 3) and out[1]["y"].shape == (1, 5)
+
+
+def test_one_bad_request_does_not_fail_its_batch_neighbours():
+    session = CountingSession()
+
+    async def scenario():
+        batcher = Batcher(max_batch=4, max_delay_ms=20)
+        good = batcher.submit(session, {"x": np.ones((1, 2), np.float32)})
+        bad = batcher.submit(session, {"x": -np.ones((1, 2), np.float32)})
+        results = await asyncio.gather(good, bad, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    good, bad = asyncio.run(scenario())
+    np.testing.assert_array_equal(good["y"], [[2, 2]])
+    assert isinstance(bad, RequestError)
+
+
+def test_full_queue_is_overloaded_and_timeout_is_reported():
+    gate = threading.Event()
+    session = CountingSession(gate)
+
+    async def scenario():
+        batcher = Batcher(max_batch=1, max_queue=2, timeout_s=5)
+        x = {"x": np.ones((1, 2), np.float32)}
+        running = asyncio.ensure_future(batcher.submit(session, x))
+        while batcher.running == 0:  # wait until the first run holds the worker
+            await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(batcher.submit(session, x)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError, match="queue is full"):
+            await batcher.submit(session, x)
+        queued[0].cancel()  # a caller that went away frees its slot
+        await asyncio.sleep(0)
+        with pytest.raises(InferenceTimeoutError, match="no inference result within 0.05 s"):
+            await batcher.submit(session, x, timeout_s=0.05)
+        gate.set()
+        results = await asyncio.gather(running, queued[1])
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert all(r["y"].shape == (1, 2) for r in results)
+
+
+def test_close_drains_queued_requests():
+    session = CountingSession()
+
+    async def scenario():
+        batcher = Batcher(max_batch=1)
+        futures = [asyncio.ensure_future(batcher.submit(session, {"x": np.ones((1, 1), np.float32)})) for _ in range(5)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        with pytest.raises(OverloadedError, match="shutting down"):
+            await batcher.submit(session, {"x": np.ones((1, 1), np.float32)})
+        return await asyncio.gather(*futures)
+
+    assert len(asyncio.run(scenario())) == 5 and session.runs == [1] * 5

@@ -1,0 +1,48 @@
+"""Thread count from CPU affinity and cgroup v1/v2 quotas (fake cgroup trees)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgerun.errors import EdgerunError
+from edgerun.threads import cgroup_cpu_quota, choose_threads, parse_cgroup_v1_quota, parse_cgroup_v2_cpu_max
+
+
+@pytest.mark.parametrize("text, cpus", [("max 100000\n", None), ("150000 100000\n", 1.5), ("50000 100000", 0.5),
+                                        ("200000", 2.0), ("", None), ("garbage 1", None), ("-1 100000", None)])
+def test_parse_cgroup_v2(text, cpus):
+    assert parse_cgroup_v2_cpu_max(text) == cpus
+
+
+def test_parse_cgroup_v1():
+    assert parse_cgroup_v1_quota("-1\n", "100000\n") is None
+    assert parse_cgroup_v1_quota("300000\n", "100000\n") == 3.0
+    assert parse_cgroup_v1_quota("x", "100000") is None
+
+
+def test_v2_tightest_ancestor_wins(tmp_path):
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    own = tmp_path / "system.slice" / "app.service"
+    own.mkdir(parents=True)
+    (own.parent / "cpu.max").write_text("150000 100000\n")
+    (own / "cpu.max").write_text("400000 100000\n")
+    assert cgroup_cpu_quota(tmp_path, "0::/system.slice/app.service\n") == 1.5
+    choice = choose_threads(root=tmp_path, proc_cgroup="0::/system.slice/app.service\n", affinity=8)
+    assert choice.threads == 2 and choice.source == "cgroup cpu quota"
+
+
+def test_v1_quota(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    choice = choose_threads(root=tmp_path, proc_cgroup="4:cpu,cpuacct:/docker/abc\n", affinity=4)
+    assert (choice.threads, choice.quota_cpus) == (1, 1.0)
+
+
+def test_affinity_when_unlimited_and_override(tmp_path):
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert choose_threads(root=tmp_path, proc_cgroup="0::/\n", affinity=3).threads == 3
+    assert choose_threads(root=tmp_path, proc_cgroup="0::/\n", affinity=3).source == "cpu affinity"
+    assert choose_threads(5, root=tmp_path, proc_cgroup="0::/\n", affinity=3).threads == 5
+    with pytest.raises(EdgerunError, match="at least 1"):
+        choose_threads(0, root=tmp_path, proc_cgroup="", affinity=3)
