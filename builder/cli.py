@@ -103,6 +103,51 @@ def targets():
         click.echo(f"{profile.name:<10} {profile.description}")
 
 
+@main.command("inspect")
+@click.argument("model", required=False)
+@click.option("--weights", help="State dict for a module:callable model.")
+@click.option("--input-shape", help="Example input shape, e.g. 1,3,224,224 (default: from the model).")
+@click.option("--top", type=int, default=20, show_default=True, help="Rows of the per-layer table (most MACs first).")
+@click.option("--no-latency", is_flag=True, help="Skip the ONNX export and the ORT FP32 timing.")
+@click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
+@_handle_errors
+def inspect_command(model, weights, input_shape, top, no_latency, bench_seconds, as_json):
+    """MACs/FLOPs and parameters (total and per layer, via ptflops), activation memory, ORT FP32 latency."""
+    import json
+
+    from edgebuild.inspect import format_report, inspect_model
+    from edgebuild.sources import parse_shape
+
+    report = inspect_model(model, weights=weights, input_shape=parse_shape(input_shape) if input_shape else None,
+                           measure_latency=not no_latency, bench_seconds=bench_seconds)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report, top=top))
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--val-data", help="Labelled validation DATA: adds an accuracy column.")
+@click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
+@click.option("--input-shape", help="Example input shape for models that do not declare one.")
+@click.option("--sort-by", type=click.Choice(["latency", "macs", "params", "accuracy"]), default="latency", show_default=True)
+@click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+@_handle_errors
+def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, as_json):
+    """Rank architectures by MACs, params, measured ORT FP32 latency and (with --val-data) accuracy."""
+    import json
+
+    from edgebuild.inspect import compare_models, format_comparison
+    from edgebuild.sources import parse_shape
+
+    reports = compare_models(list(models), val_data=val_data, val_samples=val_samples, sort_by=sort_by, bench_seconds=bench_seconds,
+                             input_shape=parse_shape(input_shape) if input_shape else None)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.to_dict().items() if k != "layers"} for r in reports], indent=2))
+    else:
+        click.echo(format_comparison(reports))
+
+
 def _register_commands() -> None:
     """Commands that live next to the library code they drive."""
     from edgebuild.deploy import deploy
