@@ -74,11 +74,18 @@ def apply_budget(candidates: list[Candidate], max_drop: float) -> None:
         candidate.within_budget = bool(candidate.usable and v is not None and v.get("finite", True) and v["drop"] <= max_drop + 1e-12)
 
 
-def select(candidates: list[Candidate], optimize_for: str = "latency") -> Candidate | None:
-    """The fastest (or smallest) usable candidate within budget; FP32 wins ties it is part of."""
+def select(candidates: list[Candidate], optimize_for: str = "latency", prefer: list[str] | None = None) -> Candidate | None:
+    """The fastest (or smallest) usable candidate within budget.
+
+    ``prefer`` (GPU targets) ranks by precision order instead of host latency: the host's CPU
+    timings do not predict TensorRT's.
+    """
     eligible = [c for c in candidates if c.within_budget and c.latency is not None]
     if not eligible:
         return None
+    if prefer:
+        rank = {p: i for i, p in enumerate(prefer)}
+        return min(eligible, key=lambda c: (rank.get(c.precision, len(rank)), c.latency["p50_ms"]))
     if optimize_for == "size":
         return min(eligible, key=lambda c: (c.size_bytes, c.latency["p50_ms"]))
     return min(eligible, key=lambda c: (c.latency["p50_ms"], c.size_bytes))

@@ -18,6 +18,9 @@ from edgebuild.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
+# Below this the dynamo exporter converts versions itself and often fails (keeping 18).
+DYNAMO_MIN_OPSET = 18
+
 
 @dataclass
 class ExportResult:
@@ -114,10 +117,12 @@ def export_onnx(source: ModelSource, workdir: Path, opset: int) -> ExportResult:
         raise UsageError(f"model fails on its example input {[s.shape for s in source.inputs]}: {_first_line(exc)}") from None
     exporter, reason = "dynamo", None
     try:
+        if opset < DYNAMO_MIN_OPSET:
+            raise ValueError(f"the dynamo exporter emits opset >= {DYNAMO_MIN_OPSET}, the target needs {opset}")
         _export_dynamo(source.module, args, source, path, opset, output_names)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         reason = _first_line(exc)
-        log.warning("dynamo exporter failed (%s); falling back to the TorchScript exporter", reason)
+        log.info("dynamo exporter not used (%s); using the TorchScript exporter", reason)
         exporter = "torchscript"
         try:
             _export_torchscript(source.module, args, source, path, opset, output_names)

@@ -63,6 +63,7 @@ class PackOptions:
     sign_key: bytes | None = None
     labels: list[str] | None = None
     bench_seconds: float = 1.0
+    max_batch: int = 8  # serving max batch: sizes TensorRT profiles on GPU targets
     # Torch-level passes (run before export when the source is a torch model).
     torch_passes: list = field(default_factory=list)
 
@@ -110,7 +111,7 @@ def _validate_options(options: PackOptions, target: TargetProfile) -> None:
 
 def _plans(options: PackOptions, target: TargetProfile, calibration: DataSource | None) -> list[CandidatePlan]:
     """Which candidates to build besides FP32."""
-    preset = q.StaticInt8Config.from_profile(target.quantization)
+    preset = q.StaticInt8Config.from_profile(target.quantization, extra_options=dict(target.notes.get("quantize_extra_options", {})))
     plans: list[CandidatePlan] = []
 
     def static(config: q.StaticInt8Config) -> CandidatePlan:
@@ -203,9 +204,43 @@ def _golden(output_name: str, shipped: list[Candidate], ref: np.ndarray, val: Ba
     return buffer.getvalue(), GoldenSpec(atol=round(atol, 6), min_top1_agreement=0.75 if is_classifier else None)
 
 
-def _model_file(candidate: Candidate, path: str, target: TargetProfile) -> ModelFile:
+def _gpu_preference(target: TargetProfile) -> list[str] | None:
+    """GPU targets: host CPU timings say nothing about TensorRT, so prefer by the profile's
+    precision order (the device re-times every shipped variant and serves the fastest)."""
+    return list(target.precisions) if target.device == "gpu" else None
+
+
+def _providers(target, chosen, inputs, val, options, passes, fp32_path, progress) -> tuple[list[ProviderSpec], dict | None]:
+    """Provider list for the manifest; on TensorRT targets also the op check and shape profiles."""
+    providers = [ProviderSpec(name=p.name, options=p.options_for(chosen.precision)) for p in target.providers]
+    trt = next((p for p in providers if p.name == "TensorrtExecutionProvider"), None)
+    if trt is None:
+        return providers, None
+    from edgebuild.tensorrt import profile_shapes, unsupported_ops
+
+    missing = unsupported_ops(fp32_path, target.notes.get("tensorrt_ops", [])) if target.notes.get("tensorrt_ops") else {}
+    for op, count in missing.items():
+        progress(f"WARNING: op {op} (x{count}) is not in TensorRT's supported list for this target; ONNX Runtime will run it on CUDA/CPU")
+    shapes = profile_shapes(val.inputs, {t.name: t.shape for t in inputs}, options.max_batch)
+    trt.options.update(shapes)
+    passes.append(PassRecord(name="tensorrt-check", params={"opset": target.opset, "max_batch": options.max_batch},
+                             metrics={"unsupported_ops": missing, **shapes}))
+    serving = {"max_batch": options.max_batch, "out_of_profile": "reject",
+               "note": "TensorRT engines are built for the recorded profiles; requests outside them get HTTP 400 rather than an engine rebuild"}
+    return providers, serving
+
+
+def _model_file(candidate: Candidate, path: str, target: TargetProfile, providers: list[ProviderSpec]) -> ModelFile:
     quant = candidate.metrics.get("settings") if candidate.precision not in ("fp32",) else None
+    overrides = {}
+    for profile in target.providers:
+        own = profile.options_for(candidate.precision)
+        manifest_level = next((p.options for p in providers if p.name == profile.name), {})
+        diff = {k: v for k, v in own.items() if manifest_level.get(k) != v}
+        if diff:
+            overrides[profile.name] = diff
     return ModelFile(
+        provider_options=overrides,
         path=path, sha256="", size_bytes=0, precision=candidate.precision, opset=model_opset(candidate.path),
         session_options={"graph_optimization_level": target.session.graph_optimization_level, "config": target.session.config},
         quantization=({**quant, "recipe": candidate.recipe, "coverage": candidate.metrics.get("coverage")} if quant else None),
@@ -278,7 +313,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         for candidate in candidates:
             passes.append(PassRecord(name=f"candidate:{candidate.name}", params={"recipe": candidate.recipe}, metrics=candidate.row()))
 
-        chosen = select(candidates, options.optimize_for)
+        chosen = select(candidates, options.optimize_for, prefer=_gpu_preference(target))
         validation_info = dict(metric=metric.name, data=validation_source.description, samples=len(val), validated=validated,
                                max_accuracy_drop=options.max_accuracy_drop)
         if chosen is None:
@@ -296,21 +331,22 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         shipped = [chosen] + ([c for c in candidates if c is not chosen and c.within_budget] if ship_variants else [])
         inputs, outputs = _tensor_specs(chosen.path)
         golden_bytes, golden = _golden(outputs[0].name, shipped, ref, val, target)
+        providers, serving = _providers(target, chosen, inputs, val, options, passes, exported.path, progress)
         files: dict[str, Path | bytes] = {"model.onnx": chosen.path, "golden.npz": golden_bytes}
         variants = []
         for candidate in shipped[1:]:
             relative = f"variants/{candidate.name}.onnx"
             files[relative] = candidate.path
-            variants.append(_model_file(candidate, relative, target))
+            variants.append(_model_file(candidate, relative, target, providers))
         if options.labels:
             files["labels.txt"] = ("\n".join(options.labels) + "\n").encode()
 
         manifest = Manifest(
             format_version=FORMAT_VERSION, name=name, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             builder=_versions(), target=target.model_dump(mode="json"),
-            model=_model_file(chosen, "model.onnx", target), variants=variants, inputs=inputs, outputs=outputs,
+            model=_model_file(chosen, "model.onnx", target, providers), variants=variants, inputs=inputs, outputs=outputs,
             preprocess=extras.get("preprocess"), postprocess=extras.get("postprocess") or _default_postprocess(outputs),
-            providers=[ProviderSpec(name=p.name, options=p.options) for p in target.providers], passes=passes,
+            providers=providers, serving=serving, passes=passes,
             validation=Validation(reference=chosen.validation["reference"], packed=chosen.validation["packed"],
                                   drop=chosen.validation["drop"], **validation_info),
             benchmark=_benchmark_summary(fp32, chosen, candidates), golden=golden,

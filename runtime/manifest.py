@@ -80,6 +80,9 @@ class ModelFile(_Model):
     benchmark: dict[str, Any] | None = None
     # Providers this variant may run on; empty = any of the manifest's providers.
     providers: list[str] = Field(default_factory=list)
+    # Per-provider option overrides for this variant, merged over the manifest's provider
+    # options (e.g. trt_int8_enable only for an INT8 QDQ variant, trt_fp16_enable for fp16).
+    provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class ProviderSpec(_Model):
@@ -136,6 +139,9 @@ class Manifest(_Model):
     validation: Validation | None = None
     benchmark: dict[str, Any] = Field(default_factory=dict)
     golden: GoldenSpec | None = None
+    # Serving limits the model was built for, e.g. {"max_batch": 8, "out_of_profile": "reject"}:
+    # TensorRT engines are built for the recorded shape profiles only.
+    serving: dict[str, Any] | None = None
     labels: str | None = None
     report: list[str] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict)

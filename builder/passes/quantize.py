@@ -7,7 +7,9 @@ worked, and how many compute ops really ended up quantized.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ class StaticInt8Config:
     weight_symmetric: bool = True
     calibration_method: str = "minmax"  # minmax | entropy | percentile
     nodes_to_exclude: list[str] = field(default_factory=list)  # kept in float (partial quantization)
+    # Extra quantize_static options, e.g. the QDQ layout TensorRT fuses (DedicatedQDQPair, ...).
+    extra_options: dict = field(default_factory=dict)
 
     @classmethod
     def from_profile(cls, profile, **overrides) -> "StaticInt8Config":
@@ -88,17 +92,19 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
         prepared = Path(tmp) / "prepared.onnx"
         pre = preprocess(src, prepared)
         extra = {
+            **config.extra_options,
             "ActivationSymmetric": config.activation_symmetric,
             "WeightSymmetric": config.weight_symmetric,
         }
         # CalibMaxIntermediateOutputs is deliberately left unset: it discards collected ranges.
         try:
-            quantize_static(
-                str(prepared), str(dst), CalibrationReader(calibration), quant_format=fmt,
-                activation_type=act, weight_type=wt, per_channel=config.per_channel,
-                reduce_range=config.reduce_range, calibrate_method=method,
-                nodes_to_exclude=list(config.nodes_to_exclude), extra_options=extra,
-            )
+            with contextlib.redirect_stdout(sys.stderr):  # calibrators print progress; stdout is the bundle path
+                quantize_static(
+                    str(prepared), str(dst), CalibrationReader(calibration), quant_format=fmt,
+                    activation_type=act, weight_type=wt, per_channel=config.per_channel,
+                    reduce_range=config.reduce_range, calibrate_method=method,
+                    nodes_to_exclude=list(config.nodes_to_exclude), extra_options=extra,
+                )
         except Exception as exc:  # noqa: BLE001
             raise EdgebuildError(f"static INT8 quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     check_model(dst)
