@@ -61,6 +61,17 @@ def _read_key(path: str | None) -> bytes | None:
         raise BundleError(f"--trusted-key '{path}' cannot be read ({exc.strerror})") from None
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread (event loop, inference worker, ORT pool) its own malloc arena;
+    capping them keeps the server's RSS close to what the model needs."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def _providers(value: str | None) -> list[str] | None:
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
@@ -112,26 +123,43 @@ def serve(bundles, host, port, providers, threads, cache_dir, trusted_key, no_be
           max_queue, timeout_s, token, max_body_mb, watch_dir, log_level):
     """Verify, check and benchmark BUNDLE(s) (directory or .tar.gz), then serve them over HTTP."""
     _setup_logging(log_level)
+    _limit_malloc_arenas()
+    import threading
+
     from edgerun.errors import EdgerunError
     from edgerun.loader import LoadOptions
     from edgerun.reload import ModelRepository, VersionStore, bundle_entries
-    from edgerun.server import ServerConfig, create_app
-    from edgerun.server import serve as run_server
 
     if not bundles and not watch_dir:
         raise click.UsageError("give a BUNDLE to serve, or --watch DIR")
     options = LoadOptions(providers=_providers(providers), threads=threads, cache_dir=Path(cache_dir),
                           bench=not no_bench, max_batch=max_batch, trusted_key=_read_key(trusted_key))
     repo = ModelRepository(options, store=VersionStore(Path(cache_dir)))
-    for location in bundles:
-        repo.load(location)
-    if watch_dir:
-        Path(watch_dir).mkdir(parents=True, exist_ok=True)
-        for location in bundle_entries(Path(watch_dir)):
-            try:
+    failure: list[BaseException] = []
+
+    def load_all() -> None:
+        try:
+            for location in bundles:
                 repo.load(location)
-            except EdgerunError as exc:
-                logging.getLogger("edgerun").error("watch: skipped %s: %s", location, exc)
+            if watch_dir:
+                Path(watch_dir).mkdir(parents=True, exist_ok=True)
+                for location in bundle_entries(Path(watch_dir)):
+                    try:
+                        repo.load(location)
+                    except EdgerunError as exc:
+                        logging.getLogger("edgerun").error("watch: skipped %s: %s", location, exc)
+        except BaseException as exc:  # re-raised on the main thread
+            failure.append(exc)
+
+    # Session creation runs in native code without the GIL, so it overlaps with importing the web stack.
+    loader = threading.Thread(target=load_all, name="edgerun-load")
+    loader.start()
+    from edgerun.server import ServerConfig, create_app
+    from edgerun.server import serve as run_server
+
+    loader.join()
+    if failure:
+        raise failure[0]
     if not repo.models and not watch_dir:
         raise click.UsageError("no bundle loaded")
     config = ServerConfig(token=token, max_body_mb=max_body_mb, max_batch=max_batch, max_delay_ms=max_delay_ms,
