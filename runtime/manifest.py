@@ -49,6 +49,8 @@ class TensorSpec(_Model):
     name: str
     dtype: str = Field(description="numpy dtype name, e.g. float32, int64")
     shape: list[int]
+    # Float inputs with NaN/Inf are refused (HTTP 400) unless the model is known to accept them.
+    allow_nonfinite: bool | None = None
 
     @property
     def kserve_datatype(self) -> str:

@@ -191,7 +191,7 @@ def decode_infer_request(body: bytes, specs: list[TensorSpec], output_names: lis
             offset += size
         else:
             feeds[item.name] = _json_tensor(spec, item, count)
-        if np.dtype(spec.dtype).kind == "f" and not getattr(spec, "allow_nonfinite", None):
+        if np.dtype(spec.dtype).kind == "f" and not spec.allow_nonfinite:
             if not np.isfinite(feeds[item.name]).all():
                 raise RequestError(f"input '{item.name}' contains NaN or Inf; the model does not accept them")
     if offset != len(binary):

@@ -85,6 +85,18 @@ def test_full_queue_is_503_with_retry_after(bundles, load_options):
             assert first.result().status_code == 200 and second.result().status_code == 200
 
 
+def test_request_timeout_is_504(bundles, load_options):
+    gate = threading.Event()
+    with client_for(bundles["classifier"], load_options, timeout_s=0.05) as client:
+        served = client.app.state.repo.get("clf")
+        real_run = served.session.run
+        served.session.run = lambda feeds: (gate.wait(10), real_run(feeds))[1]
+        response = client.post("/v2/models/clf/infer", json=x_json())
+        gate.set()
+        assert response.status_code == 504 and "no inference result" in response.json()["error"]
+        assert client.get("/v2/health/live").status_code == 200
+
+
 def test_server_batches_concurrent_requests_and_returns_own_rows(bundles, load_options):
     with client_for(bundles["classifier"], load_options, max_batch=8, max_delay_ms=200) as client:
         session = client.app.state.repo.get("clf").session
