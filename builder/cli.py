@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from pathlib import Path
 
 import click
 
-from edgebuild.errors import EdgebuildError
+from edgebuild.errors import handle_cli_errors
 
 
-def _handle_errors(fn):
-    """Turn our errors into one line on stderr and the documented exit code (traceback with --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgebuildError as exc:
-            if click.get_current_context().find_root().params.get("debug"):
-                raise
-            click.echo(f"edgebuild: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +47,7 @@ def main(debug: bool) -> None:
 @click.option("--archive", is_flag=True, help="Also write <bundle>.tar.gz.")
 @click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ed25519 private key (PEM) to sign the manifest.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the destination.")
-@_handle_errors
+@handle_cli_errors
 def pack(model, target, output_dir, name, weights, input_shape, input_names, calib_data, val_data, quantize, max_accuracy_drop, metric,
          optimize_for, calib_samples, val_samples, ship_variants, bench_seconds, archive, sign_key, force):
     """Pack MODEL into a validated bundle for a target; prints the bundle path last on stdout.
@@ -111,7 +96,7 @@ def targets():
 @click.option("--no-latency", is_flag=True, help="Skip the ONNX export and the ORT FP32 timing.")
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing the model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
-@_handle_errors
+@handle_cli_errors
 def inspect_command(model, weights, input_shape, top, no_latency, bench_seconds, as_json):
     """MACs/FLOPs and parameters (total and per layer, via ptflops), activation memory, ORT FP32 latency."""
     import json
@@ -132,7 +117,7 @@ def inspect_command(model, weights, input_shape, top, no_latency, bench_seconds,
 @click.option("--sort-by", type=click.Choice(["latency", "macs", "params", "accuracy"]), default="latency", show_default=True)
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
-@_handle_errors
+@handle_cli_errors
 def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, as_json):
     """Rank architectures by MACs, params, measured ORT FP32 latency and (with --val-data) accuracy."""
     import json

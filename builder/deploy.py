@@ -9,17 +9,15 @@ writes them as YAML.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-from edgebuild.errors import EdgebuildError, UsageError
+from edgebuild.errors import UsageError, handle_cli_errors
 
 PORT = 8000
 BUNDLE_MOUNT = "/bundle"
@@ -253,20 +251,6 @@ def _parse_selector(values: tuple[str, ...]) -> dict[str, str]:
     return selector
 
 
-def _handle_errors(fn):
-    """Our errors as one line on stderr with their exit code (2 for bad usage), like `edgebuild`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgebuildError as exc:
-            if click.get_current_context().find_root().params.get("debug"):
-                raise
-            click.echo(f"edgebuild: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
 
 
 @click.group()
@@ -289,7 +273,7 @@ def deploy() -> None:
 @click.option("--service", type=click.Choice(["none", "local", "cluster"]), default="none", show_default=True,
               help="Also write a ClusterIP Service; local routes each client to its own node's server.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to FILE (.json for JSON) instead of stdout.")
-@_handle_errors
+@handle_cli_errors
 def k8s(bundle, image, name, namespace, node_selector, cpu, memory, bundle_host_path, cache_host_path, token_secret, service,
         output):
     """Kubernetes YAML for serving BUNDLE on every device of its target.

@@ -21,3 +21,26 @@ class AccuracyBudgetError(EdgebuildError):
     def __init__(self, message: str, report_path=None):
         super().__init__(message)
         self.report_path = report_path
+
+
+def handle_cli_errors(fn):
+    """Click command decorator: our errors become one line on stderr and their exit code.
+
+    ``--debug`` on the root command shows the traceback instead.
+    """
+    import functools
+    import sys
+
+    import click
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgebuildError as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(f"edgebuild: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
