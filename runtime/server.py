@@ -122,6 +122,35 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - present on glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _decode_large(*args):
+    """Decode a large body; a big JSON tensor leaves megabytes of freed Python objects behind,
+    which glibc keeps mapped (RSS grows ~10 MB per few dozen requests) unless trimmed."""
+    try:
+        return decode_infer_request(*args)
+    finally:
+        _release_free_memory()
+
+
 def _metadata(served) -> ModelMetadata:
     session = served.session
     return ModelMetadata(
@@ -249,7 +278,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
             body = _decompress(await request.body(), request.headers.get("content-encoding"), config.max_body_bytes)
             args = (body, served.session.inputs, served.session.output_names, request.headers.get(HEADER_LENGTH))
             if len(body) > _OFFLOAD_DECODE_BYTES:
-                parsed = await run_in_threadpool(decode_infer_request, *args)
+                parsed = await run_in_threadpool(_decode_large, *args)
             else:
                 parsed = decode_infer_request(*args)
             results = await batcher().submit(served.session, parsed.feeds, parsed.timeout_s)
