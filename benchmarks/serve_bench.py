@@ -112,7 +112,7 @@ def main() -> int:
     inproc_p50 = percentile_ms(inproc)
     inproc_tput = len(inproc) / sum(inproc)
     name = served.name
-    del served, run
+    del served
 
     # 2. Cold start: launch -> /v2/health/ready == 200.
     port = _free_port()

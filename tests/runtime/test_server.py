@@ -8,7 +8,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from runtime_fixtures import classifier_reference
-from edgerun.loader import load_model
 from edgerun.reload import ModelRepository
 from edgerun.server import ServerConfig, create_app
 
