@@ -47,9 +47,25 @@ def main(debug: bool) -> None:
 @click.option("--archive", is_flag=True, help="Also write <bundle>.tar.gz.")
 @click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ed25519 private key (PEM) to sign the manifest.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the destination.")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), help="INT8 calibration method (default: the target's preset).")
+@click.option("--per-channel/--per-tensor", "per_channel", default=None, help="INT8 weight granularity (default: the target's preset).")
+@click.option("--int8-search", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="auto on CPUs: quick measures QDQ/QOperator x reduce_range; full also per-channel x calibration method.")
+@click.option("--partial/--no-partial", "partial_quantization", default=True, show_default=True,
+              help="When every full INT8 variant breaks the budget, keep the worst nodes in float (precision 'mixed').")
+@click.option("--prune", type=float, help="Prune this fraction, in (0, 1): of weights (l1/global) or channels (channel).")
+@click.option("--prune-method", type=click.Choice(["l1", "global", "channel"]), help="l1 per layer | global | channel (structured, faster)  [default: l1]")
+@click.option("--distill", is_flag=True, help="Distil the original model into the pruned model or --student (needs --train-data).")
+@click.option("--train-data", help="Training DATA for --distill (and fine-tuning after --prune).")
+@click.option("--student", help="Student model package.module:callable for --distill.")
+@click.option("--epochs", type=int, help="Distillation epochs  [default: 10]")
+@click.option("--temperature", type=float, help="Distillation softmax temperature  [default: 3]")
+@click.option("--alpha", type=float, help="Weight of the distillation loss vs cross-entropy on labels  [default: 0.5]")
+@click.option("--max-train-minutes", type=float, help="Stop distillation after this many minutes (best epoch kept).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="recipe.toml configuring prune -> distill -> export -> quantize; flags given here override it.")
 @handle_cli_errors
-def pack(model, target, output_dir, name, weights, input_shape, input_names, calib_data, val_data, quantize, max_accuracy_drop, metric,
-         optimize_for, calib_samples, val_samples, ship_variants, bench_seconds, archive, sign_key, force):
+def pack(config_path, **params):
     """Pack MODEL into a validated bundle for a target; prints the bundle path last on stdout.
 
     MODEL is package.module:callable (returns an nn.Module), a torch.export .pt2 file, or an .onnx
@@ -57,17 +73,17 @@ def pack(model, target, output_dir, name, weights, input_shape, input_names, cal
 
     Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle).
     """
-    from edgebuild.pack import PackOptions, pack as run_pack
-    from edgebuild.sources import parse_shape
+    from click.core import ParameterSource
 
-    options = PackOptions(
-        model=model, target=target, output_dir=output_dir, name=name, weights=weights,
-        input_shape=parse_shape(input_shape) if input_shape else None,
-        input_names=[n.strip() for n in input_names.split(",")] if input_names else None,
-        calib_data=calib_data, val_data=val_data, quantize=quantize, max_accuracy_drop=max_accuracy_drop, metric=metric,
-        optimize_for=optimize_for, calib_samples=calib_samples, val_samples=val_samples, ship_variants=ship_variants,
-        bench_seconds=bench_seconds, archive=archive, sign_key=sign_key.read_bytes() if sign_key else None, force=force,
-    )
+    from edgebuild.pack import pack as run_pack
+    from edgebuild.recipe import load_recipe, merge, pack_options
+
+    ctx = click.get_current_context()
+    explicit = {k: v for k, v in params.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    settings = merge(params, load_recipe(config_path) if config_path else {}, explicit)
+    if settings.get("sign_key"):
+        settings["sign_key"] = Path(settings["sign_key"]).read_bytes()
+    options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
     result = run_pack(options)
     v = result.manifest.validation
     click.echo(

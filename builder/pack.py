@@ -8,11 +8,12 @@ to the field's library (torch.onnx, ONNX Runtime quantization, ...). Every step 
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import logging
 import platform
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,8 @@ from edgebuild.candidates import Candidate, CandidatePlan, apply_budget, select
 from edgebuild.data import Batch, DataSource, open_data
 from edgebuild.errors import AccuracyBudgetError, UsageError
 from edgebuild.export import export_onnx
-from edgebuild.onnx_utils import make_session, model_opset, onnx_dtype_name
+from edgebuild.onnx_utils import make_session, model_opset, onnx_dtype_name, op_counts
+from edgebuild.passes import partial
 from edgebuild.passes import quantize as q
 from edgebuild.report import write_report
 from edgebuild.sources import ModelSource, load_model
@@ -64,6 +66,11 @@ class PackOptions:
     labels: list[str] | None = None
     bench_seconds: float = 1.0
     max_batch: int = 8  # serving max batch: sizes TensorRT profiles on GPU targets
+    calib_method: str | None = None  # minmax | entropy | percentile (default: the target's preset)
+    per_channel: bool | None = None  # default: the target's preset
+    int8_search: str = "quick"  # quick: format x reduce_range; full: x per-channel x calibration method
+    partial_quantization: bool = True  # when every full INT8 candidate breaks the budget, keep the worst nodes in float
+    recipe: dict | None = None  # resolved --config recipe, recorded in the manifest
     # Torch-level passes (run before export when the source is a torch model).
     torch_passes: list = field(default_factory=list)
 
@@ -105,13 +112,51 @@ def _validate_options(options: PackOptions, target: TargetProfile) -> None:
             raise UsageError(f"--quantize {wanted} is not allowed on target '{target.name}' (allowed: {', '.join(target.precisions)})")
     if options.quantize == "int8" and not options.calib_data:
         raise UsageError("--quantize int8 needs --calib-data (real data; 'random' is accepted but recorded as not validated)")
+    if options.calib_method is not None and options.calib_method not in CALIB_METHODS:
+        raise UsageError(f"--calib-method '{options.calib_method}' is unknown; use one of {', '.join(CALIB_METHODS)}")
+    if options.int8_search not in INT8_SEARCH:
+        raise UsageError(f"--int8-search '{options.int8_search}' is unknown; use quick or full")
     if options.optimize_for not in ("latency", "size"):
         raise UsageError(f"--optimize-for '{options.optimize_for}' is unknown; use latency or size")
 
 
-def _plans(options: PackOptions, target: TargetProfile, calibration: DataSource | None) -> list[CandidatePlan]:
-    """Which candidates to build besides FP32."""
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_SEARCH = ("quick", "full")
+
+
+def static_variants(options: PackOptions, target: TargetProfile) -> list[q.StaticInt8Config]:
+    """Static INT8 recipes to measure: the target preset first, then (auto on CPUs) the variants that
+    change speed and accuracy per model and CPU, so only a measurement decides (FIELD-NOTES)."""
     preset = q.StaticInt8Config.from_profile(target.quantization, extra_options=dict(target.notes.get("quantize_extra_options", {})))
+    overrides = {}
+    if options.calib_method:
+        overrides["calibration_method"] = options.calib_method
+    if options.per_channel is not None:
+        overrides["per_channel"] = options.per_channel
+    base = replace(preset, **overrides)
+    variants = [base]
+    if options.quantize == "auto" and target.device == "cpu":
+        formats = [base.format, "qoperator" if base.format == "qdq" else "qdq"]
+        per_channel = [base.per_channel, not base.per_channel] if options.int8_search == "full" and options.per_channel is None else [base.per_channel]
+        methods = [base.calibration_method] + ([m for m in CALIB_METHODS if m != base.calibration_method]
+                                                if options.int8_search == "full" and not options.calib_method else [])
+        variants = [replace(base, format=f, reduce_range=r, per_channel=pc, calibration_method=m)
+                    for m in methods for pc in per_channel for f in formats for r in (base.reduce_range, not base.reduce_range)]
+    unique: dict[str, q.StaticInt8Config] = {}
+    for config in variants:
+        unique.setdefault(config.describe(), config)
+    return list(unique.values())
+
+
+def matmul_heavy(path: Path) -> bool:
+    """MatMul/Gemm/RNN ops outnumber convolutions: where dynamic INT8 can pay off (it is slow for convs)."""
+    counts = op_counts(path)
+    dense = sum(counts[op] for op in ("MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention"))
+    return dense > 0 and dense > counts["Conv"] + counts["ConvTranspose"]
+
+
+def _plans(options: PackOptions, target: TargetProfile, calibration: DataSource | None, fp32_path: Path | None = None) -> list[CandidatePlan]:
+    """Which candidates to build besides FP32."""
     plans: list[CandidatePlan] = []
 
     def static(config: q.StaticInt8Config) -> CandidatePlan:
@@ -120,13 +165,14 @@ def _plans(options: PackOptions, target: TargetProfile, calibration: DataSource 
 
     mode = options.quantize
     if mode in ("int8", "auto") and "int8" in target.precisions and calibration is not None:
-        plans.append(static(preset))
-        if mode == "auto" and target.device == "cpu":
-            # reduce_range and QOperator change speed and accuracy per model and CPU: measure them.
-            plans.append(static(q.StaticInt8Config(**{**preset.__dict__, "reduce_range": not preset.reduce_range})))
-            plans.append(static(q.StaticInt8Config(**{**preset.__dict__, "format": "qoperator"})))
-    if mode == "int8-dynamic":
-        plans.append(CandidatePlan("int8-dynamic", "int8-dynamic", lambda src, dst: q.quantize_dynamic_int8(src, dst)))
+        plans.extend(static(config) for config in static_variants(options, target))
+    dynamic_wanted = mode == "int8-dynamic" or (
+        mode == "auto" and "int8-dynamic" in target.precisions and fp32_path is not None and matmul_heavy(fp32_path)
+    )
+    if dynamic_wanted:
+        per_channel = True if options.per_channel is None else options.per_channel
+        name = "int8-dynamic" if per_channel else "int8-dynamic-per-tensor"
+        plans.append(CandidatePlan(name, "int8-dynamic", lambda src, dst: q.quantize_dynamic_int8(src, dst, per_channel=per_channel)))
     if (mode == "fp16") or (mode == "auto" and "fp16" in target.precisions):
         plans.append(CandidatePlan("fp16", "fp16", q.convert_fp16))
     return plans
@@ -161,9 +207,10 @@ def _build_candidate(plan: CandidatePlan, src: Path, workdir: Path) -> Candidate
         log.warning("candidate %s failed: %s", plan.name, exc)
     candidate.refresh_size()
     coverage = candidate.metrics.get("coverage")
-    if coverage and candidate.precision == "int8" and coverage["quantized_compute_ops"] == 0:
+    # Static and dynamic INT8 alike: ORT's tools "succeed" without quantizing weights inside If/Loop bodies.
+    if coverage and candidate.precision.startswith("int8") and coverage["quantized_compute_ops"] == 0:
         candidate.error = "quantized 0 compute ops (weights inside If/Loop subgraphs are not quantized); not an INT8 model"
-    elif coverage and candidate.precision == "int8" and coverage["fraction"] < 1.0:
+    elif coverage and candidate.precision.startswith("int8") and coverage["fraction"] < 1.0:
         candidate.precision = "mixed"
     return candidate
 
@@ -175,6 +222,36 @@ def _measure(candidate: Candidate, target: TargetProfile, ref: np.ndarray, val: 
     packed = run_session(session, val.inputs)[0]
     candidate.validation = evaluate(metric, ref, packed, val.labels)
     candidate.latency = session_latency(session, feed1, max_seconds=seconds)
+
+
+def _partial_candidate(options, target, candidates, calibration, fp32_path, workdir, ref, val, metric, feed1, progress) -> Candidate | None:
+    """When every full static INT8 candidate breaks the budget, keep the worst nodes in float (precision "mixed")."""
+    static = [c for c in candidates if c.usable and c.validation and c.metrics.get("settings", {}).get("format")]
+    if not options.partial_quantization or calibration is None or not static or any(c.within_budget for c in static):
+        return None
+    best = min(static, key=lambda c: c.validation["drop"])
+    progress(f"every full INT8 candidate breaks the budget (best {best.name}: drop {best.validation['drop']:.4f}); "
+             "trying partial quantization ...")
+
+    def validate(path: Path) -> dict:
+        session = make_session(path, target.session.graph_optimization_level, config=target.session.config)
+        return evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
+
+    candidate = Candidate("int8-partial", "mixed", workdir / "int8-partial.onnx")
+    base = q.StaticInt8Config(**{**best.metrics["settings"], "nodes_to_exclude": []})
+    try:
+        result = partial.partial_quantize(fp32_path, candidate.path, calibration, base, validate, options.max_accuracy_drop,
+                                          {k: v[:32] for k, v in val.inputs.items()}, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
+        candidate.error = f"partial quantization failed: {exc}"
+        return candidate
+    if result is None:
+        candidate.error = "budget not met even with half of the compute nodes in float"
+        return candidate
+    candidate.metrics = result.metrics
+    candidate.refresh_size()
+    _measure(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+    return candidate
 
 
 def _golden(output_name: str, shipped: list[Candidate], ref: np.ndarray, val: Batch, target: TargetProfile) -> tuple[bytes, GoldenSpec]:
@@ -288,12 +365,19 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
                 progress(f"skipping {torch_pass.name}: torch-level passes need a torch model, not ONNX")
                 continue
             progress(f"{torch_pass.name} ...")
-            source, record = torch_pass.run(source, options, progress)
+            # Passes that learn from the model (distillation) are taught by the original, not by the
+            # output of an earlier pass such as pruning.
+            extra = {"teacher": original} if getattr(torch_pass, "needs_teacher", False) else {}
+            source, record = torch_pass.run(source, options, progress, **extra)
             passes.append(record)
 
         progress(f"export: ONNX opset {target.opset} ...")
         exported = export_onnx(source, workdir, target.opset)
-        passes.append(PassRecord(name="export", params=exported.record(), metrics={"size_bytes": exported.path.stat().st_size}))
+        passes.append(PassRecord(name="export", params=exported.record(), metrics={
+            "size_bytes": exported.path.stat().st_size,
+            # Compressed size is where unstructured (zeroed-weight) sparsity shows; dense size does not change.
+            "gzip_bytes": len(gzip.compress(exported.path.read_bytes(), compresslevel=6)),
+        }))
 
         ref = _reference_outputs(original, exported.path, val.inputs)
         metric = choose_metric(options.metric, val.labels is not None, ref)
@@ -301,7 +385,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
 
         fp32 = Candidate("fp32", "fp32", exported.path, metrics={"recipe": "fp32 (graph-optimised by ORT)"})
         candidates = [fp32] if options.quantize in ("auto", "none") else []
-        for plan in _plans(options, target, calibration):
+        for plan in _plans(options, target, calibration, exported.path):
             progress(f"quantize: building {plan.name} ...")
             candidates.append(_build_candidate(plan, exported.path, workdir))
         progress(f"validate + benchmark {len(candidates)} candidate(s) on {len(val)} samples ({metric.name}) ...")
@@ -310,6 +394,12 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         if fp32 not in candidates:
             _measure(fp32, target, ref, val, metric, feed1, options.bench_seconds)
         apply_budget(candidates, options.max_accuracy_drop)
+        mixed = _partial_candidate(options, target, candidates, calibration, exported.path, workdir, ref, val, metric, feed1, progress)
+        if mixed is not None:
+            candidates.append(mixed)
+            apply_budget(candidates, options.max_accuracy_drop)
+        if options.recipe:
+            passes.insert(0, PassRecord(name="recipe", params=options.recipe, metrics={}))
         for candidate in candidates:
             passes.append(PassRecord(name=f"candidate:{candidate.name}", params={"recipe": candidate.recipe}, metrics=candidate.row()))
 
