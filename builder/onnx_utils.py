@@ -15,6 +15,7 @@ QUANTIZED_OPS = frozenset(
      "DynamicQuantizeLinear", "QGemm", "QLinearAdd", "QLinearMul", "QAttention", "DynamicQuantizeLSTM",
      "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu"}
 )
+QUANTIZED_COMPUTE_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeLSTM"})
 # Ops that carry the model's weights and therefore decide whether it is "really" quantized.
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention"})
 
@@ -61,7 +62,9 @@ def quantization_coverage(float_path: Path, quant_path: Path) -> dict:
     after = op_counts(quant_path)
     compute_before = sum(before[op] for op in COMPUTE_OPS)
     # In QDQ form a quantized Conv stays a Conv fed by DequantizeLinear; count DQ-fed ops instead.
-    quant_nodes = sum(after[op] for op in QUANTIZED_OPS if op not in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"))
+    # Only quantized forms of compute ops count: QLinearAdd/QLinearGlobalAveragePool etc. are not in
+    # the denominator, and counting them reported coverage above 100% for QOperator models.
+    quant_nodes = sum(after[op] for op in QUANTIZED_COMPUTE_OPS)
     qdq_pairs = after["DequantizeLinear"]
     quantized = quant_nodes if quant_nodes else _qdq_compute_ops(quant_path)
     return {

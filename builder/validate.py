@@ -51,8 +51,12 @@ def torch_outputs(source: ModelSource, inputs: dict[str, np.ndarray], batch_size
 def _cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    denom = norm_a * norm_b
+    # Two all-zero outputs agree (1.0); a packed output collapsed to zeros against a non-zero
+    # reference (a broken quantization) must not count as a perfect match.
+    both_zero = (norm_a == 0) & (norm_b == 0)
+    return np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), np.where(both_zero, 1.0, 0.0))
 
 
 def compare_outputs(reference: np.ndarray, packed: np.ndarray, labels: np.ndarray | None) -> dict:

@@ -5,9 +5,10 @@ full INT8 variant of a transformer missed a 0.98 worst-case cosine). Two steps:
 
 1. **Rank** the quantizable compute nodes (Conv/MatMul/Gemm/...) by the error each one adds.
    One run of the FP32 model and one of its fake-quantized (QDQ) twin over a validation subset
-   give every intermediate tensor in both; a node's score is the noise-to-signal ratio of its
-   output minus that of its input (the error it *adds*, not the error it inherits from
-   upstream). The nodes stay comparable because QDQ keeps the float model's tensor names.
+   give every node's input and output in both (quantize_static keeps node names); a node's
+   score is the noise-to-signal ratio of its output minus that of its input: the error it
+   *adds*, not the error it inherits from upstream. Each node is excluded together with the
+   compute node producing its input, since a quantized producer quantizes its output.
 2. **Search** how many of the worst nodes to keep in float (``nodes_to_exclude`` of ONNX
    Runtime's ``quantize_static``): 1, 2, 4, ... until the real metric on the full validation set
    meets the budget, then bisect down to the fewest. Every trial is a real quantization,
@@ -82,80 +83,71 @@ def _tensors(path: Path, names: list[str], feed: dict[str, np.ndarray], workdir:
 
 
 def rank_nodes(qdq: Path, prepared: Path, feed: dict[str, np.ndarray], workdir: Path) -> list[tuple[str, float]]:
-    """Compute nodes of a fully quantized QDQ model, worst first, by the quantization noise each one injects.
+    """Compute nodes, worst first, by the output error each one *adds* in the fully quantized QDQ model.
 
-    A node's score is the noise-to-signal ratio of the quantizations it takes part in, each
-    measured *locally* (so error inherited from upstream does not count): for an activation, the
-    tensor entering QuantizeLinear vs what DequantizeLinear returns; for a weight, the float
-    weight vs its dequantized value. Relative errors roughly add through a layer. A tensor's
-    quantization disappears only when its producer and its consumers all stay float, so it is
-    counted for each of them: they rank next to each other.
+    For every compute node (matched by name; quantize_static keeps node names), compare its
+    output in the FP32 model with its output in the QDQ model, and subtract the error its input
+    already carried: ``NSR(out) - NSR(in)``. The output error includes what quantizing the
+    node's input activation and its weights destroyed, *as seen after the layer*, so a tensor
+    whose few huge channels hide the loss of all the others (a small error relative to the
+    tensor) still shows up at the layer that needed those channels.
     """
     import onnx
-    from onnx import numpy_helper
 
-    graph = onnx.load(str(qdq), load_external_data=False).graph
-    init = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    wanted: set[str] = set()
-    activation_dq: dict[str, tuple[str, onnx.NodeProto]] = {}  # DQ output -> (raw tensor entering Q, Q node)
-    weight_dq: dict[str, onnx.NodeProto] = {}
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear":
-            continue
-        source = producer.get(node.input[0])
-        if source is not None and source.op_type == "QuantizeLinear":
-            activation_dq[node.output[0]] = (source.input[0], source)
-            wanted |= {source.input[0], node.output[0]}
-        elif node.input[0] in init:
-            weight_dq[node.output[0]] = node
-            wanted.add(node.output[0])
-    values = _tensors(qdq, sorted(wanted), feed, workdir) if wanted else {}
-    quantized_output = {raw: dq_out for dq_out, (raw, _) in activation_dq.items()}
+    float_graph = onnx.load(str(prepared), load_external_data=False).graph
+    quant_graph = onnx.load(str(qdq), load_external_data=False).graph
+    float_nodes = {n.name: n for n in float_graph.node if n.name}
+    quant_nodes = {n.name: n for n in quant_graph.node if n.name}
+    graph_inputs = {i.name for i in float_graph.input}
+    pairs = [(name, float_nodes[name], quant_nodes[name]) for name in float_nodes
+             if float_nodes[name].op_type in COMPUTE_OPS and name in quant_nodes]
+    float_names = sorted({t for _, f, _ in pairs for t in (f.input[0], f.output[0]) if t not in graph_inputs})
+    quant_names = sorted({t for _, _, qn in pairs for t in (qn.input[0], qn.output[0]) if t not in graph_inputs})
+    float_values = {**feed, **_tensors(prepared, float_names, feed, workdir)}
+    quant_values = {**feed, **_tensors(qdq, quant_names, feed, workdir)}
 
-    def scalar(name: str) -> np.ndarray:
-        return numpy_helper.to_array(init[name]) if name in init else np.zeros(())
+    def error(reference: str, quantized: str) -> float | None:
+        f, v = float_values.get(reference), quant_values.get(quantized)
+        if f is None or v is None or f.shape != v.shape:
+            return None
+        return _nsr(f, v)
 
-    def activation_error(dq_out: str) -> float:
-        raw_name, q_node = activation_dq[dq_out]
-        raw, deq = values.get(raw_name), values.get(dq_out)
-        if raw is None or deq is None:
-            return 0.0
-        scale, zero = scalar(q_node.input[1]).astype(np.float64), scalar(q_node.input[2]).astype(np.float64)
-        info = np.iinfo(np.uint8 if init.get(q_node.input[2]) is None or init[q_node.input[2]].data_type == onnx.TensorProto.UINT8
-                        else np.int8)
-        range_min = float(np.min((info.min - zero) * scale))
-        # A range starting at 0 means a ReLU was folded into the quantization (or the tensor is
-        # non-negative anyway): clamping negatives is the float model's behaviour, not noise.
-        reference = np.maximum(raw, 0.0) if abs(range_min) <= 1e-12 else raw
-        return _nsr(reference, deq)
-
-    def weight_error(dq_out: str) -> float:
-        node = weight_dq[dq_out]
-        float_name = node.input[0].removesuffix("_quantized")
-        deq = values.get(dq_out)
-        if float_name not in float_weights or deq is None or float_weights[float_name].shape != deq.shape:
-            return 0.0
-        return _nsr(float_weights[float_name], deq)
-
-    # Float weights as quantize_static saw them (after pre-processing folded BatchNorms etc.).
-    float_weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(prepared)).graph.initializer}
     scores = []
-    for node in graph.node:
-        if node.op_type not in COMPUTE_OPS or not node.name:
-            continue
-        score = 0.0
-        for tensor in node.input[:2]:  # activation and weight; the int32 bias adds no meaningful noise
-            if tensor in activation_dq:
-                score += activation_error(tensor)
-            elif tensor in weight_dq:
-                score += weight_error(tensor)
-        if node.output[0] in quantized_output:
-            # The node's own output quantization (ReLUs are folded into it) also goes away only when
-            # the node itself stays float, so it counts here too.
-            score += activation_error(quantized_output[node.output[0]])
-        scores.append((node.name, score))
-    return sorted(scores, key=lambda item: -item[1])
+    for name, f, qn in pairs:
+        out_err = error(f.output[0], qn.output[0])
+        in_err = error(f.input[0], qn.input[0]) or 0.0
+        scores.append((name, float("nan") if out_err is None else max(out_err - in_err, 0.0)))
+    return sorted(scores, key=lambda item: (np.isnan(item[1]), -np.nan_to_num(item[1])))
+
+
+def _compute_producer(graph, node_name: str, hops: int = 4) -> str | None:
+    """The compute node feeding ``node_name``'s activation input, through ReLU/pooling/reshape-like ops."""
+    nodes = {n.name: n for n in graph.node}
+    producer = {out: n for n in graph.node for out in n.output}
+    current = nodes.get(node_name)
+    tensor = current.input[0] if current is not None else None
+    for _ in range(hops):
+        node = producer.get(tensor)
+        if node is None:
+            return None
+        if node.op_type in COMPUTE_OPS:
+            return node.name or None
+        tensor = node.input[0] if node.input else None
+    return None
+
+
+def exclusion_order(ranking: list[tuple[str, float]], prepared: Path) -> list[str]:
+    """Worst node first, each followed by the compute node producing its input: a quantized
+    producer quantizes its output, so the consumer alone in float would still read INT8 data."""
+    import onnx
+
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    order: list[str] = []
+    for name, _ in ranking:
+        for candidate in (name, _compute_producer(graph, name)):
+            if candidate and candidate not in order:
+                order.append(candidate)
+    return order
 
 
 def partial_quantize(
@@ -182,7 +174,7 @@ def partial_quantize(
         qdq = work / "qdq.onnx"
         q.quantize_static_int8(src, qdq, calibration, replace(base, format="qdq", nodes_to_exclude=[]))
         ranking = rank_nodes(qdq, prepared, ranking_feed, work)
-        order = [name for name, _ in ranking]
+        order = exclusion_order(ranking, prepared)
         limit = int(np.floor(config.max_float_fraction * len(order)))
         trials: list[dict] = []
         results: dict[int, tuple[dict, dict, Path]] = {}
@@ -221,9 +213,9 @@ def partial_quantize(
     metrics = {
         **metrics, "settings": asdict(kept), "recipe": kept.describe(),
         "partial": {"float_nodes": order[:passing], "compute_nodes": len(order), "trials": trials,
-                    "ranking": [{"node": n, "input_nsr": round(s, 8)} for n, s in ranking[:10]],
+                    "ranking": [{"node": n, "added_nsr": (None if np.isnan(s) else round(s, 8))} for n, s in ranking[:10]],
                     "ranking_samples": len(next(iter(ranking_feed.values()))),
-                    "method": "rank by local quantization noise-to-signal ratio of each node's inputs and weights (QDQ model); "
-                              "keep the worst in float: doubling, then bisection, each trial validated"},
+                    "method": "rank nodes by the output noise-to-signal ratio each adds (FP32 vs QDQ activations); keep the "
+                              "worst (and their input producers) in float: doubling, then bisection, each trial validated"},
     }
     return PartialResult(kept, metrics, validation)

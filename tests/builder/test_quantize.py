@@ -1,0 +1,174 @@
+"""Quantization: every mode loads in ORT close to FP32, coverage is honest, variants and partial quantization."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgebuild.candidates import CandidatePlan
+from edgebuild.data import open_data
+from edgebuild.onnx_utils import make_session
+from edgebuild.pack import PackOptions, _build_candidate, _plans, matmul_heavy, static_variants
+from edgebuild.passes import quantize as q
+from edgebuild.passes.partial import exclusion_order, partial_quantize, rank_nodes
+from edgebuild.sources import load_model
+from edgebuild.targets import load_target
+from edgebuild.validate import Metric, evaluate
+
+RNG = np.random.default_rng(0)
+
+
+def _save(nodes, inputs, outputs, inits, path: Path) -> Path:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def tiny_cnn(path: Path) -> Path:
+    """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: the ops static INT8 quantizes on CNNs."""
+    inits = {"w": RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "b": np.zeros(8, np.float32),
+             "fw": RNG.standard_normal((4, 8)).astype(np.float32) * 0.3, "fb": np.zeros(4, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"), helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1, name="fc")]
+    return _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits, path)
+
+
+def outlier_mlp(path: Path, layers: int = 6, seed: int = 0) -> Path:
+    """MatMul/Relu stack whose second activation has one channel 1000x larger than the rest.
+
+    uint8 activations calibrated on that range round the other channels away: full INT8 breaks a
+    tight cosine budget, and keeping the two nodes around that tensor in float repairs it.
+    """
+    rng = np.random.default_rng(seed)
+    inits, nodes, current = {}, [], "x"
+    for i in range(layers):
+        w = rng.standard_normal((16, 16)).astype(np.float32) * 0.4
+        if i == 1:
+            w[:, 0] = np.abs(w[:, 0]) * 1000.0  # inputs and ReLU outputs are >= 0: channel 0 is always huge
+        if i == 2:
+            w[0, :] /= 1000.0
+        inits[f"w{i}"] = w
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"a{i}"], name=f"fc{i}"))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"], name=f"relu{i}"))
+            current = f"h{i}"
+    nodes[-1].output[0] = "y"
+    return _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits, path)
+
+
+def matmul_in_if(path: Path) -> Path:
+    """The weights sit inside the branches of an If: ORT's tools quantize nothing there."""
+    def branch(name, scale):
+        w = numpy_helper.from_array((RNG.standard_normal((16, 4)) * scale).astype(np.float32), f"{name}_w")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"], name=f"{name}_mm")], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", 4])], [w])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+             helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0), name="if")]
+    return _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], {"zero": np.zeros((), np.float32)}, path)
+
+
+def _calibration(path: Path, n=32):
+    source = load_model(str(path))
+    x = RNG.random((n, *source.inputs[0].shape[1:]), dtype=np.float32)
+    npz = path.with_suffix(".npz")
+    np.savez(npz, x=x)
+    return open_data(str(npz), source.inputs, purpose="calibration"), x
+
+
+def _outputs(path, x):
+    return make_session(path).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("config", [
+    q.StaticInt8Config(),
+    q.StaticInt8Config(reduce_range=True),
+    q.StaticInt8Config(format="qoperator"),
+    q.StaticInt8Config(format="qoperator", reduce_range=True, per_channel=False),
+    q.StaticInt8Config(calibration_method="entropy"),
+    q.StaticInt8Config(calibration_method="percentile"),
+], ids=lambda c: c.describe())
+def test_static_int8_variants_load_and_stay_close_to_fp32(tmp_path, config):
+    src = tiny_cnn(tmp_path / "cnn.onnx")
+    calibration, x = _calibration(src)
+    metrics = q.quantize_static_int8(src, tmp_path / "q.onnx", calibration, config)
+    assert metrics["coverage"]["fraction"] == 1.0 and metrics["recipe"] == config.describe()
+    ref, out = _outputs(src, x), _outputs(tmp_path / "q.onnx", x)
+    assert evaluate(Metric("cosine"), ref, out, None)["cosine_min"] > 0.98
+
+
+def test_dynamic_int8_and_fp16_load_and_stay_close_to_fp32(tmp_path):
+    src = outlier_mlp(tmp_path / "mlp.onnx", layers=2)
+    _, x = _calibration(src)
+    dyn = q.quantize_dynamic_int8(src, tmp_path / "dyn.onnx")
+    assert dyn["coverage"]["quantized_compute_ops"] == 2
+    fp16 = tiny_cnn(tmp_path / "cnn.onnx")
+    q.convert_fp16(fp16, tmp_path / "fp16.onnx")
+    _, xc = _calibration(fp16)
+    for ref, out in ((_outputs(src, x), _outputs(tmp_path / "dyn.onnx", x)), (_outputs(fp16, xc), _outputs(tmp_path / "fp16.onnx", xc))):
+        assert evaluate(Metric("cosine"), ref, out, None)["cosine_min"] > 0.98
+
+
+def test_zero_op_quantization_inside_if_is_never_labelled_int8(tmp_path):
+    src = matmul_in_if(tmp_path / "if.onnx")
+    plan = CandidatePlan("int8-dynamic", "int8-dynamic", lambda s, d: q.quantize_dynamic_int8(s, d))
+    candidate = _build_candidate(plan, src, tmp_path)
+    assert candidate.metrics["coverage"]["quantized_compute_ops"] == 0 and candidate.metrics["coverage"]["compute_ops"] == 2
+    assert not candidate.usable and "0 compute ops" in candidate.error
+
+
+def test_partial_coverage_is_recorded_as_mixed(tmp_path):
+    src = tiny_cnn(tmp_path / "cnn.onnx")
+    calibration, _ = _calibration(src)
+    config = q.StaticInt8Config(nodes_to_exclude=["fc"])
+    candidate = _build_candidate(CandidatePlan("int8-x", "int8", lambda s, d: q.quantize_static_int8(s, d, calibration, config)), src, tmp_path)
+    assert candidate.usable and candidate.precision == "mixed" and candidate.row()["quantized_fraction"] == 0.5
+    assert "1 nodes float" in candidate.recipe
+
+
+def test_auto_variants_and_dynamic_only_for_matmul_heavy_models(tmp_path):
+    x86 = load_target("x86")
+    quick = [c.describe() for c in static_variants(PackOptions(), x86)]
+    assert quick == ["QDQ U8S8 per-channel", "QDQ U8S8 per-channel reduce-range", "QOPERATOR U8S8 per-channel",
+                     "QOPERATOR U8S8 per-channel reduce-range"]
+    assert len(static_variants(PackOptions(int8_search="full"), x86)) == 2 * 2 * 2 * 3
+    forced = static_variants(PackOptions(quantize="int8", calib_method="entropy", per_channel=False), x86)
+    assert [c.describe() for c in forced] == ["QDQ U8S8 per-tensor entropy"]
+    cnn, mlp = tiny_cnn(tmp_path / "cnn.onnx"), outlier_mlp(tmp_path / "mlp.onnx")
+    assert matmul_heavy(mlp) and not matmul_heavy(cnn)
+    calibration, _ = _calibration(cnn)
+    assert "int8-dynamic" in [p.precision for p in _plans(PackOptions(), x86, calibration, mlp)]
+    assert "int8-dynamic" not in [p.precision for p in _plans(PackOptions(), x86, calibration, cnn)]
+    assert [p.precision for p in _plans(PackOptions(quantize="int8-dynamic"), x86, None, cnn)] == ["int8-dynamic"]
+
+
+def test_partial_quantization_keeps_the_outlier_nodes_float_until_the_budget_holds(tmp_path):
+    src = outlier_mlp(tmp_path / "mlp.onnx")
+    calibration, x = _calibration(src, 64)
+    ref = _outputs(src, x)
+
+    def validate(path):
+        return evaluate(Metric("cosine"), ref, _outputs(path, x), None)
+
+    full = tmp_path / "full.onnx"
+    q.quantize_static_int8(src, full, calibration, q.StaticInt8Config())
+    budget = 0.002
+    assert validate(full)["drop"] > budget  # full INT8 breaks it
+    prepared = tmp_path / "prepared.onnx"
+    q.preprocess(src, prepared)
+    ranking = rank_nodes(full, prepared, {"x": x[:16]}, tmp_path)
+    assert ranking[0][0] == "fc2"  # the layer that needed the channels the outlier pushed out of range
+    assert exclusion_order(ranking, prepared)[:2] == ["fc2", "fc1"]  # with the producer of its input
+    result = partial_quantize(src, tmp_path / "mixed.onnx", calibration, q.StaticInt8Config(), validate, budget, {"x": x[:16]})
+    assert result is not None and result.validation["drop"] <= budget
+    assert set(result.config.nodes_to_exclude) == {"fc1", "fc2"}
+    assert result.metrics["coverage"]["quantized_compute_ops"] == 4 and result.metrics["partial"]["trials"]
+    assert validate(tmp_path / "mixed.onnx")["drop"] <= budget
+    # A budget nothing short of FP32 can meet: give up instead of shipping a mostly-float "INT8" model.
+    assert partial_quantize(src, tmp_path / "none.onnx", calibration, q.StaticInt8Config(), validate, 0.0, {"x": x[:16]}) is None
