@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+ROUNDS = 5  # in-process and HTTP measurements alternate in this many blocks
 DYNAMIC_DIM = 16  # stand-in for dynamic non-batch dims (sequence length) when benchmarking a bare .onnx
 
 
@@ -78,6 +79,36 @@ def time_calls(call, n: int, warmup: int = 10) -> list[float]:
     return times
 
 
+def run_clients(url: str, name: str, make_inputs, clients: int, per_client: int) -> float:
+    """Seconds for ``clients`` threads, each with its own connection, to send ``per_client`` requests."""
+    import tritonclient.http as httpclient
+
+    barrier = threading.Barrier(clients + 1)
+    errors: list[BaseException] = []
+
+    def worker():
+        own = httpclient.InferenceServerClient(url=url)
+        inputs, outputs = make_inputs(True)
+        own.infer(name, inputs, outputs=outputs)
+        barrier.wait()
+        try:
+            for _ in range(per_client):
+                own.infer(name, inputs, outputs=outputs)
+        except BaseException as exc:  # reported below, not swallowed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"concurrent clients failed: {errors[0]}")
+    return time.perf_counter() - start
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -103,14 +134,12 @@ def main() -> int:
     bundle = args.model if args.model.is_dir() else bundle_from_onnx(args.model, work / "bundle")
     cache_dir = work / "cache"
 
-    # 1. In-process: the same session the server builds (options, threads), no HTTP.
+    # 1. In-process: the same session the server builds (options, threads), no HTTP. It is measured
+    # in blocks interleaved with the HTTP blocks below, so both see the same machine load.
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, threads=args.threads))
     feeds = example_inputs(served.session.inputs)
     run = served.session.session.run
     names = served.session.output_names
-    inproc = time_calls(lambda: run(names, feeds), args.requests)
-    inproc_p50 = percentile_ms(inproc)
-    inproc_tput = len(inproc) / sum(inproc)
     name = served.name
     del served
 
@@ -145,38 +174,24 @@ def main() -> int:
                 tensors.append(tensor)
             return tensors, [httpclient.InferRequestedOutput(n, binary_data=binary) for n in names]
 
-        # 3. Binary, sequential.
+        # 3. Binary vs in-process, sequential, in interleaved blocks.
         binary_inputs, binary_outputs = make_inputs(True)
-        binary = time_calls(lambda: client.infer(name, binary_inputs, outputs=binary_outputs), args.requests)
-        binary_p50 = percentile_ms(binary)
+        block = max(10, args.requests // ROUNDS)
+        inproc, binary = [], []
+        for _ in range(ROUNDS):
+            inproc += time_calls(lambda: run(names, feeds), block, warmup=3)
+            binary += time_calls(lambda: client.infer(name, binary_inputs, outputs=binary_outputs), block, warmup=3)
+        inproc_p50, binary_p50 = percentile_ms(inproc), percentile_ms(binary)
         binary_tput = len(binary) / sum(binary)
 
-        # 4. N concurrent binary clients, each with its own connection.
-        per_client = max(1, args.requests // args.clients)
-        barrier = threading.Barrier(args.clients + 1)
-        errors: list[BaseException] = []
-
-        def worker():
-            own = httpclient.InferenceServerClient(url=url)
-            inputs, outputs = make_inputs(True)
-            own.infer(name, inputs, outputs=outputs)
-            barrier.wait()
-            try:
-                for _ in range(per_client):
-                    own.infer(name, inputs, outputs=outputs)
-            except BaseException as exc:  # reported below, not swallowed
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker) for _ in range(args.clients)]
-        for thread in threads:
-            thread.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        concurrent_tput = per_client * args.clients / (time.perf_counter() - start)
-        if errors:
-            raise SystemExit(f"concurrent clients failed: {errors[0]}")
+        # 4. N concurrent binary clients (own connection each) vs in-process sequential, interleaved.
+        per_client = max(1, args.requests // args.clients // ROUNDS)
+        concurrent_time = inproc_time = 0.0
+        for _ in range(ROUNDS):
+            inproc_time += sum(time_calls(lambda: run(names, feeds), per_client * args.clients, warmup=0))
+            concurrent_time += run_clients(url, name, make_inputs, args.clients, per_client)
+        concurrent_tput = ROUNDS * per_client * args.clients / concurrent_time
+        inproc_seq_tput = ROUNDS * per_client * args.clients / inproc_time
 
         # 5. JSON, sequential.
         json_inputs, json_outputs = make_inputs(False)
@@ -185,7 +200,7 @@ def main() -> int:
         json_p50 = percentile_ms(json_times)
 
         # 6. RSS after all of the above (>= 1000 requests when --requests >= 500).
-        served_requests = 2 * args.requests + per_client * args.clients + args.json_requests + 30
+        served_requests = len(binary) + ROUNDS * (per_client + 1) * args.clients + args.json_requests + 3 * ROUNDS + 3
         rss = rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -193,13 +208,14 @@ def main() -> int:
 
     numbers = {
         "model": str(args.model), "inputs": {k: list(v.shape) for k, v in feeds.items()},
-        "inprocess_p50_ms": round(inproc_p50, 3), "inprocess_throughput_per_s": round(inproc_tput, 1),
+        "inprocess_p50_ms": round(inproc_p50, 3),
         "binary_p50_ms": round(binary_p50, 3), "binary_sequential_throughput_per_s": round(binary_tput, 1),
         f"binary_{args.clients}_clients_throughput_per_s": round(concurrent_tput, 1),
         "json_p50_ms": round(json_p50, 3), "server_rss_mb": round(rss, 1), "requests_served": served_requests,
         "cold_start_s": round(cold_start_s, 3),
         "binary_overhead_ms": round(binary_p50 - inproc_p50, 3),
-        "concurrent_vs_inprocess": round(concurrent_tput / inproc_tput, 3),
+        "inprocess_sequential_throughput_per_s": round(inproc_seq_tput, 1),
+        "concurrent_vs_inprocess": round(concurrent_tput / inproc_seq_tput, 3),
     }
     checks = {
         "binary p50 <= in-process + 1 ms": numbers["binary_overhead_ms"] <= 1.0,
@@ -211,7 +227,7 @@ def main() -> int:
         print(json.dumps({**numbers, "targets": checks}, indent=2))
         return 0
     print(f"model {args.model}  inputs {numbers['inputs']}  ({os.cpu_count()} CPUs)")
-    print(f"  in-process session.run    p50 {inproc_p50:8.3f} ms   {inproc_tput:8.1f}/s sequential")
+    print(f"  in-process session.run    p50 {inproc_p50:8.3f} ms   {inproc_seq_tput:8.1f}/s sequential")
     print(f"  HTTP binary (tritonclient) p50 {binary_p50:8.3f} ms   {binary_tput:8.1f}/s sequential  "
           f"(+{numbers['binary_overhead_ms']:.3f} ms)")
     print(f"  HTTP binary, {args.clients} clients              {concurrent_tput:8.1f}/s  "

@@ -142,7 +142,7 @@ _LIBC = _load_libc()
 
 
 def _decode_large(*args):
-    """Decode a large body; a big JSON tensor leaves megabytes of freed Python objects behind,
+    """Decode a large JSON body; a big JSON tensor leaves megabytes of freed Python objects behind,
     which glibc keeps mapped (RSS grows ~10 MB per few dozen requests) unless trimmed."""
     try:
         return decode_infer_request(*args)
@@ -276,7 +276,8 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
             served = lookup(name, version)
             body = _decompress(await request.body(), request.headers.get("content-encoding"), config.max_body_bytes)
             args = (body, served.session.inputs, served.session.output_names, request.headers.get(HEADER_LENGTH))
-            if len(body) > _OFFLOAD_DECODE_BYTES:
+            if len(body) > _OFFLOAD_DECODE_BYTES and HEADER_LENGTH not in request.headers:
+                # Large JSON tensors take tens of ms to parse; binary ones are a zero-copy view.
                 parsed = await run_in_threadpool(_decode_large, *args)
             else:
                 parsed = decode_infer_request(*args)
