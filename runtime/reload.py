@@ -128,7 +128,7 @@ class ModelRepository:
         """KServe repository ``load``: re-read the model from ``location`` or from where it came from."""
         if location is None:
             location = self.get(name).source
-        return self.load(location, expected_name=name if name in self.models else None)
+        return self.load(location, expected_name=name)
 
 
 def bundle_entries(directory: Path) -> dict[Path, tuple]:

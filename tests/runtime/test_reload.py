@@ -42,6 +42,8 @@ def test_reload_under_load_loses_no_request_and_refuses_broken(tmp_path, load_op
         # Reload without a body re-reads the model from where it came from.
         assert client.post("/v2/repository/models/clf/load").status_code == 200
         assert client.post("/v2/repository/models/other/load").status_code == 404
+        wrong_name = client.post("/v2/repository/models/other/load", json={"parameters": {"bundle": str(v1)}})
+        assert wrong_name.status_code == 400 and "is model 'clf', not 'other'" in wrong_name.json()["error"]
         index = client.post("/v2/repository/index").json()
         assert index == [{"name": "clf", "version": new_version, "state": "READY"}]
 
