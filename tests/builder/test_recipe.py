@@ -1,0 +1,83 @@
+"""--config recipe.toml: sections map onto pack options, flags override the file, every step is recorded."""
+
+import pytest
+from click.testing import CliRunner
+
+from edgebuild.cli import main
+from edgebuild.errors import UsageError
+from edgebuild.passes.distill import DistillPass
+from edgebuild.passes.prune import PrunePass
+from edgebuild.recipe import load_recipe, merge, pack_options
+from edgerun.bundle import open_bundle
+
+RECIPE = """
+model = "tinymodels:tiny_cnn"
+target = "x86"
+
+[data]
+calib = "calib.npz"
+train = "tinymodels:tiny_images"
+
+[prune]
+amount = 0.4
+method = "channel"
+
+[distill]
+epochs = 2
+temperature = 4.0
+
+[quantize]
+mode = "int8"
+calib_method = "entropy"
+max_accuracy_drop = 0.05
+"""
+
+
+def test_sections_map_to_pack_options_and_passes_in_order(tmp_path):
+    (tmp_path / "calib.npz").write_bytes(b"")
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE)
+    settings = load_recipe(path)
+    assert settings["calib_data"] == str(tmp_path / "calib.npz")  # relative to the recipe's folder
+    assert settings["prune"] == 0.4 and settings["distill"] is True and settings["quantize"] == "int8"
+    options = pack_options(merge({"epochs": None}, settings, {"max_accuracy_drop": 0.02}), recipe_path=str(path))
+    assert options.quantize == "int8" and options.calib_method == "entropy" and options.max_accuracy_drop == 0.02
+    prune, distill = options.torch_passes
+    assert isinstance(prune, PrunePass) and prune.config.method == "channel" and prune.config.amount == 0.4
+    assert isinstance(distill, DistillPass) and distill.config.epochs == 2 and distill.config.temperature == 4.0
+    assert options.recipe["path"] == str(path) and options.recipe["max_accuracy_drop"] == 0.02
+
+
+def test_pruning_with_training_data_is_followed_by_fine_tuning():
+    passes = pack_options({"prune": 0.3, "train_data": "tinymodels:tiny_images"}).torch_passes
+    assert [p.name for p in passes] == ["prune", "distill"] and passes[1].config.student is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[prune]\nammount = 0.3\n", "unknown key(s) prune.ammount"),
+    ("model = \n", "not valid TOML"),
+    ("[prune]\namount = 1.3\n", "strictly between 0 and 1"),
+    ("[distill]\nepochs = 3\n", "--distill needs --train-data"),
+])
+def test_bad_recipes_are_usage_errors(tmp_path, text, message):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pack_options(load_recipe(path))
+
+
+def test_cli_recipe_with_flag_override_records_each_step(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('model = "tinymodels:tiny_cnn"\n[data]\ncalib = "tinymodels:tiny_images"\nval = "tinymodels:tiny_images"\n'
+                    '[prune]\namount = 0.5\nmethod = "l1"\n[quantize]\nmode = "int8"\nmax_accuracy_drop = 0.5\n')
+    result = CliRunner().invoke(main, ["pack", "--config", str(path), "--quantize", "none", "-o", str(tmp_path / "out"),
+                                       "--bench-seconds", "0.02"])
+    assert result.exit_code == 0, result.output
+    manifest = open_bundle(result.stdout.strip().splitlines()[-1]).manifest
+    names = [p.name for p in manifest.passes]
+    assert names[:3] == ["recipe", "prune", "export"] and "candidate:fp32" in names
+    assert manifest.model.precision == "fp32"  # --quantize none overrode the recipe's int8
+    recipe, prune, export = manifest.passes[:3]
+    assert recipe.params["quantize"] == "none" and recipe.params["prune"] == 0.5
+    assert prune.params["method"] == "l1" and prune.metrics["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert export.metrics["gzip_bytes"] < export.metrics["size_bytes"]
