@@ -387,8 +387,19 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling)."""
+    import signal
+
     import uvicorn
 
+    def _drained(signum, frame):
+        raise SystemExit(0)
+
+    # uvicorn drains on SIGTERM, then re-raises the signal to the previous handler; without this
+    # a clean, drained shutdown would exit with -15 and look like a crash to supervisors.
+    try:
+        signal.signal(signal.SIGTERM, _drained)
+    except ValueError:  # not the main thread (embedded use): keep the default
+        pass
     uvicorn.run(app, host=host, port=port, loop="auto", http="auto", log_level=log_level,
                 timeout_graceful_shutdown=30, access_log=False)
 

@@ -90,7 +90,7 @@ def served(bundles, cache_dir):
         yield port
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0  # SIGTERM drains and exits cleanly
 
 
 def test_real_server_with_tritonclient_json_and_binary(served):
