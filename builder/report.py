@@ -18,8 +18,8 @@ def _fmt(value, digits: int = 4) -> str:
 
 def candidate_table(candidates, chosen) -> list[str]:
     lines = [
-        "| variant | recipe | p50 ms (batch 1) | size KiB | metric | value | drop | within budget | quantized ops |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | precision | recipe | p50 ms (batch 1) | size KiB | metric | value | drop | within budget | quantized ops |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in candidates:
         mark = " **(chosen)**" if c is chosen else ""
@@ -27,10 +27,10 @@ def candidate_table(candidates, chosen) -> list[str]:
         coverage = c.metrics.get("coverage")
         quantized = f"{coverage['quantized_compute_ops']}/{coverage['compute_ops']}" if coverage else "–"
         if c.error:
-            lines.append(f"| {c.name} | {c.recipe} | failed: {c.error[:80]} | | | | | no | |")
+            lines.append(f"| {c.name} | {c.precision} | {c.recipe} | failed: {c.error[:80]} | | | | | no | {quantized} |")
             continue
         lines.append(
-            f"| {c.name}{mark} | {c.recipe} | {_fmt(c.latency and c.latency['p50_ms'], 3)} | {c.size_bytes / 1024:.1f} | "
+            f"| {c.name}{mark} | {c.precision} | {c.recipe} | {_fmt(c.latency and c.latency['p50_ms'], 3)} | {c.size_bytes / 1024:.1f} | "
             f"{v.get('metric', '–')} | {_fmt(v.get('packed'))} | {_fmt(v.get('drop'))} | {'yes' if c.within_budget else 'no'} | {quantized} |"
         )
     return lines
@@ -53,7 +53,8 @@ def write_plot(path: Path, candidates, chosen, metric: str) -> Path | None:
     for c in usable:
         color = "tab:red" if c is chosen else ("tab:blue" if c.within_budget else "tab:gray")
         ax.scatter(c.latency["p50_ms"], c.validation["packed"], s=40 + 400 * c.size_bytes / biggest, color=color, alpha=0.7)
-        ax.annotate(c.name, (c.latency["p50_ms"], c.validation["packed"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"{c.name} ({c.precision})" if c.precision not in c.name else c.name,
+                    (c.latency["p50_ms"], c.validation["packed"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("p50 latency, batch 1 (ms, this host)")
     ax.set_ylabel(metric)
     ax.set_title("candidates: red = chosen, gray = over budget; area = file size", fontsize=9)

@@ -73,3 +73,16 @@ def test_bad_combinations_exit_2_with_a_clear_message_and_nothing_written(tmp_pa
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_report_table_shows_precision_coverage_and_failures():
+    from edgebuild.report import candidate_table
+
+    mixed = _candidate("int8-partial", "mixed", 0.5, 0.009, 400)
+    mixed.metrics = {"recipe": "QDQ U8S8 per-channel 2 nodes float", "coverage": {"quantized_compute_ops": 4, "compute_ops": 6, "fraction": 0.67}}
+    failed = _candidate("int8-dynamic", "int8-dynamic", 0.05, 0.0, 200, error="quantized 0 compute ops")
+    failed.metrics = {"coverage": {"quantized_compute_ops": 0, "compute_ops": 2, "fraction": 0.0}}
+    apply_budget([mixed, failed], 0.01)
+    lines = candidate_table([mixed, failed], mixed)
+    assert "| int8-partial **(chosen)** | mixed | QDQ U8S8 per-channel 2 nodes float |" in lines[2] and lines[2].endswith("| yes | 4/6 |")
+    assert "failed: quantized 0 compute ops" in lines[3] and lines[3].endswith("| no | 0/2 |")
