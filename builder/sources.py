@@ -88,6 +88,20 @@ def import_callable(spec: str, what: str = "model") -> Any:
     return target
 
 
+def build_module(spec: str, what: str = "model"):
+    """Call a ``package.module:callable`` factory and check that it returns an ``nn.Module``."""
+    import torch
+
+    factory = import_callable(spec, what=what)
+    try:
+        module = factory()
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise UsageError(f"{what} '{spec}': calling the factory failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"{what} '{spec}' returned {type(module).__name__}, expected a torch.nn.Module")
+    return module
+
+
 def _torch_dtype_name(tensor) -> str:
     return str(tensor.dtype).replace("torch.", "")
 
@@ -216,15 +230,7 @@ def load_model(
             raise UsageError(f"model file '{spec}' does not exist (expected .onnx, .pt2 or package.module:callable)")
         raise UsageError(f"model '{spec}': unsupported file type (expected .onnx, .pt2 or package.module:callable)")
 
-    import torch
-
-    factory = import_callable(spec)
-    try:
-        module = factory()
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise UsageError(f"model '{spec}': calling the factory failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(module, torch.nn.Module):
-        raise UsageError(f"model '{spec}' returned {type(module).__name__}, expected a torch.nn.Module")
+    module = build_module(spec)
     if weights:
         _load_weights(module, Path(weights))
     module.eval()
