@@ -8,6 +8,8 @@ several named inputs the same way.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,9 @@ def import_callable(spec: str, what: str = "model") -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"{what} '{spec}' is not a file or a 'package.module:callable' spec")
+    # Like `python -m` and uvicorn: a module in the working directory is importable as typed.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgebuild.data import Batch, open_data
 from edgebuild.errors import UsageError
-from edgebuild.sources import ModelSource, import_callable
+from edgebuild.sources import ModelSource, build_module
 from edgerun.manifest import PassRecord
 
 log = logging.getLogger(__name__)
@@ -132,15 +132,7 @@ def _split(batch: Batch, fraction: float, seed: int) -> tuple[Batch, Batch]:
 
 
 def _load_student(spec: str, teacher: ModelSource):
-    import torch
-
-    factory = import_callable(spec, what="student")
-    try:
-        student = factory()
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise UsageError(f"student '{spec}': calling the factory failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(student, torch.nn.Module):
-        raise UsageError(f"student '{spec}' returned {type(student).__name__}, expected a torch.nn.Module")
+    student = build_module(spec, what="student")
     feed = teacher.example_feed()
     try:
         s_out = _forward(student, teacher.input_names, feed)

@@ -76,3 +76,18 @@ def test_onnx_source_reads_graph_inputs(tmp_path):
     source = load_model(str(tmp_path / "m.onnx"))
     assert source.kind == "onnx" and source.inputs[0].shape == (1, 4) and source.output_names == ["y"]
     assert np.array_equal(source.example_feed()["x"], np.zeros((1, 4), np.float32))
+
+
+def test_module_in_working_directory_is_importable(tmp_path, monkeypatch):
+    (tmp_path / "cwd_model_mod.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    example_inputs = (torch.zeros(1, 4),)\n"
+        "    def forward(self, x):\n"
+        "        return x + 1\n"
+        "def make():\n"
+        "    return M()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert load_model("cwd_model_mod:make").inputs[0].shape == (1, 4)
