@@ -138,14 +138,16 @@ class Batcher:
                 continue
             batch = [first]
             rows = first.rows
-            if first.key is not None and self.max_batch > 1:
+            # A session built for a bounded profile (TensorRT) must never see a larger stack.
+            limit = min(self.max_batch, getattr(first.session, "max_batch", None) or self.max_batch)
+            if first.key is not None and limit > 1:
                 deadline = loop.time() + self.max_delay_s
-                while rows < self.max_batch:
-                    more = self._take(first.key, self.max_batch - rows)
+                while rows < limit:
+                    more = self._take(first.key, limit - rows)
                     batch += more
                     rows += sum(job.rows for job in more)
                     remaining = deadline - loop.time()
-                    if rows >= self.max_batch or remaining <= 0:
+                    if rows >= limit or remaining <= 0:
                         break
                     self._wakeup.clear()
                     try:

@@ -70,6 +70,9 @@ def measure(model: ModelSession, feeds: dict[str, np.ndarray], *, warmup: int = 
 def self_benchmark(model: ModelSession, max_batch: int, golden_inputs: dict[str, np.ndarray] | None = None,
                    *, budget_s: float = 1.0) -> dict[str, Any]:
     """Warm up, then measure at batch 1 and (when the batch dim is dynamic) at ``max_batch``."""
+    limit = getattr(model, "max_batch", None)
+    if limit:
+        max_batch = min(max_batch, limit)  # a TensorRT profile runs nothing larger
     results = {"batch_1": measure(model, example_feeds(model, 1, golden_inputs), budget_s=budget_s)}
     if max_batch > 1 and model.batchable:
         results[f"batch_{max_batch}"] = measure(model, example_feeds(model, max_batch, golden_inputs),

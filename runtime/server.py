@@ -32,6 +32,7 @@ from edgerun.protocol import (HEADER_LENGTH, ErrorResponse, InferRequest, InferR
                               ModelMetadata, PredictResponse, ServerMetadata, decode_infer_request,
                               encode_infer_response)
 from edgerun.reload import ModelRepository, bundle_entries, watch_directory
+from edgerun.tensorrt import check_batch
 
 log = logging.getLogger("edgerun")
 
@@ -281,6 +282,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
                 parsed = await run_in_threadpool(_decode_large, *args)
             else:
                 parsed = decode_infer_request(*args)
+            check_batch(served.session.max_batch, parsed.feeds)
             results = await batcher().submit(served.session, parsed.feeds, parsed.timeout_s)
             content, headers, media_type = encode_infer_response(served.name, served.version, parsed.id, results,
                                                                  parsed.outputs)

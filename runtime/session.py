@@ -18,6 +18,7 @@ import numpy as np
 
 from edgerun.errors import BundleError, RequestError, SessionError
 from edgerun.manifest import GoldenSpec, Manifest, ModelFile, ProviderSpec, SessionOptionsSpec, TensorSpec
+from edgerun.tensorrt import relocate_cache_paths, serving_batch_limit
 
 log = logging.getLogger("edgerun")
 
@@ -80,17 +81,24 @@ def make_session_options(spec: SessionOptionsSpec, threads: int):
     return options
 
 
-def provider_candidates(manifest: Manifest, override: list[str] | None, cache_dir: Path, bundle_id: str,
+def _available_providers() -> list[str]:
+    """Indirection so tests can simulate an onnxruntime build with GPU providers."""
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def provider_candidates(manifest: Manifest, override: list[str] | None, cache_dir: Path, bundle_id: str | None = None,
                         available: list[str] | None = None) -> list[ProviderSpec]:
     """The manifest's providers (or ``override``) that this ORT build has, in order.
 
     Options naming a cache path (TensorRT engine/timing caches) are moved under
-    ``cache_dir`` so the bundle directory stays read-only and caches survive restarts.
+    ``<cache_dir>/providers/<provider>/`` so the bundle directory stays read-only and caches
+    survive restarts; ``provider_chain`` then keys them per model file (``bundle_id`` is not
+    part of the path: the same model file in a re-issued bundle reuses its engine).
     """
     if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
+        available = _available_providers()
     by_name = {p.name: p for p in manifest.providers}
     if override:
         wanted = [by_name.get(canonical_provider_name(n), ProviderSpec(name=canonical_provider_name(n))) for n in override]
@@ -105,9 +113,7 @@ def provider_candidates(manifest: Manifest, override: list[str] | None, cache_di
         options = dict(spec.options)
         for key, value in spec.options.items():
             if key.endswith("_cache_path"):
-                target = Path(cache_dir).expanduser() / "providers" / bundle_id[:16] / spec.name / Path(str(value)).name
-                target.mkdir(parents=True, exist_ok=True)
-                options[key] = str(target)
+                options[key] = str(Path(cache_dir).expanduser() / "providers" / spec.name / Path(str(value)).name)
         chosen.append(ProviderSpec(name=spec.name, options=options))
     if not chosen:
         names = [p.name for p in wanted]
@@ -116,6 +122,31 @@ def provider_candidates(manifest: Manifest, override: list[str] | None, cache_di
             f"pass --providers CPUExecutionProvider or install the matching onnxruntime package"
         )
     return chosen
+
+
+def provider_chain(providers: list[ProviderSpec], variant: ModelFile, model_path: Path,
+                   cache_dir: Path | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The (name, options) chain ORT gets for one variant.
+
+    The variant's own options (e.g. ``trt_int8_enable`` for an INT8 QDQ file) go over the
+    manifest-level ones; then cache paths are keyed by this file's sha256 and the engine's
+    environment (see ``edgerun.tensorrt``) so no variant or upgrade loads another's engine.
+    """
+    chain = []
+    for spec in providers:
+        options = {**spec.options, **variant.provider_options.get(spec.name, {})}
+        if cache_dir is not None and any(k.endswith("_cache_path") for k in options):
+            options = relocate_cache_paths(spec.name, options, cache_dir, _model_sha256(variant, model_path))
+        chain.append((spec.name, options))
+    return chain
+
+
+def _model_sha256(variant: ModelFile, model_path: Path) -> str:
+    if variant.sha256:
+        return variant.sha256
+    from edgerun.bundle import sha256_file
+
+    return sha256_file(Path(model_path))
 
 
 def _create_inference_session(path: str, options, providers: list[tuple[str, dict]]):
@@ -146,6 +177,8 @@ class ModelSession:
                 self._feed_casts[node.name] = np.dtype(wanted)
         self._lock = threading.Lock()
         self.run_count = 0
+        # Largest batch one run may have (the TensorRT profile's), or None for no limit.
+        self.max_batch: int | None = serving_batch_limit(manifest.serving)
 
     @property
     def batchable(self) -> bool:
@@ -165,10 +198,10 @@ class ModelSession:
 
 
 def create_model_session(model_path: Path, manifest: Manifest, variant: ModelFile, providers: list[ProviderSpec],
-                         threads: int) -> ModelSession:
+                         threads: int, cache_dir: Path | None = None) -> ModelSession:
     """Create a session with the provider chain ``providers`` (first = preferred)."""
     options = make_session_options(variant.session_options, threads)
-    chain = [(p.name, dict(p.options)) for p in providers]
+    chain = provider_chain(providers, variant, model_path, cache_dir)
     try:
         session = _create_inference_session(str(model_path), options, chain)
     except Exception as exc:
@@ -221,10 +254,11 @@ def manifest_dtype(manifest: Manifest, input_name: str) -> str:
 
 
 def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run all rows at once when the batch dim is dynamic, else in model-sized chunks."""
+    """Run all rows at once when the batch dim is dynamic (up to the profile's max batch), else in
+    model-sized chunks."""
     rows = len(next(iter(feeds.values())))
     fixed = [s.shape[0] for s in model.inputs if s.shape and s.shape[0] > 0]
-    step = fixed[0] if fixed else rows
+    step = fixed[0] if fixed else min(rows, getattr(model, "max_batch", None) or rows)
     parts = [model.run({k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, rows, max(step, 1))]
     return {name: np.concatenate([p[name] for p in parts]) for name in model.output_names}
 
