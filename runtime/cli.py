@@ -108,6 +108,8 @@ def _with(options):
 @click.option("--port", default=8000, show_default=True, type=int)
 @_with(common_load)
 @click.option("--no-bench", is_flag=True, help="Skip the self-benchmark at start-up.")
+@click.option("--no-trt-background", is_flag=True,
+              help="Build the TensorRT engine before serving instead of serving from CUDA/CPU while it builds.")
 @click.option("--max-batch", default=1, show_default=True, type=int, help="Rows per stacked run (dynamic batching).")
 @click.option("--max-delay-ms", default=2.0, show_default=True, type=float, help="How long to wait to fill a batch.")
 @click.option("--max-queue", default=64, show_default=True, type=int, help="Queued requests before answering 503.")
@@ -119,8 +121,8 @@ def _with(options):
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @_handle_errors
-def serve(bundles, host, port, providers, threads, cache_dir, trusted_key, no_bench, max_batch, max_delay_ms,
-          max_queue, timeout_s, token, max_body_mb, watch_dir, log_level):
+def serve(bundles, host, port, providers, threads, cache_dir, trusted_key, no_bench, no_trt_background, max_batch,
+          max_delay_ms, max_queue, timeout_s, token, max_body_mb, watch_dir, log_level):
     """Verify, check and benchmark BUNDLE(s) (directory or .tar.gz), then serve them over HTTP."""
     _setup_logging(log_level)
     _limit_malloc_arenas()
@@ -133,7 +135,8 @@ def serve(bundles, host, port, providers, threads, cache_dir, trusted_key, no_be
     if not bundles and not watch_dir:
         raise click.UsageError("give a BUNDLE to serve, or --watch DIR")
     options = LoadOptions(providers=_providers(providers), threads=threads, cache_dir=Path(cache_dir),
-                          bench=not no_bench, max_batch=max_batch, trusted_key=_read_key(trusted_key))
+                          bench=not no_bench, max_batch=max_batch, trusted_key=_read_key(trusted_key),
+                          trt_background=not no_trt_background)
     repo = ModelRepository(options, store=VersionStore(Path(cache_dir)))
     failure: list[BaseException] = []
 

@@ -19,7 +19,9 @@ from edgerun.errors import EdgerunError, SessionError
 from edgerun.manifest import ModelFile
 from edgerun.preprocess import load_labels
 from edgerun.session import (ModelSession, check_golden, create_model_session, load_golden, provider_candidates)
+from edgerun.tensorrt import TENSORRT
 from edgerun.threads import choose_threads
+from edgerun.trt_build import TensorrtBuild, tensorrt_state
 
 log = logging.getLogger("edgerun")
 
@@ -35,6 +37,9 @@ class LoadOptions:
     max_batch: int = 8
     trusted_key: bytes | None = None
     bench_budget_s: float = 1.0
+    # Serve from the next provider while the TensorRT engine builds, then swap it in (only a
+    # ModelRepository runs the build; plain load_model callers get a CUDA/CPU session).
+    trt_background: bool = False
 
 
 @dataclass
@@ -48,20 +53,27 @@ class ServedModel:
     source: Path
     parameters: dict[str, Any] = field(default_factory=dict)
     labels: list[str] | None = None
+    # Pending background TensorRT build, started by the repository once this model serves.
+    tensorrt_build: TensorrtBuild | None = field(default=None, repr=False)
 
     @property
     def manifest(self):
         return self.bundle.manifest
 
 
-def _try_variant(bundle: Bundle, variant: ModelFile, candidates, threads: int, dropped: list[str]):
-    allowed = [p for p in candidates if not variant.providers or p.name in variant.providers]
+def _allowed(variant: ModelFile, candidates):
+    return [p for p in candidates if not variant.providers or p.name in variant.providers]
+
+
+def _try_variant(bundle: Bundle, variant: ModelFile, candidates, threads: int, dropped: list[str], cache_dir: Path):
+    allowed = _allowed(variant, candidates)
     if not allowed:
         dropped.append(f"{variant.path}: none of its providers {variant.providers} is available")
         return None
     for i, provider in enumerate(allowed):
         try:
-            session = create_model_session(bundle.path(variant.path), bundle.manifest, variant, allowed[i:], threads)
+            session = create_model_session(bundle.path(variant.path), bundle.manifest, variant, allowed[i:], threads,
+                                           cache_dir)
         except SessionError as exc:
             reason = f"{variant.path} on {provider.name}: {exc}"
             log.warning("dropped %s; trying the next provider", reason)
@@ -106,12 +118,18 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
     dropped: list[str] = []
     passing: list[tuple[ModelSession, Any]] = []
     compare_all = options.bench and not decision
-    for variant in variants:
-        found = _try_variant(bundle, variant, candidates, thread_choice.threads, dropped)
-        if found:
-            passing.append(found)
-            if not compare_all:
-                break
+    # Background mode: become ready without TensorRT first (an engine build takes minutes).
+    background = options.trt_background and candidates[0].name == TENSORRT and len(candidates) > 1
+    for chain in ([candidates[1:], candidates] if background else [candidates]):
+        for variant in variants:
+            found = _try_variant(bundle, variant, chain, thread_choice.threads, dropped, cache_dir)
+            if found:
+                passing.append(found)
+                if not compare_all:
+                    break
+        if passing:
+            break
+        background = False  # nothing runs without TensorRT: build it now, before serving
     if not passing:
         raise SessionError(f"{manifest.name}: no variant/provider passed its checks: " + "; ".join(dropped))
 
@@ -134,6 +152,23 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
     if not options.bench:
         session.run(_warm_feeds(session, golden_inputs))  # first run allocates; do it before traffic
 
+    build = None
+    tensorrt: dict[str, Any] | None = None
+    allowed = _allowed(session.variant, candidates)
+    if background and allowed and allowed[0].name == TENSORRT:
+        build = TensorrtBuild(model_path=bundle.path(session.variant.path), bundle_root=bundle.root, manifest=manifest,
+                              variant=session.variant, providers=allowed, threads=thread_choice.threads,
+                              cache_dir=cache_dir, bench=options.bench, max_batch=options.max_batch,
+                              bench_budget_s=options.bench_budget_s)
+        tensorrt = tensorrt_state("building", variant=session.variant.path)
+    elif candidates[0].name == TENSORRT:
+        if session.providers[:1] == [TENSORRT]:
+            tensorrt = tensorrt_state("ready")
+        else:
+            reason = next((d for d in dropped if TENSORRT in d),
+                          f"onnxruntime runs {session.variant.path} on {','.join(session.providers)}")
+            tensorrt = tensorrt_state("failed", reason=reason)
+
     parameters = {
         "variant": session.variant.path,
         "precision": session.variant.precision,
@@ -147,10 +182,15 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
         parameters["benchmark"] = benchmark
     if dropped:
         parameters["dropped"] = dropped
+    if tensorrt is not None:
+        parameters["tensorrt"] = tensorrt
+    if manifest.serving:
+        parameters["serving"] = manifest.serving
     log.info("%s ready: variant %s, providers %s, %d threads (%s)", manifest.name, session.variant.path,
              ",".join(session.providers), thread_choice.threads, thread_choice.source)
     return ServedModel(name=manifest.name, version=bundle_id[:12], bundle=bundle, session=session,
-                       source=Path(location), parameters=parameters, labels=load_labels(bundle.root, manifest.labels))
+                       source=Path(location), parameters=parameters, labels=load_labels(bundle.root, manifest.labels),
+                       tensorrt_build=build)
 
 
 def _warm_feeds(session: ModelSession, golden_inputs):

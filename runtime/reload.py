@@ -20,6 +20,7 @@ from typing import Any
 from edgerun.errors import BundleError, EdgerunError, ModelNotFoundError
 from edgerun.loader import LoadOptions, ServedModel, load_model
 from edgerun.manifest import MANIFEST_NAME
+from edgerun.trt_build import start_background_build
 
 log = logging.getLogger("edgerun")
 
@@ -92,6 +93,7 @@ class ModelRepository:
         self.models: dict[str, ServedModel] = {}
         self._load_lock = threading.Lock()
         self.on_change = on_change  # called with the new ServedModel (metrics, logs)
+        self.builds: dict[str, threading.Thread] = {}  # background TensorRT builds by model name
 
     @property
     def default_name(self) -> str | None:
@@ -108,8 +110,20 @@ class ModelRepository:
         self.models[served.name] = served  # one assignment: readers see the old or the new model, never half
         if self.store is not None:
             self.store.record(served)
+        self.describe(served)
+
+    def describe(self, served: ServedModel) -> None:
+        """Tell listeners (metrics) about a model's new state."""
         if self.on_change is not None:
             self.on_change(served)
+
+    def replace_if_current(self, old: ServedModel, new: ServedModel) -> bool:
+        """Swap ``new`` in for ``old`` unless another load replaced ``old`` meanwhile."""
+        with self._load_lock:
+            if self.models.get(old.name) is not old:
+                return False
+            self.add(new)
+            return True
 
     def load(self, location: str | Path, expected_name: str | None = None) -> ServedModel:
         """Load and check a bundle, then swap it in. Raises (old model untouched) when anything fails."""
@@ -122,6 +136,9 @@ class ModelRepository:
             self.add(served)
             log.info("model %s: %s -> %s from %s", served.name, old.version if old else "none", served.version,
                      location)
+            build = start_background_build(self, served)
+            if build is not None:
+                self.builds[served.name] = build
             return served
 
     def reload(self, name: str, location: str | Path | None = None) -> ServedModel:
