@@ -49,3 +49,23 @@ def torch_latency(module, feed: dict[str, np.ndarray], names: list[str], **kwarg
             module(*args)
 
     return measure_latency(run, **kwargs)
+
+
+def bench_bundle(location, *, threads: int | None = None, max_seconds: float = 1.0) -> list[dict]:
+    """Time every model file of a bundle on this host, with the session options it was validated with."""
+    from edgebuild.onnx_utils import make_session
+    from edgerun.bundle import open_bundle
+
+    bundle = open_bundle(location)
+    feed = {spec.name: np.zeros([1 if d == -1 else d for d in spec.shape], dtype=spec.dtype) for spec in bundle.manifest.inputs}
+    if bundle.manifest.golden is not None:
+        with np.load(bundle.path(bundle.manifest.golden.path)) as golden:
+            feed = {spec.name: golden[f"input:{spec.name}"][:1] for spec in bundle.manifest.inputs}
+    rows = []
+    for model in bundle.manifest.all_models():
+        so = model.session_options
+        session = make_session(bundle.path(model.path), so.graph_optimization_level, threads=threads, config=so.config)
+        measured = session_latency(session, feed, max_seconds=max_seconds)
+        recorded = (model.benchmark or {}).get("p50_ms")
+        rows.append({"path": model.path, "precision": model.precision, **measured, "recorded_p50_ms": recorded})
+    return rows

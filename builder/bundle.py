@@ -55,6 +55,21 @@ def sign_manifest(manifest: Manifest, private_key_pem: bytes) -> None:
     manifest.signature = {"algorithm": "ed25519", "value": base64.b64encode(value).decode()}
 
 
+def sign_bundle(dest: Path, private_key_pem: bytes) -> None:
+    """Sign an existing bundle in place; it is verified first so a tampered one is never signed."""
+    from edgerun.bundle import open_bundle
+    from edgerun.errors import BundleError
+
+    try:
+        manifest = open_bundle(dest).manifest
+    except BundleError as exc:
+        raise UsageError(f"cannot sign '{dest}': {exc}") from None
+    sign_manifest(manifest, private_key_pem)
+    tmp = Path(dest) / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(manifest.to_json())
+    tmp.replace(Path(dest) / MANIFEST_NAME)
+
+
 def write_bundle(
     dest: Path,
     manifest: Manifest,

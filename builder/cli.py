@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgebuild.errors import handle_cli_errors
+from edgebuild.errors import UsageError, handle_cli_errors
 
 
 
@@ -44,6 +44,7 @@ def main(debug: bool) -> None:
 @click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
 @click.option("--ship-variants/--no-ship-variants", default=None, help="Also ship every in-budget variant for the device to choose from (default: on for GPU targets).")
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each candidate on this host.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch the device will serve (sizes TensorRT shape profiles on GPU targets).")
 @click.option("--archive", is_flag=True, help="Also write <bundle>.tar.gz.")
 @click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ed25519 private key (PEM) to sign the manifest.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at the destination.")
@@ -147,6 +148,58 @@ def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, 
         click.echo(json.dumps([{k: v for k, v in r.to_dict().items() if k != "layers"} for r in reports], indent=2))
     else:
         click.echo(format_comparison(reports))
+
+
+@main.command()
+@click.argument("location")
+@click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice).")
+@click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+@handle_cli_errors
+def bench(location, threads, bench_seconds, as_json):
+    """Time a BUNDLE's models (every variant) or a MODEL (ORT FP32) on this host, batch 1.
+
+    On the device, `edgerun bench BUNDLE` measures with the device's own providers.
+    """
+    import json
+
+    from edgebuild.benchmark import bench_bundle
+    from edgerun.errors import BundleError
+
+    if Path(location).is_dir() or location.endswith((".tar.gz", ".tgz")):
+        try:
+            rows = bench_bundle(location, threads=threads, max_seconds=bench_seconds)
+        except BundleError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        from edgebuild.inspect import inspect_model
+
+        report = inspect_model(location, bench_seconds=bench_seconds, threads=threads)
+        rows = [{"path": location, "precision": "fp32", **report.latency}]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'model':<50} {'precision':<12} {'p50 ms':>9} {'p90 ms':>9} {'recorded p50':>13}")
+    for row in rows:
+        recorded = row.get("recorded_p50_ms")
+        click.echo(f"{row['path']:<50} {row['precision']:<12} {row['p50_ms']:>9.3f} {row['p90_ms']:>9.3f} "
+                   f"{(f'{recorded:.3f}' if recorded is not None else '–'):>13}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out key.pem).")
+@handle_cli_errors
+def sign(bundle, key):
+    """Sign BUNDLE's manifest (which lists every file's sha256) with an ed25519 key.
+
+    Serve with `edgerun serve BUNDLE --trusted-key pub.pem` to refuse unsigned or altered bundles.
+    """
+    from edgebuild.bundle import sign_bundle
+
+    sign_bundle(bundle, key.read_bytes())
+    click.echo(str(bundle))
 
 
 def _register_commands() -> None:
