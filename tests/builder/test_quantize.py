@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgebuild.candidates import CandidatePlan
 from edgebuild.data import open_data
 from edgebuild.onnx_utils import make_session
-from edgebuild.pack import PackOptions, _build_candidate, _plans, matmul_heavy, static_variants
+from edgebuild.candidates import build_candidate, matmul_heavy, plan_candidates, static_variants
+from edgebuild.pack import PackOptions
 from edgebuild.passes import quantize as q
 from edgebuild.passes.partial import exclusion_order, partial_quantize, rank_nodes
 from edgebuild.sources import load_model
@@ -118,7 +119,7 @@ def test_dynamic_int8_and_fp16_load_and_stay_close_to_fp32(tmp_path):
 def test_zero_op_quantization_inside_if_is_never_labelled_int8(tmp_path):
     src = matmul_in_if(tmp_path / "if.onnx")
     plan = CandidatePlan("int8-dynamic", "int8-dynamic", lambda s, d: q.quantize_dynamic_int8(s, d))
-    candidate = _build_candidate(plan, src, tmp_path)
+    candidate = build_candidate(plan, src, tmp_path)
     assert candidate.metrics["coverage"]["quantized_compute_ops"] == 0 and candidate.metrics["coverage"]["compute_ops"] == 2
     assert not candidate.usable and "0 compute ops" in candidate.error
 
@@ -127,7 +128,7 @@ def test_partial_coverage_is_recorded_as_mixed(tmp_path):
     src = tiny_cnn(tmp_path / "cnn.onnx")
     calibration, _ = _calibration(src)
     config = q.StaticInt8Config(nodes_to_exclude=["fc"])
-    candidate = _build_candidate(CandidatePlan("int8-x", "int8", lambda s, d: q.quantize_static_int8(s, d, calibration, config)), src, tmp_path)
+    candidate = build_candidate(CandidatePlan("int8-x", "int8", lambda s, d: q.quantize_static_int8(s, d, calibration, config)), src, tmp_path)
     assert candidate.usable and candidate.precision == "mixed" and candidate.row()["quantized_fraction"] == 0.5
     assert "1 nodes float" in candidate.recipe
 
@@ -143,9 +144,9 @@ def test_auto_variants_and_dynamic_only_for_matmul_heavy_models(tmp_path):
     cnn, mlp = tiny_cnn(tmp_path / "cnn.onnx"), outlier_mlp(tmp_path / "mlp.onnx")
     assert matmul_heavy(mlp) and not matmul_heavy(cnn)
     calibration, _ = _calibration(cnn)
-    assert "int8-dynamic" in [p.precision for p in _plans(PackOptions(), x86, calibration, mlp)]
-    assert "int8-dynamic" not in [p.precision for p in _plans(PackOptions(), x86, calibration, cnn)]
-    assert [p.precision for p in _plans(PackOptions(quantize="int8-dynamic"), x86, None, cnn)] == ["int8-dynamic"]
+    assert "int8-dynamic" in [p.precision for p in plan_candidates(PackOptions(), x86, calibration, mlp)]
+    assert "int8-dynamic" not in [p.precision for p in plan_candidates(PackOptions(), x86, calibration, cnn)]
+    assert [p.precision for p in plan_candidates(PackOptions(quantize="int8-dynamic"), x86, None, cnn)] == ["int8-dynamic"]
 
 
 def test_partial_quantization_keeps_the_outlier_nodes_float_until_the_budget_holds(tmp_path):
