@@ -117,9 +117,11 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
 
     dropped: list[str] = []
     passing: list[tuple[ModelSession, Any]] = []
-    compare_all = options.bench and not decision
     # Background mode: become ready without TensorRT first (an engine build takes minutes).
     background = options.trt_background and candidates[0].name == TENSORRT and len(candidates) > 1
+    # CPU/CUDA timings do not predict TensorRT's, so while its engine is pending keep the
+    # builder's variant order (its precision preference for the target) instead of racing them.
+    compare_all = options.bench and not decision and not background
     for chain in ([candidates[1:], candidates] if background else [candidates]):
         for variant in variants:
             found = _try_variant(bundle, variant, chain, thread_choice.threads, dropped, cache_dir)

@@ -364,3 +364,17 @@ def test_serving_without_reject_sets_no_limit(tmp_path, cache_dir):
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, threads=1))
     assert served.session.max_batch is None
     assert served.session.run({"x": np.zeros((5, 4), np.float32)})["probs"].shape == (5, 3)
+
+
+def test_background_mode_keeps_the_builders_variant_order_instead_of_cpu_timings(tmp_path, cache_dir, fake_gpu):
+    engine_built = threading.Event()
+    fake_gpu(FakeGpuFactory(engine_built=engine_built))
+    bundle = gpu_bundle(tmp_path / "b", variants={"variants/int8.onnx": (classifier_onnx(), {TENSORRT: {"trt_int8_enable": True}})})
+    options = LoadOptions(cache_dir=cache_dir, bench=True, bench_budget_s=0.05, threads=1, trt_background=True)
+    try:
+        served = load_model(bundle, options)
+        # CPU timings of the variants say nothing about TensorRT: the manifest's first model is served.
+        assert served.parameters["variant"] == "model.onnx"
+        assert "variants" not in served.parameters.get("benchmark", {})
+    finally:
+        engine_built.set()
