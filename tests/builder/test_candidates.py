@@ -37,6 +37,16 @@ def test_auto_picks_the_measured_fastest_candidate_within_budget():
     assert select(candidates) is None
 
 
+def test_speed_ties_within_timing_noise_go_to_the_smaller_file():
+    qdq = _candidate("int8-qdq", "int8", 1.00, 0.0, 460)
+    qop = _candidate("int8-qop", "int8", 1.04, 0.0, 375)  # 4 % slower: a tie on a noisy host
+    fp32 = _candidate("fp32", "fp32", 1.20, 0.0, 1270)  # 20 % slower: not a tie
+    apply_budget([qdq, qop, fp32], 0.01)
+    assert select([qdq, qop, fp32]) is qop
+    qop.latency["p50_ms"] = 1.10
+    assert select([qdq, qop, fp32]) is qdq
+
+
 def test_latency_measurement_uses_the_injected_timer():
     ticks = itertools.count(0.0, 0.001)  # every timer call advances 1 ms
     result = measure_latency(lambda: None, warmup=1, min_runs=5, max_seconds=0.0, timer=lambda: next(ticks))
