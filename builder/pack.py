@@ -297,8 +297,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             report_path = dest.parent / f"{dest.name}.report.md"
             write_report(report_path, name=name, target=target, candidates=candidates, chosen=None,
                          validation=validation_info, fp32=fp32, passes=passes)
-            worst = min((c for c in candidates if c.validation), key=lambda c: c.validation["drop"], default=None)
-            detail = f"best {worst.name}: {metric.name} drop {worst.validation['drop']:.4f}" if worst else "no candidate could be built"
+            closest = min((c for c in candidates if c.validation), key=lambda c: c.validation["drop"], default=None)
+            detail = f"best {closest.name}: {metric.name} drop {closest.validation['drop']:.4f}" if closest else "no candidate could be built"
             raise AccuracyBudgetError(
                 f"no variant within --max-accuracy-drop {options.max_accuracy_drop} ({detail}); report: {report_path}", report_path
             )
