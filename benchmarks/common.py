@@ -13,13 +13,23 @@ BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def interleaved_p50(runs: dict[str, Callable[[], object]], rounds: int = 5, per_round: int = 100) -> dict[str, float]:
-    """p50 latency (ms) of each callable, timed in alternating rounds so drift hits all alike."""
+    """p50 latency (ms) of each callable, timed in alternating rounds so drift hits all alike.
+
+    The order rotates every round and each block starts with a few untimed calls: whichever
+    callable runs right after another one (PyTorch's thread pool winding down, caches holding
+    the previous model) measured up to 1.5x slower on this machine.
+    """
     samples: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for fn in runs.values():
         for _ in range(10):
             fn()
-    for _ in range(rounds):
-        for name, fn in runs.items():
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = runs[name]
+            for _ in range(3):
+                fn()
             for _ in range(per_round):
                 start = time.perf_counter()
                 fn()
