@@ -205,9 +205,12 @@ def render(results: dict[str, dict], seconds: float) -> str:
     pruned = digits_rows.get("pruned 30% channels + distilled")
     if pruned:
         base = digits_rows["edgebuild auto"]
-        checks.append(f"- digits, 30% channels pruned + distilled (then auto): {base['p50_ms'] / pruned['p50_ms']:.2f}× the latency "
-                      f"of the unpruned auto bundle, accuracy {pruned.get('accuracy', float('nan')):.4f} vs "
+        checks.append(f"- digits, 30% channels pruned + distilled (then auto): speed-up {base['p50_ms'] / pruned['p50_ms']:.2f}× over "
+                      f"the unpruned auto bundle, accuracy {pruned.get('accuracy', float('nan')):.4f} vs "
                       f"{base.get('accuracy', float('nan')):.4f}, size {pruned['size'] / base['size']:.2f}×")
+    checks.append("- digits runs at 30–70 µs per call, where this VM's run-to-run variation (the same file measured 39 µs in one "
+                  "run, 67 µs in the next) exceeds the differences between variants: its latency checks are not meaningful, its "
+                  "size and accuracy are.")
     return "\n".join(lines + ["", "Targets:", *checks])
 
 
