@@ -60,7 +60,8 @@ def bench_bundle(location, *, threads: int | None = None, max_seconds: float = 1
     feed = {spec.name: np.zeros([1 if d == -1 else d for d in spec.shape], dtype=spec.dtype) for spec in bundle.manifest.inputs}
     if bundle.manifest.golden is not None:
         with np.load(bundle.path(bundle.manifest.golden.path)) as golden:
-            feed = {spec.name: golden[f"input:{spec.name}"][:1] for spec in bundle.manifest.inputs}
+            # As many rows as the zeros above: one, or the batch size the model pins.
+            feed = {name: golden[f"input:{name}"][: len(zeros)] for name, zeros in feed.items()}
     rows = []
     for model in bundle.manifest.all_models():
         so = model.session_options

@@ -7,6 +7,7 @@ caller asks (``force``). Checksums and sizes are filled in here, from the bytes 
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import tarfile
 import tempfile
@@ -17,12 +18,24 @@ from edgerun.bundle import sha256_file
 from edgerun.manifest import MANIFEST_NAME, Manifest
 
 
-def check_destination(dest: Path, force: bool) -> None:
-    """Fail early (before any work) when the destination exists and may not be replaced."""
+def _archive_path(dest: Path) -> Path:
+    return dest.parent / f"{dest.name}.tar.gz"
+
+
+def check_destination(dest: Path, force: bool, archive: bool = False) -> None:
+    """Fail early (before any work) when the destination cannot be written or exists and may not be replaced."""
+    dest = Path(dest)
+    nearest = next(p for p in (dest.parent, *dest.parent.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UsageError(f"'{nearest}' is not a directory; choose another -o/--output-dir")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write into '{nearest}' (permission denied); choose another -o/--output-dir")
     if dest.exists() and not force:
         raise UsageError(f"'{dest}' already exists; pass --force to replace it or choose another -o/--name")
     if dest.exists() and not (dest / MANIFEST_NAME).is_file():
         raise UsageError(f"'{dest}' exists and is not a bundle; refusing to replace it even with --force")
+    if archive and _archive_path(dest).exists() and not force:
+        raise UsageError(f"'{_archive_path(dest)}' already exists; pass --force to replace it or choose another -o/--name")
 
 
 def _finalise_manifest(stage: Path, manifest: Manifest) -> Manifest:
@@ -85,10 +98,11 @@ def write_bundle(
     staged directory into place in one rename. Returns ``dest``.
     """
     dest = Path(dest)
-    check_destination(dest, force)
+    check_destination(dest, force, archive)
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     stage.chmod(0o755)  # mkdtemp is private (0700); a bundle is meant to be read by a service user
+    staged_archive = dest.parent / f".{dest.name}.tar.gz.tmp"
     try:
         for relative, source in files.items():
             target = stage / relative
@@ -102,19 +116,16 @@ def write_bundle(
             sign_manifest(manifest, sign_key)
         (stage / MANIFEST_NAME).write_text(manifest.to_json())
         if archive:
-            _write_archive(stage, dest)
+            with tarfile.open(staged_archive, "w:gz") as tar:
+                tar.add(stage, arcname=dest.name)
         _replace(stage, dest)
+        if archive:
+            staged_archive.replace(_archive_path(dest))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        staged_archive.unlink(missing_ok=True)
         raise
     return dest
-
-
-def _write_archive(stage: Path, dest: Path) -> None:
-    tmp = dest.parent / f".{dest.name}.tar.gz.tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(stage, arcname=dest.name)
-    tmp.replace(dest.parent / f"{dest.name}.tar.gz")
 
 
 def _replace(stage: Path, dest: Path) -> None:

@@ -60,11 +60,6 @@ class DataSource:
         labels = np.concatenate([p.labels for p in parts]) if has_labels else None
         return Batch(inputs, labels)
 
-    @property
-    def has_labels(self) -> bool:
-        first = next(self.batches(), None)
-        return first is not None and first.labels is not None
-
 
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):
@@ -178,7 +173,8 @@ def _random_source(specs: list[InputSpec], samples: int, seed: int) -> Callable[
                 if s.dtype.startswith("float"):
                     feed[s.name] = rng.random((1, *s.shape[1:]), dtype=np.float32).astype(s.dtype)
                 else:
-                    feed[s.name] = rng.integers(0, 2 if s.dtype == "bool" else 100, (1, *s.shape[1:])).astype(s.dtype)
+                    # 0 and 1 are valid for every vocabulary, mask and flag; larger ids crash embeddings.
+                    feed[s.name] = rng.integers(0, 2, (1, *s.shape[1:])).astype(s.dtype)
             yield Batch(feed)
 
     return batches
@@ -221,21 +217,39 @@ def open_data(
     return DataSource(spec, batches, limit=limit)
 
 
-class CalibrationReader:
-    """ONNX Runtime ``CalibrationDataReader`` over a :class:`DataSource` (one batch per call)."""
+def fill_rows(inputs: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Pad every array to ``size`` rows by repeating its rows: a model that pins its batch size runs nothing smaller."""
+    return {k: v[np.arange(size) % len(v)] for k, v in inputs.items()}
 
-    def __init__(self, source: DataSource, input_names: list[str] | None = None):
+
+def fixed_size_feeds(batches: Iterable[Batch], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The samples of ``batches`` regrouped into feeds of exactly ``size`` rows (the last one filled)."""
+    pending: dict[str, np.ndarray] | None = None
+    for batch in batches:
+        pending = batch.inputs if pending is None else {k: np.concatenate([pending[k], v]) for k, v in batch.inputs.items()}
+        while len(Batch(pending)) >= size:
+            yield {k: v[:size] for k, v in pending.items()}
+            pending = {k: v[size:] for k, v in pending.items()}
+    if pending is not None and len(Batch(pending)):
+        yield fill_rows(pending, size)
+
+
+class CalibrationReader:
+    """ONNX Runtime ``CalibrationDataReader`` over a :class:`DataSource` (one batch per call).
+
+    ``batch_size`` is set for models that pin their batch size: the calibrator feeds the data as is.
+    """
+
+    def __init__(self, source: DataSource, batch_size: int | None = None):
         self._source = source
-        self._names = input_names
-        self._iter: Iterator[Batch] | None = None
+        self._batch_size = batch_size
+        self._iter: Iterator[dict[str, np.ndarray]] | None = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._iter is None:
-            self._iter = self._source.batches()
-        batch = next(self._iter, None)
-        if batch is None:
-            return None
-        return {k: v for k, v in batch.inputs.items() if self._names is None or k in self._names}
+            batches = self._source.batches()
+            self._iter = fixed_size_feeds(batches, self._batch_size) if self._batch_size else (b.inputs for b in batches)
+        return next(self._iter, None)
 
     def rewind(self) -> None:
         self._iter = None

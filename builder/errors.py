@@ -23,6 +23,12 @@ class AccuracyBudgetError(EdgebuildError):
         self.report_path = report_path
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` for one-line error messages (many library errors span pages)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def handle_cli_errors(fn):
     """Click command decorator: our errors become one line on stderr and their exit code.
 

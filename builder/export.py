@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgebuild.errors import UsageError
+from edgebuild.errors import UsageError, first_line
 from edgebuild.onnx_utils import check_model, model_opset
 from edgebuild.sources import ModelSource
 
@@ -51,11 +51,6 @@ def _example_args(source: ModelSource):
     import torch
 
     return tuple(torch.from_numpy(spec.example()) for spec in source.inputs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _output_names(module, args) -> list[str]:
@@ -114,21 +109,21 @@ def export_onnx(source: ModelSource, workdir: Path, opset: int) -> ExportResult:
     try:
         output_names = _output_names(source.module, args)
     except Exception as exc:  # noqa: BLE001 - user model code
-        raise UsageError(f"model fails on its example input {[s.shape for s in source.inputs]}: {_first_line(exc)}") from None
+        raise UsageError(f"model fails on its example input {[s.shape for s in source.inputs]}: {first_line(exc)}") from None
     exporter, reason = "dynamo", None
     try:
         if opset < DYNAMO_MIN_OPSET:
             raise ValueError(f"the dynamo exporter emits opset >= {DYNAMO_MIN_OPSET}, the target needs {opset}")
         _export_dynamo(source.module, args, source, path, opset, output_names)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-        reason = _first_line(exc)
+        reason = first_line(exc)
         log.info("dynamo exporter not used (%s); using the TorchScript exporter", reason)
         exporter = "torchscript"
         try:
             _export_torchscript(source.module, args, source, path, opset, output_names)
         except Exception as exc2:  # noqa: BLE001
             raise UsageError(
-                f"model could not be exported to ONNX. dynamo: {reason}; torchscript: {_first_line(exc2)}"
+                f"model could not be exported to ONNX. dynamo: {reason}; torchscript: {first_line(exc2)}"
             ) from None
     _inline_external_data(path)
     check_model(path)
@@ -157,7 +152,7 @@ def _upgrade_onnx(src: Path, dst: Path, opset: int) -> ExportResult:
             model = version_converter.convert_version(model, opset)
             reason = f"converted from opset {current} to {opset}"
         except Exception as exc:  # noqa: BLE001
-            raise UsageError(f"ONNX model '{src}' uses opset {current} and could not be converted to {opset}: {_first_line(exc)}") from None
+            raise UsageError(f"ONNX model '{src}' uses opset {current} and could not be converted to {opset}: {first_line(exc)}") from None
     onnx.save(model, str(dst), save_as_external_data=False)
     check_model(dst)
     return ExportResult(dst, "onnx-source", model_opset(dst), reason, [o.name for o in model.graph.output])

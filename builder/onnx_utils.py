@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebuild.errors import EdgebuildError
+from edgebuild.errors import EdgebuildError, first_line
 
 _ORT_LEVELS = {"disable_all": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 QUANTIZED_OPS = frozenset(
@@ -31,6 +31,18 @@ def model_opset(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def fixed_batch(path: Path) -> int | None:
+    """The batch size the model's inputs pin (a number, not a symbol, in dim 0), or None when it is dynamic."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    sizes = [value.type.tensor_type.shape.dim[0].dim_value for value in graph.input
+             if value.name not in initializers and value.type.tensor_type.shape.dim]
+    fixed = [size for size in sizes if size > 0]
+    return min(fixed) if fixed else None
 
 
 def op_counts(path: Path) -> Counter:
@@ -95,7 +107,7 @@ def check_model(path: Path) -> None:
         onnx.checker.check_model(str(path))
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - both libraries raise their own types
-        raise EdgebuildError(f"ONNX model {path.name} failed its load check: {str(exc).splitlines()[0]}") from None
+        raise EdgebuildError(f"ONNX model {path.name} failed its load check: {first_line(exc)}") from None
 
 
 def make_session(path: Path, graph_optimization_level: str = "all", threads: int | None = None, config: dict | None = None):

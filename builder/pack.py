@@ -25,10 +25,10 @@ from edgebuild.candidates import (
     CALIB_METHODS, INT8_SEARCH, Candidate, apply_budget, build_candidate, measure_candidate, partial_candidate,
     plan_candidates, select, time_interleaved,
 )
-from edgebuild.data import Batch, open_data
-from edgebuild.errors import AccuracyBudgetError, UsageError
+from edgebuild.data import Batch, fill_rows, open_data
+from edgebuild.errors import AccuracyBudgetError, UsageError, first_line
 from edgebuild.export import export_onnx
-from edgebuild.onnx_utils import make_session, model_opset, onnx_dtype_name
+from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.report import write_report
 from edgebuild.sources import ModelSource, load_model
 from edgebuild.targets import TargetProfile, load_target
@@ -134,10 +134,13 @@ def _tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
 
 
-def _reference_outputs(source: ModelSource, fp32_path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    if source.module is not None:
-        return torch_outputs(source, inputs)[0]
-    return run_session(make_session(fp32_path), inputs)[0]
+def _reference_outputs(source: ModelSource, fp32_path: Path, inputs: dict[str, np.ndarray], data: str) -> np.ndarray:
+    try:
+        if source.module is not None:
+            return torch_outputs(source, inputs)[0]
+        return run_session(make_session(fp32_path), inputs)[0]
+    except Exception as exc:  # noqa: BLE001 - user model code and ONNX Runtime raise many types
+        raise UsageError(f"the model fails on the validation data '{data}': {first_line(exc)}") from None
 
 
 def _golden(output_name: str, shipped: list[Candidate], ref: np.ndarray, val: Batch, target: TargetProfile) -> tuple[bytes, GoldenSpec]:
@@ -150,8 +153,12 @@ def _golden(output_name: str, shipped: list[Candidate], ref: np.ndarray, val: Ba
     import io
 
     n = min(GOLDEN_SAMPLES, len(ref))
-    inputs = {k: v[:n] for k, v in val.inputs.items()}
-    expected = ref[:n]
+    batch = fixed_batch(shipped[0].path)
+    if batch:  # whole batches only: the device runs a model that pins its batch size in chunks of it
+        n = max(batch, n - n % batch)
+    rows = np.arange(n) % len(ref)
+    inputs = {k: v[rows] for k, v in val.inputs.items()}
+    expected = ref[rows]
     scale = max(1.0, float(np.abs(expected).max()))
     worst = 0.0
     for candidate in shipped:
@@ -218,9 +225,13 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     _validate_options(options, target)
     progress(f"target {target.name}: {target.description}")
     source = load_model(options.model, weights=options.weights, input_shape=options.input_shape, input_names=options.input_names)
+    if source.kind == "pt2" and options.torch_passes:
+        flags = "/".join(f"--{p.name}" for p in options.torch_passes)
+        raise UsageError(f"{flags} needs a package.module:callable model: '{source.spec}' is a torch.export program, which "
+                         "cannot be pruned or trained; pass the factory that builds the model instead")
     name = options.name or source.default_name
     dest = Path(options.output_dir) / f"{name}-{target.name}"
-    check_destination(dest, options.force)
+    check_destination(dest, options.force, options.archive)
     if source.module is not None:
         mod = sys.modules.get(type(source.module).__module__)
         for key, attr in (("preprocess", "PREPROCESS"), ("postprocess", "POSTPROCESS")):
@@ -265,9 +276,10 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             "gzip_bytes": len(gzip.compress(exported.path.read_bytes(), compresslevel=6)),
         }))
 
-        ref = _reference_outputs(original, exported.path, val.inputs)
+        ref = _reference_outputs(original, exported.path, val.inputs, validation_source.description)
         metric = choose_metric(options.metric, val.labels is not None, ref)
-        feed1 = {k: v[:1] for k, v in val.inputs.items()}
+        batch = fixed_batch(exported.path) or 1  # timed at batch 1, or at the batch a model pins
+        feed1 = fill_rows({k: v[:batch] for k, v in val.inputs.items()}, batch)
 
         fp32 = Candidate("fp32", "fp32", exported.path, metrics={"recipe": "fp32 (graph-optimised by ORT)"})
         candidates = [fp32] if options.quantize in ("auto", "none") else []

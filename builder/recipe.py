@@ -59,6 +59,28 @@ KEYS: dict[str, str] = {
 }
 # Values that name files: resolved against the recipe's folder when they exist there.
 PATH_OPTIONS = ("model", "weights", "calib_data", "val_data", "train_data")
+# Every other option takes a string (input_shape and input_names also a list).
+FLOAT_OPTIONS = ("max_accuracy_drop", "bench_seconds", "prune", "temperature", "alpha", "max_train_minutes", "learning_rate")
+INT_OPTIONS = ("calib_samples", "val_samples", "prune_round_to", "epochs", "batch_size", "train_samples")
+BOOL_OPTIONS = ("force", "archive", "distill", "per_channel", "partial_quantization")
+
+
+def _expected_type(option: str, value: Any) -> str | None:
+    """The type a recipe value should have, when it has another (TOML is typed: "0.01" is a string)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if option in BOOL_OPTIONS:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif option in FLOAT_OPTIONS:
+        ok, wanted = is_int or isinstance(value, float), "a number"
+    elif option in INT_OPTIONS:
+        ok, wanted = is_int, "a whole number"
+    elif option == "input_shape" and isinstance(value, list):
+        ok, wanted = all(isinstance(d, int) and not isinstance(d, bool) for d in value), "a list of integers"
+    elif option == "input_names" and isinstance(value, list):
+        ok, wanted = all(isinstance(n, str) for n in value), "a list of strings"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    return None if ok else wanted
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -71,20 +93,26 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--config '{path}' is not valid TOML: {exc}") from None
     settings: dict[str, Any] = {}
-    unknown = []
+    unknown, mistyped = [], []
+    entries = []
     for key, value in data.items():
         if isinstance(value, dict):
             if key == "distill":
                 settings["distill"] = True  # a [distill] section turns it on (enabled = false turns it off)
-            for sub, sub_value in value.items():
-                full = f"{key}.{sub}"
-                (unknown.append(full) if full not in KEYS else settings.__setitem__(KEYS[full], sub_value))
-        elif key in KEYS:
-            settings[KEYS[key]] = value
+            entries += [(f"{key}.{sub}", sub_value) for sub, sub_value in value.items()]
         else:
+            entries.append((key, value))
+    for key, value in entries:
+        if key not in KEYS:
             unknown.append(key)
+        elif wanted := _expected_type(KEYS[key], value):
+            mistyped.append(f"{key} = {value!r} must be {wanted}")
+        else:
+            settings[KEYS[key]] = value
     if unknown:
         raise UsageError(f"--config '{path}': unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}")
+    if mistyped:
+        raise UsageError(f"--config '{path}': {'; '.join(mistyped)}")
     for option in PATH_OPTIONS:
         value = settings.get(option)
         if isinstance(value, str) and (path.parent / value).exists() and not Path(value).is_absolute():

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebuild.errors import UsageError
+from edgebuild.errors import UsageError, first_line
 
 DEFAULT_MODEL = "edgebuild.examples.digits:pretrained"
 
@@ -165,7 +165,7 @@ def _load_weights(module, weights: Path) -> None:
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise UsageError(f"weights '{weights}' do not fit the model: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"weights '{weights}' do not fit the model: {first_line(exc)}") from None
 
 
 def _onnx_inputs(path: Path, input_shape: tuple[int, ...] | None) -> tuple[list[InputSpec], list[str]]:

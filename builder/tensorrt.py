@@ -29,9 +29,9 @@ def profile_shapes(inputs: dict[str, np.ndarray], dynamic: dict[str, list[int]],
     """TensorRT profile strings from observed data shapes.
 
     ``inputs`` holds the validation arrays (batch first); ``dynamic`` maps an input name to the
-    shape with -1 for its dynamic axes. min: batch 1 and the smallest size seen on every other
-    dynamic axis; opt: batch 1 (edge serving is mostly single requests) at the typical size;
-    max: ``max_batch`` at the largest size seen.
+    shape with -1 for its dynamic axes. min and opt: batch 1 (edge serving is mostly single
+    requests); max: ``max_batch``. Every other dynamic axis keeps the size the data has, and a
+    dimension the model fixes, the batch included, keeps its size in all three.
     """
     mins, opts, maxs = [], [], []
     for name, array in inputs.items():
@@ -41,7 +41,7 @@ def profile_shapes(inputs: dict[str, np.ndarray], dynamic: dict[str, list[int]],
         lo[0] = typical[0] = 1
         hi[0] = max_batch
         for axis, dim in enumerate(declared):
-            if dim != -1 and axis > 0:
+            if dim != -1:
                 lo[axis] = typical[axis] = hi[axis] = dim
         mins.append(f"{name}:{_dims(lo)}")
         opts.append(f"{name}:{_dims(typical)}")

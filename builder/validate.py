@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgebuild.data import Batch
+from edgebuild.data import Batch, fill_rows
 from edgebuild.errors import UsageError
 from edgebuild.sources import ModelSource, import_callable
 
@@ -21,13 +21,19 @@ METRICS = ("accuracy", "agreement", "cosine")
 
 
 def run_session(session, inputs: dict[str, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
-    """Run an ORT session over many samples in chunks; honours fixed-batch models."""
-    fixed = {i.name: i.shape[0] for i in session.get_inputs() if isinstance(i.shape[0], int)}
-    step = min(fixed.values()) if fixed else batch_size
+    """Run an ORT session over many samples in chunks; a model that pins its batch size gets exactly
+    that many rows per run (the last chunk filled, its extra outputs dropped)."""
+    fixed = [i.shape[0] for i in session.get_inputs() if isinstance(i.shape[0], int)]
+    step = min(fixed) if fixed else batch_size
     total = len(next(iter(inputs.values())))
     parts: list[list[np.ndarray]] = []
     for start in range(0, total, step):
-        parts.append(session.run(None, {k: v[start : start + step] for k, v in inputs.items()}))
+        chunk = {k: v[start : start + step] for k, v in inputs.items()}
+        rows = len(Batch(chunk))
+        if fixed and rows < step:
+            parts.append([out[:rows] for out in session.run(None, fill_rows(chunk, step))])
+        else:
+            parts.append(session.run(None, chunk))
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
@@ -121,7 +127,3 @@ def evaluate(metric: Metric, reference: np.ndarray, packed: np.ndarray, labels: 
     value = metric.packed_value(numbers, reference, packed, labels) if numbers["finite"] else float("-inf")
     numbers.update({"metric": metric.name, "reference": ref_value, "packed": value, "drop": ref_value - value})
     return numbers
-
-
-def validation_batch(batch: Batch) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    return batch.inputs, batch.labels

@@ -85,3 +85,34 @@ def token_data(n=24, seed=0):
         ids = rng.integers(0, 50, (8, 6)).astype(np.int64)
         mask = np.ones((8, 6), dtype=np.int64)
         yield {"input_ids": ids, "attention_mask": mask}
+
+
+def write_fixed_batch_onnx(path, batch=1):
+    """An ONNX classifier (Conv -> GlobalAveragePool -> Gemm) whose input pins the batch size, as many exported files do."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "conv_b"),
+        numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], initializer=weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def write_images_npz(path, n=10, seed=0):
+    """``n`` unlabelled 3x8x8 samples for the models above."""
+    np.savez(path, x=np.random.default_rng(seed).random((n, 3, 8, 8), dtype=np.float32))
+    return path

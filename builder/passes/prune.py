@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgebuild.errors import UsageError
+from edgebuild.errors import UsageError, first_line
 from edgebuild.sources import ModelSource
 from edgerun.manifest import PassRecord
 
@@ -120,7 +120,7 @@ def _channel(module, source: ModelSource, config: PruneConfig) -> None:
         )
         pruner.step()
     except Exception as exc:  # noqa: BLE001 - tracing user models fails in many ways
-        raise UsageError(f"channel pruning could not trace the model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+        raise UsageError(f"channel pruning could not trace the model ({first_line(exc)}); "
                          "use --prune-method l1 or global") from None
 
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgebuild.data import CalibrationReader, DataSource
-from edgebuild.errors import EdgebuildError
-from edgebuild.onnx_utils import check_model, quantization_coverage
+from edgebuild.errors import EdgebuildError, first_line
+from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,13 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
         try:
             with contextlib.redirect_stdout(sys.stderr):  # calibrators print progress; stdout is the bundle path
                 quantize_static(
-                    str(prepared), str(dst), CalibrationReader(calibration), quant_format=fmt,
+                    str(prepared), str(dst), CalibrationReader(calibration, fixed_batch(src)), quant_format=fmt,
                     activation_type=act, weight_type=wt, per_channel=config.per_channel,
                     reduce_range=config.reduce_range, calibrate_method=method,
                     nodes_to_exclude=list(config.nodes_to_exclude), extra_options=extra,
                 )
         except Exception as exc:  # noqa: BLE001
-            raise EdgebuildError(f"static INT8 quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise EdgebuildError(f"static INT8 quantization failed: {first_line(exc)}") from None
     check_model(dst)
     return {"settings": asdict(config), "recipe": config.describe(), "preprocess": pre,
             "calibration_data": calibration.description, "coverage": quantization_coverage(src, dst)}
@@ -122,7 +122,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool = True, reduce
         try:
             quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range)
         except Exception as exc:  # noqa: BLE001
-            raise EdgebuildError(f"dynamic INT8 quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise EdgebuildError(f"dynamic INT8 quantization failed: {first_line(exc)}") from None
     check_model(dst)
     settings = {"weight_type": "int8", "per_channel": per_channel, "reduce_range": reduce_range}
     recipe = "dynamic S8 " + ("per-channel" if per_channel else "per-tensor")
@@ -138,7 +138,7 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     try:
         converted = float16.convert_float_to_float16(model, keep_io_types=True)
     except Exception as exc:  # noqa: BLE001
-        raise EdgebuildError(f"fp16 conversion failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise EdgebuildError(f"fp16 conversion failed: {first_line(exc)}") from None
     onnx.save(converted, str(dst), save_as_external_data=False)
     check_model(dst)
     return {"settings": {"keep_io_types": True}, "recipe": "fp16 (float32 I/O)"}

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from edgebuild.bundle import write_bundle
+from edgebuild.bundle import check_destination, write_bundle
 from edgebuild.errors import UsageError
 from edgerun.bundle import open_bundle
 from edgerun.errors import BundleError
@@ -69,3 +69,20 @@ def test_signature_round_trip(tmp_path):
     unsigned = write_bundle(tmp_path / "u", _manifest(), {"model.onnx": b"abc"})
     with pytest.raises(BundleError, match="not signed"):
         open_bundle(unsigned, trusted_public_key=pub)
+
+
+def test_archive_of_the_same_name_is_kept_without_force(tmp_path):
+    archive = tmp_path / "b.tar.gz"
+    archive.write_bytes(b"someone else's archive")
+    with pytest.raises(UsageError, match="--force"):
+        write_bundle(tmp_path / "b", _manifest(), {"model.onnx": b"abc"}, archive=True)
+    assert archive.read_bytes() == b"someone else's archive" and not (tmp_path / "b").exists()
+    write_bundle(tmp_path / "b", _manifest(), {"model.onnx": b"abc"}, archive=True, force=True)
+    assert archive.read_bytes()[:2] == b"\x1f\x8b"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "dist").write_text("not a directory")
+    with pytest.raises(UsageError, match="not a directory"):
+        check_destination(tmp_path / "dist" / "b", force=False)

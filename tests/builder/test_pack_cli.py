@@ -86,3 +86,39 @@ def test_targets_lists_builtin_profiles():
     result = CliRunner().invoke(main, ["targets"])
     assert result.exit_code == 0 and result.stdout.splitlines()[-1].split()[0] in {"arm64", "jetson", "x86"}
     assert any(line.startswith("x86 ") for line in result.stdout.splitlines())
+
+
+def test_output_dir_that_is_a_file_fails_before_any_work(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    result = _pack(tmp_path, "tinymodels:tiny_cnn", "--quantize", "none")
+    assert result.exit_code == 2, result.output
+    assert "not a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_token_model_without_validation_data_packs_on_random_token_ids(tmp_path):
+    result = _pack(tmp_path, "tinymodels:token_classifier", "--quantize", "none")
+    assert result.exit_code == 0, result.output
+    assert "NOT validated" in result.stderr
+
+
+def test_model_failing_on_the_data_is_one_line_exit_2(tmp_path):
+    import numpy as np
+
+    ids = np.full((4, 6), 99, dtype=np.int64)  # beyond the 50-token vocabulary
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = _pack(tmp_path, "tinymodels:token_classifier", "--val-data", str(tmp_path / "tokens.npz"), "--quantize", "none")
+    assert result.exit_code == 2, result.output
+    assert "validation data" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--prune", "0.3"], ["--distill", "--train-data", "tinymodels:tiny_images"]])
+def test_torch_passes_on_a_pt2_program_are_one_line_exit_2(tmp_path, flags):
+    import torch
+
+    from tinymodels import TinyCNN
+
+    program = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(TinyCNN().eval(), (torch.zeros(1, 3, 8, 8),)), str(program))
+    result = _pack(tmp_path, str(program), "--quantize", "none", *flags)
+    assert result.exit_code == 2, result.output
+    assert "package.module:callable" in result.stderr and "Traceback" not in result.stderr

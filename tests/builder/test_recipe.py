@@ -81,3 +81,17 @@ def test_cli_recipe_with_flag_override_records_each_step(tmp_path):
     assert recipe.params["quantize"] == "none" and recipe.params["prune"] == 0.5
     assert prune.params["method"] == "l1" and prune.metrics["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert export.metrics["gzip_bytes"] < export.metrics["size_bytes"]
+
+
+@pytest.mark.parametrize("text, key", [
+    ('max_accuracy_drop = "0.01"', "max_accuracy_drop"),
+    ('[prune]\namount = "half"', "prune.amount"),
+    ('[distill]\nepochs = 2.5', "distill.epochs"),
+    ('[quantize]\npartial = "yes"', "quantize.partial"),
+    ('input_shape = [1, "x"]', "input_shape"),
+])
+def test_recipe_value_of_the_wrong_type_is_a_usage_error(tmp_path, text, key):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(UsageError, match=key.replace(".", r"\.")):
+        load_recipe(path)
