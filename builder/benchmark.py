@@ -39,18 +39,6 @@ def session_latency(session, feed: dict[str, np.ndarray], **kwargs) -> dict:
     return measure_latency(lambda: session.run(None, feed), **kwargs)
 
 
-def torch_latency(module, feed: dict[str, np.ndarray], names: list[str], **kwargs) -> dict:
-    import torch
-
-    args = [torch.from_numpy(feed[n]) for n in names]
-
-    def run():
-        with torch.no_grad():
-            module(*args)
-
-    return measure_latency(run, **kwargs)
-
-
 def bench_bundle(location, *, threads: int | None = None, max_seconds: float = 1.0) -> list[dict]:
     """Time every model file of a bundle on this host, with the session options it was validated with."""
     from edgebuild.onnx_utils import make_session

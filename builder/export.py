@@ -28,7 +28,6 @@ class ExportResult:
     exporter: str  # "dynamo" | "torchscript" | "onnx-source"
     opset: int
     fallback_reason: str | None = None
-    output_names: list[str] | None = None
 
     def record(self) -> dict:
         params = {"exporter": self.exporter, "opset": self.opset}
@@ -103,8 +102,6 @@ def export_onnx(source: ModelSource, workdir: Path, opset: int) -> ExportResult:
     path = workdir / "fp32.onnx"
     if source.kind == "onnx":
         return _upgrade_onnx(source.onnx_path, path, opset)
-    import torch
-
     args = _example_args(source)
     try:
         output_names = _output_names(source.module, args)
@@ -127,7 +124,7 @@ def export_onnx(source: ModelSource, workdir: Path, opset: int) -> ExportResult:
             ) from None
     _inline_external_data(path)
     check_model(path)
-    return ExportResult(path, exporter, model_opset(path), reason, output_names)
+    return ExportResult(path, exporter, model_opset(path), reason)
 
 
 def _inline_external_data(path: Path) -> None:
@@ -155,4 +152,4 @@ def _upgrade_onnx(src: Path, dst: Path, opset: int) -> ExportResult:
             raise UsageError(f"ONNX model '{src}' uses opset {current} and could not be converted to {opset}: {first_line(exc)}") from None
     onnx.save(model, str(dst), save_as_external_data=False)
     check_model(dst)
-    return ExportResult(dst, "onnx-source", model_opset(dst), reason, [o.name for o in model.graph.output])
+    return ExportResult(dst, "onnx-source", model_opset(dst), reason)

@@ -201,7 +201,7 @@ def _providers(target, chosen, inputs, val, options, passes, fp32_path, progress
 
 
 def _model_file(candidate: Candidate, path: str, target: TargetProfile, providers: list[ProviderSpec]) -> ModelFile:
-    quant = candidate.metrics.get("settings") if candidate.precision not in ("fp32",) else None
+    quant = candidate.metrics.get("settings") if candidate.precision != "fp32" else None
     overrides = {}
     for profile in target.providers:
         own = profile.options_for(candidate.precision)

@@ -97,11 +97,6 @@ class TargetProfile(BaseModel):
         """The provider list to write into a manifest whose model has ``precision``."""
         return [ProviderProfile(name=p.name, options=p.options_for(precision)) for p in self.providers]
 
-    @property
-    def host_provider(self) -> str:
-        """The CPU-side provider used to measure candidates on the build host."""
-        return "CPUExecutionProvider"
-
 
 def builtin_target_names() -> list[str]:
     files = resources.files("edgebuild.profiles")

@@ -16,7 +16,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -243,6 +243,5 @@ class DistillPass:
         }
         if best[1] < 0:
             metrics["note"] = "no epoch beat the starting weights on validation; the starting weights were kept"
-        params = {k: v for k, v in asdict(cfg).items()}
-        return ModelSource(source.kind, source.spec, source.inputs, module=student, output_names=source.output_names), \
-            PassRecord(name=self.name, params=params, metrics=metrics)
+        params = asdict(cfg)
+        return replace(source, module=student), PassRecord(name=self.name, params=params, metrics=metrics)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import gzip
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -148,7 +148,7 @@ class PrunePass:
             with torch.no_grad():
                 _unstructured(module, self.config)
         module.eval()
-        pruned = ModelSource(source.kind, source.spec, source.inputs, module=module, output_names=source.output_names)
+        pruned = replace(source, module=module)
         after = {**weight_sparsity(module), "weights_gzip_bytes": gzip_size(module)}
         cost_after = inspect_source(pruned, measure_latency=False)
         metrics = {
