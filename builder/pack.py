@@ -26,7 +26,7 @@ from edgebuild.candidates import (
     plan_candidates, select, time_interleaved,
 )
 from edgebuild.data import Batch, fill_rows, open_data
-from edgebuild.errors import AccuracyBudgetError, UsageError, first_line
+from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, first_line
 from edgebuild.export import export_onnx
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.report import write_report
@@ -305,6 +305,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         chosen = select(candidates, options.optimize_for, prefer=_gpu_preference(target))
         validation_info = dict(metric=metric.name, data=validation_source.description, samples=len(val), validated=validated,
                                max_accuracy_drop=options.max_accuracy_drop)
+        if chosen is None and not any(c.usable for c in candidates):
+            failures = "; ".join(f"{c.name}: {c.error}" for c in candidates)
+            raise EdgebuildError(f"no candidate could be built ({failures})")
         if chosen is None:
             report_path = dest.parent / f"{dest.name}.report.md"
             write_report(report_path, name=name, target=target, candidates=candidates, chosen=None,
@@ -355,7 +358,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
 
 def _default_postprocess(outputs: list[TensorSpec]) -> dict | None:
     first = outputs[0]
-    if len(first.shape) == 2:
+    if len(first.shape) == 2 and first.shape[1] != 1:  # [N, 1] is a score or regression, not classes
         return {"type": "classification", "softmax": True, "top_k": 5}
     return None
 

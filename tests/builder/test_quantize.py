@@ -173,3 +173,17 @@ def test_partial_quantization_keeps_the_outlier_nodes_float_until_the_budget_hol
     assert validate(tmp_path / "mixed.onnx")["drop"] <= budget
     # A budget nothing short of FP32 can meet: give up instead of shipping a mostly-float "INT8" model.
     assert partial_quantize(src, tmp_path / "none.onnx", calibration, q.StaticInt8Config(), validate, 0.0, {"x": x[:16]}) is None
+
+
+def test_forcing_int8_on_a_model_it_cannot_quantize_says_so_instead_of_blaming_the_budget(tmp_path):
+    from click.testing import CliRunner
+
+    from edgebuild.cli import main
+
+    src = matmul_in_if(tmp_path / "if.onnx")
+    _calibration(src)
+    result = CliRunner().invoke(main, ["pack", str(src), "--quantize", "int8", "--calib-data", str(src.with_suffix(".npz")),
+                                       "-o", str(tmp_path / "out"), "--bench-seconds", "0.05"])
+    assert result.exit_code == 1, result.output
+    assert "no candidate could be built" in result.stderr and "quantized 0 compute ops" in result.stderr
+    assert not (tmp_path / "out" / "if-x86").exists()
