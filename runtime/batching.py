@@ -46,16 +46,25 @@ def run_stacked(session, feeds_list: list[dict[str, np.ndarray]]) -> list[Any]:
             return [session.run(feeds_list[0])]
         except Exception as exc:  # handed back to the caller's future
             return [exc]
-    rows = [len(next(iter(f.values()))) for f in feeds_list]
-    stacked = {name: np.concatenate([f[name] for f in feeds_list]) for name in feeds_list[0]}
+    rows = [_rows(f) for f in feeds_list]
     try:
+        stacked = {name: np.concatenate([f[name] for f in feeds_list]) for name in feeds_list[0]}
         outputs = session.run(stacked)
+        # Splitting is only safe when every output really has one row per stacked row.
+        if any(np.ndim(value) == 0 or len(value) != sum(rows) for value in outputs.values()):
+            raise ValueError("outputs do not keep the stacked rows")
     except Exception:
-        # One bad request must not fail its neighbours: retry each on its own.
+        # One bad request (or a model whose batch dim is not really per row) must not fail or
+        # mix up its neighbours: run each on its own.
         return [run_stacked(session, [f])[0] for f in feeds_list]
     bounds = np.cumsum(rows)[:-1]
     split = {name: np.split(value, bounds) for name, value in outputs.items()}
     return [{name: parts[i] for name, parts in split.items()} for i in range(len(feeds_list))]
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int:
+    """Rows of a request: its batch dim (scalar inputs have none)."""
+    return max((len(value) for value in feeds.values() if np.ndim(value)), default=1)
 
 
 class Batcher:
@@ -97,7 +106,7 @@ class Batcher:
         if len(self._pending) >= self.max_queue:
             raise OverloadedError(f"inference queue is full ({self.max_queue} requests waiting); retry shortly "
                                   f"or raise --max-queue", retry_after_s=1)
-        rows = len(next(iter(feeds.values()))) if feeds else 1
+        rows = _rows(feeds)
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(session, feeds, rows, _batch_key(session, feeds), future))
         self._wakeup.set()
@@ -161,10 +170,13 @@ class Batcher:
             try:
                 results = await loop.run_in_executor(self._executor, run_stacked, first.session,
                                                      [job.feeds for job in batch])
+                if self.on_batch is not None:
+                    self.on_batch(rows)
+            except Exception as exc:  # a bug here must fail this batch, not every later request
+                log.exception("batcher: unexpected error running a batch of %d", len(batch))
+                results = [exc] * len(batch)
             finally:
                 self.running = 0
-            if self.on_batch is not None:
-                self.on_batch(rows)
             for job, result in zip(batch, results):
                 if job.future.done():
                     continue

@@ -38,6 +38,8 @@ def example_feeds(model: ModelSession, batch: int, golden_inputs: dict[str, np.n
             source = golden_inputs[spec.name]
             reps = -(-rows // len(source))
             feeds[spec.name] = np.ascontiguousarray(np.concatenate([source] * reps)[:rows])
+        elif not spec.shape:  # a scalar input (a threshold, a temperature) has no batch dim
+            feeds[spec.name] = np.zeros((), dtype=np.dtype(spec.dtype))
         else:
             shape = [rows] + [d if d > 0 else DEFAULT_DYNAMIC_DIM for d in spec.shape[1:]]
             feeds[spec.name] = np.zeros(shape, dtype=np.dtype(spec.dtype))
@@ -56,7 +58,7 @@ def measure(model: ModelSession, feeds: dict[str, np.ndarray], *, warmup: int = 
         model.run(feeds)
         times.append(time.perf_counter() - start)
     ms = np.array(times) * 1000.0
-    rows = len(next(iter(feeds.values()))) if feeds else 1
+    rows = max((len(value) for value in feeds.values() if value.ndim), default=1)
     return {
         "batch": rows,
         "iterations": len(times),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -71,10 +72,12 @@ def extract_archive(archive: Path, dest: Path) -> Path:
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
-    """Check every file the manifest lists (and every model it names) against its sha256."""
-    for model in manifest.all_models():
-        if model.path not in manifest.files:
-            raise BundleError(f"manifest names model '{model.path}' but 'files' has no checksum for it")
+    """Check every file the manifest lists (and every file it uses) against its sha256."""
+    used = [model.path for model in manifest.all_models()]
+    used += [path for path in (manifest.golden.path if manifest.golden else None, manifest.labels) if path]
+    for relative in used:
+        if relative not in manifest.files:
+            raise BundleError(f"manifest uses '{relative}' but 'files' has no checksum for it; rebuild the bundle")
     for relative, expected in manifest.files.items():
         _safe_member_path(relative)
         path = root / relative
@@ -117,11 +120,18 @@ def open_bundle(location: str | Path, *, trusted_public_key: bytes | None = None
     location = Path(location)
     if not location.exists():
         raise BundleError(f"bundle '{location}' does not exist")
-    if location.is_file():
-        dest = Path(workdir or tempfile.mkdtemp(prefix="edgerun-"))
-        root = extract_archive(location, dest)
-    else:
-        root = location
+    if not location.is_file():
+        return _verified(location, trusted_public_key)
+    dest = Path(workdir or tempfile.mkdtemp(prefix="edgerun-"))
+    try:
+        return _verified(extract_archive(location, dest), trusted_public_key)
+    except BaseException:
+        if workdir is None:  # a refused archive must not leave its extraction behind
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
     manifest = read_manifest(root)
     verify_files(root, manifest)
     if trusted_public_key is not None:

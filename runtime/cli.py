@@ -72,6 +72,9 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
 def _providers(value: str | None) -> list[str] | None:
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
@@ -85,7 +88,7 @@ def main(debug: bool) -> None:
 
 common_load = [
     click.option("--providers", help="Comma-separated execution providers to try in order (default: the manifest's)."),
-    click.option("--threads", type=int, help="Intra-op threads (default: from CPU affinity and cgroup quota)."),
+    click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: from CPU affinity and cgroup quota)."),
     click.option("--cache-dir", default=lambda: os.environ.get("EDGERUN_CACHE_DIR", DEFAULT_CACHE_DIR),
                  show_default=DEFAULT_CACHE_DIR, help="Provider caches, variant decisions, kept versions."),
     click.option("--trusted-key", type=click.Path(dir_okay=False),
@@ -110,13 +113,15 @@ def _with(options):
 @click.option("--no-bench", is_flag=True, help="Skip the self-benchmark at start-up.")
 @click.option("--no-trt-background", is_flag=True,
               help="Build the TensorRT engine before serving instead of serving from CUDA/CPU while it builds.")
-@click.option("--max-batch", default=1, show_default=True, type=int, help="Rows per stacked run (dynamic batching).")
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Rows per stacked run (dynamic batching).")
 @click.option("--max-delay-ms", default=2.0, show_default=True, type=float, help="How long to wait to fill a batch.")
-@click.option("--max-queue", default=64, show_default=True, type=int, help="Queued requests before answering 503.")
-@click.option("--timeout", "timeout_s", default=30.0, show_default=True, type=float,
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Queued requests before answering 503.")
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True, type=_POSITIVE,
               help="Seconds a request may wait for its result before 504.")
 @click.option("--token", envvar="EDGERUN_TOKEN", help="Require 'Authorization: Bearer TOKEN' (not on health).")
-@click.option("--max-body-mb", default=64.0, show_default=True, type=float, help="Largest request body.")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=_POSITIVE, help="Largest request body.")
 @click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Load bundles dropped into DIR.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
@@ -221,7 +226,8 @@ def verify(bundle, providers, threads, cache_dir, trusted_key):
 @main.command()
 @click.argument("bundle", type=click.Path())
 @_with(common_load)
-@click.option("--batch", "max_batch", default=8, show_default=True, type=int, help="Large batch size to measure.")
+@click.option("--batch", "max_batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Large batch size to measure.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 @_handle_errors
 def bench(bundle, providers, threads, cache_dir, trusted_key, max_batch, as_json):

@@ -174,11 +174,16 @@ def parse_manifest(data: dict[str, Any], source: str = MANIFEST_NAME) -> Manifes
             f"(supported: {sorted(SUPPORTED_FORMAT_VERSIONS)}); upgrade edgerun or rebuild the bundle"
         )
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BundleError(f"{source}: invalid manifest at '{where}': {first['msg']}") from None
+    # The name becomes a URL segment and a folder under --cache-dir (kept versions).
+    if manifest.name in ("", ".", "..") or any(c in manifest.name for c in "/\\\0"):
+        raise BundleError(f"{source}: model name {manifest.name!r} must be a single path component (no '/', "
+                          f"'\\' or '..'); rebuild the bundle with another --name")
+    return manifest
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:

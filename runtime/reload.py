@@ -107,7 +107,9 @@ class ModelRepository:
         return model
 
     def add(self, served: ServedModel) -> None:
-        self.models[served.name] = served  # one assignment: readers see the old or the new model, never half
+        # A new dict in one assignment: readers (handlers iterating on the event loop while a load
+        # runs on a thread) keep a consistent snapshot and see the old or the new model, never half.
+        self.models = {**self.models, served.name: served}
         if self.store is not None:
             self.store.record(served)
         self.describe(served)

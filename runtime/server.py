@@ -36,6 +36,9 @@ from edgerun.tensorrt import check_batch
 
 log = logging.getLogger("edgerun")
 
+# Metrics label for requests naming no served model: one series for all of them, however many names.
+UNKNOWN_MODEL = "unknown"
+
 # Bodies above this are decoded on a worker thread so a large JSON tensor does not stall the loop.
 _OFFLOAD_DECODE_BYTES = 256 * 1024
 
@@ -273,8 +276,10 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
     async def infer(name: str, request: Request, version: str | None = None):
         started = time.perf_counter()
         code = 500
+        label = UNKNOWN_MODEL  # a name from the URL is only a label once it names a served model
         try:
             served = lookup(name, version)
+            label = served.name
             body = _decompress(await request.body(), request.headers.get("content-encoding"), config.max_body_bytes)
             args = (body, served.session.inputs, served.session.output_names, request.headers.get(HEADER_LENGTH))
             if len(body) > _OFFLOAD_DECODE_BYTES and HEADER_LENGTH not in request.headers:
@@ -292,7 +297,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
             code = exc.http_status
             raise
         finally:
-            metrics.observe(name, "infer", code, time.perf_counter() - started)
+            metrics.observe(label, "infer", code, time.perf_counter() - started)
 
     @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"],
               responses={**errors, 413: {"model": ErrorResponse}},
@@ -304,9 +309,10 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
         """Raw image bytes (or a multipart upload) in, top-k classes out, using the manifest's pre/post-processing."""
         started = time.perf_counter()
         code = 500
-        name = model or repo.default_name or ""
+        label = UNKNOWN_MODEL
         try:
             served = repo.get(model)
+            label = served.name
             spec = served.manifest.preprocess
             if not spec:
                 raise RequestError(f"model '{served.name}' has no 'preprocess' in its manifest; send tensors to "
@@ -334,7 +340,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
             code = exc.http_status
             raise
         finally:
-            metrics.observe(name, "predict", code, time.perf_counter() - started)
+            metrics.observe(label, "predict", code, time.perf_counter() - started)
 
     @app.post("/v2/repository/index", tags=["repository"])
     async def repository_index() -> list[dict[str, Any]]:
@@ -355,6 +361,8 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
                 location = (document.get("parameters") or {}).get("bundle")
             except (orjson.JSONDecodeError, AttributeError):
                 raise RequestError("load body must be JSON like {\"parameters\": {\"bundle\": \"/path\"}}") from None
+            if location is not None and not isinstance(location, str):
+                raise RequestError(f"parameters.bundle must be a path string, got {type(location).__name__}")
         if location is None and name not in repo.models:
             raise ModelNotFoundError(f"model '{name}' is not loaded; pass parameters.bundle with its path")
         try:

@@ -155,3 +155,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def scaled_onnx() -> bytes:
+    """x float32 [-1,4], scale float32 [] (a scalar) -> y = x * scale [-1,4]."""
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "scale"], ["y"])], "scaled",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    return _save(graph)
+
+
+def build_scaled_bundle(dest: Path) -> Path:
+    manifest = make_manifest("scaled", inputs=[{"name": "x", "dtype": "float32", "shape": [-1, 4]},
+                                               {"name": "scale", "dtype": "float32", "shape": []}],
+                             outputs=[{"name": "y", "dtype": "float32", "shape": [-1, 4]}])
+    return write_bundle(dest, manifest, {"model.onnx": scaled_onnx()}, force=True)

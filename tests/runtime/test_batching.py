@@ -119,3 +119,57 @@ def test_close_drains_queued_requests():
         return await asyncio.gather(*futures)
 
     assert len(asyncio.run(scenario())) == 5 and session.runs == [1] * 5
+
+
+class RowLosingSession:
+    """Claims a dynamic batch dim but, when stacked, answers with the wrong number of rows."""
+
+    batchable = True
+
+    def __init__(self, stacked_output):
+        self.stacked_output = stacked_output
+
+    def run(self, feeds):
+        x = feeds["x"]
+        if len(x) > 1:
+            return {"y": self.stacked_output(x)}
+        return {"y": x * 2}
+
+
+@pytest.mark.parametrize("stacked_output", [lambda x: x[:1] * 2, lambda x: np.float32(x.sum())],
+                         ids=["too-few-rows", "scalar"])
+def test_stacked_outputs_without_the_stacked_rows_are_rerun_per_request(stacked_output):
+    session = RowLosingSession(stacked_output)
+
+    async def scenario():
+        batcher = Batcher(max_batch=4, max_delay_ms=1000)
+        feeds = [{"x": np.full((1, 2), i, np.float32)} for i in range(1, 4)]
+        results = await asyncio.gather(*(batcher.submit(session, f, timeout_s=5) for f in feeds))
+        after = await batcher.submit(session, {"x": np.ones((1, 2), np.float32)}, timeout_s=5)
+        await batcher.close()
+        return results, after
+
+    results, after = asyncio.run(scenario())
+    for i, result in enumerate(results, start=1):
+        np.testing.assert_array_equal(result["y"], np.full((1, 2), 2 * i, np.float32))
+    np.testing.assert_array_equal(after["y"], np.full((1, 2), 2, np.float32))
+
+
+def test_an_unexpected_collector_error_fails_its_batch_not_the_server():
+    calls = []
+
+    def on_batch(rows):
+        calls.append(rows)
+        if len(calls) == 1:
+            raise RuntimeError("metrics broke")
+
+    async def scenario():
+        batcher = Batcher(max_batch=1, on_batch=on_batch)
+        x = {"x": np.ones((1, 2), np.float32)}
+        with pytest.raises(RuntimeError, match="metrics broke"):
+            await batcher.submit(CountingSession(), x, timeout_s=5)
+        after = await batcher.submit(CountingSession(), x, timeout_s=5)
+        await batcher.close()
+        return after
+
+    assert asyncio.run(scenario())["y"].shape == (1, 2)

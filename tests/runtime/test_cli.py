@@ -117,3 +117,15 @@ def test_real_server_with_tritonclient_json_and_binary(served):
     with pytest.raises(InferenceServerException, match="expects shape"):
         client.infer("clf", [bad])
     assert client.is_server_ready()
+
+
+@pytest.mark.parametrize("option", [["--max-batch", "0"], ["--max-queue", "0"], ["--timeout", "0"],
+                                    ["--max-body-mb", "-1"], ["--threads", "0"]])
+def test_serve_refuses_non_positive_limits_in_one_line(bundles, cache_dir, option, monkeypatch):
+    import edgerun.server
+
+    monkeypatch.setattr(edgerun.server, "serve", lambda app, **kwargs: None)  # never bind in this test
+    result = CliRunner().invoke(main, ["serve", str(bundles["classifier"]), "--port", str(free_port()),
+                                       "--cache-dir", str(cache_dir), "--no-bench", *option])
+    assert result.exit_code == 2, result.output
+    assert option[0] in result.output and "Traceback" not in result.output

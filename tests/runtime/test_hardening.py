@@ -237,3 +237,57 @@ def test_fuzzed_requests_get_4xx_and_server_keeps_answering(fuzz_client, request
         assert 400 <= response.status_code < 500, (response.status_code, response.text)
         assert response.json()["error"]
     assert fuzz_client.get("/v2/health/live").status_code == 200
+
+
+def test_unknown_model_names_do_not_grow_the_metrics(bundles, load_options):
+    with client_for(bundles["classifier"], load_options) as client:
+        for i in range(20):
+            assert client.post(f"/v2/models/nope{i}/infer", json=x_json()).status_code == 404
+            assert client.post(f"/v1/predict?model=nope{i}", content=b"x").status_code == 404
+        text = client.get("/metrics").text
+        assert "nope" not in text
+        assert 'edgerun_requests_total{code="404",endpoint="infer",model="unknown"} 20.0' in text
+
+
+@pytest.mark.parametrize("bundle", [123, ["/tmp"], {"path": "/tmp"}])
+def test_load_with_a_non_string_bundle_is_400(bundles, load_options, bundle):
+    with client_for(bundles["classifier"], load_options) as client:
+        response = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": bundle}})
+        assert response.status_code == 400 and "parameters.bundle" in response.json()["error"]
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", "a\\b"])
+def test_a_manifest_name_that_is_not_one_path_component_is_refused(tmp_path, name):
+    bundle = build_classifier_bundle(tmp_path / "b", name=name)
+    with pytest.raises(BundleError, match="name"):
+        open_bundle(bundle)
+
+
+@pytest.mark.parametrize("field", ["golden.npz", "labels.txt"])
+def test_golden_and_labels_must_be_covered_by_a_checksum(tmp_path, field):
+    bundle = build_classifier_bundle(tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"][field]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=field.replace(".", r"\.")):
+        open_bundle(bundle)
+
+
+def test_a_refused_archive_leaves_no_extraction_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    archive = build_classifier_bundle(tmp_path / "clf", archive=True).with_suffix(".tar.gz")
+    tampered = tmp_path / "tampered.tar.gz"
+    with tarfile.open(archive) as src, tarfile.open(tampered, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith("labels.txt"):
+                data = b"tampered\n"
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(BundleError, match="checksum"):
+        open_bundle(tampered)
+    assert list(scratch.iterdir()) == []

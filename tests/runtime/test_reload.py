@@ -83,3 +83,13 @@ def test_watch_directory_loads_new_bundles_and_ignores_broken(tmp_path, load_opt
         time.sleep(0.3)  # give the watcher time to try (and refuse) the broken one too
         assert repo.get("clf").version == after
         assert client.post("/v2/models/clf/infer", json=X).status_code == 200
+
+
+def test_adding_a_model_does_not_break_a_reader_iterating_the_models(tmp_path, load_options):
+    repo = ModelRepository(load_options)
+    repo.load(build_classifier_bundle(tmp_path / "a", name="a"))
+    readers = iter(repo.models.values())
+    next(readers)
+    repo.load(build_classifier_bundle(tmp_path / "b", name="b"))
+    assert list(readers) == []  # the reader finishes on the snapshot it started with
+    assert sorted(repo.models) == ["a", "b"]

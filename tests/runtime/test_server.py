@@ -187,3 +187,14 @@ def test_gzip_body_is_accepted(client):
     body = gzip.compress(orjson.dumps(infer_json(np.ones((1, 4), np.float32))))
     response = client.post("/v2/models/clf/infer", content=body, headers={"Content-Encoding": "gzip"})
     assert response.status_code == 200, response.text
+
+
+def test_a_model_with_a_scalar_input_is_served(tmp_path, load_options):
+    from runtime_fixtures import build_scaled_bundle
+
+    with make_client([build_scaled_bundle(tmp_path / "scaled")], load_options) as client:
+        body = {"inputs": [{"name": "scale", "shape": [], "datatype": "FP32", "data": [3.0]},
+                           {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1.0] * 8}]}
+        response = client.post("/v2/models/scaled/infer", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["data"] == [3.0] * 8
