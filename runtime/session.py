@@ -280,13 +280,14 @@ def check_golden(model: ModelSession, root: Path) -> GoldenResult:
         got = actual[name]
         if got.shape != want.shape:
             return GoldenResult(False, f"output '{name}' has shape {list(got.shape)}, golden has {list(want.shape)}", samples)
-        if got.dtype.kind in "fc":
-            bad = ~np.isfinite(got) & np.isfinite(want)
-            if bad.any():
-                return GoldenResult(False, f"output '{name}' has {int(bad.sum())} NaN/Inf values where golden is finite",
-                                    samples)
         got64, want64 = got.astype(np.float64), want.astype(np.float64)
         finite = np.isfinite(want64)
+        # Non-finite values must match exactly (same Inf sign, NaN for NaN); tolerances cover the rest.
+        bad = ((np.isfinite(got64) != finite) | (np.isinf(want64) & (got64 != want64))
+               | (np.isnan(want64) & ~np.isnan(got64)))
+        if bad.any():
+            return GoldenResult(False, f"output '{name}' has {int(bad.sum())} NaN/Inf values that differ from golden",
+                                samples)
         diff = np.abs(got64 - want64)[finite]
         worst = max(worst, float(diff.max()) if diff.size else 0.0)
         allowed = spec.atol + spec.rtol * np.abs(want64[finite])

@@ -132,3 +132,22 @@ def test_real_self_benchmark_numbers(bundles, cache_dir):
     numbers = served.parameters["benchmark"]
     assert numbers["batch_1"]["p50_ms"] <= numbers["batch_1"]["p99_ms"]
     assert numbers["batch_4"]["batch"] == 4
+
+
+@pytest.mark.parametrize("golden_value", [float("inf"), float("-inf"), float("nan")])
+def test_golden_check_fails_when_a_non_finite_golden_value_comes_out_finite(tmp_path, golden_value):
+    import numpy as np
+
+    from edgebuild.bundle import write_bundle
+    from edgerun.manifest import GoldenSpec
+    from runtime_fixtures import CLASSIFIER_IO, classifier_reference, golden_x, make_manifest, npz_bytes
+
+    x = golden_x()
+    want = classifier_reference(x)
+    want[0, 0] = golden_value  # the model answers with a finite number here
+    manifest = make_manifest("clf", **CLASSIFIER_IO, golden=GoldenSpec(atol=1e-4))
+    bundle = write_bundle(tmp_path / "b", manifest, {"model.onnx": classifier_onnx(),
+                                                     "golden.npz": npz_bytes(**{"input:x": x, "output:probs": want})},
+                          force=True)
+    with pytest.raises(SessionError, match="golden"):
+        load_model(bundle, LoadOptions(cache_dir=tmp_path / "cache", bench=False, threads=1))
