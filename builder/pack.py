@@ -230,6 +230,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         raise UsageError(f"{flags} needs a package.module:callable model: '{source.spec}' is a torch.export program, which "
                          "cannot be pruned or trained; pass the factory that builds the model instead")
     name = options.name or source.default_name
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
+        raise UsageError(f"bundle name '{name}' must be one path component (no '/', '\\' or '..'); pass --name")
     dest = Path(options.output_dir) / f"{name}-{target.name}"
     check_destination(dest, options.force, options.archive)
     if source.module is not None:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgerun.errors import BundleError
 
@@ -51,6 +51,13 @@ class TensorSpec(_Model):
     shape: list[int]
     # Float inputs with NaN/Inf are refused (HTTP 400) unless the model is known to accept them.
     allow_nonfinite: bool | None = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _has_kserve_datatype(cls, value: str) -> str:
+        if value not in KSERVE_DATATYPES:
+            raise ValueError(f"dtype '{value}' has no KServe v2 datatype; expected one of {', '.join(KSERVE_DATATYPES)}")
+        return value
 
     @property
     def kserve_datatype(self) -> str:

@@ -86,3 +86,12 @@ def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "dist").write_text("not a directory")
     with pytest.raises(UsageError, match="not a directory"):
         check_destination(tmp_path / "dist" / "b", force=False)
+
+
+def test_manifest_with_a_dtype_kserve_cannot_carry_is_refused(tmp_path):
+    dest = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": b"abc"})
+    data = json.loads((dest / "manifest.json").read_text())
+    data["inputs"][0]["dtype"] = "bfloat16"
+    (dest / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="inputs.0.dtype.*bfloat16"):
+        open_bundle(dest)

@@ -52,6 +52,7 @@ def test_multi_input_model_packs_with_named_int64_inputs(tmp_path):
         (["tinymodels:tiny_cnn", "--quantize", "int8"], "needs --calib-data"),
         (["tinymodels:tiny_cnn", "--val-data", "random"], "calibration only"),
         (["tinymodels:tiny_cnn", "--quantize", "fp16"], "not allowed on target 'x86'"),
+        (["tinymodels:tiny_cnn", "--name", "../escape"], "must be one path component"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
