@@ -47,7 +47,12 @@ def _safe_member_path(name: str) -> PurePosixPath:
     return path
 
 
-def extract_archive(archive: Path, dest: Path) -> Path:
+# Bundles hold single-file models under 2 GB plus a few variants; anything bigger is not a bundle
+# (and a tar bomb must not fill a device's disk before it is refused).
+MAX_ARCHIVE_BYTES = 8 << 30
+
+
+def extract_archive(archive: Path, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
     """Extract a bundle archive safely; return the directory holding ``manifest.json``.
 
     Refuses absolute paths, ``..``, links and device files instead of trusting the archive.
@@ -64,6 +69,9 @@ def extract_archive(archive: Path, dest: Path) -> Path:
                 raise BundleError(
                     f"archive member '{member.name}' is a link or special file; bundles hold only regular files"
                 )
+        total = sum(member.size for member in members if member.isfile())
+        if total > max_bytes:
+            raise BundleError(f"{archive}: unpacks to {total} bytes, over the {max_bytes} byte limit for a bundle; refusing it")
         tar.extractall(dest, members=members, filter="data")
     manifests = sorted(dest.rglob(MANIFEST_NAME), key=lambda p: len(p.parts))
     if not manifests:

@@ -291,3 +291,12 @@ def test_a_refused_archive_leaves_no_extraction_behind(tmp_path, monkeypatch):
     with pytest.raises(BundleError, match="checksum"):
         open_bundle(tampered)
     assert list(scratch.iterdir()) == []
+
+
+def test_an_archive_unpacking_past_the_size_limit_is_refused_before_extraction(tmp_path):
+    archive = _tar_with(tmp_path, lambda tar: _file(tar, "bundle/big.bin", b"x" * 4096))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(BundleError, match="over the 1024 byte limit"):
+        extract_archive(archive, dest, max_bytes=1024)
+    assert not any(dest.rglob("*"))
