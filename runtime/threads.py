@@ -27,14 +27,8 @@ def parse_cgroup_v2_cpu_max(text: str) -> float | None:
     parts = text.split()
     if not parts or parts[0] == "max":
         return None
-    try:
-        quota = int(parts[0])
-        period = int(parts[1]) if len(parts) > 1 else 100_000
-    except ValueError:
-        return None
-    if quota <= 0 or period <= 0:
-        return None
-    return quota / period
+    # Same numbers as v1 once "max" (unlimited) is ruled out; the period defaults to 100 ms.
+    return parse_cgroup_v1_quota(parts[0], parts[1] if len(parts) > 1 else "100000")
 
 
 def parse_cgroup_v1_quota(quota_text: str, period_text: str) -> float | None:
