@@ -136,8 +136,6 @@ def test_real_self_benchmark_numbers(bundles, cache_dir):
 
 @pytest.mark.parametrize("golden_value", [float("inf"), float("-inf"), float("nan")])
 def test_golden_check_fails_when_a_non_finite_golden_value_comes_out_finite(tmp_path, golden_value):
-    import numpy as np
-
     from edgebuild.bundle import write_bundle
     from edgerun.manifest import GoldenSpec
     from runtime_fixtures import CLASSIFIER_IO, classifier_reference, golden_x, make_manifest, npz_bytes
