@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -39,7 +39,11 @@ def interleaved_p50(runs: dict[str, Callable[[], object]], rounds: int = 5, per_
 
 def replace_section(heading: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Write ``## heading`` + body into BENCHMARKS.md, replacing only that section."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nRatios measured side by side in one run; absolute times drift on this shared machine.\n"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nRatios measured side by side in one run; absolute times drift on this shared machine.\n"
+    )
     section = f"## {heading}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section

@@ -51,8 +51,19 @@ def torchvision_factory(name: str):
     return make
 
 
-def bench_model(label: str, spec: str, module, work: Path, calib: str, val: str, feed: dict, metric: str | None,
-                max_drop: float, labelled_val=None, extra_packs: dict | None = None) -> dict:
+def bench_model(
+    label: str,
+    spec: str,
+    module,
+    work: Path,
+    calib: str,
+    val: str,
+    feed: dict,
+    metric: str | None,
+    max_drop: float,
+    labelled_val=None,
+    extra_packs: dict | None = None,
+) -> dict:
     """Every variant of one model, timed side by side (interleaved rounds, batch 1, 2 threads)."""
     import torch
 
@@ -70,15 +81,30 @@ def bench_model(label: str, spec: str, module, work: Path, calib: str, val: str,
     files = {"ORT FP32": fp32}
     for fmt, reduce_range in RECIPES:
         path = work / f"{fmt}-{reduce_range}.onnx"
-        q.quantize_static_int8(fp32, path, calibration, q.StaticInt8Config(format=fmt.lower(), reduce_range=reduce_range))
+        q.quantize_static_int8(
+            fp32, path, calibration, q.StaticInt8Config(format=fmt.lower(), reduce_range=reduce_range)
+        )
         files[f"{fmt}{' reduce_range' if reduce_range else ''}"] = path
     packs = {"edgebuild auto": {}}
     packs.update(extra_packs or {})
     chosen = {}
     for name, extra in packs.items():
-        result = pack(PackOptions(model=spec, target="x86", output_dir=work / name.replace(" ", "-"), calib_data=calib, val_data=val,
-                                  metric=metric, max_accuracy_drop=max_drop, bench_seconds=0.5, calib_samples=32, force=True, **extra),
-                      progress=lambda m: None)
+        result = pack(
+            PackOptions(
+                model=spec,
+                target="x86",
+                output_dir=work / name.replace(" ", "-"),
+                calib_data=calib,
+                val_data=val,
+                metric=metric,
+                max_accuracy_drop=max_drop,
+                bench_seconds=0.5,
+                calib_samples=32,
+                force=True,
+                **extra,
+            ),
+            progress=lambda m: None,
+        )
         files[name] = result.bundle / "model.onnx"
         chosen[name] = result
     sessions = {name: make_session(path, threads=THREADS) for name, path in files.items()}
@@ -130,15 +156,27 @@ def main() -> None:
         for name in ("resnet18", "mobilenet_v2", "mobilenet_v3_small"):
             factories[name] = torchvision_factory(name)
         module_file = work / "bench_models.py"
-        module_file.write_text("from compression_bench import torchvision_factory\n" + "\n".join(
-            f"{n} = torchvision_factory('{n}')" for n in factories) + "\n")
+        module_file.write_text(
+            "from compression_bench import torchvision_factory\n"
+            + "\n".join(f"{n} = torchvision_factory('{n}')" for n in factories)
+            + "\n"
+        )
         sys.path.insert(0, str(Path(__file__).parent))
         image_feed = {"input": image_like(1, 2)}
         for name, factory in factories.items():
             model_dir = work / name
             model_dir.mkdir()
-            results[name] = bench_model(name, f"bench_models:{name}", factory(), model_dir, str(work / "calib.npz"),
-                                        str(work / "val.npz"), image_feed, "cosine", 0.01)
+            results[name] = bench_model(
+                name,
+                f"bench_models:{name}",
+                factory(),
+                model_dir,
+                str(work / "calib.npz"),
+                str(work / "val.npz"),
+                image_feed,
+                "cosine",
+                0.01,
+            )
 
         from edgebuild.examples import digits
 
@@ -147,8 +185,17 @@ def main() -> None:
         digits_dir.mkdir()
         prune_pack = {"pruned 30% channels + distilled": dict(torch_passes=_prune_distill_passes())}
         results["digits"] = bench_model(
-            "digits", "edgebuild.examples.digits:pretrained", digits.pretrained(), digits_dir, "edgebuild.examples.digits:calibration_data",
-            "edgebuild.examples.digits:validation_data", {"input": x_val[:1]}, None, 0.01, labelled_val=(x_val, y_val), extra_packs=prune_pack,
+            "digits",
+            "edgebuild.examples.digits:pretrained",
+            digits.pretrained(),
+            digits_dir,
+            "edgebuild.examples.digits:calibration_data",
+            "edgebuild.examples.digits:validation_data",
+            {"input": x_val[:1]},
+            None,
+            0.01,
+            labelled_val=(x_val, y_val),
+            extra_packs=prune_pack,
         )
     body = render(results, time.monotonic() - began)
     print(body)
@@ -159,8 +206,10 @@ def _prune_distill_passes() -> list:
     from edgebuild.passes.distill import DistillConfig, DistillPass
     from edgebuild.passes.prune import PruneConfig, PrunePass
 
-    return [PrunePass(PruneConfig(amount=0.3, method="channel")),
-            DistillPass(DistillConfig(train_data="edgebuild.examples.digits:train_data", epochs=10, learning_rate=1e-3))]
+    return [
+        PrunePass(PruneConfig(amount=0.3, method="channel")),
+        DistillPass(DistillConfig(train_data="edgebuild.examples.digits:train_data", epochs=10, learning_rate=1e-3)),
+    ]
 
 
 def render(results: dict[str, dict], seconds: float) -> str:
@@ -184,33 +233,43 @@ def render(results: dict[str, dict], seconds: float) -> str:
             size = f"{row['size'] / 2**20:.2f}" if "size" in row else ""
             ratio = f"{row['size'] / fp32_size:.2f}×" if "size" in row else ""
             acc = f"{row['accuracy']:.4f}" if "accuracy" in row else "–"
-            lines.append(f"| {model} | {label} | {row['p50_ms']:.3f} | {eager / row['p50_ms']:.2f}× | {fp32 / row['p50_ms']:.2f}× | "
-                         f"{size} | {ratio} | {acc} |")
+            lines.append(
+                f"| {model} | {label} | {row['p50_ms']:.3f} | {eager / row['p50_ms']:.2f}× | {fp32 / row['p50_ms']:.2f}× | "
+                f"{size} | {ratio} | {acc} |"
+            )
         auto = rows["edgebuild auto"]
         hand = [rows[k]["p50_ms"] for k in rows if k.startswith(("QDQ", "QOperator"))]
         best_hand = min(hand)
         ok_hand = auto["p50_ms"] <= 1.05 * best_hand
         ok_fp32 = auto["p50_ms"] <= 1.05 * fp32
         size_ok = auto["precision"] != "int8" or auto["size"] <= 0.30 * fp32_size
-        checks.append(f"- {model}: auto {auto['p50_ms']:.3f} ms vs best hand recipe {best_hand:.3f} ms "
-                      f"({auto['p50_ms'] / best_hand:.2f}×: {'OK' if ok_hand else 'MISSED'} ±5%), vs ORT FP32 {fp32:.3f} ms "
-                      f"({'OK' if ok_fp32 else 'MISSED'}); size {auto['size'] / fp32_size:.2f}× FP32"
-                      f"{'' if auto['precision'] != 'int8' else (' (INT8 ≤ 0.30×: OK)' if size_ok else ' (INT8 ≤ 0.30×: MISSED)')}")
+        checks.append(
+            f"- {model}: auto {auto['p50_ms']:.3f} ms vs best hand recipe {best_hand:.3f} ms "
+            f"({auto['p50_ms'] / best_hand:.2f}×: {'OK' if ok_hand else 'MISSED'} ±5%), vs ORT FP32 {fp32:.3f} ms "
+            f"({'OK' if ok_fp32 else 'MISSED'}); size {auto['size'] / fp32_size:.2f}× FP32"
+            f"{'' if auto['precision'] != 'int8' else (' (INT8 ≤ 0.30×: OK)' if size_ok else ' (INT8 ≤ 0.30×: MISSED)')}"
+        )
         if model != "digits":
             speedups.append(eager / auto["p50_ms"])
     geomean = math.exp(sum(math.log(s) for s in speedups) / len(speedups)) if speedups else float("nan")
-    checks.append(f"- geomean speed-up of auto over PyTorch eager, three torchvision models: {geomean:.2f}× "
-                  f"(target ≥ 4×: {'OK' if geomean >= 4 else 'MISSED'})")
+    checks.append(
+        f"- geomean speed-up of auto over PyTorch eager, three torchvision models: {geomean:.2f}× "
+        f"(target ≥ 4×: {'OK' if geomean >= 4 else 'MISSED'})"
+    )
     digits_rows = results.get("digits", {})
     pruned = digits_rows.get("pruned 30% channels + distilled")
     if pruned:
         base = digits_rows["edgebuild auto"]
-        checks.append(f"- digits, 30% channels pruned + distilled (then auto): speed-up {base['p50_ms'] / pruned['p50_ms']:.2f}× over "
-                      f"the unpruned auto bundle, accuracy {pruned.get('accuracy', float('nan')):.4f} vs "
-                      f"{base.get('accuracy', float('nan')):.4f}, size {pruned['size'] / base['size']:.2f}×")
-    checks.append("- digits runs at 30–70 µs per call, where this VM's run-to-run variation (the same file measured 39 µs in one "
-                  "run, 67 µs in the next) exceeds the differences between variants: its latency checks are not meaningful, its "
-                  "size and accuracy are.")
+        checks.append(
+            f"- digits, 30% channels pruned + distilled (then auto): speed-up {base['p50_ms'] / pruned['p50_ms']:.2f}× over "
+            f"the unpruned auto bundle, accuracy {pruned.get('accuracy', float('nan')):.4f} vs "
+            f"{base.get('accuracy', float('nan')):.4f}, size {pruned['size'] / base['size']:.2f}×"
+        )
+    checks.append(
+        "- digits runs at 30–70 µs per call, where this VM's run-to-run variation (the same file measured 39 µs in one "
+        "run, 67 µs in the next) exceeds the differences between variants: its latency checks are not meaningful, its "
+        "size and accuracy are."
+    )
     return "\n".join(lines + ["", "Targets:", *checks])
 
 

@@ -48,19 +48,24 @@ def bundle_from_onnx(model: Path, dest: Path) -> Path:
         shape = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
         return TensorSpec(name=node.name, dtype=np.dtype(_ORT_TYPES[node.type]).name, shape=shape)
 
-    manifest = Manifest(format_version=1, name=model.stem.replace("_", "-"), created="benchmark",
-                        model=ModelFile(path="model.onnx", sha256="", size_bytes=0, precision="fp32", opset=0),
-                        inputs=[spec(n) for n in session.get_inputs()], outputs=[spec(n) for n in session.get_outputs()])
+    manifest = Manifest(
+        format_version=1,
+        name=model.stem.replace("_", "-"),
+        created="benchmark",
+        model=ModelFile(path="model.onnx", sha256="", size_bytes=0, precision="fp32", opset=0),
+        inputs=[spec(n) for n in session.get_inputs()],
+        outputs=[spec(n) for n in session.get_outputs()],
+    )
     return write_bundle(dest, manifest, {"model.onnx": model})
 
 
 def example_inputs(specs) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feeds = {}
-    for i, spec in enumerate(specs):
+    for spec in specs:
         shape = [1 if (j == 0 and d < 0) else (d if d > 0 else DYNAMIC_DIM) for j, d in enumerate(spec.shape)]
         dtype = np.dtype(spec.dtype)
-        feeds[spec.name] = (rng.normal(size=shape).astype(dtype) if dtype.kind == "f" else np.ones(shape, dtype=dtype))
+        feeds[spec.name] = rng.normal(size=shape).astype(dtype) if dtype.kind == "f" else np.ones(shape, dtype=dtype)
     return feeds
 
 
@@ -145,8 +150,20 @@ def main() -> int:
 
     # 2. Cold start: launch -> /v2/health/ready == 200.
     port = _free_port()
-    command = [sys.executable, "-m", "edgerun.cli", "serve", str(bundle), "--port", str(port), "--no-bench",
-               "--cache-dir", str(cache_dir), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "edgerun.cli",
+        "serve",
+        str(bundle),
+        "--port",
+        str(port),
+        "--no-bench",
+        "--cache-dir",
+        str(cache_dir),
+        "--log-level",
+        "warning",
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     started = time.perf_counter()
@@ -167,9 +184,18 @@ def main() -> int:
         def make_inputs(binary: bool):
             tensors = []
             for spec_name, value in feeds.items():
-                tensor = httpclient.InferInput(spec_name, list(value.shape), {
-                    "float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32",
-                    "uint8": "UINT8", "bool": "BOOL"}[value.dtype.name])
+                tensor = httpclient.InferInput(
+                    spec_name,
+                    list(value.shape),
+                    {
+                        "float32": "FP32",
+                        "float16": "FP16",
+                        "int64": "INT64",
+                        "int32": "INT32",
+                        "uint8": "UINT8",
+                        "bool": "BOOL",
+                    }[value.dtype.name],
+                )
                 tensor.set_data_from_numpy(value, binary_data=binary)
                 tensors.append(tensor)
             return tensors, [httpclient.InferRequestedOutput(n, binary_data=binary) for n in names]
@@ -195,8 +221,9 @@ def main() -> int:
 
         # 5. JSON, sequential.
         json_inputs, json_outputs = make_inputs(False)
-        json_times = time_calls(lambda: client.infer(name, json_inputs, outputs=json_outputs), args.json_requests,
-                                warmup=3)
+        json_times = time_calls(
+            lambda: client.infer(name, json_inputs, outputs=json_outputs), args.json_requests, warmup=3
+        )
         json_p50 = percentile_ms(json_times)
 
         # 6. RSS after all of the above (>= 1000 requests when --requests >= 500).
@@ -207,11 +234,15 @@ def main() -> int:
         proc.wait(timeout=30)
 
     numbers = {
-        "model": str(args.model), "inputs": {k: list(v.shape) for k, v in feeds.items()},
+        "model": str(args.model),
+        "inputs": {k: list(v.shape) for k, v in feeds.items()},
         "inprocess_p50_ms": round(inproc_p50, 3),
-        "binary_p50_ms": round(binary_p50, 3), "binary_sequential_throughput_per_s": round(binary_tput, 1),
+        "binary_p50_ms": round(binary_p50, 3),
+        "binary_sequential_throughput_per_s": round(binary_tput, 1),
         f"binary_{args.clients}_clients_throughput_per_s": round(concurrent_tput, 1),
-        "json_p50_ms": round(json_p50, 3), "server_rss_mb": round(rss, 1), "requests_served": served_requests,
+        "json_p50_ms": round(json_p50, 3),
+        "server_rss_mb": round(rss, 1),
+        "requests_served": served_requests,
         "cold_start_s": round(cold_start_s, 3),
         "binary_overhead_ms": round(binary_p50 - inproc_p50, 3),
         "inprocess_sequential_throughput_per_s": round(inproc_seq_tput, 1),
@@ -228,10 +259,14 @@ def main() -> int:
         return 0
     print(f"model {args.model}  inputs {numbers['inputs']}  ({os.cpu_count()} CPUs)")
     print(f"  in-process session.run    p50 {inproc_p50:8.3f} ms   {inproc_seq_tput:8.1f}/s sequential")
-    print(f"  HTTP binary (tritonclient) p50 {binary_p50:8.3f} ms   {binary_tput:8.1f}/s sequential  "
-          f"(+{numbers['binary_overhead_ms']:.3f} ms)")
-    print(f"  HTTP binary, {args.clients} clients              {concurrent_tput:8.1f}/s  "
-          f"({numbers['concurrent_vs_inprocess']:.2f}x in-process sequential)")
+    print(
+        f"  HTTP binary (tritonclient) p50 {binary_p50:8.3f} ms   {binary_tput:8.1f}/s sequential  "
+        f"(+{numbers['binary_overhead_ms']:.3f} ms)"
+    )
+    print(
+        f"  HTTP binary, {args.clients} clients              {concurrent_tput:8.1f}/s  "
+        f"({numbers['concurrent_vs_inprocess']:.2f}x in-process sequential)"
+    )
     print(f"  HTTP JSON                  p50 {json_p50:8.3f} ms   ({json_p50 / inproc_p50:.1f}x in-process)")
     print(f"  server RSS after {served_requests} requests: {rss:.1f} MB")
     print(f"  cold start (launch -> ready, --no-bench): {cold_start_s:.3f} s")

@@ -127,15 +127,23 @@ def runtime_venv(tmp_path_factory) -> Path:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     result = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "--no-cache-dir", spec],
-        cwd=context, env=env, capture_output=True, text=True,
+        cwd=context,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return venv
 
 
 def venv_python(venv: Path, code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                          cwd="/", env={"PATH": os.environ["PATH"]})
+    return subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={"PATH": os.environ["PATH"]},
+    )
 
 
 def test_runtime_install_has_no_torch(runtime_venv):
@@ -179,20 +187,31 @@ def free_port() -> int:
 
 
 def healthcheck(venv: Path, port: int) -> int:
-    return subprocess.run([str(venv / "bin" / "python"), str(REPO / "docker" / "healthcheck.py")],
-                          env={"EDGERUN_PORT": str(port), "PATH": os.environ["PATH"]}).returncode
+    return subprocess.run(
+        [str(venv / "bin" / "python"), str(REPO / "docker" / "healthcheck.py")],
+        env={"EDGERUN_PORT": str(port), "PATH": os.environ["PATH"]},
+    ).returncode
 
 
-@pytest.mark.skipif(not (REPO / "runtime" / "server.py").exists(), reason="edgerun serve (runtime/server.py) not present")
 def test_runtime_install_serves_a_bundle(runtime_venv, tmp_path):
     bundle = tiny_bundle(tmp_path / "double-x86")
     port = free_port()
     assert healthcheck(runtime_venv, port) == 1  # nothing listening yet
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [str(runtime_venv / "bin" / "edgerun"), "serve", str(bundle), "--host", "127.0.0.1",
-         "--port", str(port), "--no-bench"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        [
+            str(runtime_venv / "bin" / "edgerun"),
+            "serve",
+            str(bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-bench",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
         env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
     )
     try:

@@ -22,7 +22,9 @@ def digits_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     proc = subprocess.run(
         [sys.executable, "-m", "edgebuild.cli", "pack", "--target", "x86", "-o", str(out), "--bench-seconds", "0.2"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     path = proc.stdout.strip().splitlines()[-1]
@@ -35,7 +37,9 @@ def server(digits_bundle):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgerun.cli", "serve", digits_bundle, "--port", str(port), "--no-bench"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     import tritonclient.http as httpclient
 
@@ -81,7 +85,9 @@ def test_tritonclient_predictions_match_recorded_accuracy(server, digits_bundle,
             break
         tensor = httpclient.InferInput(inp["name"], list(x.shape), "FP32")
         tensor.set_data_from_numpy(x, binary_data=binary)
-        result = client.infer("digits", [tensor], outputs=[httpclient.InferRequestedOutput(out["name"], binary_data=binary)])
+        result = client.infer(
+            "digits", [tensor], outputs=[httpclient.InferRequestedOutput(out["name"], binary_data=binary)]
+        )
         correct += int(result.as_numpy(out["name"]).argmax(1)[0] == y[0])
         total += 1
     # 120 of the 450 validated samples: allow sampling noise around the recorded accuracy.

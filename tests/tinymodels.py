@@ -21,7 +21,10 @@ class TinyCNN(nn.Module):
 class TokenClassifier(nn.Module):
     """Two int64 inputs (input_ids, attention_mask), like a tiny transformer encoder head."""
 
-    example_inputs = {"input_ids": torch.zeros(1, 6, dtype=torch.int64), "attention_mask": torch.ones(1, 6, dtype=torch.int64)}
+    example_inputs = {
+        "input_ids": torch.zeros(1, 6, dtype=torch.int64),
+        "attention_mask": torch.ones(1, 6, dtype=torch.int64),
+    }
 
     def __init__(self):
         super().__init__()
@@ -106,8 +109,13 @@ def write_fixed_batch_onnx(path, batch=1):
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc"),
     ]
-    graph = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], initializer=weights)
+    graph = helper.make_graph(
+        nodes,
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+        initializer=weights,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 

@@ -13,8 +13,22 @@ from edgerun.errors import BundleError
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("b")
-    result = CliRunner().invoke(main, ["pack", "tinymodels:tiny_cnn", "--calib-data", "tinymodels:tiny_images", "--ship-variants",
-                                       "--max-accuracy-drop", "0.2", "-o", str(out), "--bench-seconds", "0.05"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "pack",
+            "tinymodels:tiny_cnn",
+            "--calib-data",
+            "tinymodels:tiny_images",
+            "--ship-variants",
+            "--max-accuracy-drop",
+            "0.2",
+            "-o",
+            str(out),
+            "--bench-seconds",
+            "0.05",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
@@ -40,8 +54,9 @@ def test_bench_refuses_a_tampered_bundle(bundle, tmp_path):
 
 def test_sign_then_verify_with_trusted_key(bundle, tmp_path):
     key = Ed25519PrivateKey.generate()
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     with pytest.raises(BundleError, match="not signed"):
         open_bundle(bundle, trusted_public_key=pub)

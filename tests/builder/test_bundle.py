@@ -11,7 +11,9 @@ from edgerun.manifest import FORMAT_VERSION, Manifest, ModelFile, TensorSpec
 
 def _manifest():
     return Manifest(
-        format_version=FORMAT_VERSION, name="m", created="2026-01-01T00:00:00+00:00",
+        format_version=FORMAT_VERSION,
+        name="m",
+        created="2026-01-01T00:00:00+00:00",
         model=ModelFile(path="model.onnx", sha256="", size_bytes=0, precision="fp32", opset=18),
         inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 4])],
         outputs=[TensorSpec(name="y", dtype="float32", shape=[-1, 4])],
@@ -63,7 +65,11 @@ def test_signature_round_trip(tmp_path):
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     dest = write_bundle(tmp_path / "b", _manifest(), {"model.onnx": b"abc"}, sign_key=pem)
     assert open_bundle(dest, trusted_public_key=pub).manifest.signature["algorithm"] == "ed25519"
-    other = Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    other = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
     with pytest.raises(BundleError, match="does not verify"):
         open_bundle(dest, trusted_public_key=other)
     unsigned = write_bundle(tmp_path / "u", _manifest(), {"model.onnx": b"abc"})

@@ -58,26 +58,53 @@ def _pack(tmp_path, *args):
 
 
 def test_forced_int8_over_budget_exits_3_with_report_and_no_bundle(tmp_path):
-    result = _pack(tmp_path, "tinymodels:tiny_cnn", "--quantize", "int8", "--calib-data", "tinymodels:tiny_images",
-                   "--val-data", "tinymodels:tiny_images", "--metric", "cosine", "--max-accuracy-drop", "0", "--no-partial")
+    result = _pack(
+        tmp_path,
+        "tinymodels:tiny_cnn",
+        "--quantize",
+        "int8",
+        "--calib-data",
+        "tinymodels:tiny_images",
+        "--val-data",
+        "tinymodels:tiny_images",
+        "--metric",
+        "cosine",
+        "--max-accuracy-drop",
+        "0",
+        "--no-partial",
+    )
     assert result.exit_code == 3, result.output
     assert "no variant within --max-accuracy-drop 0.0" in result.stderr and "cosine" in result.stderr
     out = tmp_path / "out"
     assert (out / "tiny-cnn-x86.report.md").is_file() and not (out / "tiny-cnn-x86").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--distill"], "--distill needs --train-data"),
-    (["--prune", "1.5"], "strictly between 0 and 1"),
-    (["--prune", "0"], "strictly between 0 and 1"),
-    (["--quantize", "fp16"], "not allowed on target 'x86'"),
-    (["--student", "tinymodels:tiny_cnn"], "--student needs --distill"),
-    (["--prune-method", "channel"], "--prune-method needs --prune"),
-    (["--train-data", "tinymodels:tiny_images"], "--train-data is used by --distill"),
-    (["--distill", "--train-data", "random"], "real training samples"),
-    (["--prune", "0.3", "--distill", "--train-data", "tinymodels:tiny_images", "--student", "tinymodels:tiny_cnn"], "--student replaces"),
-    (["--distill", "--train-data", "tinymodels:tiny_images", "--alpha", "2"], "--alpha"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--distill"], "--distill needs --train-data"),
+        (["--prune", "1.5"], "strictly between 0 and 1"),
+        (["--prune", "0"], "strictly between 0 and 1"),
+        (["--quantize", "fp16"], "not allowed on target 'x86'"),
+        (["--student", "tinymodels:tiny_cnn"], "--student needs --distill"),
+        (["--prune-method", "channel"], "--prune-method needs --prune"),
+        (["--train-data", "tinymodels:tiny_images"], "--train-data is used by --distill"),
+        (["--distill", "--train-data", "random"], "real training samples"),
+        (
+            [
+                "--prune",
+                "0.3",
+                "--distill",
+                "--train-data",
+                "tinymodels:tiny_images",
+                "--student",
+                "tinymodels:tiny_cnn",
+            ],
+            "--student replaces",
+        ),
+        (["--distill", "--train-data", "tinymodels:tiny_images", "--alpha", "2"], "--alpha"),
+    ],
+)
 def test_bad_combinations_exit_2_with_a_clear_message_and_nothing_written(tmp_path, args, message):
     result = _pack(tmp_path, "tinymodels:tiny_cnn", *args)
     assert result.exit_code == 2, result.output
@@ -89,10 +116,15 @@ def test_report_table_shows_precision_coverage_and_failures():
     from edgebuild.report import candidate_table
 
     mixed = _candidate("int8-partial", "mixed", 0.5, 0.009, 400)
-    mixed.metrics = {"recipe": "QDQ U8S8 per-channel 2 nodes float", "coverage": {"quantized_compute_ops": 4, "compute_ops": 6, "fraction": 0.67}}
+    mixed.metrics = {
+        "recipe": "QDQ U8S8 per-channel 2 nodes float",
+        "coverage": {"quantized_compute_ops": 4, "compute_ops": 6, "fraction": 0.67},
+    }
     failed = _candidate("int8-dynamic", "int8-dynamic", 0.05, 0.0, 200, error="quantized 0 compute ops")
     failed.metrics = {"coverage": {"quantized_compute_ops": 0, "compute_ops": 2, "fraction": 0.0}}
     apply_budget([mixed, failed], 0.01)
     lines = candidate_table([mixed, failed], mixed)
-    assert "| int8-partial **(chosen)** | mixed | QDQ U8S8 per-channel 2 nodes float |" in lines[2] and lines[2].endswith("| yes | 4/6 |")
+    assert "| int8-partial **(chosen)** | mixed | QDQ U8S8 per-channel 2 nodes float |" in lines[2] and lines[
+        2
+    ].endswith("| yes | 4/6 |")
     assert "failed: quantized 0 compute ops" in lines[3] and lines[3].endswith("| no | 0/2 |")

@@ -41,7 +41,9 @@ def test_callable_multi_input_dicts_and_calibration_reader():
     feeds = []
     while (feed := reader.get_next()) is not None:
         feeds.append(feed)
-    assert len(feeds) == 3 and set(feeds[0]) == {"input_ids", "attention_mask"} and feeds[0]["input_ids"].dtype == np.int64
+    assert (
+        len(feeds) == 3 and set(feeds[0]) == {"input_ids", "attention_mask"} and feeds[0]["input_ids"].dtype == np.int64
+    )
 
 
 def test_random_only_for_calibration():

@@ -103,16 +103,24 @@ def test_arm64_bundle_selects_arm_nodes(tmp_path):
 def test_host_path_bundle_service_and_options(tmp_path):
     bundle = make_bundle(tmp_path, "jetson")
     options = FleetOptions(
-        image="edgerun-jetson:1", name="vision", namespace="edge",
+        image="edgerun-jetson:1",
+        name="vision",
+        namespace="edge",
         node_selector={"edgebuild.dev/site": "plant-2", "kubernetes.io/arch": "arm64"},
-        bundle_host_path="/opt/edgebuild/bundles/current", cache_host_path="/var/cache/edgerun",
-        service="local", token_secret="edgerun-token",
+        bundle_host_path="/opt/edgebuild/bundles/current",
+        cache_host_path="/var/cache/edgerun",
+        service="local",
+        token_secret="edgerun-token",
     )
     objects = by_kind(fleet_objects(bundle, options))
     ds = as_model(objects["DaemonSet"], "V1DaemonSet")
     svc = as_model(objects["Service"], "V1Service")
     pod = ds.spec.template.spec
-    assert pod.node_selector == {"edgebuild.dev/target": "jetson", "kubernetes.io/arch": "arm64", "edgebuild.dev/site": "plant-2"}
+    assert pod.node_selector == {
+        "edgebuild.dev/target": "jetson",
+        "kubernetes.io/arch": "arm64",
+        "edgebuild.dev/site": "plant-2",
+    }
     volumes = {v.name: v for v in pod.volumes}
     assert volumes["bundle"].host_path.path == "/opt/edgebuild/bundles/current"
     assert volumes["cache"].host_path.path == "/var/cache/edgerun"
@@ -152,10 +160,21 @@ def test_not_a_bundle_is_a_usage_error(tmp_path):
 
 def test_cli_writes_yaml_that_validates(tmp_path):
     bundle = make_bundle(tmp_path, "jetson")
-    result = CliRunner().invoke(deploy, [
-        "k8s", str(bundle), "--image", "edgerun-jetson:1", "--node-selector", "edgebuild.dev/site=plant-2",
-        "--service", "cluster", "--memory", "3Gi",
-    ])
+    result = CliRunner().invoke(
+        deploy,
+        [
+            "k8s",
+            str(bundle),
+            "--image",
+            "edgerun-jetson:1",
+            "--node-selector",
+            "edgebuild.dev/site=plant-2",
+            "--service",
+            "cluster",
+            "--memory",
+            "3Gi",
+        ],
+    )
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.output))
     assert [d["kind"] for d in docs] == ["DaemonSet", "Service"]

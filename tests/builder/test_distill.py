@@ -33,16 +33,25 @@ def test_loss_is_temperature_scaled_kl_mixed_with_cross_entropy():
     y = torch.tensor([0, 1, 2, 3])
     T = 3.0
     kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, 1), torch.softmax(t / T, 1), reduction="batchmean") * T * T
-    assert float(distillation_loss(s, t, None, temperature=T)) == pytest.approx(float(kl), rel=1e-5)  # soft-only without labels
+    assert float(distillation_loss(s, t, None, temperature=T)) == pytest.approx(
+        float(kl), rel=1e-5
+    )  # soft-only without labels
     ce = torch.nn.functional.cross_entropy(s, y)
-    assert float(distillation_loss(s, t, y, temperature=T, alpha=0.25)) == pytest.approx(float(0.25 * kl + 0.75 * ce), rel=1e-5)
+    assert float(distillation_loss(s, t, y, temperature=T, alpha=0.25)) == pytest.approx(
+        float(0.25 * kl + 0.75 * ce), rel=1e-5
+    )
     assert float(distillation_loss(t, t, None)) == pytest.approx(0.0, abs=1e-6)
     assert float(distillation_loss(torch.ones(2, 1, 3), torch.zeros(2, 1, 3))) == 1.0  # dense outputs: MSE
 
 
 def test_distilled_student_beats_untrained_and_lowers_kd_loss(teacher):
-    config = DistillConfig(train_data=f"{DIGITS}:train_data", student="test_distill:small_student", epochs=2,
-                            learning_rate=1e-2, batch_size=32)
+    config = DistillConfig(
+        train_data=f"{DIGITS}:train_data",
+        student="test_distill:small_student",
+        epochs=2,
+        learning_rate=1e-2,
+        batch_size=32,
+    )
     student, record = DistillPass(config, val_data=f"{DIGITS}:validation_data").run(teacher, None, teacher=teacher)
     m = record.metrics
     assert m["val_kd_loss_after"] < 0.8 * m["val_kd_loss_before"]
@@ -54,7 +63,9 @@ def test_distilled_student_beats_untrained_and_lowers_kd_loss(teacher):
 
 
 def test_time_limit_stops_early_and_training_is_seeded(teacher):
-    config = DistillConfig(train_data=f"{DIGITS}:train_data", epochs=3, max_train_minutes=1e-6, train_samples=256, seed=3)
+    config = DistillConfig(
+        train_data=f"{DIGITS}:train_data", epochs=3, max_train_minutes=1e-6, train_samples=256, seed=3
+    )
     first, record = DistillPass(config).run(teacher, None, teacher=teacher)
     assert record.metrics["epochs_run"] == 1 and "max-train-minutes" in record.metrics["stopped_early"]
     assert record.metrics["validation"].startswith("10% held out")
@@ -63,13 +74,16 @@ def test_time_limit_stops_early_and_training_is_seeded(teacher):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("config, message", [
-    (DistillConfig(), "needs --train-data"),
-    (DistillConfig(train_data="random"), "real training samples"),
-    (DistillConfig(train_data="x.npz", temperature=0), "--temperature"),
-    (DistillConfig(train_data="x.npz", alpha=1.5), "--alpha"),
-    (DistillConfig(train_data="x.npz", epochs=0), "--epochs"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (DistillConfig(), "needs --train-data"),
+        (DistillConfig(train_data="random"), "real training samples"),
+        (DistillConfig(train_data="x.npz", temperature=0), "--temperature"),
+        (DistillConfig(train_data="x.npz", alpha=1.5), "--alpha"),
+        (DistillConfig(train_data="x.npz", epochs=0), "--epochs"),
+    ],
+)
 def test_bad_config_is_a_usage_error(config, message):
     with pytest.raises(UsageError, match=message):
         DistillPass(config)

@@ -11,8 +11,16 @@ from edgerun.loader import LoadOptions, load_model
 @pytest.fixture(scope="module")
 def jetson_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("jetson")
-    options = PackOptions(model="tinymodels:tiny_cnn", target="jetson", output_dir=out, calib_data="tinymodels:tiny_images",
-                          val_data="tinymodels:tiny_images", max_accuracy_drop=0.2, bench_seconds=0.05, max_batch=4)
+    options = PackOptions(
+        model="tinymodels:tiny_cnn",
+        target="jetson",
+        output_dir=out,
+        calib_data="tinymodels:tiny_images",
+        val_data="tinymodels:tiny_images",
+        max_accuracy_drop=0.2,
+        bench_seconds=0.05,
+        max_batch=4,
+    )
     return pack(options, progress=lambda m: None)
 
 
@@ -32,7 +40,11 @@ def test_variants_are_fp16_and_int8_with_float32_io(jetson_bundle):
 
 def test_providers_in_order_with_tensorrt_options_and_profiles(jetson_bundle):
     m = jetson_bundle.manifest
-    assert [p.name for p in m.providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert [p.name for p in m.providers] == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     trt = m.providers[0].options
     assert trt["trt_engine_cache_enable"] is True and trt["trt_timing_cache_enable"] is True
     assert trt["trt_profile_min_shapes"] == "input:1x3x8x8" and trt["trt_profile_max_shapes"] == "input:4x3x8x8"
@@ -47,7 +59,6 @@ def test_providers_in_order_with_tensorrt_options_and_profiles(jetson_bundle):
 
 def test_cpu_only_runtime_falls_back_to_cpu_and_serves_correctly(jetson_bundle, tmp_path):
     import torch
-
     from tinymodels import tiny_cnn
 
     served = load_model(jetson_bundle.bundle, LoadOptions(cache_dir=tmp_path, bench=False))

@@ -14,8 +14,16 @@ def _pack(tmp_path, *args):
 
 
 def test_pack_tiny_model_writes_verified_bundle_and_prints_path_last(tmp_path):
-    result = _pack(tmp_path, "tinymodels:tiny_cnn", "--calib-data", "tinymodels:tiny_images", "--val-data", "tinymodels:tiny_images",
-                   "--max-accuracy-drop", "0.1")
+    result = _pack(
+        tmp_path,
+        "tinymodels:tiny_cnn",
+        "--calib-data",
+        "tinymodels:tiny_images",
+        "--val-data",
+        "tinymodels:tiny_images",
+        "--max-accuracy-drop",
+        "0.1",
+    )
     assert result.exit_code == 0, result.stderr
     path = result.stdout.strip().splitlines()[-1]
     bundle = open_bundle(path)
@@ -34,11 +42,22 @@ def test_pack_tiny_model_writes_verified_bundle_and_prints_path_last(tmp_path):
 
 
 def test_multi_input_model_packs_with_named_int64_inputs(tmp_path):
-    result = _pack(tmp_path, "tinymodels:token_classifier", "--calib-data", "tinymodels:token_data",
-                   "--val-data", "tinymodels:token_data", "--quantize", "none")
+    result = _pack(
+        tmp_path,
+        "tinymodels:token_classifier",
+        "--calib-data",
+        "tinymodels:token_data",
+        "--val-data",
+        "tinymodels:token_data",
+        "--quantize",
+        "none",
+    )
     assert result.exit_code == 0, result.stderr
     m = open_bundle(result.stdout.strip().splitlines()[-1]).manifest
-    assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [("input_ids", "int64", [-1, -1]), ("attention_mask", "int64", [-1, -1])]
+    assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [
+        ("input_ids", "int64", [-1, -1]),
+        ("attention_mask", "int64", [-1, -1]),
+    ]
     assert m.validation.metric == "agreement"
 
 
@@ -107,7 +126,9 @@ def test_model_failing_on_the_data_is_one_line_exit_2(tmp_path):
 
     ids = np.full((4, 6), 99, dtype=np.int64)  # beyond the 50-token vocabulary
     np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=np.ones_like(ids))
-    result = _pack(tmp_path, "tinymodels:token_classifier", "--val-data", str(tmp_path / "tokens.npz"), "--quantize", "none")
+    result = _pack(
+        tmp_path, "tinymodels:token_classifier", "--val-data", str(tmp_path / "tokens.npz"), "--quantize", "none"
+    )
     assert result.exit_code == 2, result.output
     assert "validation data" in result.stderr and "Traceback" not in result.stderr
 
@@ -115,7 +136,6 @@ def test_model_failing_on_the_data_is_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize("flags", [["--prune", "0.3"], ["--distill", "--train-data", "tinymodels:tiny_images"]])
 def test_torch_passes_on_a_pt2_program_are_one_line_exit_2(tmp_path, flags):
     import torch
-
     from tinymodels import TinyCNN
 
     program = tmp_path / "tiny.pt2"

@@ -1,15 +1,23 @@
 """`pack MODEL.onnx`: ONNX sources, including files whose inputs pin the batch size."""
 
+from tinymodels import write_fixed_batch_onnx, write_images_npz
+
 from edgebuild.benchmark import bench_bundle
 from edgebuild.pack import PackOptions, pack
 from edgerun.loader import LoadOptions, load_model
-from tinymodels import write_fixed_batch_onnx, write_images_npz
 
 
 def _pack(tmp_path, model, **kwargs):
     data = str(write_images_npz(tmp_path / "data.npz", n=10))
-    options = PackOptions(model=str(model), output_dir=tmp_path / "out", calib_data=data, val_data=data, bench_seconds=0.05,
-                          max_accuracy_drop=1.0, **kwargs)
+    options = PackOptions(
+        model=str(model),
+        output_dir=tmp_path / "out",
+        calib_data=data,
+        val_data=data,
+        bench_seconds=0.05,
+        max_accuracy_drop=1.0,
+        **kwargs,
+    )
     return pack(options, progress=lambda message: None)
 
 
@@ -29,7 +37,12 @@ def test_fixed_batch_model_validates_a_sample_count_that_is_not_a_multiple_of_it
 
 
 def test_fixed_batch_model_gets_tensorrt_profiles_of_its_batch(tmp_path):
-    result = _pack(tmp_path, write_fixed_batch_onnx(tmp_path / "fixed.onnx", batch=1), target="jetson", quantize="fp16",
-                   max_batch=4)
+    result = _pack(
+        tmp_path,
+        write_fixed_batch_onnx(tmp_path / "fixed.onnx", batch=1),
+        target="jetson",
+        quantize="fp16",
+        max_batch=4,
+    )
     trt = result.manifest.providers[0].options
     assert trt["trt_profile_min_shapes"] == trt["trt_profile_max_shapes"] == "x:1x3x8x8"

@@ -31,7 +31,9 @@ class ResidualDepthwise(nn.Module):
 
 
 def _source():
-    return ModelSource("callable", "test:residual", [InputSpec("input", (1, 3, 8, 8), "float32")], module=ResidualDepthwise().eval())
+    return ModelSource(
+        "callable", "test:residual", [InputSpec("input", (1, 3, 8, 8), "float32")], module=ResidualDepthwise().eval()
+    )
 
 
 def _layers(module):
@@ -63,7 +65,9 @@ def test_channel_pruning_removes_channels_keeps_classifier_and_exports(tmp_path)
     source = _source()
     pruned, record = PrunePass(PruneConfig(amount=0.5, method="channel")).run(source)
     m = pruned.module
-    assert m.stem.out_channels == 8 and m.dw.groups == m.dw.in_channels == m.dw.out_channels == 8  # depthwise stays depthwise
+    assert (
+        m.stem.out_channels == 8 and m.dw.groups == m.dw.in_channels == m.dw.out_channels == 8
+    )  # depthwise stays depthwise
     assert m.pw.out_channels == m.stem.out_channels and m.bn.num_features == 8  # residual add stays consistent
     assert m.head.out_features == 5 and m.head.in_features == 8
     assert source.module.stem.out_channels == 16  # the user's module is untouched
@@ -76,11 +80,14 @@ def test_channel_pruning_removes_channels_keeps_classifier_and_exports(tmp_path)
     np.testing.assert_allclose(make_session(exported.path).run(None, {"input": x})[0], expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("config, message", [
-    (PruneConfig(amount=0.0), "strictly between 0 and 1"),
-    (PruneConfig(amount=1.0), "strictly between 0 and 1"),
-    (PruneConfig(amount=0.3, method="random"), "unknown"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (PruneConfig(amount=0.0), "strictly between 0 and 1"),
+        (PruneConfig(amount=1.0), "strictly between 0 and 1"),
+        (PruneConfig(amount=0.3, method="random"), "unknown"),
+    ],
+)
 def test_bad_config_is_a_usage_error(config, message):
     with pytest.raises(UsageError, match=message):
         PrunePass(config)

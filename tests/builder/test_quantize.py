@@ -7,10 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgebuild.candidates import CandidatePlan
+from edgebuild.candidates import CandidatePlan, build_candidate, matmul_heavy, plan_candidates, static_variants
 from edgebuild.data import open_data
 from edgebuild.onnx_utils import make_session
-from edgebuild.candidates import build_candidate, matmul_heavy, plan_candidates, static_variants
 from edgebuild.pack import PackOptions
 from edgebuild.passes import quantize as q
 from edgebuild.passes.partial import exclusion_order, partial_quantize, rank_nodes
@@ -29,13 +28,26 @@ def _save(nodes, inputs, outputs, inits, path: Path) -> Path:
 
 def tiny_cnn(path: Path) -> Path:
     """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: the ops static INT8 quantizes on CNNs."""
-    inits = {"w": RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "b": np.zeros(8, np.float32),
-             "fw": RNG.standard_normal((4, 8)).astype(np.float32) * 0.3, "fb": np.zeros(4, np.float32)}
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
-             helper.make_node("Flatten", ["p"], ["f"], name="flat"), helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1, name="fc")]
-    return _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits, path)
+    inits = {
+        "w": RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+        "b": np.zeros(8, np.float32),
+        "fw": RNG.standard_normal((4, 8)).astype(np.float32) * 0.3,
+        "fb": np.zeros(4, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1, name="fc"),
+    ]
+    return _save(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+        path,
+    )
 
 
 def outlier_mlp(path: Path, layers: int = 6, seed: int = 0) -> Path:
@@ -58,21 +70,42 @@ def outlier_mlp(path: Path, layers: int = 6, seed: int = 0) -> Path:
             nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"], name=f"relu{i}"))
             current = f"h{i}"
     nodes[-1].output[0] = "y"
-    return _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits, path)
+    return _save(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        inits,
+        path,
+    )
 
 
 def matmul_in_if(path: Path) -> Path:
     """The weights sit inside the branches of an If: ORT's tools quantize nothing there."""
+
     def branch(name, scale):
         w = numpy_helper.from_array((RNG.standard_normal((16, 4)) * scale).astype(np.float32), f"{name}_w")
-        return helper.make_graph([helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"], name=f"{name}_mm")], name, [],
-                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", 4])], [w])
-    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
-             helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
-             helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0), name="if")]
-    return _save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], {"zero": np.zeros((), np.float32)}, path)
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"], name=f"{name}_mm")],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["N", 4])],
+            [w],
+        )
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node(
+            "If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0), name="if"
+        ),
+    ]
+    return _save(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        {"zero": np.zeros((), np.float32)},
+        path,
+    )
 
 
 def _calibration(path: Path, n=32):
@@ -87,14 +120,18 @@ def _outputs(path, x):
     return make_session(path).run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("config", [
-    q.StaticInt8Config(),
-    q.StaticInt8Config(reduce_range=True),
-    q.StaticInt8Config(format="qoperator"),
-    q.StaticInt8Config(format="qoperator", reduce_range=True, per_channel=False),
-    q.StaticInt8Config(calibration_method="entropy"),
-    q.StaticInt8Config(calibration_method="percentile"),
-], ids=lambda c: c.describe())
+@pytest.mark.parametrize(
+    "config",
+    [
+        q.StaticInt8Config(),
+        q.StaticInt8Config(reduce_range=True),
+        q.StaticInt8Config(format="qoperator"),
+        q.StaticInt8Config(format="qoperator", reduce_range=True, per_channel=False),
+        q.StaticInt8Config(calibration_method="entropy"),
+        q.StaticInt8Config(calibration_method="percentile"),
+    ],
+    ids=lambda c: c.describe(),
+)
 def test_static_int8_variants_load_and_stay_close_to_fp32(tmp_path, config):
     src = tiny_cnn(tmp_path / "cnn.onnx")
     calibration, x = _calibration(src)
@@ -112,7 +149,10 @@ def test_dynamic_int8_and_fp16_load_and_stay_close_to_fp32(tmp_path):
     fp16 = tiny_cnn(tmp_path / "cnn.onnx")
     q.convert_fp16(fp16, tmp_path / "fp16.onnx")
     _, xc = _calibration(fp16)
-    for ref, out in ((_outputs(src, x), _outputs(tmp_path / "dyn.onnx", x)), (_outputs(fp16, xc), _outputs(tmp_path / "fp16.onnx", xc))):
+    for ref, out in (
+        (_outputs(src, x), _outputs(tmp_path / "dyn.onnx", x)),
+        (_outputs(fp16, xc), _outputs(tmp_path / "fp16.onnx", xc)),
+    ):
         assert evaluate(Metric("cosine"), ref, out, None)["cosine_min"] > 0.98
 
 
@@ -120,7 +160,10 @@ def test_zero_op_quantization_inside_if_is_never_labelled_int8(tmp_path):
     src = matmul_in_if(tmp_path / "if.onnx")
     plan = CandidatePlan("int8-dynamic", "int8-dynamic", lambda s, d: q.quantize_dynamic_int8(s, d))
     candidate = build_candidate(plan, src, tmp_path)
-    assert candidate.metrics["coverage"]["quantized_compute_ops"] == 0 and candidate.metrics["coverage"]["compute_ops"] == 2
+    assert (
+        candidate.metrics["coverage"]["quantized_compute_ops"] == 0
+        and candidate.metrics["coverage"]["compute_ops"] == 2
+    )
     assert not candidate.usable and "0 compute ops" in candidate.error
 
 
@@ -128,7 +171,9 @@ def test_partial_coverage_is_recorded_as_mixed(tmp_path):
     src = tiny_cnn(tmp_path / "cnn.onnx")
     calibration, _ = _calibration(src)
     config = q.StaticInt8Config(nodes_to_exclude=["fc"])
-    candidate = build_candidate(CandidatePlan("int8-x", "int8", lambda s, d: q.quantize_static_int8(s, d, calibration, config)), src, tmp_path)
+    candidate = build_candidate(
+        CandidatePlan("int8-x", "int8", lambda s, d: q.quantize_static_int8(s, d, calibration, config)), src, tmp_path
+    )
     assert candidate.usable and candidate.precision == "mixed" and candidate.row()["quantized_fraction"] == 0.5
     assert "1 nodes float" in candidate.recipe
 
@@ -136,8 +181,12 @@ def test_partial_coverage_is_recorded_as_mixed(tmp_path):
 def test_auto_variants_and_dynamic_only_for_matmul_heavy_models(tmp_path):
     x86 = load_target("x86")
     quick = [c.describe() for c in static_variants(PackOptions(), x86)]
-    assert quick == ["QDQ U8S8 per-channel", "QDQ U8S8 per-channel reduce-range", "QOPERATOR U8S8 per-channel",
-                     "QOPERATOR U8S8 per-channel reduce-range"]
+    assert quick == [
+        "QDQ U8S8 per-channel",
+        "QDQ U8S8 per-channel reduce-range",
+        "QOPERATOR U8S8 per-channel",
+        "QOPERATOR U8S8 per-channel reduce-range",
+    ]
     assert len(static_variants(PackOptions(int8_search="full"), x86)) == 2 * 2 * 2 * 3
     forced = static_variants(PackOptions(quantize="int8", calib_method="entropy", per_channel=False), x86)
     assert [c.describe() for c in forced] == ["QDQ U8S8 per-tensor entropy"]
@@ -146,7 +195,9 @@ def test_auto_variants_and_dynamic_only_for_matmul_heavy_models(tmp_path):
     calibration, _ = _calibration(cnn)
     assert "int8-dynamic" in [p.precision for p in plan_candidates(PackOptions(), x86, calibration, mlp)]
     assert "int8-dynamic" not in [p.precision for p in plan_candidates(PackOptions(), x86, calibration, cnn)]
-    assert [p.precision for p in plan_candidates(PackOptions(quantize="int8-dynamic"), x86, None, cnn)] == ["int8-dynamic"]
+    assert [p.precision for p in plan_candidates(PackOptions(quantize="int8-dynamic"), x86, None, cnn)] == [
+        "int8-dynamic"
+    ]
 
 
 def test_partial_quantization_keeps_the_outlier_nodes_float_until_the_budget_holds(tmp_path):
@@ -166,13 +217,18 @@ def test_partial_quantization_keeps_the_outlier_nodes_float_until_the_budget_hol
     ranking = rank_nodes(full, prepared, {"x": x[:16]}, tmp_path)
     assert ranking[0][0] == "fc2"  # the layer that needed the channels the outlier pushed out of range
     assert exclusion_order(ranking, prepared)[:2] == ["fc2", "fc1"]  # with the producer of its input
-    result = partial_quantize(src, tmp_path / "mixed.onnx", calibration, q.StaticInt8Config(), validate, budget, {"x": x[:16]})
+    result = partial_quantize(
+        src, tmp_path / "mixed.onnx", calibration, q.StaticInt8Config(), validate, budget, {"x": x[:16]}
+    )
     assert result is not None and result.validation["drop"] <= budget
     assert set(result.config.nodes_to_exclude) == {"fc1", "fc2"}
     assert result.metrics["coverage"]["quantized_compute_ops"] == 4 and result.metrics["partial"]["trials"]
     assert validate(tmp_path / "mixed.onnx")["drop"] <= budget
     # A budget nothing short of FP32 can meet: give up instead of shipping a mostly-float "INT8" model.
-    assert partial_quantize(src, tmp_path / "none.onnx", calibration, q.StaticInt8Config(), validate, 0.0, {"x": x[:16]}) is None
+    assert (
+        partial_quantize(src, tmp_path / "none.onnx", calibration, q.StaticInt8Config(), validate, 0.0, {"x": x[:16]})
+        is None
+    )
 
 
 def test_forcing_int8_on_a_model_it_cannot_quantize_says_so_instead_of_blaming_the_budget(tmp_path):
@@ -182,8 +238,21 @@ def test_forcing_int8_on_a_model_it_cannot_quantize_says_so_instead_of_blaming_t
 
     src = matmul_in_if(tmp_path / "if.onnx")
     _calibration(src)
-    result = CliRunner().invoke(main, ["pack", str(src), "--quantize", "int8", "--calib-data", str(src.with_suffix(".npz")),
-                                       "-o", str(tmp_path / "out"), "--bench-seconds", "0.05"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "pack",
+            str(src),
+            "--quantize",
+            "int8",
+            "--calib-data",
+            str(src.with_suffix(".npz")),
+            "-o",
+            str(tmp_path / "out"),
+            "--bench-seconds",
+            "0.05",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "no candidate could be built" in result.stderr and "quantized 0 compute ops" in result.stderr
     assert not (tmp_path / "out" / "if-x86").exists()

@@ -53,12 +53,15 @@ def test_pruning_with_training_data_is_followed_by_fine_tuning():
     assert [p.name for p in passes] == ["prune", "distill"] and passes[1].config.student is None
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[prune]\nammount = 0.3\n", "unknown key(s) prune.ammount"),
-    ("model = \n", "not valid TOML"),
-    ("[prune]\namount = 1.3\n", "strictly between 0 and 1"),
-    ("[distill]\nepochs = 3\n", "--distill needs --train-data"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[prune]\nammount = 0.3\n", "unknown key(s) prune.ammount"),
+        ("model = \n", "not valid TOML"),
+        ("[prune]\namount = 1.3\n", "strictly between 0 and 1"),
+        ("[distill]\nepochs = 3\n", "--distill needs --train-data"),
+    ],
+)
 def test_bad_recipes_are_usage_errors(tmp_path, text, message):
     path = tmp_path / "recipe.toml"
     path.write_text(text)
@@ -68,10 +71,14 @@ def test_bad_recipes_are_usage_errors(tmp_path, text, message):
 
 def test_cli_recipe_with_flag_override_records_each_step(tmp_path):
     path = tmp_path / "recipe.toml"
-    path.write_text('model = "tinymodels:tiny_cnn"\n[data]\ncalib = "tinymodels:tiny_images"\nval = "tinymodels:tiny_images"\n'
-                    '[prune]\namount = 0.5\nmethod = "l1"\n[quantize]\nmode = "int8"\nmax_accuracy_drop = 0.5\n')
-    result = CliRunner().invoke(main, ["pack", "--config", str(path), "--quantize", "none", "-o", str(tmp_path / "out"),
-                                       "--bench-seconds", "0.02"])
+    path.write_text(
+        'model = "tinymodels:tiny_cnn"\n[data]\ncalib = "tinymodels:tiny_images"\nval = "tinymodels:tiny_images"\n'
+        '[prune]\namount = 0.5\nmethod = "l1"\n[quantize]\nmode = "int8"\nmax_accuracy_drop = 0.5\n'
+    )
+    result = CliRunner().invoke(
+        main,
+        ["pack", "--config", str(path), "--quantize", "none", "-o", str(tmp_path / "out"), "--bench-seconds", "0.02"],
+    )
     assert result.exit_code == 0, result.output
     manifest = open_bundle(result.stdout.strip().splitlines()[-1]).manifest
     names = [p.name for p in manifest.passes]
@@ -83,13 +90,16 @@ def test_cli_recipe_with_flag_override_records_each_step(tmp_path):
     assert export.metrics["gzip_bytes"] < export.metrics["size_bytes"]
 
 
-@pytest.mark.parametrize("text, key", [
-    ('max_accuracy_drop = "0.01"', "max_accuracy_drop"),
-    ('[prune]\namount = "half"', "prune.amount"),
-    ('[distill]\nepochs = 2.5', "distill.epochs"),
-    ('[quantize]\npartial = "yes"', "quantize.partial"),
-    ('input_shape = [1, "x"]', "input_shape"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('max_accuracy_drop = "0.01"', "max_accuracy_drop"),
+        ('[prune]\namount = "half"', "prune.amount"),
+        ("[distill]\nepochs = 2.5", "distill.epochs"),
+        ('[quantize]\npartial = "yes"', "quantize.partial"),
+        ('input_shape = [1, "x"]', "input_shape"),
+    ],
+)
 def test_recipe_value_of_the_wrong_type_is_a_usage_error(tmp_path, text, key):
     path = tmp_path / "recipe.toml"
     path.write_text(text + "\n")

@@ -75,8 +75,13 @@ def test_jetson_int8_flag_is_set_only_for_int8_models():
     assert fp16["trt_fp16_enable"] is True and fp16["trt_int8_enable"] is False
     int8 = target.providers_for("int8")[0].options
     assert int8["trt_int8_enable"] is True
-    for key in ("trt_engine_cache_enable", "trt_engine_cache_path", "trt_timing_cache_enable",
-                "trt_timing_cache_path", "trt_max_workspace_size"):
+    for key in (
+        "trt_engine_cache_enable",
+        "trt_engine_cache_path",
+        "trt_timing_cache_enable",
+        "trt_timing_cache_path",
+        "trt_max_workspace_size",
+    ):
         assert key in int8, key
     # The merged lists carry plain options only (that is what the manifest holds).
     assert all(not p.precision_options for p in target.providers_for("int8"))
@@ -102,10 +107,12 @@ def test_a_user_profile_file_loads(tmp_path):
     ("text", "key"),
     [
         ('colour = "red"\n' + MINIMAL, "colour"),
-        (MINIMAL + 'devcie_id = 0\n', "providers.0.devcie_id"),
+        (MINIMAL + "devcie_id = 0\n", "providers.0.devcie_id"),
         (MINIMAL + '\n[quantization]\nactivation_kind = "int8"\n', "quantization.activation_kind"),
-        (MINIMAL + '\n[container]\ndockerfile = "D"\nbase_image = "b"\nplatfrom = "linux/arm64"\n',
-         "container.platfrom"),
+        (
+            MINIMAL + '\n[container]\ndockerfile = "D"\nbase_image = "b"\nplatfrom = "linux/arm64"\n',
+            "container.platfrom",
+        ),
     ],
 )
 def test_unknown_key_is_named(tmp_path, text, key):
@@ -135,7 +142,7 @@ def test_bad_quantization_value_is_named(tmp_path):
 
 
 def test_precision_options_for_an_unlisted_precision_is_refused(tmp_path):
-    text = MINIMAL + '\n[providers.precision_options.fp16]\nx = 1\n'
+    text = MINIMAL + "\n[providers.precision_options.fp16]\nx = 1\n"
     with pytest.raises(UsageError, match=r"precision_options for 'fp16'.*not in precisions"):
         load_target(write(tmp_path, text))
 

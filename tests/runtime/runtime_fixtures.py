@@ -28,15 +28,22 @@ def _save(graph) -> bytes:
 
 def classifier_onnx(weight: np.ndarray = W, bias: np.ndarray = B, poison: float | None = None) -> bytes:
     """x float32 [-1,4] -> softmax(x @ W + b) = probs [-1,3]; ``poison`` multiplies the output (e.g. NaN)."""
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["soft" if poison is not None else "probs"], axis=-1)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["soft" if poison is not None else "probs"], axis=-1),
+    ]
     inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
     if poison is not None:
         nodes.append(helper.make_node("Mul", ["soft", "P"], ["probs"]))
         inits.append(numpy_helper.from_array(np.array([poison], dtype=np.float32), "P"))
-    graph = helper.make_graph(nodes, "classifier",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
     return _save(graph)
 
 
@@ -48,15 +55,21 @@ def classifier_reference(x: np.ndarray) -> np.ndarray:
 
 def two_input_onnx() -> bytes:
     """input_ids, attention_mask int64 [-1,-1] -> score float32 [-1] = sum(ids * mask) per row."""
-    nodes = [helper.make_node("Mul", ["input_ids", "attention_mask"], ["masked"]),
-             helper.make_node("Cast", ["masked"], ["masked_f"], to=TensorProto.FLOAT),
-             helper.make_node("ReduceSum", ["masked_f", "axes"], ["score"], keepdims=0)]
+    nodes = [
+        helper.make_node("Mul", ["input_ids", "attention_mask"], ["masked"]),
+        helper.make_node("Cast", ["masked"], ["masked_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["masked_f", "axes"], ["score"], keepdims=0),
+    ]
     graph = helper.make_graph(
-        nodes, "two_input",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])],
+        nodes,
+        "two_input",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"]),
+        ],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])],
-        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")])
+        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
     return _save(graph)
 
 
@@ -66,13 +79,18 @@ def image_onnx() -> bytes:
     weight[:8, 0] = 1.0 / 8  # top half bright -> class 0
     weight[8:, 1] = 1.0 / 8  # bottom half bright -> class 1
     weight[:, 2] = -1.0 / 16  # dark image -> class 2 (through its bias)
-    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["fw"]),
-             helper.make_node("Add", ["fw", "B"], ["logits"])]
-    graph = helper.make_graph(nodes, "image",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 4, 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-                              [numpy_helper.from_array(weight, "W"),
-                               numpy_helper.from_array(np.array([0, 0, 0.1], dtype=np.float32), "B")])
+    nodes = [
+        helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "W"], ["fw"]),
+        helper.make_node("Add", ["fw", "B"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "image",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([0, 0, 0.1], dtype=np.float32), "B")],
+    )
     return _save(graph)
 
 
@@ -88,12 +106,20 @@ def model_file(path: str = "model.onnx", precision: str = "fp32", **extra) -> Mo
 
 def make_manifest(name: str, inputs, outputs, **extra) -> Manifest:
     extra.setdefault("model", model_file())
-    return Manifest(format_version=1, name=name, created="2026-01-01T00:00:00Z",
-                    inputs=[TensorSpec(**s) for s in inputs], outputs=[TensorSpec(**s) for s in outputs], **extra)
+    return Manifest(
+        format_version=1,
+        name=name,
+        created="2026-01-01T00:00:00Z",
+        inputs=[TensorSpec(**s) for s in inputs],
+        outputs=[TensorSpec(**s) for s in outputs],
+        **extra,
+    )
 
 
-CLASSIFIER_IO = dict(inputs=[{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
-                     outputs=[{"name": "probs", "dtype": "float32", "shape": [-1, 3]}])
+CLASSIFIER_IO = dict(
+    inputs=[{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+    outputs=[{"name": "probs", "dtype": "float32", "shape": [-1, 3]}],
+)
 
 
 def golden_x() -> np.ndarray:
@@ -105,9 +131,18 @@ def classifier_golden() -> bytes:
     return npz_bytes(**{"input:x": x, "output:probs": classifier_reference(x)})
 
 
-def build_classifier_bundle(dest: Path, *, model: bytes | None = None, variants: dict[str, bytes] | None = None,
-                            golden: bool = True, name: str = "clf", providers=None, sign_key: bytes | None = None,
-                            archive: bool = False, **manifest_extra) -> Path:
+def build_classifier_bundle(
+    dest: Path,
+    *,
+    model: bytes | None = None,
+    variants: dict[str, bytes] | None = None,
+    golden: bool = True,
+    name: str = "clf",
+    providers=None,
+    sign_key: bytes | None = None,
+    archive: bool = False,
+    **manifest_extra,
+) -> Path:
     files = {"model.onnx": model if model is not None else classifier_onnx(), "labels.txt": "\n".join(LABELS).encode()}
     extra = dict(manifest_extra)
     if golden:
@@ -128,13 +163,23 @@ def build_two_input_bundle(dest: Path) -> Path:
     mask = np.array([[1, 1, 0], [1, 0, 0]], dtype=np.int64)
     manifest = make_manifest(
         "pair",
-        inputs=[{"name": "input_ids", "dtype": "int64", "shape": [-1, -1]},
-                {"name": "attention_mask", "dtype": "int64", "shape": [-1, -1]}],
+        inputs=[
+            {"name": "input_ids", "dtype": "int64", "shape": [-1, -1]},
+            {"name": "attention_mask", "dtype": "int64", "shape": [-1, -1]},
+        ],
         outputs=[{"name": "score", "dtype": "float32", "shape": [-1]}],
-        golden=GoldenSpec(atol=1e-6))
-    files = {"model.onnx": two_input_onnx(),
-             "golden.npz": npz_bytes(**{"input:input_ids": ids, "input:attention_mask": mask,
-                                        "output:score": (ids * mask).sum(1).astype(np.float32)})}
+        golden=GoldenSpec(atol=1e-6),
+    )
+    files = {
+        "model.onnx": two_input_onnx(),
+        "golden.npz": npz_bytes(
+            **{
+                "input:input_ids": ids,
+                "input:attention_mask": mask,
+                "output:score": (ids * mask).sum(1).astype(np.float32),
+            }
+        ),
+    }
     return write_bundle(dest, manifest, files, force=True)
 
 
@@ -143,10 +188,18 @@ def build_image_bundle(dest: Path) -> Path:
         "img",
         inputs=[{"name": "image", "dtype": "float32", "shape": [-1, 1, 4, 4]}],
         outputs=[{"name": "logits", "dtype": "float32", "shape": [-1, 3]}],
-        preprocess={"layout": "NCHW", "color": "L", "size": [4, 4], "scale": 1 / 255, "mean": [0.0], "std": [1.0],
-                    "dtype": "float32"},
+        preprocess={
+            "layout": "NCHW",
+            "color": "L",
+            "size": [4, 4],
+            "scale": 1 / 255,
+            "mean": [0.0],
+            "std": [1.0],
+            "dtype": "float32",
+        },
         postprocess={"type": "classification", "softmax": True, "top_k": 2},
-        labels="labels.txt")
+        labels="labels.txt",
+    )
     files = {"model.onnx": image_onnx(), "labels.txt": b"top\nbottom\ndark\n"}
     return write_bundle(dest, manifest, files, force=True)
 
@@ -159,15 +212,25 @@ def free_port() -> int:
 
 def scaled_onnx() -> bytes:
     """x float32 [-1,4], scale float32 [] (a scalar) -> y = x * scale [-1,4]."""
-    graph = helper.make_graph([helper.make_node("Mul", ["x", "scale"], ["y"])], "scaled",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
-                               helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["y"])],
+        "scaled",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
     return _save(graph)
 
 
 def build_scaled_bundle(dest: Path) -> Path:
-    manifest = make_manifest("scaled", inputs=[{"name": "x", "dtype": "float32", "shape": [-1, 4]},
-                                               {"name": "scale", "dtype": "float32", "shape": []}],
-                             outputs=[{"name": "y", "dtype": "float32", "shape": [-1, 4]}])
+    manifest = make_manifest(
+        "scaled",
+        inputs=[
+            {"name": "x", "dtype": "float32", "shape": [-1, 4]},
+            {"name": "scale", "dtype": "float32", "shape": []},
+        ],
+        outputs=[{"name": "y", "dtype": "float32", "shape": [-1, 4]}],
+    )
     return write_bundle(dest, manifest, {"model.onnx": scaled_onnx()}, force=True)

@@ -136,8 +136,9 @@ class RowLosingSession:
         return {"y": x * 2}
 
 
-@pytest.mark.parametrize("stacked_output", [lambda x: x[:1] * 2, lambda x: np.float32(x.sum())],
-                         ids=["too-few-rows", "scalar"])
+@pytest.mark.parametrize(
+    "stacked_output", [lambda x: x[:1] * 2, lambda x: np.float32(x.sum())], ids=["too-few-rows", "scalar"]
+)
 def test_stacked_outputs_without_the_stacked_rows_are_rerun_per_request(stacked_output):
     session = RowLosingSession(stacked_output)
 

@@ -10,14 +10,16 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from runtime_fixtures import classifier_reference, free_port
 
 from edgerun.cli import main
-from runtime_fixtures import classifier_reference, free_port
 
 
 def test_runtime_never_imports_torch_or_builder():
-    code = ("import sys, edgerun.server, edgerun.cli, edgerun.loader, edgerun.reload, edgerun.preprocess; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'edgebuild')]; print(bad)")
+    code = (
+        "import sys, edgerun.server, edgerun.cli, edgerun.loader, edgerun.reload, edgerun.preprocess; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'edgebuild')]; print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -41,8 +43,9 @@ def test_info_and_verify(bundles, cache_dir):
 
 
 def test_bench_json(bundles, cache_dir):
-    result = CliRunner().invoke(main, ["bench", str(bundles["classifier"]), "--json", "--batch", "4",
-                                       "--cache-dir", str(cache_dir)])
+    result = CliRunner().invoke(
+        main, ["bench", str(bundles["classifier"]), "--json", "--batch", "4", "--cache-dir", str(cache_dir)]
+    )
     assert result.exit_code == 0, result.output
     numbers = json.loads(result.output)["benchmark"]
     assert set(numbers) >= {"batch_1", "batch_4"}
@@ -82,9 +85,25 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> No
 @pytest.fixture()
 def served(bundles, cache_dir):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgerun.cli", "serve", str(bundles["classifier"]),
-                             "--port", str(port), "--no-bench", "--cache-dir", str(cache_dir), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgerun.cli",
+            "serve",
+            str(bundles["classifier"]),
+            "--port",
+            str(port),
+            "--no-bench",
+            "--cache-dir",
+            str(cache_dir),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_ready(f"http://127.0.0.1:{port}", proc)
         yield port
@@ -119,13 +138,26 @@ def test_real_server_with_tritonclient_json_and_binary(served):
     assert client.is_server_ready()
 
 
-@pytest.mark.parametrize("option", [["--max-batch", "0"], ["--max-queue", "0"], ["--timeout", "0"],
-                                    ["--max-body-mb", "-1"], ["--threads", "0"]])
+@pytest.mark.parametrize(
+    "option",
+    [["--max-batch", "0"], ["--max-queue", "0"], ["--timeout", "0"], ["--max-body-mb", "-1"], ["--threads", "0"]],
+)
 def test_serve_refuses_non_positive_limits_in_one_line(bundles, cache_dir, option, monkeypatch):
     import edgerun.server
 
     monkeypatch.setattr(edgerun.server, "serve", lambda app, **kwargs: None)  # never bind in this test
-    result = CliRunner().invoke(main, ["serve", str(bundles["classifier"]), "--port", str(free_port()),
-                                       "--cache-dir", str(cache_dir), "--no-bench", *option])
+    result = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            str(bundles["classifier"]),
+            "--port",
+            str(free_port()),
+            "--cache-dir",
+            str(cache_dir),
+            "--no-bench",
+            *option,
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert option[0] in result.output and "Traceback" not in result.output

@@ -19,6 +19,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from runtime_fixtures import (
+    CLASSIFIER_IO,
+    LABELS,
+    classifier_golden,
+    classifier_onnx,
+    classifier_reference,
+    make_manifest,
+    model_file,
+)
 
 import edgerun.loader as loader_module
 import edgerun.session as session_module
@@ -31,36 +40,55 @@ from edgerun.manifest import GoldenSpec, ProviderSpec
 from edgerun.reload import ModelRepository
 from edgerun.server import ServerConfig, create_app
 from edgerun.tensorrt import TENSORRT, engine_cache_key, relocate_cache_paths
-from runtime_fixtures import (CLASSIFIER_IO, LABELS, classifier_golden, classifier_onnx, classifier_reference,
-                              make_manifest, model_file)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 WAIT_S = 30  # upper bound only; every wait returns as soon as its condition holds
 TRT_OPTIONS = {
-    "device_id": 0, "trt_fp16_enable": False, "trt_int8_enable": False,
-    "trt_engine_cache_enable": True, "trt_engine_cache_path": "/var/cache/edgerun/tensorrt",
-    "trt_timing_cache_enable": True, "trt_timing_cache_path": "/var/cache/edgerun/tensorrt",
-    "trt_profile_min_shapes": "x:1x4", "trt_profile_opt_shapes": "x:1x4", "trt_profile_max_shapes": "x:8x4",
+    "device_id": 0,
+    "trt_fp16_enable": False,
+    "trt_int8_enable": False,
+    "trt_engine_cache_enable": True,
+    "trt_engine_cache_path": "/var/cache/edgerun/tensorrt",
+    "trt_timing_cache_enable": True,
+    "trt_timing_cache_path": "/var/cache/edgerun/tensorrt",
+    "trt_profile_min_shapes": "x:1x4",
+    "trt_profile_opt_shapes": "x:1x4",
+    "trt_profile_max_shapes": "x:8x4",
 }
 
 
-def gpu_bundle(dest: Path, *, name: str = "clf", variants: dict | None = None, model_options: dict | None = None,
-               serving: dict | None = None, providers=None) -> Path:
+def gpu_bundle(
+    dest: Path,
+    *,
+    name: str = "clf",
+    variants: dict | None = None,
+    model_options: dict | None = None,
+    serving: dict | None = None,
+    providers=None,
+) -> Path:
     """The classifier bundle as a Jetson build writes it: TensorRT -> CPU with options and overrides."""
-    files = {"model.onnx": classifier_onnx(), "labels.txt": "\n".join(LABELS).encode(),
-             "golden.npz": classifier_golden()}
+    files = {
+        "model.onnx": classifier_onnx(),
+        "labels.txt": "\n".join(LABELS).encode(),
+        "golden.npz": classifier_golden(),
+    }
     extra = {}
     if variants:
         files.update({path: data for path, (data, _) in variants.items()})
-        extra["variants"] = [model_file(path, precision="int8", provider_options=options)
-                             for path, (_, options) in variants.items()]
+        extra["variants"] = [
+            model_file(path, precision="int8", provider_options=options) for path, (_, options) in variants.items()
+        ]
     manifest = make_manifest(
-        name, **CLASSIFIER_IO, labels="labels.txt",
+        name,
+        **CLASSIFIER_IO,
+        labels="labels.txt",
         model=model_file(provider_options=model_options or {}),
         golden=GoldenSpec(path="golden.npz", atol=1e-4, rtol=1e-3, min_top1_agreement=1.0),
         providers=providers or [ProviderSpec(name=TENSORRT, options=TRT_OPTIONS), ProviderSpec(name=CPU)],
-        serving=serving, **extra)
+        serving=serving,
+        **extra,
+    )
     return write_bundle(dest, manifest, files, force=True)
 
 
@@ -88,8 +116,9 @@ class FakeGpuFactory:
     """Stands in for ``_create_inference_session``: records every chain; TensorRT sessions wait for
     ``engine_built`` (the test decides when the build finishes), fail, or come back without TensorRT."""
 
-    def __init__(self, *, engine_built: threading.Event | None = None, fail: str | None = None,
-                 falls_back: bool = False):
+    def __init__(
+        self, *, engine_built: threading.Event | None = None, fail: str | None = None, falls_back: bool = False
+    ):
         self.real = session_module._create_inference_session
         self.calls: list[tuple[str, list[tuple[str, dict]]]] = []
         self.engine_built = engine_built
@@ -134,13 +163,20 @@ def x_request(rows: int) -> dict:
 
 # ---- 1. per-variant provider options ----
 
+
 def test_variant_provider_options_merge_over_manifest_options(tmp_path, cache_dir, fake_gpu, monkeypatch):
     int8_options = {TENSORRT: {"trt_int8_enable": True, "trt_fp16_enable": True}}
-    bundle = gpu_bundle(tmp_path / "b", model_options={TENSORRT: {"trt_fp16_enable": True}},
-                        variants={"variants/int8.onnx": (classifier_onnx(), int8_options)})
+    bundle = gpu_bundle(
+        tmp_path / "b",
+        model_options={TENSORRT: {"trt_fp16_enable": True}},
+        variants={"variants/int8.onnx": (classifier_onnx(), int8_options)},
+    )
     factory = fake_gpu(FakeGpuFactory())
-    monkeypatch.setattr(loader_module, "self_benchmark",  # compare both variants without timing anything
-                        lambda session, max_batch, golden, budget_s=1.0: {"batch_1": {"batch": 1, "p50_ms": 1.0}})
+    monkeypatch.setattr(
+        loader_module,
+        "self_benchmark",  # compare both variants without timing anything
+        lambda session, max_batch, golden, budget_s=1.0: {"batch_1": {"batch": 1, "p50_ms": 1.0}},
+    )
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=True, threads=1))
     trt = dict(factory.chains(TENSORRT))
     assert set(trt) == {"model.onnx", "int8.onnx"}
@@ -163,18 +199,28 @@ def test_variant_provider_options_merge_over_manifest_options(tmp_path, cache_di
 
 # ---- 2. engine cache key ----
 
-KEY_PARTS = dict(model_sha256="a" * 64, onnxruntime_version="1.20.1", tensorrt_version="10.3.0",
-                 compute_capability="8.7",
-                 profile_shapes={"trt_profile_min_shapes": "x:1x4", "trt_profile_max_shapes": "x:8x4"},
-                 build_options={"trt_fp16_enable": True})
+KEY_PARTS = dict(
+    model_sha256="a" * 64,
+    onnxruntime_version="1.20.1",
+    tensorrt_version="10.3.0",
+    compute_capability="8.7",
+    profile_shapes={"trt_profile_min_shapes": "x:1x4", "trt_profile_max_shapes": "x:8x4"},
+    build_options={"trt_fp16_enable": True},
+)
 
 
-@pytest.mark.parametrize("change", [
-    {"model_sha256": "b" * 64}, {"onnxruntime_version": "1.21.0"}, {"tensorrt_version": "10.7.0"},
-    {"compute_capability": "9.0"}, {"compute_capability": "unknown"},
-    {"profile_shapes": {"trt_profile_min_shapes": "x:1x4", "trt_profile_max_shapes": "x:16x4"}},
-    {"build_options": {"trt_fp16_enable": False}},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model_sha256": "b" * 64},
+        {"onnxruntime_version": "1.21.0"},
+        {"tensorrt_version": "10.7.0"},
+        {"compute_capability": "9.0"},
+        {"compute_capability": "unknown"},
+        {"profile_shapes": {"trt_profile_min_shapes": "x:1x4", "trt_profile_max_shapes": "x:16x4"}},
+        {"build_options": {"trt_fp16_enable": False}},
+    ],
+)
 def test_cache_key_changes_with_every_component(change):
     base = engine_cache_key(**KEY_PARTS)
     assert engine_cache_key(**KEY_PARTS) == base  # pure: same inputs, same key
@@ -187,8 +233,9 @@ def test_cache_key_ignores_dict_order_and_cache_locations(tmp_path, monkeypatch)
     monkeypatch.setattr(tensorrt_module, "tensorrt_version", lambda: "10.3.0")
     monkeypatch.setattr(tensorrt_module, "compute_capability", lambda device_id=0: "8.7")
     one = relocate_cache_paths(TENSORRT, TRT_OPTIONS, tmp_path, "a" * 64)
-    moved = relocate_cache_paths(TENSORRT, {**TRT_OPTIONS, "trt_engine_cache_path": "/elsewhere/tensorrt"},
-                                 tmp_path, "a" * 64)
+    moved = relocate_cache_paths(
+        TENSORRT, {**TRT_OPTIONS, "trt_engine_cache_path": "/elsewhere/tensorrt"}, tmp_path, "a" * 64
+    )
     assert one["trt_engine_cache_path"] == moved["trt_engine_cache_path"]
     monkeypatch.setattr(tensorrt_module, "compute_capability", lambda device_id=0: "7.2")  # another GPU
     other_gpu = relocate_cache_paths(TENSORRT, TRT_OPTIONS, tmp_path, "a" * 64)
@@ -208,6 +255,7 @@ def test_compute_capability_probe_reads_nvidia_smi(tmp_path, monkeypatch):
 
 
 # ---- 3. background TensorRT build ----
+
 
 def background_options(cache_dir: Path) -> LoadOptions:
     return LoadOptions(cache_dir=cache_dir, bench=False, threads=1, trt_background=True)
@@ -243,8 +291,9 @@ def test_serves_on_cpu_while_tensorrt_builds_then_swaps_it_in(tmp_path, cache_di
             answer = client.post("/v2/models/clf/infer", json=x_request(2))
             assert answer.status_code == 200, answer.text
             x = np.array(x_request(2)["inputs"][0]["data"], dtype=np.float32).reshape(2, 4)
-            np.testing.assert_allclose(np.array(answer.json()["outputs"][0]["data"]).reshape(2, 3),
-                                       classifier_reference(x), rtol=1e-5)
+            np.testing.assert_allclose(
+                np.array(answer.json()["outputs"][0]["data"]).reshape(2, 3), classifier_reference(x), rtol=1e-5
+            )
             assert 'providers="TensorrtExecutionProvider,CPUExecutionProvider"' in client.get("/metrics").text
     finally:
         engine_built.set()
@@ -302,8 +351,10 @@ def test_no_background_flag_builds_before_serving(tmp_path, cache_dir, fake_gpu,
     assert served.tensorrt_build is None
     assert served.parameters["providers"][0] == TENSORRT and served.parameters["tensorrt"] == {"state": "ready"}
     seen = {}
-    monkeypatch.setattr("edgerun.reload.ModelRepository.load", lambda self, location: seen.setdefault(
-        "background", self.options.trt_background))
+    monkeypatch.setattr(
+        "edgerun.reload.ModelRepository.load",
+        lambda self, location: seen.setdefault("background", self.options.trt_background),
+    )
     monkeypatch.setattr("edgerun.server.serve", lambda *a, **k: None)
     monkeypatch.setattr("edgerun.cli._limit_malloc_arenas", lambda: None)
     for flags, expected in (([], True), (["--no-trt-background"], False)):
@@ -314,12 +365,13 @@ def test_no_background_flag_builds_before_serving(tmp_path, cache_dir, fake_gpu,
 
 # ---- 4. out-of-profile requests ----
 
+
 def test_batch_over_the_profile_is_refused_and_never_stacked(tmp_path, cache_dir, fake_gpu):
     factory = fake_gpu(FakeGpuFactory())
-    bundle = gpu_bundle(tmp_path / "b", providers=[ProviderSpec(name=CPU)],
-                        serving={"max_batch": 3, "out_of_profile": "reject"})
-    repo = ModelRepository(LoadOptions(cache_dir=cache_dir, bench=True, threads=1, max_batch=8,
-                                       bench_budget_s=0.01))
+    bundle = gpu_bundle(
+        tmp_path / "b", providers=[ProviderSpec(name=CPU)], serving={"max_batch": 3, "out_of_profile": "reject"}
+    )
+    repo = ModelRepository(LoadOptions(cache_dir=cache_dir, bench=True, threads=1, max_batch=8, bench_budget_s=0.01))
     repo.load(bundle)
     # Golden (4 samples) and self-benchmark (--max-batch 8) stay within the profile too.
     assert factory.rows and max(factory.rows) <= 3
@@ -327,8 +379,9 @@ def test_batch_over_the_profile_is_refused_and_never_stacked(tmp_path, cache_dir
     with TestClient(create_app(repo, ServerConfig(max_batch=8, max_delay_ms=50))) as client:
         refused = client.post("/v2/models/clf/infer", json=x_request(4))
         assert refused.status_code == 400
-        assert refused.json()["error"] == ("batch 4 exceeds this model's max batch 3 (TensorRT profile); "
-                                           "split the request")
+        assert refused.json()["error"] == (
+            "batch 4 exceeds this model's max batch 3 (TensorRT profile); split the request"
+        )
         assert client.post("/v2/models/clf/infer", json=x_request(3)).status_code == 200
 
 
@@ -369,7 +422,9 @@ def test_serving_without_reject_sets_no_limit(tmp_path, cache_dir):
 def test_background_mode_keeps_the_builders_variant_order_instead_of_cpu_timings(tmp_path, cache_dir, fake_gpu):
     engine_built = threading.Event()
     fake_gpu(FakeGpuFactory(engine_built=engine_built))
-    bundle = gpu_bundle(tmp_path / "b", variants={"variants/int8.onnx": (classifier_onnx(), {TENSORRT: {"trt_int8_enable": True}})})
+    bundle = gpu_bundle(
+        tmp_path / "b", variants={"variants/int8.onnx": (classifier_onnx(), {TENSORRT: {"trt_int8_enable": True}})}
+    )
     options = LoadOptions(cache_dir=cache_dir, bench=True, bench_budget_s=0.05, threads=1, trt_background=True)
     try:
         served = load_model(bundle, options)

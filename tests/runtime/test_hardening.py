@@ -14,13 +14,13 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from runtime_fixtures import build_classifier_bundle
 
 from edgerun.bundle import extract_archive, open_bundle
 from edgerun.errors import BundleError
 from edgerun.loader import LoadOptions, load_model
 from edgerun.reload import ModelRepository
 from edgerun.server import ServerConfig, create_app
-from runtime_fixtures import build_classifier_bundle
 
 
 def client_for(bundle, load_options, **config) -> TestClient:
@@ -36,8 +36,14 @@ def x_json(rows: int = 1) -> dict:
 def test_token_required_everywhere_but_health(bundles, load_options):
     with client_for(bundles["classifier"], load_options, token="s3cret") as client:
         assert client.get("/v2/health/ready").status_code == 200
-        for method, path in [("get", "/v2"), ("get", "/v2/models/clf"), ("get", "/metrics"), ("get", "/docs"),
-                             ("post", "/v2/models/clf/infer"), ("post", "/v1/predict")]:
+        for method, path in [
+            ("get", "/v2"),
+            ("get", "/v2/models/clf"),
+            ("get", "/metrics"),
+            ("get", "/docs"),
+            ("post", "/v2/models/clf/infer"),
+            ("post", "/v1/predict"),
+        ]:
             response = getattr(client, method)(path)
             assert response.status_code == 401, path
             assert "bearer token" in response.json()["error"]
@@ -103,8 +109,17 @@ def test_server_batches_concurrent_requests_and_returns_own_rows(bundles, load_o
         before = session.run_count
         rows = [np.full((1, 4), i / 10, dtype=np.float32) for i in range(6)]
         with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(lambda x: client.post("/v2/models/clf/infer", json={"inputs": [
-                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}), rows))
+            responses = list(
+                pool.map(
+                    lambda x: client.post(
+                        "/v2/models/clf/infer",
+                        json={
+                            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]
+                        },
+                    ),
+                    rows,
+                )
+            )
         direct = [session.session.run(None, {"x": x})[0] for x in rows]
         assert session.run_count - before < len(rows)
         for response, want in zip(responses, direct):
@@ -121,11 +136,15 @@ def test_nonfinite_allowed_when_manifest_says_so(tmp_path, load_options):
     files = {p: (bundle / p).read_bytes() for p in manifest.files}
     write_bundle(tmp_path / "c", manifest, files)
     x = np.array([[np.inf, 0, 0, 0]], dtype=np.float32)
-    head = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 16}}]})
+    head = orjson.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}]}
+    )
     with client_for(tmp_path / "c", load_options) as client:
-        response = client.post("/v2/models/clf/infer", content=head + x.tobytes(),
-                               headers={"Inference-Header-Content-Length": str(len(head))})
+        response = client.post(
+            "/v2/models/clf/infer",
+            content=head + x.tobytes(),
+            headers={"Inference-Header-Content-Length": str(len(head))},
+        )
         assert response.status_code == 200
 
 
@@ -134,8 +153,9 @@ def _keys():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return private, public
 
@@ -171,11 +191,14 @@ def _file(tar, name: str, data: bytes = b"x") -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-@pytest.mark.parametrize("name, add", [
-    ("absolute", lambda tar: _file(tar, "/tmp/edgerun-evil")),
-    ("dotdot", lambda tar: _file(tar, "bundle/../../evil")),
-    ("symlink", lambda tar: tar.addfile(_symlink("bundle/manifest.json", "/etc/passwd"))),
-])
+@pytest.mark.parametrize(
+    "name, add",
+    [
+        ("absolute", lambda tar: _file(tar, "/tmp/edgerun-evil")),
+        ("dotdot", lambda tar: _file(tar, "bundle/../../evil")),
+        ("symlink", lambda tar: tar.addfile(_symlink("bundle/manifest.json", "/etc/passwd"))),
+    ],
+)
 def test_hostile_archives_are_refused(tmp_path, name, add):
     archive = _tar_with(tmp_path, add)
     dest = tmp_path / "out"
@@ -194,15 +217,20 @@ def _symlink(name: str, target: str) -> tarfile.TarInfo:
     return info
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                                       max_size=4), max_leaves=12)
-tensor_like = st.fixed_dictionaries({"name": st.sampled_from(["x", "y", ""]), "shape": st.lists(st.integers(-2, 5),
-                                                                                                max_size=3),
-                                     "datatype": st.sampled_from(["FP32", "INT64", "BYTES", "fp32"]),
-                                     "data": json_values},
-                                    optional={"parameters": st.fixed_dictionaries(
-                                        {"binary_data_size": st.integers(-4, 40) | st.text(max_size=3)})})
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+tensor_like = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["x", "y", ""]),
+        "shape": st.lists(st.integers(-2, 5), max_size=3),
+        "datatype": st.sampled_from(["FP32", "INT64", "BYTES", "fp32"]),
+        "data": json_values,
+    },
+    optional={"parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-4, 40) | st.text(max_size=3)})},
+)
 
 
 @st.composite

@@ -40,8 +40,17 @@ def client(bundles, load_options):
 def test_preprocess_resizes_scales_and_lays_out():
     rgb = np.zeros((6, 10, 3), dtype=np.uint8)
     rgb[..., 0] = 255
-    x = preprocess_image(png(rgb, "RGB"), {"layout": "NCHW", "color": "RGB", "size": [4, 5], "scale": 1 / 255,
-                                           "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
+    x = preprocess_image(
+        png(rgb, "RGB"),
+        {
+            "layout": "NCHW",
+            "color": "RGB",
+            "size": [4, 5],
+            "scale": 1 / 255,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+        },
+    )
     assert x.shape == (1, 3, 4, 5) and x.dtype == np.float32
     np.testing.assert_allclose(x[0, 0], 1.0, atol=1e-6)
     np.testing.assert_allclose(x[0, 1], -1.0, atol=1e-6)
@@ -56,8 +65,9 @@ def test_classify_top_k_with_labels():
 
 
 def test_predict_raw_png_and_multipart(client):
-    response = client.post("/v1/predict?model=img", content=png(half_bright(top=True)),
-                           headers={"Content-Type": "image/png"})
+    response = client.post(
+        "/v1/predict?model=img", content=png(half_bright(top=True)), headers={"Content-Type": "image/png"}
+    )
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert len(predictions) == 2 and predictions[0]["label"] == "top"

@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from runtime_fixtures import W, build_classifier_bundle, classifier_onnx
 
 from edgerun.cli import main
 from edgerun.reload import ModelRepository, VersionStore
 from edgerun.server import ServerConfig, create_app
-from runtime_fixtures import W, build_classifier_bundle, classifier_onnx
 
 X = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]}
 
@@ -25,6 +25,7 @@ def test_reload_under_load_loses_no_request_and_refuses_broken(tmp_path, load_op
     repo.load(v1)
     first_version = repo.get("clf").version
     with TestClient(create_app(repo, ServerConfig(max_batch=4, max_delay_ms=1))) as client:
+
         def hammer(_):
             return [client.post("/v2/models/clf/infer", json=X).status_code for _ in range(30)]
 

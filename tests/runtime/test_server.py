@@ -6,8 +6,8 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-
 from runtime_fixtures import classifier_reference
+
 from edgerun.reload import ModelRepository
 from edgerun.server import ServerConfig, create_app
 
@@ -55,24 +55,40 @@ def test_infer_json_flat_and_nested(client):
     (out,) = body["outputs"]
     assert out["name"] == "probs" and out["shape"] == [2, 3] and out["datatype"] == "FP32"
     np.testing.assert_allclose(np.array(out["data"]).reshape(2, 3), classifier_reference(x), rtol=1e-5)
-    nested = client.post("/v2/models/clf/infer", json={"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
-                                                                   "data": x.tolist()}]})
+    nested = client.post(
+        "/v2/models/clf/infer",
+        json={"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x.tolist()}]},
+    )
     assert nested.json()["outputs"][0]["data"] == out["data"]
 
 
 def test_infer_two_int64_inputs(client):
     ids = [[1, 2, 3], [4, 5, 6]]
     mask = [[1, 1, 0], [1, 0, 1]]
-    response = client.post("/v2/models/pair/infer", json={"inputs": [
-        {"name": "input_ids", "shape": [2, 3], "datatype": "INT64", "data": ids},
-        {"name": "attention_mask", "shape": [2, 3], "datatype": "INT64", "data": mask}]})
+    response = client.post(
+        "/v2/models/pair/infer",
+        json={
+            "inputs": [
+                {"name": "input_ids", "shape": [2, 3], "datatype": "INT64", "data": ids},
+                {"name": "attention_mask", "shape": [2, 3], "datatype": "INT64", "data": mask},
+            ]
+        },
+    )
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["data"] == [3.0, 10.0]
 
 
 def binary_request(x: np.ndarray, *, size: int | None = None, outputs=None) -> tuple[bytes, dict]:
-    header = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                          "parameters": {"binary_data_size": x.nbytes if size is None else size}}]}
+    header = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": x.nbytes if size is None else size},
+            }
+        ]
+    }
     if outputs is None:
         header["parameters"] = {"binary_data_output": True}
     else:
@@ -111,21 +127,35 @@ def test_lying_binary_sizes_are_400(client, size, header_delta):
     assert response.json()["error"]
 
 
-@pytest.mark.parametrize("payload, needle", [
-    ({"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}, "unknown input 'y'"),
-    ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}]}, "expects datatype FP32"),
-    ({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]}, "expects shape [-1, 4]"),
-    ({"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}, "expects shape"),
-    ({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}, "needs 8"),
-    ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ["a", "b", "c", "d"]}]}, "strings"),
-    ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[1, 2], [3]]}]}, "ragged"),
-    ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32"}]}, "neither 'data'"),
-    ({"inputs": []}, "missing inputs ['x']"),
-    ({"nothing": 1}, "inputs"),
-    ([1, 2], "JSON object"),
-    ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
-      "outputs": [{"name": "nope"}]}, "unknown output 'nope'"),
-])
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        ({"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}, "unknown input 'y'"),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}]},
+            "expects datatype FP32",
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]},
+            "expects shape [-1, 4]",
+        ),
+        ({"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}, "expects shape"),
+        ({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}, "needs 8"),
+        ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ["a", "b", "c", "d"]}]}, "strings"),
+        ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[1, 2], [3]]}]}, "ragged"),
+        ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32"}]}, "neither 'data'"),
+        ({"inputs": []}, "missing inputs ['x']"),
+        ({"nothing": 1}, "inputs"),
+        ([1, 2], "JSON object"),
+        (
+            {
+                "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
+                "outputs": [{"name": "nope"}],
+            },
+            "unknown output 'nope'",
+        ),
+    ],
+)
 def test_bad_requests_are_400_with_a_message(client, payload, needle):
     response = client.post("/v2/models/clf/infer", content=orjson.dumps(payload))
     assert response.status_code == 400, response.text
@@ -133,10 +163,14 @@ def test_bad_requests_are_400_with_a_message(client, payload, needle):
 
 
 def test_int_range_and_float_for_int_are_400(client):
-    bad = {"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [1.5]},
-                      {"name": "attention_mask", "shape": [1, 1], "datatype": "INT64", "data": [1]}]}
+    bad = {
+        "inputs": [
+            {"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [1.5]},
+            {"name": "attention_mask", "shape": [1, 1], "datatype": "INT64", "data": [1]},
+        ]
+    }
     assert client.post("/v2/models/pair/infer", json=bad).status_code == 400
-    bad["inputs"][0]["data"] = [2 ** 70]
+    bad["inputs"][0]["data"] = [2**70]
     assert client.post("/v2/models/pair/infer", json=bad).status_code == 400
 
 
@@ -193,8 +227,12 @@ def test_a_model_with_a_scalar_input_is_served(tmp_path, load_options):
     from runtime_fixtures import build_scaled_bundle
 
     with make_client([build_scaled_bundle(tmp_path / "scaled")], load_options) as client:
-        body = {"inputs": [{"name": "scale", "shape": [], "datatype": "FP32", "data": [3.0]},
-                           {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1.0] * 8}]}
+        body = {
+            "inputs": [
+                {"name": "scale", "shape": [], "datatype": "FP32", "data": [3.0]},
+                {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1.0] * 8},
+            ]
+        }
         response = client.post("/v2/models/scaled/infer", json=body)
         assert response.status_code == 200, response.text
         assert response.json()["outputs"][0]["data"] == [3.0] * 8

@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 
 import pytest
+from runtime_fixtures import W, build_classifier_bundle, classifier_onnx
 
 import edgerun.session as session_module
 from edgerun.errors import SessionError
 from edgerun.loader import LoadOptions, load_model
 from edgerun.manifest import ProviderSpec, SessionOptionsSpec
 from edgerun.session import make_session_options
-from runtime_fixtures import W, build_classifier_bundle, classifier_onnx
 
 
 def test_session_options_follow_manifest_and_disable_spinning():
-    options = make_session_options(SessionOptionsSpec(graph_optimization_level="basic",
-                                                      config={"session.use_env_allocators": "1"}), threads=2)
+    options = make_session_options(
+        SessionOptionsSpec(graph_optimization_level="basic", config={"session.use_env_allocators": "1"}), threads=2
+    )
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.get_session_config_entry("session.use_env_allocators") == "1"
     assert options.intra_op_num_threads == 2
@@ -38,9 +39,11 @@ def test_no_golden_skips_with_a_log_line(tmp_path, load_options, caplog):
 
 
 def test_failing_variants_are_dropped_and_next_tried(tmp_path, load_options, caplog):
-    bundle = build_classifier_bundle(tmp_path / "b", model=classifier_onnx(poison=float("nan")),
-                                     variants={"variants/drift.onnx": classifier_onnx(weight=W * 2),
-                                               "variants/good.onnx": classifier_onnx()})
+    bundle = build_classifier_bundle(
+        tmp_path / "b",
+        model=classifier_onnx(poison=float("nan")),
+        variants={"variants/drift.onnx": classifier_onnx(weight=W * 2), "variants/good.onnx": classifier_onnx()},
+    )
     with caplog.at_level(logging.WARNING, logger="edgerun"):
         served = load_model(bundle, load_options)
     assert served.parameters["variant"] == "variants/good.onnx"
@@ -80,9 +83,13 @@ def test_all_providers_failing_is_a_clear_error(tmp_path, load_options, monkeypa
 
 
 def test_unavailable_providers_skipped_and_override(tmp_path, cache_dir):
-    bundle = build_classifier_bundle(tmp_path / "b", providers=[
-        ProviderSpec(name="TensorrtExecutionProvider", options={"trt_engine_cache_path": "trt"}),
-        "CPUExecutionProvider"])
+    bundle = build_classifier_bundle(
+        tmp_path / "b",
+        providers=[
+            ProviderSpec(name="TensorrtExecutionProvider", options={"trt_engine_cache_path": "trt"}),
+            "CPUExecutionProvider",
+        ],
+    )
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False))
     assert served.parameters["providers"] == ["CPUExecutionProvider"]
     with pytest.raises(SessionError, match="none of the providers"):
@@ -95,9 +102,16 @@ def test_cache_paths_move_under_cache_dir(tmp_path, bundles):
     from edgerun.bundle import open_bundle
     from edgerun.session import provider_candidates
 
-    manifest = open_bundle(bundles["classifier"]).manifest.model_copy(update={"providers": [
-        ProviderSpec(name="TensorrtExecutionProvider",
-                     options={"trt_engine_cache_path": "engines", "trt_timing_cache_path": "/abs/timing"})]})
+    manifest = open_bundle(bundles["classifier"]).manifest.model_copy(
+        update={
+            "providers": [
+                ProviderSpec(
+                    name="TensorrtExecutionProvider",
+                    options={"trt_engine_cache_path": "engines", "trt_timing_cache_path": "/abs/timing"},
+                )
+            ]
+        }
+    )
     (chosen,) = provider_candidates(manifest, None, tmp_path, "ab" * 32, available=["TensorrtExecutionProvider"])
     assert chosen.options["trt_engine_cache_path"].startswith(str(tmp_path))
     assert chosen.options["trt_timing_cache_path"].startswith(str(tmp_path))
@@ -127,8 +141,9 @@ def test_benchmark_picks_fastest_variant_and_caches_decision(tmp_path, cache_dir
 
 
 def test_real_self_benchmark_numbers(bundles, cache_dir):
-    served = load_model(bundles["classifier"], LoadOptions(cache_dir=cache_dir, bench=True, max_batch=4,
-                                                           bench_budget_s=0.1))
+    served = load_model(
+        bundles["classifier"], LoadOptions(cache_dir=cache_dir, bench=True, max_batch=4, bench_budget_s=0.1)
+    )
     numbers = served.parameters["benchmark"]
     assert numbers["batch_1"]["p50_ms"] <= numbers["batch_1"]["p99_ms"]
     assert numbers["batch_4"]["batch"] == 4
@@ -136,16 +151,20 @@ def test_real_self_benchmark_numbers(bundles, cache_dir):
 
 @pytest.mark.parametrize("golden_value", [float("inf"), float("-inf"), float("nan")])
 def test_golden_check_fails_when_a_non_finite_golden_value_comes_out_finite(tmp_path, golden_value):
+    from runtime_fixtures import CLASSIFIER_IO, classifier_reference, golden_x, make_manifest, npz_bytes
+
     from edgebuild.bundle import write_bundle
     from edgerun.manifest import GoldenSpec
-    from runtime_fixtures import CLASSIFIER_IO, classifier_reference, golden_x, make_manifest, npz_bytes
 
     x = golden_x()
     want = classifier_reference(x)
     want[0, 0] = golden_value  # the model answers with a finite number here
     manifest = make_manifest("clf", **CLASSIFIER_IO, golden=GoldenSpec(atol=1e-4))
-    bundle = write_bundle(tmp_path / "b", manifest, {"model.onnx": classifier_onnx(),
-                                                     "golden.npz": npz_bytes(**{"input:x": x, "output:probs": want})},
-                          force=True)
+    bundle = write_bundle(
+        tmp_path / "b",
+        manifest,
+        {"model.onnx": classifier_onnx(), "golden.npz": npz_bytes(**{"input:x": x, "output:probs": want})},
+        force=True,
+    )
     with pytest.raises(SessionError, match="golden"):
         load_model(bundle, LoadOptions(cache_dir=tmp_path / "cache", bench=False, threads=1))

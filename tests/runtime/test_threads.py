@@ -8,8 +8,18 @@ from edgerun.errors import EdgerunError
 from edgerun.threads import cgroup_cpu_quota, choose_threads, parse_cgroup_v1_quota, parse_cgroup_v2_cpu_max
 
 
-@pytest.mark.parametrize("text, cpus", [("max 100000\n", None), ("150000 100000\n", 1.5), ("50000 100000", 0.5),
-                                        ("200000", 2.0), ("", None), ("garbage 1", None), ("-1 100000", None)])
+@pytest.mark.parametrize(
+    "text, cpus",
+    [
+        ("max 100000\n", None),
+        ("150000 100000\n", 1.5),
+        ("50000 100000", 0.5),
+        ("200000", 2.0),
+        ("", None),
+        ("garbage 1", None),
+        ("-1 100000", None),
+    ],
+)
 def test_parse_cgroup_v2(text, cpus):
     assert parse_cgroup_v2_cpu_max(text) == cpus
 

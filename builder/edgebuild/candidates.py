@@ -1,0 +1,305 @@
+"""Candidate variants of one exported model, measured side by side, and the choice among them.
+
+``--quantize auto`` builds every candidate that makes sense for the target and the model,
+validates each on real data, times each on this host, and keeps the fastest one within the
+accuracy budget. FP32 is always a candidate, so ``auto`` never fails the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgebuild.benchmark import session_latency
+from edgebuild.data import Batch, DataSource
+from edgebuild.onnx_utils import make_session, op_counts
+from edgebuild.passes import partial
+from edgebuild.passes import quantize as q
+from edgebuild.targets import TargetProfile
+from edgebuild.validate import evaluate, run_session
+
+if TYPE_CHECKING:
+    from edgebuild.pack import PackOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    name: str  # file stem and table row, e.g. "int8-qdq-u8s8"
+    precision: str  # manifest precision: fp32 | fp16 | int8 | int8-dynamic | mixed
+    path: Path | None = None
+    metrics: dict = field(default_factory=dict)  # what the pass recorded (settings, coverage)
+    validation: dict | None = None
+    latency: dict | None = None
+    error: str | None = None
+    within_budget: bool = False
+    size_bytes: int = 0  # recorded once built: the file lives in a temporary work dir
+
+    def __post_init__(self) -> None:
+        self.refresh_size()
+
+    def refresh_size(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.size_bytes = self.path.stat().st_size
+
+    @property
+    def recipe(self) -> str:
+        return self.metrics.get("recipe", self.name)
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.path is not None
+
+    def row(self) -> dict:
+        """One line of the candidate table (manifest and report)."""
+        row = {
+            "name": self.name,
+            "precision": self.precision,
+            "recipe": self.recipe,
+            "size_bytes": self.size_bytes,
+            "within_budget": self.within_budget,
+        }
+        if self.latency:
+            row["p50_ms"] = self.latency["p50_ms"]
+        if self.validation:
+            for key in ("metric", "packed", "drop", "agreement", "cosine_min", "max_abs"):
+                if key in self.validation:
+                    row[key] = self.validation[key]
+        if "coverage" in self.metrics:
+            row["quantized_fraction"] = self.metrics["coverage"]["fraction"]
+        if self.error:
+            row["error"] = self.error
+        return row
+
+
+@dataclass
+class CandidatePlan:
+    """How to build one candidate: a name, a precision and a build function (src, dst) -> metrics."""
+
+    name: str
+    precision: str
+    build: Callable[[Path, Path], dict]
+
+
+def apply_budget(candidates: list[Candidate], max_drop: float) -> None:
+    for candidate in candidates:
+        v = candidate.validation
+        candidate.within_budget = bool(
+            candidate.usable and v is not None and v.get("finite", True) and v["drop"] <= max_drop + 1e-12
+        )
+
+
+# Two sessions of the same file measured up to ±5% apart in interleaved rounds on this class of host.
+LATENCY_TIE = 0.05
+
+
+def select(
+    candidates: list[Candidate], optimize_for: str = "latency", prefer: list[str] | None = None
+) -> Candidate | None:
+    """The fastest (or smallest) usable candidate within budget.
+
+    ``prefer`` (GPU targets) ranks by precision order instead of host latency: the host's CPU
+    timings do not predict TensorRT's.
+    """
+    eligible = [c for c in candidates if c.within_budget and c.latency is not None]
+    if not eligible:
+        return None
+    if prefer:
+        rank = {p: i for i, p in enumerate(prefer)}
+        return min(eligible, key=lambda c: (rank.get(c.precision, len(rank)), c.latency["p50_ms"]))
+    if optimize_for == "size":
+        return min(eligible, key=lambda c: (c.size_bytes, c.latency["p50_ms"]))
+    fastest = min(c.latency["p50_ms"] for c in eligible)
+    # Within the timing noise of a shared host, candidates tie on speed; the smaller file wins.
+    tied = [c for c in eligible if c.latency["p50_ms"] <= fastest * (1 + LATENCY_TIE)]
+    return min(tied, key=lambda c: (c.size_bytes, c.latency["p50_ms"]))
+
+
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_SEARCH = ("quick", "full")
+
+
+def static_variants(options: PackOptions, target: TargetProfile) -> list[q.StaticInt8Config]:
+    """Static INT8 recipes to measure: the target preset first, then (auto on CPUs) the variants that
+    change speed and accuracy per model and CPU, so only a measurement decides (FIELD-NOTES)."""
+    preset = q.StaticInt8Config.from_profile(
+        target.quantization, extra_options=dict(target.notes.get("quantize_extra_options", {}))
+    )
+    overrides = {}
+    if options.calib_method:
+        overrides["calibration_method"] = options.calib_method
+    if options.per_channel is not None:
+        overrides["per_channel"] = options.per_channel
+    base = replace(preset, **overrides)
+    variants = [base]
+    if options.quantize == "auto" and target.device == "cpu":
+        formats = [base.format, "qoperator" if base.format == "qdq" else "qdq"]
+        per_channel = (
+            [base.per_channel, not base.per_channel]
+            if options.int8_search == "full" and options.per_channel is None
+            else [base.per_channel]
+        )
+        methods = [base.calibration_method] + (
+            [m for m in CALIB_METHODS if m != base.calibration_method]
+            if options.int8_search == "full" and not options.calib_method
+            else []
+        )
+        variants = [
+            replace(base, format=f, reduce_range=r, per_channel=pc, calibration_method=m)
+            for m in methods
+            for pc in per_channel
+            for f in formats
+            for r in (base.reduce_range, not base.reduce_range)
+        ]
+    unique: dict[str, q.StaticInt8Config] = {}
+    for config in variants:
+        unique.setdefault(config.describe(), config)
+    return list(unique.values())
+
+
+def matmul_heavy(path: Path) -> bool:
+    """MatMul/Gemm/RNN ops outnumber convolutions: where dynamic INT8 can pay off (it is slow for convs)."""
+    counts = op_counts(path)
+    dense = sum(counts[op] for op in ("MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention"))
+    return dense > 0 and dense > counts["Conv"] + counts["ConvTranspose"]
+
+
+def plan_candidates(
+    options: PackOptions, target: TargetProfile, calibration: DataSource | None, fp32_path: Path | None = None
+) -> list[CandidatePlan]:
+    """Which candidates to build besides FP32."""
+    plans: list[CandidatePlan] = []
+
+    def static(config: q.StaticInt8Config) -> CandidatePlan:
+        suffix = config.describe().lower().replace(" ", "-")
+        return CandidatePlan(
+            f"int8-{suffix}", "int8", lambda src, dst: q.quantize_static_int8(src, dst, calibration, config)
+        )
+
+    mode = options.quantize
+    if mode in ("int8", "auto") and "int8" in target.precisions and calibration is not None:
+        plans.extend(static(config) for config in static_variants(options, target))
+    dynamic_wanted = mode == "int8-dynamic" or (
+        mode == "auto" and "int8-dynamic" in target.precisions and fp32_path is not None and matmul_heavy(fp32_path)
+    )
+    if dynamic_wanted:
+        per_channel = True if options.per_channel is None else options.per_channel
+        name = "int8-dynamic" if per_channel else "int8-dynamic-per-tensor"
+        plans.append(
+            CandidatePlan(
+                name, "int8-dynamic", lambda src, dst: q.quantize_dynamic_int8(src, dst, per_channel=per_channel)
+            )
+        )
+    if (mode == "fp16") or (mode == "auto" and "fp16" in target.precisions):
+        plans.append(CandidatePlan("fp16", "fp16", q.convert_fp16))
+    return plans
+
+
+def build_candidate(plan: CandidatePlan, src: Path, workdir: Path) -> Candidate:
+    candidate = Candidate(plan.name, plan.precision, workdir / f"{plan.name}.onnx")
+    try:
+        candidate.metrics = plan.build(src, candidate.path)
+    except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
+        candidate.error = str(exc)
+        log.warning("candidate %s failed: %s", plan.name, exc)
+    candidate.refresh_size()
+    coverage = candidate.metrics.get("coverage")
+    # Static and dynamic INT8 alike: ORT's tools "succeed" without quantizing weights inside If/Loop bodies.
+    if coverage and candidate.precision.startswith("int8") and coverage["quantized_compute_ops"] == 0:
+        candidate.error = (
+            "quantized 0 compute ops (weights inside If/Loop subgraphs are not quantized); not an INT8 model"
+        )
+    elif coverage and candidate.precision.startswith("int8") and coverage["fraction"] < 1.0:
+        candidate.precision = "mixed"
+    return candidate
+
+
+def measure_candidate(
+    candidate: Candidate, target: TargetProfile, ref: np.ndarray, val: Batch, metric, feed1, seconds: float
+) -> None:
+    if not candidate.usable:
+        return
+    session = make_session(candidate.path, target.session.graph_optimization_level, config=target.session.config)
+    packed = run_session(session, val.inputs)[0]
+    candidate.validation = evaluate(metric, ref, packed, val.labels)
+    candidate.latency = session_latency(session, feed1, max_seconds=seconds)
+
+
+def time_interleaved(
+    candidates: list[Candidate], target: TargetProfile, feed1, seconds: float, rounds: int = 8
+) -> None:
+    """Re-time the candidates in alternating rounds and keep the median of the round medians.
+
+    One candidate timed after another lets drift on a shared host decide the choice (measured:
+    an INT8 variant picked while slower than FP32 for mobilenet_v3_small); alternating rounds
+    expose every candidate to the same drift.
+    """
+    timed = [c for c in candidates if c.usable and c.latency]
+    if len(timed) < 2:
+        return
+    sessions = {
+        id(c): make_session(c.path, target.session.graph_optimization_level, config=target.session.config)
+        for c in timed
+    }
+    rounds_p50 = {id(c): [c.latency["p50_ms"]] for c in timed}
+    runs = {id(c): c.latency["runs"] for c in timed}
+    for _ in range(rounds - 1):
+        for c in timed:
+            result = session_latency(sessions[id(c)], feed1, max_seconds=seconds / rounds, warmup=2, min_runs=5)
+            rounds_p50[id(c)].append(result["p50_ms"])
+            runs[id(c)] += result["runs"]
+    for c in timed:
+        c.latency = {
+            **c.latency,
+            "p50_ms": round(float(np.median(rounds_p50[id(c)])), 4),
+            "runs": runs[id(c)],
+            "rounds": rounds,
+        }
+
+
+def partial_candidate(
+    options, target, candidates, calibration, fp32_path, workdir, ref, val, metric, feed1, progress
+) -> Candidate | None:
+    """When every full static INT8 candidate breaks the budget, keep the worst nodes in float (precision "mixed")."""
+    static = [c for c in candidates if c.usable and c.validation and c.metrics.get("settings", {}).get("format")]
+    if not options.partial_quantization or calibration is None or not static or any(c.within_budget for c in static):
+        return None
+    best = min(static, key=lambda c: c.validation["drop"])
+    progress(
+        f"every full INT8 candidate breaks the budget (best {best.name}: drop {best.validation['drop']:.4f}); "
+        "trying partial quantization ..."
+    )
+
+    def validate(path: Path) -> dict:
+        session = make_session(path, target.session.graph_optimization_level, config=target.session.config)
+        return evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
+
+    candidate = Candidate("int8-partial", "mixed", workdir / "int8-partial.onnx")
+    base = q.StaticInt8Config(**{**best.metrics["settings"], "nodes_to_exclude": []})
+    try:
+        result = partial.partial_quantize(
+            fp32_path,
+            candidate.path,
+            calibration,
+            base,
+            validate,
+            options.max_accuracy_drop,
+            {k: v[:32] for k, v in val.inputs.items()},
+            progress=progress,
+        )
+    except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
+        candidate.error = f"partial quantization failed: {exc}"
+        return candidate
+    if result is None:
+        candidate.error = "budget not met even with half of the compute nodes in float"
+        return candidate
+    candidate.metrics = result.metrics
+    candidate.refresh_size()
+    measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+    return candidate

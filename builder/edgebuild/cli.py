@@ -1,0 +1,325 @@
+"""The ``edgebuild`` command line: thin click commands over library functions."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgebuild.errors import UsageError, handle_cli_errors
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
+@click.version_option(package_name="edgebuild")
+def main(debug: bool) -> None:
+    """Pack trained PyTorch/ONNX models into small, fast, validated ONNX bundles for edge targets.
+
+    Start with `edgebuild pack --target x86` (packs the embedded digits example) and serve the
+    bundle with `edgerun serve dist/digits-x86`.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="edgebuild: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option(
+    "--target",
+    "-t",
+    default="x86",
+    show_default=True,
+    help="Target profile name (see `edgebuild targets`) or a .toml profile file.",
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    default=Path("dist"),
+    show_default=True,
+    help="Directory the bundle <name>-<target>/ is written into.",
+)
+@click.option("--name", help="Bundle/model name (default: from the model).")
+@click.option(
+    "--weights",
+    help="State dict for a module:callable model (.pt/.pth via torch.load(weights_only=True), or .safetensors).",
+)
+@click.option(
+    "--input-shape",
+    help="Example input shape, e.g. 1,3,224,224 (default: model's example_inputs/input_shape or the ONNX graph).",
+)
+@click.option("--input-names", help="Comma-separated input names (default: from example_inputs or 'input').")
+@click.option(
+    "--calib-data", help="Calibration DATA: image folder, .npz, module:callable, or 'random' (then not validated)."
+)
+@click.option("--val-data", help="Validation DATA: image folder, .npz (x, y) or module:callable.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["auto", "int8", "int8-dynamic", "fp16", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto builds every sensible variant, measures each, and keeps the fastest within the accuracy budget.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Largest allowed drop of the metric (absolute, e.g. 0.01 = 1 point).",
+)
+@click.option(
+    "--metric",
+    help="accuracy | agreement | cosine | module:callable (default: accuracy with labels, else agreement/cosine).",
+)
+@click.option(
+    "--optimize-for",
+    type=click.Choice(["latency", "size"]),
+    default="latency",
+    show_default=True,
+    help="What auto minimises among in-budget variants.",
+)
+@click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples used.")
+@click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
+@click.option(
+    "--ship-variants/--no-ship-variants",
+    default=None,
+    help="Also ship every in-budget variant for the device to choose from (default: on for GPU targets).",
+)
+@click.option(
+    "--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each candidate on this host."
+)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Largest batch the device will serve (sizes TensorRT shape profiles on GPU targets).",
+)
+@click.option("--archive", is_flag=True, help="Also write <bundle>.tar.gz.")
+@click.option(
+    "--sign-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="ed25519 private key (PEM) to sign the manifest.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing bundle at the destination.")
+@click.option(
+    "--calib-method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    help="INT8 calibration method (default: the target's preset).",
+)
+@click.option(
+    "--per-channel/--per-tensor",
+    "per_channel",
+    default=None,
+    help="INT8 weight granularity (default: the target's preset).",
+)
+@click.option(
+    "--int8-search",
+    type=click.Choice(["quick", "full"]),
+    default="quick",
+    show_default=True,
+    help="auto on CPUs: quick measures QDQ/QOperator x reduce_range; full also per-channel x calibration method.",
+)
+@click.option(
+    "--partial/--no-partial",
+    "partial_quantization",
+    default=True,
+    show_default=True,
+    help="When every full INT8 variant breaks the budget, keep the worst nodes in float (precision 'mixed').",
+)
+@click.option(
+    "--prune", type=float, help="Prune this fraction, in (0, 1): of weights (l1/global) or channels (channel)."
+)
+@click.option(
+    "--prune-method",
+    type=click.Choice(["l1", "global", "channel"]),
+    help="l1 per layer | global | channel (structured, faster)  [default: l1]",
+)
+@click.option(
+    "--distill", is_flag=True, help="Distil the original model into the pruned model or --student (needs --train-data)."
+)
+@click.option("--train-data", help="Training DATA for --distill (and fine-tuning after --prune).")
+@click.option("--student", help="Student model package.module:callable for --distill.")
+@click.option("--epochs", type=int, help="Distillation epochs  [default: 10]")
+@click.option("--temperature", type=float, help="Distillation softmax temperature  [default: 3]")
+@click.option("--alpha", type=float, help="Weight of the distillation loss vs cross-entropy on labels  [default: 0.5]")
+@click.option("--max-train-minutes", type=float, help="Stop distillation after this many minutes (best epoch kept).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="recipe.toml configuring prune -> distill -> export -> quantize; flags given here override it.",
+)
+@handle_cli_errors
+def pack(config_path, **params):
+    """Pack MODEL into a validated bundle for a target; prints the bundle path last on stdout.
+
+    MODEL is package.module:callable (returns an nn.Module), a torch.export .pt2 file, or an .onnx
+    file. Without MODEL the embedded digits example is packed with its real data.
+
+    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle).
+    """
+    from click.core import ParameterSource
+
+    from edgebuild.pack import pack as run_pack
+    from edgebuild.recipe import load_recipe, merge, pack_options
+
+    ctx = click.get_current_context()
+    explicit = {k: v for k, v in params.items() if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    settings = merge(params, load_recipe(config_path) if config_path else {}, explicit)
+    if settings.get("sign_key"):
+        settings["sign_key"] = Path(settings["sign_key"]).read_bytes()
+    options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
+    result = run_pack(options)
+    v = result.manifest.validation
+    click.echo(
+        f"edgebuild: {result.chosen.name}: {v.metric} {v.packed:.4f} (reference {v.reference:.4f}, drop {v.drop:+.4f}); "
+        f"speed-up vs FP32 {result.manifest.benchmark['speedup_vs_fp32']}×, size {result.chosen.size_bytes / 1024:.1f} KiB",
+        err=True,
+    )
+    click.echo(str(result.bundle))
+
+
+@main.command()
+def targets():
+    """List the built-in target profiles."""
+    from edgebuild.targets import builtin_target_names, load_target
+
+    for target_name in builtin_target_names():
+        profile = load_target(target_name)
+        click.echo(f"{profile.name:<10} {profile.description}")
+
+
+@main.command("inspect")
+@click.argument("model", required=False)
+@click.option("--weights", help="State dict for a module:callable model.")
+@click.option("--input-shape", help="Example input shape, e.g. 1,3,224,224 (default: from the model).")
+@click.option("--top", type=int, default=20, show_default=True, help="Rows of the per-layer table (most MACs first).")
+@click.option("--no-latency", is_flag=True, help="Skip the ONNX export and the ORT FP32 timing.")
+@click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
+@handle_cli_errors
+def inspect_command(model, weights, input_shape, top, no_latency, bench_seconds, as_json):
+    """MACs/FLOPs and parameters (total and per layer, via ptflops), activation memory, ORT FP32 latency."""
+    import json
+
+    from edgebuild.inspection import format_report, inspect_model
+    from edgebuild.sources import parse_shape
+
+    report = inspect_model(
+        model,
+        weights=weights,
+        input_shape=parse_shape(input_shape) if input_shape else None,
+        measure_latency=not no_latency,
+        bench_seconds=bench_seconds,
+    )
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report, top=top))
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--val-data", help="Labelled validation DATA: adds an accuracy column.")
+@click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
+@click.option("--input-shape", help="Example input shape for models that do not declare one.")
+@click.option(
+    "--sort-by", type=click.Choice(["latency", "macs", "params", "accuracy"]), default="latency", show_default=True
+)
+@click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+@handle_cli_errors
+def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, as_json):
+    """Rank architectures by MACs, params, measured ORT FP32 latency and (with --val-data) accuracy."""
+    import json
+
+    from edgebuild.inspection import compare_models, format_comparison
+    from edgebuild.sources import parse_shape
+
+    reports = compare_models(
+        list(models),
+        val_data=val_data,
+        val_samples=val_samples,
+        sort_by=sort_by,
+        bench_seconds=bench_seconds,
+        input_shape=parse_shape(input_shape) if input_shape else None,
+    )
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.to_dict().items() if k != "layers"} for r in reports], indent=2))
+    else:
+        click.echo(format_comparison(reports))
+
+
+@main.command()
+@click.argument("location")
+@click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice).")
+@click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+@handle_cli_errors
+def bench(location, threads, bench_seconds, as_json):
+    """Time a BUNDLE's models (every variant) or a MODEL (ORT FP32) on this host, batch 1.
+
+    On the device, `edgerun bench BUNDLE` measures with the device's own providers.
+    """
+    import json
+
+    from edgebuild.benchmark import bench_bundle
+    from edgerun.errors import BundleError
+
+    if Path(location).is_dir() or location.endswith((".tar.gz", ".tgz")):
+        try:
+            rows = bench_bundle(location, threads=threads, max_seconds=bench_seconds)
+        except BundleError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        from edgebuild.inspection import inspect_model
+
+        report = inspect_model(location, bench_seconds=bench_seconds, threads=threads)
+        rows = [{"path": location, "precision": "fp32", **report.latency}]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'model':<50} {'precision':<12} {'p50 ms':>9} {'p90 ms':>9} {'recorded p50':>13}")
+    for row in rows:
+        recorded = row.get("recorded_p50_ms")
+        click.echo(
+            f"{row['path']:<50} {row['precision']:<12} {row['p50_ms']:>9.3f} {row['p90_ms']:>9.3f} "
+            f"{(f'{recorded:.3f}' if recorded is not None else '–'):>13}"
+        )
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="ed25519 private key, PEM (openssl genpkey -algorithm ed25519 -out key.pem).",
+)
+@handle_cli_errors
+def sign(bundle, key):
+    """Sign BUNDLE's manifest (which lists every file's sha256) with an ed25519 key.
+
+    Serve with `edgerun serve BUNDLE --trusted-key pub.pem` to refuse unsigned or altered bundles.
+    """
+    from edgebuild.bundle import sign_bundle
+
+    sign_bundle(bundle, key.read_bytes())
+    click.echo(str(bundle))
+
+
+def _register_commands() -> None:
+    """Commands that live next to the library code they drive."""
+    from edgebuild.deploy import deploy
+
+    main.add_command(deploy)
+
+
+_register_commands()
+
+
+if __name__ == "__main__":
+    main()

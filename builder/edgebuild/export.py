@@ -1,0 +1,171 @@
+"""Export to one self-contained ONNX file with torch.onnx, dynamic batch (and sequence) axes.
+
+The dynamo exporter is tried first; when it cannot capture the model the TorchScript exporter
+is used and the reason is recorded. Weights are re-saved inside the file (no ``.data``
+sidecar) since bundles are single-file models under 2 GB.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgebuild.errors import UsageError, first_line
+from edgebuild.onnx_utils import check_model, model_opset
+from edgebuild.sources import ModelSource
+
+log = logging.getLogger(__name__)
+
+# Below this the dynamo exporter converts versions itself and often fails (keeping 18).
+DYNAMO_MIN_OPSET = 18
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str  # "dynamo" | "torchscript" | "onnx-source"
+    opset: int
+    fallback_reason: str | None = None
+
+    def record(self) -> dict:
+        params = {"exporter": self.exporter, "opset": self.opset}
+        if self.fallback_reason:
+            params["fallback_reason"] = self.fallback_reason
+        return params
+
+
+def _dynamic_axes(source: ModelSource) -> dict[str, dict[int, str]]:
+    """Batch is dynamic for every input; the second axis too for integer token inputs (text)."""
+    axes = {}
+    for spec in source.inputs:
+        axes[spec.name] = {0: "batch"}
+        if spec.dtype.startswith("int") and len(spec.shape) == 2:
+            axes[spec.name][1] = "sequence"
+    return axes
+
+
+def _example_args(source: ModelSource):
+    import torch
+
+    return tuple(torch.from_numpy(spec.example()) for spec in source.inputs)
+
+
+def _output_names(module, args) -> list[str]:
+    import torch
+
+    with torch.no_grad():
+        out = module(*args)
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    if isinstance(out, dict):
+        return list(out)
+    return [f"output_{i}" for i in range(len(out))]
+
+
+def _export_dynamo(module, args, source: ModelSource, path: Path, opset: int, output_names: list[str]) -> None:
+    import torch
+
+    dims: dict[str, object] = {}
+    dynamic_shapes = []
+    for spec in source.inputs:
+        per_axis = {}
+        for axis, axis_name in _dynamic_axes(source)[spec.name].items():
+            per_axis[axis] = dims.setdefault(axis_name, torch.export.Dim.AUTO)
+        dynamic_shapes.append(per_axis)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=source.input_names,
+            output_names=output_names,
+            dynamic_shapes=tuple(dynamic_shapes),
+            verbose=False,
+        )
+    program.save(str(path), external_data=False)
+
+
+def _export_torchscript(module, args, source: ModelSource, path: Path, opset: int, output_names: list[str]) -> None:
+    import torch
+
+    axes = _dynamic_axes(source)
+    for name in output_names:
+        axes[name] = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=min(opset, 20),
+            input_names=source.input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+        )
+
+
+def export_onnx(source: ModelSource, workdir: Path, opset: int) -> ExportResult:
+    """Produce ``workdir/fp32.onnx`` from any model source and load-check it."""
+    path = workdir / "fp32.onnx"
+    if source.kind == "onnx":
+        return _upgrade_onnx(source.onnx_path, path, opset)
+    args = _example_args(source)
+    try:
+        output_names = _output_names(source.module, args)
+    except Exception as exc:  # noqa: BLE001 - user model code
+        raise UsageError(
+            f"model fails on its example input {[s.shape for s in source.inputs]}: {first_line(exc)}"
+        ) from None
+    exporter, reason = "dynamo", None
+    try:
+        if opset < DYNAMO_MIN_OPSET:
+            raise ValueError(f"the dynamo exporter emits opset >= {DYNAMO_MIN_OPSET}, the target needs {opset}")
+        _export_dynamo(source.module, args, source, path, opset, output_names)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        reason = first_line(exc)
+        log.info("dynamo exporter not used (%s); using the TorchScript exporter", reason)
+        exporter = "torchscript"
+        try:
+            _export_torchscript(source.module, args, source, path, opset, output_names)
+        except Exception as exc2:  # noqa: BLE001
+            raise UsageError(
+                f"model could not be exported to ONNX. dynamo: {reason}; torchscript: {first_line(exc2)}"
+            ) from None
+    _inline_external_data(path)
+    check_model(path)
+    return ExportResult(path, exporter, model_opset(path), reason)
+
+
+def _inline_external_data(path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(path))  # pulls in any external .data next to it
+    onnx.save(model, str(path), save_as_external_data=False)
+    sidecar = path.with_name(path.name + ".data")
+    sidecar.unlink(missing_ok=True)
+
+
+def _upgrade_onnx(src: Path, dst: Path, opset: int) -> ExportResult:
+    """Copy an ONNX model, converting opsets below 13 (per-channel QDQ needs ``axis``)."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(src))
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    reason = None
+    if current < 13:
+        try:
+            model = version_converter.convert_version(model, opset)
+            reason = f"converted from opset {current} to {opset}"
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(
+                f"ONNX model '{src}' uses opset {current} and could not be converted to {opset}: {first_line(exc)}"
+            ) from None
+    onnx.save(model, str(dst), save_as_external_data=False)
+    check_model(dst)
+    return ExportResult(dst, "onnx-source", model_opset(dst), reason)

@@ -1,0 +1,512 @@
+"""``edgebuild pack``: model source -> torch passes -> ONNX -> candidates -> validated bundle.
+
+This module composes the steps; each step lives in its own module and delegates the hard part
+to the field's library (torch.onnx, ONNX Runtime quantization, ...). Every step records
+``{name, params, metrics}`` into the manifest's ``passes``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import logging
+import platform
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgebuild import __version__
+from edgebuild.bundle import check_destination, write_bundle
+from edgebuild.candidates import (
+    CALIB_METHODS,
+    INT8_SEARCH,
+    Candidate,
+    apply_budget,
+    build_candidate,
+    measure_candidate,
+    partial_candidate,
+    plan_candidates,
+    select,
+    time_interleaved,
+)
+from edgebuild.data import Batch, fill_rows, open_data
+from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, first_line
+from edgebuild.export import export_onnx
+from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
+from edgebuild.report import write_report
+from edgebuild.sources import ModelSource, load_model
+from edgebuild.targets import TargetProfile, load_target
+from edgebuild.validate import choose_metric, run_session, torch_outputs
+from edgerun.manifest import (
+    FORMAT_VERSION,
+    GoldenSpec,
+    Manifest,
+    ModelFile,
+    PassRecord,
+    ProviderSpec,
+    TensorSpec,
+    Validation,
+)
+
+log = logging.getLogger(__name__)
+
+EXAMPLE = "edgebuild.examples.digits"
+QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
+GOLDEN_SAMPLES = 8
+
+
+@dataclass
+class PackOptions:
+    model: str | None = None
+    target: str = "x86"
+    output_dir: Path = Path("dist")
+    name: str | None = None
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    input_names: list[str] | None = None
+    calib_data: str | None = None
+    val_data: str | None = None
+    quantize: str = "auto"
+    max_accuracy_drop: float = 0.01
+    metric: str | None = None
+    optimize_for: str = "latency"  # latency | size
+    calib_samples: int = 256
+    val_samples: int = 1000
+    ship_variants: bool | None = None  # default: GPU targets ship every in-budget variant
+    force: bool = False
+    archive: bool = False
+    sign_key: bytes | None = None
+    labels: list[str] | None = None
+    bench_seconds: float = 1.0
+    max_batch: int = 8  # serving max batch: sizes TensorRT profiles on GPU targets
+    calib_method: str | None = None  # minmax | entropy | percentile (default: the target's preset)
+    per_channel: bool | None = None  # default: the target's preset
+    int8_search: str = "quick"  # quick: format x reduce_range; full: x per-channel x calibration method
+    partial_quantization: bool = True  # when every full INT8 candidate breaks the budget, keep the worst nodes in float
+    recipe: dict | None = None  # resolved --config recipe, recorded in the manifest
+    # Torch-level passes (run before export when the source is a torch model).
+    torch_passes: list = field(default_factory=list)
+
+
+@dataclass
+class PackResult:
+    bundle: Path
+    manifest: Manifest
+    chosen: Candidate
+    candidates: list[Candidate]
+
+
+def _progress(message: str) -> None:
+    print(f"edgebuild: {message}", file=sys.stderr, flush=True)
+
+
+def _apply_example_defaults(options: PackOptions) -> dict:
+    """No MODEL: pack the embedded digits CNN with its real calibration and validation splits."""
+    if options.model is not None:
+        return {}
+    from edgebuild.examples import digits
+
+    options.model = f"{EXAMPLE}:pretrained"
+    options.calib_data = options.calib_data or f"{EXAMPLE}:calibration_data"
+    options.val_data = options.val_data or f"{EXAMPLE}:validation_data"
+    options.name = options.name or "digits"
+    options.labels = options.labels or digits.LABELS
+    return {"preprocess": digits.PREPROCESS, "postprocess": digits.POSTPROCESS}
+
+
+def _validate_options(options: PackOptions, target: TargetProfile) -> None:
+    if options.quantize not in QUANTIZE_MODES:
+        raise UsageError(f"--quantize '{options.quantize}' is unknown; use one of {', '.join(QUANTIZE_MODES)}")
+    if not 0.0 <= options.max_accuracy_drop <= 1.0:
+        raise UsageError(
+            f"--max-accuracy-drop {options.max_accuracy_drop} must be between 0 and 1 (absolute, e.g. 0.01)"
+        )
+    if options.quantize not in ("auto", "none"):
+        wanted = options.quantize
+        if wanted not in target.precisions:
+            raise UsageError(
+                f"--quantize {wanted} is not allowed on target '{target.name}' (allowed: {', '.join(target.precisions)})"
+            )
+    if options.quantize == "int8" and not options.calib_data:
+        raise UsageError(
+            "--quantize int8 needs --calib-data (real data; 'random' is accepted but recorded as not validated)"
+        )
+    if options.calib_method is not None and options.calib_method not in CALIB_METHODS:
+        raise UsageError(f"--calib-method '{options.calib_method}' is unknown; use one of {', '.join(CALIB_METHODS)}")
+    if options.int8_search not in INT8_SEARCH:
+        raise UsageError(f"--int8-search '{options.int8_search}' is unknown; use quick or full")
+    if options.optimize_for not in ("latency", "size"):
+        raise UsageError(f"--optimize-for '{options.optimize_for}' is unknown; use latency or size")
+
+
+def _tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(value) -> TensorSpec:
+        t = value.type.tensor_type
+        shape = [d.dim_value if d.dim_value > 0 else -1 for d in t.shape.dim]
+        return TensorSpec(name=value.name, dtype=onnx_dtype_name(t.elem_type), shape=shape)
+
+    return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
+
+
+def _reference_outputs(source: ModelSource, fp32_path: Path, inputs: dict[str, np.ndarray], data: str) -> np.ndarray:
+    try:
+        if source.module is not None:
+            return torch_outputs(source, inputs)[0]
+        return run_session(make_session(fp32_path), inputs)[0]
+    except Exception as exc:  # noqa: BLE001 - user model code and ONNX Runtime raise many types
+        raise UsageError(f"the model fails on the validation data '{data}': {first_line(exc)}") from None
+
+
+def _golden(
+    output_name: str, shipped: list[Candidate], ref: np.ndarray, val: Batch, target: TargetProfile
+) -> tuple[bytes, GoldenSpec]:
+    """Reference inputs and FP32-reference outputs, with a tolerance covering every shipped variant.
+
+    The tolerance is twice the deviation each variant showed on this host (plus a floor), so
+    a device whose provider drifts further than the host did (fp16 overflow, a TensorRT
+    tactic, a broken accelerator) fails the check instead of serving wrong answers.
+    """
+    import io
+
+    n = min(GOLDEN_SAMPLES, len(ref))
+    batch = fixed_batch(shipped[0].path)
+    if batch:  # whole batches only: the device runs a model that pins its batch size in chunks of it
+        n = max(batch, n - n % batch)
+    rows = np.arange(n) % len(ref)
+    inputs = {k: v[rows] for k, v in val.inputs.items()}
+    expected = ref[rows]
+    scale = max(1.0, float(np.abs(expected).max()))
+    worst = 0.0
+    for candidate in shipped:
+        session = make_session(candidate.path, target.session.graph_optimization_level, config=target.session.config)
+        out = run_session(session, inputs)[0]
+        worst = max(worst, float(np.abs(out.astype(np.float64) - expected).max()))
+    atol = 2.0 * worst + 1e-3 * scale
+    buffer = io.BytesIO()
+    arrays = {f"input:{k}": v for k, v in inputs.items()}
+    arrays[f"output:{output_name}"] = expected.astype(np.float32)
+    np.savez(buffer, **arrays)
+    is_classifier = expected.ndim == 2 and expected.shape[1] > 1
+    return buffer.getvalue(), GoldenSpec(atol=round(atol, 6), min_top1_agreement=0.75 if is_classifier else None)
+
+
+def _gpu_preference(target: TargetProfile) -> list[str] | None:
+    """GPU targets: host CPU timings say nothing about TensorRT, so prefer by the profile's
+    precision order (the device re-times every shipped variant and serves the fastest)."""
+    return list(target.precisions) if target.device == "gpu" else None
+
+
+def _providers(
+    target, chosen, inputs, val, options, passes, fp32_path, progress
+) -> tuple[list[ProviderSpec], dict | None]:
+    """Provider list for the manifest; on TensorRT targets also the op check and shape profiles."""
+    providers = [ProviderSpec(name=p.name, options=p.options_for(chosen.precision)) for p in target.providers]
+    trt = next((p for p in providers if p.name == "TensorrtExecutionProvider"), None)
+    if trt is None:
+        return providers, None
+    from edgebuild.tensorrt import profile_shapes, unsupported_ops
+
+    missing = (
+        unsupported_ops(fp32_path, target.notes.get("tensorrt_ops", [])) if target.notes.get("tensorrt_ops") else {}
+    )
+    for op, count in missing.items():
+        progress(
+            f"WARNING: op {op} (x{count}) is not in TensorRT's supported list for this target; ONNX Runtime will run it on CUDA/CPU"
+        )
+    shapes = profile_shapes(val.inputs, {t.name: t.shape for t in inputs}, options.max_batch)
+    trt.options.update(shapes)
+    passes.append(
+        PassRecord(
+            name="tensorrt-check",
+            params={"opset": target.opset, "max_batch": options.max_batch},
+            metrics={"unsupported_ops": missing, **shapes},
+        )
+    )
+    serving = {
+        "max_batch": options.max_batch,
+        "out_of_profile": "reject",
+        "note": "TensorRT engines are built for the recorded profiles; requests outside them get HTTP 400 rather than an engine rebuild",
+    }
+    return providers, serving
+
+
+def _model_file(candidate: Candidate, path: str, target: TargetProfile, providers: list[ProviderSpec]) -> ModelFile:
+    quant = candidate.metrics.get("settings") if candidate.precision != "fp32" else None
+    overrides = {}
+    for profile in target.providers:
+        own = profile.options_for(candidate.precision)
+        manifest_level = next((p.options for p in providers if p.name == profile.name), {})
+        diff = {k: v for k, v in own.items() if manifest_level.get(k) != v}
+        if diff:
+            overrides[profile.name] = diff
+    return ModelFile(
+        provider_options=overrides,
+        path=path,
+        sha256="",
+        size_bytes=0,
+        precision=candidate.precision,
+        opset=model_opset(candidate.path),
+        session_options={
+            "graph_optimization_level": target.session.graph_optimization_level,
+            "config": target.session.config,
+        },
+        quantization=(
+            {**quant, "recipe": candidate.recipe, "coverage": candidate.metrics.get("coverage")} if quant else None
+        ),
+        validation=candidate.validation,
+        benchmark=candidate.latency,
+    )
+
+
+def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> PackResult:
+    """Build a validated bundle; raises UsageError (exit 2) or AccuracyBudgetError (exit 3)."""
+    extras = _apply_example_defaults(options)
+    target = load_target(options.target)
+    _validate_options(options, target)
+    progress(f"target {target.name}: {target.description}")
+    source = load_model(
+        options.model, weights=options.weights, input_shape=options.input_shape, input_names=options.input_names
+    )
+    if source.kind == "pt2" and options.torch_passes:
+        flags = "/".join(f"--{p.name}" for p in options.torch_passes)
+        raise UsageError(
+            f"{flags} needs a package.module:callable model: '{source.spec}' is a torch.export program, which "
+            "cannot be pruned or trained; pass the factory that builds the model instead"
+        )
+    name = options.name or source.default_name
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
+        raise UsageError(f"bundle name '{name}' must be one path component (no '/', '\\' or '..'); pass --name")
+    dest = Path(options.output_dir) / f"{name}-{target.name}"
+    check_destination(dest, options.force, options.archive)
+    if source.module is not None:
+        mod = sys.modules.get(type(source.module).__module__)
+        for key, attr in (("preprocess", "PREPROCESS"), ("postprocess", "POSTPROCESS")):
+            extras.setdefault(key, getattr(mod, attr, None))
+        options.labels = options.labels or getattr(mod, "LABELS", None)
+
+    calibration = None
+    if options.calib_data:
+        calibration = open_data(
+            options.calib_data, source.inputs, purpose="calibration", allow_random=True, limit=options.calib_samples
+        )
+    val_spec = options.val_data or (
+        options.calib_data if calibration is not None and not calibration.is_random else None
+    )
+    validated = val_spec is not None
+    validation_source = (
+        open_data(val_spec, source.inputs, purpose="validation", limit=options.val_samples)
+        if validated
+        else open_data("random", source.inputs, purpose="validation", allow_random=True, limit=64)
+    )
+    if not validated:
+        progress(
+            "WARNING: no validation data (--val-data): accuracy is NOT validated; outputs are only compared on random inputs"
+        )
+    if calibration is not None and calibration.is_random:
+        progress("WARNING: calibrating on random data hides real accuracy loss; give --calib-data with real samples")
+    val = validation_source.collect()
+    passes: list[PassRecord] = []
+
+    with tempfile.TemporaryDirectory(prefix="edgebuild-") as tmp:
+        workdir = Path(tmp)
+        original = source
+        for torch_pass in options.torch_passes:
+            if source.module is None:
+                progress(f"skipping {torch_pass.name}: torch-level passes need a torch model, not ONNX")
+                continue
+            progress(f"{torch_pass.name} ...")
+            # Passes that learn from the model (distillation) are taught by the original, not by the
+            # output of an earlier pass such as pruning.
+            extra = {"teacher": original} if getattr(torch_pass, "needs_teacher", False) else {}
+            source, record = torch_pass.run(source, options, progress, **extra)
+            passes.append(record)
+
+        progress(f"export: ONNX opset {target.opset} ...")
+        exported = export_onnx(source, workdir, target.opset)
+        passes.append(
+            PassRecord(
+                name="export",
+                params=exported.record(),
+                metrics={
+                    "size_bytes": exported.path.stat().st_size,
+                    # Compressed size is where unstructured (zeroed-weight) sparsity shows; dense size does not change.
+                    "gzip_bytes": len(gzip.compress(exported.path.read_bytes(), compresslevel=6)),
+                },
+            )
+        )
+
+        ref = _reference_outputs(original, exported.path, val.inputs, validation_source.description)
+        metric = choose_metric(options.metric, val.labels is not None, ref)
+        batch = fixed_batch(exported.path) or 1  # timed at batch 1, or at the batch a model pins
+        feed1 = fill_rows({k: v[:batch] for k, v in val.inputs.items()}, batch)
+
+        fp32 = Candidate("fp32", "fp32", exported.path, metrics={"recipe": "fp32 (graph-optimised by ORT)"})
+        candidates = [fp32] if options.quantize in ("auto", "none") else []
+        for plan in plan_candidates(options, target, calibration, exported.path):
+            progress(f"quantize: building {plan.name} ...")
+            candidates.append(build_candidate(plan, exported.path, workdir))
+        progress(f"validate + benchmark {len(candidates)} candidate(s) on {len(val)} samples ({metric.name}) ...")
+        for candidate in candidates:
+            measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+        if fp32 not in candidates:
+            measure_candidate(fp32, target, ref, val, metric, feed1, options.bench_seconds)
+        apply_budget(candidates, options.max_accuracy_drop)
+        mixed = partial_candidate(
+            options, target, candidates, calibration, exported.path, workdir, ref, val, metric, feed1, progress
+        )
+        if mixed is not None:
+            candidates.append(mixed)
+            apply_budget(candidates, options.max_accuracy_drop)
+        time_interleaved(candidates + ([fp32] if fp32 not in candidates else []), target, feed1, options.bench_seconds)
+        if options.recipe:
+            passes.insert(0, PassRecord(name="recipe", params=options.recipe, metrics={}))
+        for candidate in candidates:
+            passes.append(
+                PassRecord(
+                    name=f"candidate:{candidate.name}", params={"recipe": candidate.recipe}, metrics=candidate.row()
+                )
+            )
+
+        chosen = select(candidates, options.optimize_for, prefer=_gpu_preference(target))
+        validation_info = dict(
+            metric=metric.name,
+            data=validation_source.description,
+            samples=len(val),
+            validated=validated,
+            max_accuracy_drop=options.max_accuracy_drop,
+        )
+        if chosen is None and not any(c.usable for c in candidates):
+            failures = "; ".join(f"{c.name}: {c.error}" for c in candidates)
+            raise EdgebuildError(f"no candidate could be built ({failures})")
+        if chosen is None:
+            report_path = dest.parent / f"{dest.name}.report.md"
+            write_report(
+                report_path,
+                name=name,
+                target=target,
+                candidates=candidates,
+                chosen=None,
+                validation=validation_info,
+                fp32=fp32,
+                passes=passes,
+            )
+            closest = min((c for c in candidates if c.validation), key=lambda c: c.validation["drop"], default=None)
+            detail = (
+                f"best {closest.name}: {metric.name} drop {closest.validation['drop']:.4f}"
+                if closest
+                else "no candidate could be built"
+            )
+            raise AccuracyBudgetError(
+                f"no variant within --max-accuracy-drop {options.max_accuracy_drop} ({detail}); report: {report_path}",
+                report_path,
+            )
+        progress(
+            f"chosen: {chosen.name} (p50 {chosen.latency['p50_ms']:.3f} ms vs fp32 {fp32.latency['p50_ms']:.3f} ms)"
+        )
+
+        ship_variants = options.ship_variants if options.ship_variants is not None else target.device == "gpu"
+        shipped = [chosen] + ([c for c in candidates if c is not chosen and c.within_budget] if ship_variants else [])
+        inputs, outputs = _tensor_specs(chosen.path)
+        golden_bytes, golden = _golden(outputs[0].name, shipped, ref, val, target)
+        providers, serving = _providers(target, chosen, inputs, val, options, passes, exported.path, progress)
+        files: dict[str, Path | bytes] = {"model.onnx": chosen.path, "golden.npz": golden_bytes}
+        variants = []
+        for candidate in shipped[1:]:
+            relative = f"variants/{candidate.name}.onnx"
+            files[relative] = candidate.path
+            variants.append(_model_file(candidate, relative, target, providers))
+        if options.labels:
+            files["labels.txt"] = ("\n".join(options.labels) + "\n").encode()
+
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            name=name,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            builder=_versions(),
+            target=target.model_dump(mode="json"),
+            model=_model_file(chosen, "model.onnx", target, providers),
+            variants=variants,
+            inputs=inputs,
+            outputs=outputs,
+            preprocess=extras.get("preprocess"),
+            postprocess=extras.get("postprocess") or _default_postprocess(outputs),
+            providers=providers,
+            serving=serving,
+            passes=passes,
+            validation=Validation(
+                reference=chosen.validation["reference"],
+                packed=chosen.validation["packed"],
+                drop=chosen.validation["drop"],
+                **validation_info,
+            ),
+            benchmark=_benchmark_summary(fp32, chosen, candidates),
+            golden=golden,
+            labels="labels.txt" if options.labels else None,
+            report=["report.md", "report.png"],
+        )
+        report_md, report_png = write_report(
+            workdir / "report.md",
+            name=name,
+            target=target,
+            candidates=candidates,
+            chosen=chosen,
+            validation=validation_info,
+            fp32=fp32,
+            passes=passes,
+        )
+        files["report.md"] = report_md
+        if report_png is not None:
+            files["report.png"] = report_png
+        else:
+            manifest.report = ["report.md"]
+        progress(f"writing bundle {dest} ...")
+        write_bundle(dest, manifest, files, force=options.force, sign_key=options.sign_key, archive=options.archive)
+    return PackResult(dest, manifest, chosen, candidates)
+
+
+def _default_postprocess(outputs: list[TensorSpec]) -> dict | None:
+    first = outputs[0]
+    if len(first.shape) == 2 and first.shape[1] != 1:  # [N, 1] is a score or regression, not classes
+        return {"type": "classification", "softmax": True, "top_k": 5}
+    return None
+
+
+def _benchmark_summary(fp32: Candidate, chosen: Candidate, candidates: list[Candidate]) -> dict:
+    return {
+        "host": {
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "batch": 1,
+        "fp32": fp32.latency,
+        "packed": chosen.latency,
+        "speedup_vs_fp32": round(fp32.latency["p50_ms"] / chosen.latency["p50_ms"], 3)
+        if fp32.latency and chosen.latency
+        else None,
+        "size_ratio_vs_fp32": round(chosen.size_bytes / fp32.size_bytes, 4) if fp32.size_bytes else None,
+        "candidates": [c.row() for c in candidates],
+    }
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    versions = {"edgebuild": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover - ONNX-only hosts
+        pass
+    return versions

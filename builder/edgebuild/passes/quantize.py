@@ -1,0 +1,171 @@
+"""Quantization with ONNX Runtime's own tools: static INT8 (QDQ/QOperator), dynamic INT8, fp16.
+
+Each function takes an FP32 ONNX file and writes a new one; it never edits its input. The
+returned dict is the pass record's ``metrics``: exact settings used, which pre-processing path
+worked, and how many compute ops really ended up quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgebuild.data import CalibrationReader, DataSource
+from edgebuild.errors import EdgebuildError, first_line
+from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StaticInt8Config:
+    """Static INT8 settings; defaults are the x86 (fbgemm-style, U8S8) preset."""
+
+    format: str = "qdq"  # qdq | qoperator
+    activation_type: str = "uint8"  # uint8 is the only type that beat FP32 on AVX2 without VNNI
+    weight_type: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False  # fixes saturation on some CNNs, hurts transformers: measure
+    activation_symmetric: bool = False  # TensorRT wants symmetric int8 activations
+    weight_symmetric: bool = True
+    calibration_method: str = "minmax"  # minmax | entropy | percentile
+    nodes_to_exclude: list[str] = field(default_factory=list)  # kept in float (partial quantization)
+    # Extra quantize_static options, e.g. the QDQ layout TensorRT fuses (DedicatedQDQPair, ...).
+    extra_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_profile(cls, profile, **overrides) -> StaticInt8Config:
+        return cls(**{**profile.model_dump(), **overrides})
+
+    def describe(self) -> str:
+        act = "U8" if self.activation_type == "uint8" else "S8"
+        wt = "U8" if self.weight_type == "uint8" else "S8"
+        parts = [self.format.upper(), f"{act}{wt}", "per-channel" if self.per_channel else "per-tensor"]
+        if self.reduce_range:
+            parts.append("reduce-range")
+        if self.calibration_method != "minmax":
+            parts.append(self.calibration_method)
+        if self.nodes_to_exclude:
+            parts.append(f"{len(self.nodes_to_exclude)} nodes float")
+        return " ".join(parts)
+
+
+def _quant_types(config: StaticInt8Config):
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    fmt = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+    return (
+        fmt[config.format],
+        qtype[config.activation_type],
+        qtype[config.weight_type],
+        method[config.calibration_method],
+    )
+
+
+def preprocess(src: Path, dst: Path) -> str:
+    """ORT's quantization pre-processing, retrying the paths that work on awkward real models.
+
+    Symbolic shape inference asserts on some graphs; retry with ``auto_merge``, then without it.
+    Returns which path succeeded (recorded in the manifest).
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    attempts = [
+        ("symbolic", {}),
+        ("symbolic+auto_merge", {"auto_merge": True}),
+        ("onnx-shape-inference", {"skip_symbolic_shape": True}),
+    ]
+    errors = []
+    for label, kwargs in attempts:
+        try:
+            quant_pre_process(str(src), str(dst), **kwargs)
+            return label
+        except Exception as exc:  # noqa: BLE001 - shape inference raises assorted errors
+            errors.append(f"{label}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    log.warning("quantization pre-processing failed (%s); quantizing the unprocessed model", "; ".join(errors))
+    dst.write_bytes(src.read_bytes())
+    return "none (" + "; ".join(errors)[:200] + ")"
+
+
+def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: StaticInt8Config) -> dict:
+    from onnxruntime.quantization import quantize_static
+
+    fmt, act, wt, method = _quant_types(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        pre = preprocess(src, prepared)
+        extra = {
+            **config.extra_options,
+            "ActivationSymmetric": config.activation_symmetric,
+            "WeightSymmetric": config.weight_symmetric,
+        }
+        # CalibMaxIntermediateOutputs is deliberately left unset: it discards collected ranges.
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # calibrators print progress; stdout is the bundle path
+                quantize_static(
+                    str(prepared),
+                    str(dst),
+                    CalibrationReader(calibration, fixed_batch(src)),
+                    quant_format=fmt,
+                    activation_type=act,
+                    weight_type=wt,
+                    per_channel=config.per_channel,
+                    reduce_range=config.reduce_range,
+                    calibrate_method=method,
+                    nodes_to_exclude=list(config.nodes_to_exclude),
+                    extra_options=extra,
+                )
+        except Exception as exc:  # noqa: BLE001
+            raise EdgebuildError(f"static INT8 quantization failed: {first_line(exc)}") from None
+    check_model(dst)
+    return {
+        "settings": asdict(config),
+        "recipe": config.describe(),
+        "preprocess": pre,
+        "calibration_data": calibration.description,
+        "coverage": quantization_coverage(src, dst),
+    }
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool = True, reduce_range: bool = False) -> dict:
+    """Dynamic INT8 (weights int8, activations quantized at run time): for MatMul/RNN-heavy models."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        pre = preprocess(src, prepared)
+        try:
+            quantize_dynamic(
+                str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise EdgebuildError(f"dynamic INT8 quantization failed: {first_line(exc)}") from None
+    check_model(dst)
+    settings = {"weight_type": "int8", "per_channel": per_channel, "reduce_range": reduce_range}
+    recipe = "dynamic S8 " + ("per-channel" if per_channel else "per-tensor")
+    return {"settings": settings, "recipe": recipe, "preprocess": pre, "coverage": quantization_coverage(src, dst)}
+
+
+def convert_fp16(src: Path, dst: Path) -> dict:
+    """float16 weights and compute with float32 inputs/outputs kept (``keep_io_types``)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    try:
+        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    except Exception as exc:  # noqa: BLE001
+        raise EdgebuildError(f"fp16 conversion failed: {first_line(exc)}") from None
+    onnx.save(converted, str(dst), save_as_external_data=False)
+    check_model(dst)
+    return {"settings": {"keep_io_types": True}, "recipe": "fp16 (float32 I/O)"}

@@ -1,0 +1,231 @@
+"""``--config recipe.toml``: one file for prune → distill → export → quantize; command-line flags override it.
+
+```toml
+model = "edgebuild.examples.digits:pretrained"
+target = "x86"
+
+[data]
+calib = "edgebuild.examples.digits:calibration_data"
+val = "edgebuild.examples.digits:validation_data"
+train = "edgebuild.examples.digits:train_data"
+
+[prune]                       # optional
+amount = 0.3
+method = "channel"            # l1 | global | channel
+
+[distill]                     # optional; its presence turns distillation on
+epochs = 5
+temperature = 3.0
+alpha = 0.5
+max_train_minutes = 2
+
+[quantize]
+mode = "auto"                 # auto | int8 | int8-dynamic | fp16 | none
+calib_method = "minmax"       # minmax | entropy | percentile
+max_accuracy_drop = 0.01
+metric = "accuracy"
+```
+
+Both the file and the flags become one flat dict keyed by the ``pack`` option names; this
+module turns it into :class:`PackOptions` with the torch passes in order. Each pass then records
+``{name, params, metrics}`` in the manifest, and the resolved recipe is recorded too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgebuild.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# recipe key (section.key or top-level key) -> pack option name
+KEYS: dict[str, str] = {
+    **{
+        k: k
+        for k in (
+            "model",
+            "target",
+            "output_dir",
+            "name",
+            "weights",
+            "input_shape",
+            "input_names",
+            "force",
+            "archive",
+            "bench_seconds",
+            "calib_samples",
+            "val_samples",
+            "optimize_for",
+            "metric",
+            "max_accuracy_drop",
+        )
+    },
+    "data.calib": "calib_data",
+    "data.val": "val_data",
+    "data.train": "train_data",
+    "prune.amount": "prune",
+    "prune.method": "prune_method",
+    "prune.round_to": "prune_round_to",
+    "distill.enabled": "distill",
+    "distill.student": "student",
+    "distill.epochs": "epochs",
+    "distill.temperature": "temperature",
+    "distill.alpha": "alpha",
+    "distill.max_train_minutes": "max_train_minutes",
+    "distill.learning_rate": "learning_rate",
+    "distill.batch_size": "batch_size",
+    "distill.train_samples": "train_samples",
+    "quantize.mode": "quantize",
+    "quantize.calib_method": "calib_method",
+    "quantize.per_channel": "per_channel",
+    "quantize.int8_search": "int8_search",
+    "quantize.partial": "partial_quantization",
+    "quantize.max_accuracy_drop": "max_accuracy_drop",
+    "quantize.metric": "metric",
+    "quantize.optimize_for": "optimize_for",
+}
+# Values that name files: resolved against the recipe's folder when they exist there.
+PATH_OPTIONS = ("model", "weights", "calib_data", "val_data", "train_data")
+# Every other option takes a string (input_shape and input_names also a list).
+FLOAT_OPTIONS = (
+    "max_accuracy_drop",
+    "bench_seconds",
+    "prune",
+    "temperature",
+    "alpha",
+    "max_train_minutes",
+    "learning_rate",
+)
+INT_OPTIONS = ("calib_samples", "val_samples", "prune_round_to", "epochs", "batch_size", "train_samples")
+BOOL_OPTIONS = ("force", "archive", "distill", "per_channel", "partial_quantization")
+
+
+def _expected_type(option: str, value: Any) -> str | None:
+    """The type a recipe value should have, when it has another (TOML is typed: "0.01" is a string)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if option in BOOL_OPTIONS:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif option in FLOAT_OPTIONS:
+        ok, wanted = is_int or isinstance(value, float), "a number"
+    elif option in INT_OPTIONS:
+        ok, wanted = is_int, "a whole number"
+    elif option == "input_shape" and isinstance(value, list):
+        ok, wanted = all(isinstance(d, int) and not isinstance(d, bool) for d in value), "a list of integers"
+    elif option == "input_names" and isinstance(value, list):
+        ok, wanted = all(isinstance(n, str) for n in value), "a list of strings"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    return None if ok else wanted
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file into ``{pack option name: value}``; unknown keys are an error, not ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config '{path}' does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config '{path}' is not valid TOML: {exc}") from None
+    settings: dict[str, Any] = {}
+    unknown, mistyped = [], []
+    entries = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key == "distill":
+                settings["distill"] = True  # a [distill] section turns it on (enabled = false turns it off)
+            entries += [(f"{key}.{sub}", sub_value) for sub, sub_value in value.items()]
+        else:
+            entries.append((key, value))
+    for key, value in entries:
+        if key not in KEYS:
+            unknown.append(key)
+        elif wanted := _expected_type(KEYS[key], value):
+            mistyped.append(f"{key} = {value!r} must be {wanted}")
+        else:
+            settings[KEYS[key]] = value
+    if unknown:
+        raise UsageError(f"--config '{path}': unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}")
+    if mistyped:
+        raise UsageError(f"--config '{path}': {'; '.join(mistyped)}")
+    for option in PATH_OPTIONS:
+        value = settings.get(option)
+        if isinstance(value, str) and (path.parent / value).exists() and not Path(value).is_absolute():
+            settings[option] = str(path.parent / value)
+    return settings
+
+
+def merge(defaults: dict[str, Any], recipe: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """Defaults, then the recipe, then the flags the user actually typed."""
+    return {**defaults, **recipe, **explicit}
+
+
+def torch_passes(settings: dict[str, Any]) -> list:
+    """Prune → distill (or fine-tune after pruning when training data is given), validated before anything runs."""
+    from edgebuild.passes.distill import DistillConfig, DistillPass
+    from edgebuild.passes.prune import PruneConfig, PrunePass
+
+    passes: list = []
+    prune_amount = settings.get("prune")
+    distill = bool(settings.get("distill"))
+    student = settings.get("student")
+    train_data = settings.get("train_data")
+    if prune_amount is None and settings.get("prune_method") is not None:
+        raise UsageError("--prune-method needs --prune AMOUNT")
+    if student and not distill:
+        raise UsageError("--student needs --distill (the student is trained from the original model)")
+    if student and prune_amount is not None:
+        raise UsageError(
+            "--student replaces the model, so --prune would be thrown away: prune the student itself or drop --prune"
+        )
+    if train_data and not distill and prune_amount is None:
+        raise UsageError("--train-data is used by --distill or to fine-tune after --prune; add one of them")
+    if prune_amount is not None:
+        passes.append(
+            PrunePass(
+                PruneConfig(
+                    amount=float(prune_amount),
+                    method=settings.get("prune_method") or "l1",
+                    round_to=settings.get("prune_round_to"),
+                )
+            )
+        )
+    if distill or (prune_amount is not None and train_data):
+        fields = ("epochs", "temperature", "alpha", "max_train_minutes", "learning_rate", "batch_size", "train_samples")
+        config = DistillConfig(
+            train_data=train_data, student=student, **{k: settings[k] for k in fields if settings.get(k) is not None}
+        )
+        passes.append(DistillPass(config))
+    return passes
+
+
+def pack_options(settings: dict[str, Any], *, recipe_path: str | None = None):
+    """Resolved settings -> :class:`PackOptions` (torch passes built and checked: a bad combination is exit 2)."""
+    from edgebuild.pack import PackOptions
+    from edgebuild.sources import parse_shape
+
+    passes = torch_passes(settings)
+    fields = set(PackOptions.__dataclass_fields__)
+    values = {k: v for k, v in settings.items() if k in fields and v is not None}
+    if isinstance(values.get("input_shape"), str):
+        values["input_shape"] = parse_shape(values["input_shape"])
+    elif isinstance(values.get("input_shape"), list):
+        values["input_shape"] = tuple(values["input_shape"])
+    if isinstance(values.get("input_names"), str):
+        values["input_names"] = [n.strip() for n in values["input_names"].split(",")]
+    if "output_dir" in values:
+        values["output_dir"] = Path(values["output_dir"])
+    values["torch_passes"] = passes
+    if recipe_path:
+        recorded = {k: v for k, v in settings.items() if k != "sign_key" and v is not None}
+        values["recipe"] = {
+            "path": str(recipe_path),
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in recorded.items()},
+        }
+    return PackOptions(**values)

@@ -1,0 +1,137 @@
+"""Accuracy validation: the packed model against the FP32 reference on real data.
+
+The reference is the original model (torch eager for torch sources, ONNX Runtime FP32 for
+ONNX sources). Metrics are computed on the first output. ``accuracy`` needs labels;
+``agreement`` (top-1 vs the reference) and ``cosine`` (output similarity, for embeddings and
+dense heads) need none. ``drop`` is always "higher is better" reference minus packed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgebuild.data import Batch, fill_rows
+from edgebuild.errors import UsageError
+from edgebuild.sources import ModelSource, import_callable
+
+METRICS = ("accuracy", "agreement", "cosine")
+
+
+def run_session(session, inputs: dict[str, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
+    """Run an ORT session over many samples in chunks; a model that pins its batch size gets exactly
+    that many rows per run (the last chunk filled, its extra outputs dropped)."""
+    fixed = [i.shape[0] for i in session.get_inputs() if isinstance(i.shape[0], int)]
+    step = min(fixed) if fixed else batch_size
+    total = len(next(iter(inputs.values())))
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, total, step):
+        chunk = {k: v[start : start + step] for k, v in inputs.items()}
+        rows = len(Batch(chunk))
+        if fixed and rows < step:
+            parts.append([out[:rows] for out in session.run(None, fill_rows(chunk, step))])
+        else:
+            parts.append(session.run(None, chunk))
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def torch_outputs(source: ModelSource, inputs: dict[str, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
+    import torch
+
+    names = source.input_names
+    total = len(inputs[names[0]])
+    parts = []
+    with torch.no_grad():
+        for start in range(0, total, batch_size):
+            out = source.module(
+                *[torch.from_numpy(np.ascontiguousarray(inputs[n][start : start + batch_size])) for n in names]
+            )
+            if isinstance(out, torch.Tensor):
+                out = [out]
+            elif isinstance(out, dict):
+                out = list(out.values())
+            parts.append([o.detach().float().numpy() for o in out])
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def _cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    denom = norm_a * norm_b
+    # Two all-zero outputs agree (1.0); a packed output collapsed to zeros against a non-zero
+    # reference (a broken quantization) must not count as a perfect match.
+    both_zero = (norm_a == 0) & (norm_b == 0)
+    return np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), np.where(both_zero, 1.0, 0.0))
+
+
+def compare_outputs(reference: np.ndarray, packed: np.ndarray, labels: np.ndarray | None) -> dict:
+    """Every number we know how to compute for a packed output vs its reference."""
+    out: dict = {"samples": int(len(reference))}
+    finite = bool(np.isfinite(packed).all())
+    out["finite"] = finite
+    out["max_abs"] = (
+        float(np.abs(reference.astype(np.float64) - packed.astype(np.float64)).max()) if finite else float("inf")
+    )
+    cos = _cosine_per_sample(reference, packed) if finite else np.zeros(len(reference))
+    out["cosine"] = float(cos.mean())
+    out["cosine_min"] = float(cos.min())
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        ref_top1, packed_top1 = reference.argmax(1), packed.argmax(1)
+        out["agreement"] = float((ref_top1 == packed_top1).mean())
+        if labels is not None:
+            out["accuracy"] = float((packed_top1 == labels).mean())
+            out["reference_accuracy"] = float((ref_top1 == labels).mean())
+    return out
+
+
+@dataclass
+class Metric:
+    """The number the accuracy budget applies to."""
+
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray, np.ndarray | None], float] | None = None
+
+    def reference_value(self, reference: np.ndarray, labels: np.ndarray | None) -> float:
+        if self.fn is not None:
+            return float(self.fn(reference, reference, labels))
+        if self.name == "accuracy":
+            return float((reference.argmax(1) == labels).mean())
+        return 1.0  # agreement and cosine of the reference with itself
+
+    def packed_value(
+        self, numbers: dict, reference: np.ndarray, packed: np.ndarray, labels: np.ndarray | None
+    ) -> float:
+        if self.fn is not None:
+            return float(self.fn(reference, packed, labels))
+        return float(numbers[self.name])
+
+
+def choose_metric(requested: str | None, has_labels: bool, reference: np.ndarray) -> Metric:
+    """Default: accuracy with labels, top-1 agreement for classifiers, cosine otherwise."""
+    is_classifier = reference.ndim == 2 and reference.shape[1] > 1
+    if requested is None or requested == "auto":
+        if has_labels and is_classifier:
+            return Metric("accuracy")
+        return Metric("agreement" if is_classifier else "cosine")
+    if requested == "accuracy" and not has_labels:
+        raise UsageError("--metric accuracy needs labelled validation data (an 'y' array or (x, y) items)")
+    if requested in ("accuracy", "agreement") and not is_classifier:
+        raise UsageError(
+            f"--metric {requested} needs a classifier output [batch, classes]; got shape {list(reference.shape)}: use cosine"
+        )
+    if requested in METRICS:
+        return Metric(requested)
+    if ":" in requested:
+        return Metric(requested, import_callable(requested, what="metric"))
+    raise UsageError(f"--metric '{requested}' is unknown; use accuracy, agreement, cosine or package.module:callable")
+
+
+def evaluate(metric: Metric, reference: np.ndarray, packed: np.ndarray, labels: np.ndarray | None) -> dict:
+    numbers = compare_outputs(reference, packed, labels)
+    ref_value = metric.reference_value(reference, labels)
+    value = metric.packed_value(numbers, reference, packed, labels) if numbers["finite"] else float("-inf")
+    numbers.update({"metric": metric.name, "reference": ref_value, "packed": value, "drop": ref_value - value})
+    return numbers

@@ -1,0 +1,212 @@
+"""Dynamic batching and the single inference worker.
+
+All inference for a server runs on one worker thread, off the event loop: on a small CPU,
+concurrent ``session.run`` calls only fight for cores. Requests that arrive within
+``max_delay_ms`` of each other and agree on every non-batch dimension are stacked into one
+run (only when the model's batch dimension is dynamic) and the rows are split back, so
+each caller gets exactly its own rows. The queue is bounded: when it is full the caller is
+told to come back later (503) instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgerun.errors import EdgerunError, InferenceTimeoutError, OverloadedError
+
+log = logging.getLogger("edgerun")
+
+
+@dataclass
+class _Job:
+    session: Any  # ModelSession (anything with .run(feeds) and .batchable)
+    feeds: dict[str, np.ndarray]
+    rows: int
+    key: tuple | None  # None = never stacked with others
+    future: asyncio.Future = field(repr=False)
+
+
+def _batch_key(session, feeds: dict[str, np.ndarray]) -> tuple | None:
+    if not session.batchable:
+        return None
+    return (id(session),) + tuple((name, arr.shape[1:], arr.dtype.str) for name, arr in sorted(feeds.items()))
+
+
+def run_stacked(session, feeds_list: list[dict[str, np.ndarray]]) -> list[Any]:
+    """Run several requests as one batch; returns per-request outputs or the exception each raised."""
+    if len(feeds_list) == 1:
+        try:
+            return [session.run(feeds_list[0])]
+        except Exception as exc:  # handed back to the caller's future
+            return [exc]
+    rows = [_rows(f) for f in feeds_list]
+    try:
+        stacked = {name: np.concatenate([f[name] for f in feeds_list]) for name in feeds_list[0]}
+        outputs = session.run(stacked)
+        # Splitting is only safe when every output really has one row per stacked row.
+        if any(np.ndim(value) == 0 or len(value) != sum(rows) for value in outputs.values()):
+            raise ValueError("outputs do not keep the stacked rows")
+    except Exception:
+        # One bad request (or a model whose batch dim is not really per row) must not fail or
+        # mix up its neighbours: run each on its own.
+        return [run_stacked(session, [f])[0] for f in feeds_list]
+    bounds = np.cumsum(rows)[:-1]
+    split = {name: np.split(value, bounds) for name, value in outputs.items()}
+    return [{name: parts[i] for name, parts in split.items()} for i in range(len(feeds_list))]
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int:
+    """Rows of a request: its batch dim (scalar inputs have none)."""
+    return max((len(value) for value in feeds.values() if np.ndim(value)), default=1)
+
+
+class Batcher:
+    """Queue + collector task + one worker thread. Create and use inside a running event loop."""
+
+    def __init__(
+        self,
+        *,
+        max_batch: int = 1,
+        max_delay_ms: float = 0.0,
+        max_queue: int = 64,
+        timeout_s: float | None = 30.0,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        if max_batch < 1 or max_queue < 1:
+            raise EdgerunError(f"--max-batch and --max-queue must be at least 1, got {max_batch} and {max_queue}")
+        self.max_batch = max_batch
+        self.max_delay_s = max(0.0, max_delay_ms) / 1000.0
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.on_batch = on_batch
+        self._pending: deque[_Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerun-infer")
+        self._closing = False
+        self.running = 0
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for, or in, an inference run."""
+        return len(self._pending) + self.running
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name="edgerun-batcher")
+
+    async def submit(self, session, feeds: dict[str, np.ndarray], timeout_s: float | None = None) -> dict:
+        if self._task is None:
+            self.start()
+        if self._closing:
+            raise OverloadedError("server is shutting down; retry on another instance", retry_after_s=5)
+        if len(self._pending) >= self.max_queue:
+            # Timed-out or cancelled callers leave their jobs behind; they must not hold queue slots.
+            self._pending = deque(job for job in self._pending if not job.future.done())
+        if len(self._pending) >= self.max_queue:
+            raise OverloadedError(
+                f"inference queue is full ({self.max_queue} requests waiting); retry shortly or raise --max-queue",
+                retry_after_s=1,
+            )
+        rows = _rows(feeds)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Job(session, feeds, rows, _batch_key(session, feeds), future))
+        self._wakeup.set()
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        try:
+            result = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            # wait_for cancelled the future, so the collector skips the job if it has not run yet.
+            raise InferenceTimeoutError(
+                f"no inference result within {timeout:g} s (queue depth {self.depth}); retry, or raise --timeout"
+            ) from None
+        return result
+
+    def _take(self, key: tuple, room: int) -> list[_Job]:
+        taken, kept = [], deque()
+        while self._pending:
+            job = self._pending.popleft()
+            if job.future.done():
+                continue
+            if job.key == key and job.rows <= room:
+                taken.append(job)
+                room -= job.rows
+            else:
+                kept.append(job)
+        self._pending = kept
+        return taken
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first = self._pending.popleft()
+            if first.future.done():
+                continue
+            batch = [first]
+            rows = first.rows
+            # A session built for a bounded profile (TensorRT) must never see a larger stack.
+            limit = min(self.max_batch, getattr(first.session, "max_batch", None) or self.max_batch)
+            if first.key is not None and limit > 1:
+                deadline = loop.time() + self.max_delay_s
+                while rows < limit:
+                    more = self._take(first.key, limit - rows)
+                    batch += more
+                    rows += sum(job.rows for job in more)
+                    remaining = deadline - loop.time()
+                    if rows >= limit or remaining <= 0:
+                        break
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
+            batch = [job for job in batch if not job.future.done()]
+            if not batch:
+                continue
+            self.running = len(batch)
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, run_stacked, first.session, [job.feeds for job in batch]
+                )
+                if self.on_batch is not None:
+                    self.on_batch(rows)
+            except Exception as exc:  # a bug here must fail this batch, not every later request
+                log.exception("batcher: unexpected error running a batch of %d", len(batch))
+                results = [exc] * len(batch)
+            finally:
+                self.running = 0
+            for job, result in zip(batch, results):
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking requests, finish the queued ones, then stop the worker."""
+        self._closing = True
+        if self._task is not None:
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(self._task, drain_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "shutdown: %d requests still queued after %.0f s; dropping them", self.depth, drain_timeout_s
+                )
+                self._task.cancel()
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,390 @@
+"""``edgerun`` command line: thin commands over the library (loader, server, reload).
+
+Heavy modules (numpy, onnxruntime, FastAPI) are imported inside commands so ``--help`` and
+the start of ``serve`` stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+DEFAULT_CACHE_DIR = "~/.cache/edgerun"
+
+_EXIT_CODES = {"BundleError": 2, "SessionError": 3}
+
+
+def _handle_errors(command):
+    """One line and an exit code for anything that goes wrong, unless --debug asks for the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            from edgerun.errors import EdgerunError
+
+            if isinstance(exc, EdgerunError):
+                click.echo(f"edgerun: error: {exc}", err=True)
+                sys.exit(_EXIT_CODES.get(type(exc).__name__, 1))
+            click.echo(
+                f"edgerun: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True
+            )
+            sys.exit(1)
+
+    return wrapper
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s edgerun %(levelname)s %(message)s",
+    )
+
+
+def _read_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        from edgerun.errors import BundleError
+
+        raise BundleError(f"--trusted-key '{path}' cannot be read ({exc.strerror})") from None
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread (event loop, inference worker, ORT pool) its own malloc arena;
+    capping them keeps the server's RSS close to what the model needs."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+def _providers(value: str | None) -> list[str] | None:
+    return [p.strip() for p in value.split(",") if p.strip()] if value else None
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="edgebuild", prog_name="edgerun")
+def main(debug: bool) -> None:
+    """Serve edgebuild bundles on the device (KServe v2 REST)."""
+
+
+common_load = [
+    click.option("--providers", help="Comma-separated execution providers to try in order (default: the manifest's)."),
+    click.option(
+        "--threads", type=click.IntRange(min=1), help="Intra-op threads (default: from CPU affinity and cgroup quota)."
+    ),
+    click.option(
+        "--cache-dir",
+        default=lambda: os.environ.get("EDGERUN_CACHE_DIR", DEFAULT_CACHE_DIR),
+        show_default=DEFAULT_CACHE_DIR,
+        help="Provider caches, variant decisions, kept versions.",
+    ),
+    click.option(
+        "--trusted-key",
+        type=click.Path(dir_okay=False),
+        help="ed25519 public key (PEM or raw); refuse bundles not signed with it.",
+    ),
+]
+
+
+def _with(options):
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (keep local unless fronted).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@_with(common_load)
+@click.option("--no-bench", is_flag=True, help="Skip the self-benchmark at start-up.")
+@click.option(
+    "--no-trt-background",
+    is_flag=True,
+    help="Build the TensorRT engine before serving instead of serving from CUDA/CPU while it builds.",
+)
+@click.option(
+    "--max-batch",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per stacked run (dynamic batching).",
+)
+@click.option("--max-delay-ms", default=2.0, show_default=True, type=float, help="How long to wait to fill a batch.")
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Queued requests before answering 503.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=30.0,
+    show_default=True,
+    type=_POSITIVE,
+    help="Seconds a request may wait for its result before 504.",
+)
+@click.option("--token", envvar="EDGERUN_TOKEN", help="Require 'Authorization: Bearer TOKEN' (not on health).")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=_POSITIVE, help="Largest request body.")
+@click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Load bundles dropped into DIR.")
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+@_handle_errors
+def serve(
+    bundles,
+    host,
+    port,
+    providers,
+    threads,
+    cache_dir,
+    trusted_key,
+    no_bench,
+    no_trt_background,
+    max_batch,
+    max_delay_ms,
+    max_queue,
+    timeout_s,
+    token,
+    max_body_mb,
+    watch_dir,
+    log_level,
+):
+    """Verify, check and benchmark BUNDLE(s) (directory or .tar.gz), then serve them over HTTP."""
+    _setup_logging(log_level)
+    _limit_malloc_arenas()
+    import threading
+
+    from edgerun.errors import EdgerunError
+    from edgerun.loader import LoadOptions
+    from edgerun.reload import ModelRepository, VersionStore, bundle_entries
+
+    if not bundles and not watch_dir:
+        raise click.UsageError("give a BUNDLE to serve, or --watch DIR")
+    options = LoadOptions(
+        providers=_providers(providers),
+        threads=threads,
+        cache_dir=Path(cache_dir),
+        bench=not no_bench,
+        max_batch=max_batch,
+        trusted_key=_read_key(trusted_key),
+        trt_background=not no_trt_background,
+    )
+    repo = ModelRepository(options, store=VersionStore(Path(cache_dir)))
+    failure: list[BaseException] = []
+
+    def load_all() -> None:
+        try:
+            for location in bundles:
+                repo.load(location)
+            if watch_dir:
+                Path(watch_dir).mkdir(parents=True, exist_ok=True)
+                for location in bundle_entries(Path(watch_dir)):
+                    try:
+                        repo.load(location)
+                    except EdgerunError as exc:
+                        logging.getLogger("edgerun").error("watch: skipped %s: %s", location, exc)
+        except BaseException as exc:  # re-raised on the main thread
+            failure.append(exc)
+
+    # Session creation runs in native code without the GIL, so it overlaps with importing the web stack.
+    loader = threading.Thread(target=load_all, name="edgerun-load")
+    loader.start()
+    from edgerun.server import ServerConfig, create_app
+    from edgerun.server import serve as run_server
+
+    loader.join()
+    if failure:
+        raise failure[0]
+    if not repo.models and not watch_dir:
+        raise click.UsageError("no bundle loaded")
+    config = ServerConfig(
+        token=token,
+        max_body_mb=max_body_mb,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_queue=max_queue,
+        timeout_s=timeout_s,
+        watch_dir=Path(watch_dir) if watch_dir else None,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        logging.getLogger("edgerun").warning("serving on %s without --token: anyone who can reach it can use it", host)
+    run_server(create_app(repo, config), host=host, port=port, log_level=log_level)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--trusted-key", type=click.Path(dir_okay=False), help="Also check the signature with this key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_handle_errors
+def info(bundle, trusted_key, as_json):
+    """Print the manifest summary of BUNDLE (checksums are verified on the way)."""
+    from edgerun.loader import describe_bundle
+
+    summary = describe_bundle(bundle, _read_key(trusted_key))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['name']}  (format {summary['format_version']}, created {summary['created']})")
+    click.echo(f"  sha256     {summary['sha256']}")
+    model = summary["model"]
+    click.echo(
+        f"  model      {model['path']}  {model['precision']}  opset {model['opset']}  {model['size_bytes']} bytes"
+    )
+    for variant in summary["variants"]:
+        click.echo(f"  variant    {variant['path']}  {variant['precision']}")
+    for kind in ("inputs", "outputs"):
+        for spec in summary[kind]:
+            click.echo(f"  {kind[:-1]:<10} {spec['name']}  {spec['dtype']}  {spec['shape']}")
+    click.echo(f"  providers  {', '.join(summary['providers'])}")
+    golden = summary["golden"]
+    click.echo(f"  golden     {golden['path'] + ' atol ' + str(golden['atol']) if golden else 'none'}")
+    click.echo(f"  signed     {'yes' if summary['signed'] else 'no'}; {summary['files']} files")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@_with(common_load)
+@_handle_errors
+def verify(bundle, providers, threads, cache_dir, trusted_key):
+    """Verify checksums (and signature), load BUNDLE and run its golden check."""
+    _setup_logging("warning")
+    from edgerun.loader import LoadOptions, load_model
+
+    served = load_model(
+        bundle,
+        LoadOptions(
+            providers=_providers(providers),
+            threads=threads,
+            cache_dir=Path(cache_dir),
+            bench=False,
+            trusted_key=_read_key(trusted_key),
+        ),
+    )
+    p = served.parameters
+    signed = "signature ok" if trusted_key else ("signed, not checked" if served.manifest.signature else "unsigned")
+    click.echo(
+        f"OK {served.name} {served.version}: {len(served.manifest.files)} files verified, {signed}; "
+        f"{p['variant']} on {','.join(p['providers'])}: {p['golden']['reason']}"
+    )
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@_with(common_load)
+@click.option(
+    "--batch",
+    "max_batch",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Large batch size to measure.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+@_handle_errors
+def bench(bundle, providers, threads, cache_dir, trusted_key, max_batch, as_json):
+    """Golden-check and benchmark BUNDLE on this device (every passing variant)."""
+    _setup_logging("warning")
+    from edgerun.loader import LoadOptions, load_model
+
+    served = load_model(
+        bundle,
+        LoadOptions(
+            providers=_providers(providers),
+            threads=threads,
+            cache_dir=Path(cache_dir),
+            bench=True,
+            max_batch=max_batch,
+            trusted_key=_read_key(trusted_key),
+        ),
+    )
+    p = served.parameters
+    report = {
+        "name": served.name,
+        "version": served.version,
+        "variant": p["variant"],
+        "providers": p["providers"],
+        "threads": p["threads"],
+        "benchmark": p.get("benchmark", {}),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{served.name} {served.version}: {p['variant']} on {','.join(p['providers'])}, {p['threads']} threads")
+    for key, numbers in report["benchmark"].items():
+        if key.startswith("batch_"):
+            click.echo(
+                f"  batch {numbers['batch']:>3}: p50 {numbers['p50_ms']:.3f} ms  p90 {numbers['p90_ms']:.3f} ms  "
+                f"p99 {numbers['p99_ms']:.3f} ms  {numbers['throughput_per_s']:.1f}/s"
+            )
+    for variant, numbers in report["benchmark"].get("variants", {}).items():
+        click.echo(f"  variant {variant}: p50 {numbers['p50_ms']:.3f} ms")
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--cache-dir",
+    default=lambda: os.environ.get("EDGERUN_CACHE_DIR", DEFAULT_CACHE_DIR),
+    show_default=DEFAULT_CACHE_DIR,
+)
+@click.option("--url", help="Also tell the server at URL (e.g. http://127.0.0.1:8000) to load the restored version.")
+@click.option("--token", envvar="EDGERUN_TOKEN", help="Bearer token for --url.")
+@_handle_errors
+def rollback(name, cache_dir, url, token):
+    """Restore the previous kept version of model NAME (and load it into a running server with --url)."""
+    from edgerun.reload import VersionStore
+
+    restored = VersionStore(Path(cache_dir)).rollback(name)
+    click.echo(f"{name}: restored version {restored['version']} at {restored['path']}")
+    if url:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{url.rstrip('/')}/v2/repository/models/{name}/load",
+            method="POST",
+            data=json.dumps({"parameters": {"bundle": restored["path"]}}).encode(),
+            headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                click.echo(f"server at {url} now serves version {json.loads(response.read())['version']}")
+        except urllib.error.HTTPError as exc:
+            raise click.ClickException(f"server refused the load: {exc.read().decode(errors='replace')}") from None
+        except urllib.error.URLError as exc:
+            raise click.ClickException(
+                f"server at {url} not reachable ({exc.reason}); the restored version is at {restored['path']}"
+            ) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""From a bundle on disk to a session that is safe to serve.
+
+verify bundle -> for each variant (selected model first) and provider chain: create the
+session, run the golden check, drop it with a logged reason if it fails -> benchmark the
+survivors (when asked) and keep the fastest. Nothing is served that did not pass here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgerun.bench import decision_key, read_decision, self_benchmark, write_decision
+from edgerun.bundle import Bundle, open_bundle
+from edgerun.errors import EdgerunError, SessionError
+from edgerun.manifest import ModelFile
+from edgerun.preprocess import load_labels
+from edgerun.session import ModelSession, check_golden, create_model_session, load_golden, provider_candidates
+from edgerun.tensorrt import TENSORRT
+from edgerun.threads import choose_threads
+from edgerun.trt_build import TensorrtBuild, tensorrt_state
+
+log = logging.getLogger("edgerun")
+
+DEFAULT_CACHE_DIR = Path("~/.cache/edgerun")
+
+
+@dataclass
+class LoadOptions:
+    providers: list[str] | None = None
+    threads: int | None = None
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    bench: bool = True
+    max_batch: int = 8
+    trusted_key: bytes | None = None
+    bench_budget_s: float = 1.0
+    # Serve from the next provider while the TensorRT engine builds, then swap it in (only a
+    # ModelRepository runs the build; plain load_model callers get a CUDA/CPU session).
+    trt_background: bool = False
+
+
+@dataclass
+class ServedModel:
+    """A loaded, checked model: what the server routes requests to."""
+
+    name: str
+    version: str
+    bundle: Bundle
+    session: ModelSession
+    source: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] | None = None
+    # Pending background TensorRT build, started by the repository once this model serves.
+    tensorrt_build: TensorrtBuild | None = field(default=None, repr=False)
+
+    @property
+    def manifest(self):
+        return self.bundle.manifest
+
+
+def _allowed(variant: ModelFile, candidates):
+    return [p for p in candidates if not variant.providers or p.name in variant.providers]
+
+
+def _try_variant(bundle: Bundle, variant: ModelFile, candidates, threads: int, dropped: list[str], cache_dir: Path):
+    allowed = _allowed(variant, candidates)
+    if not allowed:
+        dropped.append(f"{variant.path}: none of its providers {variant.providers} is available")
+        return None
+    for i, provider in enumerate(allowed):
+        try:
+            session = create_model_session(
+                bundle.path(variant.path), bundle.manifest, variant, allowed[i:], threads, cache_dir
+            )
+        except SessionError as exc:
+            reason = f"{variant.path} on {provider.name}: {exc}"
+            log.warning("dropped %s; trying the next provider", reason)
+            dropped.append(reason)
+            continue
+        golden = check_golden(session, bundle.root)
+        if not golden.passed:
+            reason = f"{variant.path} on {session.providers[0]}: golden check failed: {golden.reason}"
+            log.warning("dropped %s", reason)
+            dropped.append(reason)
+            continue
+        log.info("%s on %s: %s", variant.path, ",".join(session.providers), golden.reason)
+        return session, golden
+    return None
+
+
+def load_model(location: str | Path, options: LoadOptions | None = None) -> ServedModel:
+    """Open, verify, golden-check and (optionally) benchmark a bundle; return what to serve."""
+    options = options or LoadOptions()
+    started = time.perf_counter()
+    cache_dir = Path(options.cache_dir).expanduser()
+    bundle = open_bundle(location, trusted_public_key=options.trusted_key)
+    manifest = bundle.manifest
+    bundle_id = bundle.sha256
+    thread_choice = choose_threads(options.threads)
+    candidates = provider_candidates(manifest, options.providers, cache_dir, bundle_id)
+    golden_inputs = None
+    if manifest.golden is None:
+        log.info("%s: bundle has no golden data; parity check skipped", manifest.name)
+    else:
+        golden_inputs = load_golden(bundle.root, manifest.golden, manifest)[0]
+
+    variants = manifest.all_models()
+    key = decision_key(bundle_id, [p.name for p in candidates])
+    decision = read_decision(cache_dir, key) if options.bench and len(variants) > 1 else None
+    if decision:
+        decided = [v for v in variants if v.path == decision.get("variant")]
+        if decided:
+            log.info("using cached variant decision %s (%s)", decision["variant"], key)
+            variants = decided + [v for v in variants if v.path != decision["variant"]]
+
+    dropped: list[str] = []
+    passing: list[tuple[ModelSession, Any]] = []
+    # Background mode: become ready without TensorRT first (an engine build takes minutes).
+    background = options.trt_background and candidates[0].name == TENSORRT and len(candidates) > 1
+    # CPU/CUDA timings do not predict TensorRT's, so while its engine is pending keep the
+    # builder's variant order (its precision preference for the target) instead of racing them.
+    compare_all = options.bench and not decision and not background
+    for chain in [candidates[1:], candidates] if background else [candidates]:
+        for variant in variants:
+            found = _try_variant(bundle, variant, chain, thread_choice.threads, dropped, cache_dir)
+            if found:
+                passing.append(found)
+                if not compare_all:
+                    break
+        if passing:
+            break
+        background = False  # nothing runs without TensorRT: build it now, before serving
+    if not passing:
+        raise SessionError(f"{manifest.name}: no variant/provider passed its checks: " + "; ".join(dropped))
+
+    benchmark: dict[str, Any] = {}
+    if options.bench:
+        results = []
+        for session, _ in passing:
+            numbers = self_benchmark(session, options.max_batch, golden_inputs, budget_s=options.bench_budget_s)
+            log.info("benchmark %s on %s: %s", session.variant.path, session.providers[0], numbers)
+            results.append(numbers)
+        best = min(range(len(passing)), key=lambda i: results[i]["batch_1"]["p50_ms"])
+        benchmark = results[best]
+        if len(passing) > 1:
+            benchmark["variants"] = {passing[i][0].variant.path: results[i]["batch_1"] for i in range(len(passing))}
+            write_decision(cache_dir, key, {"variant": passing[best][0].variant.path, "benchmark": results})
+        passing = [passing[best]]
+    elif decision:
+        benchmark = {"cached": decision.get("benchmark")}
+    session, golden = passing[0]
+    if not options.bench:
+        session.run(_warm_feeds(session, golden_inputs))  # first run allocates; do it before traffic
+
+    build = None
+    tensorrt: dict[str, Any] | None = None
+    allowed = _allowed(session.variant, candidates)
+    if background and allowed and allowed[0].name == TENSORRT:
+        build = TensorrtBuild(
+            model_path=bundle.path(session.variant.path),
+            bundle_root=bundle.root,
+            manifest=manifest,
+            variant=session.variant,
+            providers=allowed,
+            threads=thread_choice.threads,
+            cache_dir=cache_dir,
+            bench=options.bench,
+            max_batch=options.max_batch,
+            bench_budget_s=options.bench_budget_s,
+        )
+        tensorrt = tensorrt_state("building", variant=session.variant.path)
+    elif candidates[0].name == TENSORRT:
+        if session.providers[:1] == [TENSORRT]:
+            tensorrt = tensorrt_state("ready")
+        else:
+            reason = next(
+                (d for d in dropped if TENSORRT in d),
+                f"onnxruntime runs {session.variant.path} on {','.join(session.providers)}",
+            )
+            tensorrt = tensorrt_state("failed", reason=reason)
+
+    parameters = {
+        "variant": session.variant.path,
+        "precision": session.variant.precision,
+        "providers": session.providers,
+        "threads": thread_choice.threads,
+        "threads_source": thread_choice.source,
+        "golden": golden.as_dict(),
+        "load_seconds": round(time.perf_counter() - started, 3),
+    }
+    if benchmark:
+        parameters["benchmark"] = benchmark
+    if dropped:
+        parameters["dropped"] = dropped
+    if tensorrt is not None:
+        parameters["tensorrt"] = tensorrt
+    if manifest.serving:
+        parameters["serving"] = manifest.serving
+    log.info(
+        "%s ready: variant %s, providers %s, %d threads (%s)",
+        manifest.name,
+        session.variant.path,
+        ",".join(session.providers),
+        thread_choice.threads,
+        thread_choice.source,
+    )
+    return ServedModel(
+        name=manifest.name,
+        version=bundle_id[:12],
+        bundle=bundle,
+        session=session,
+        source=Path(location),
+        parameters=parameters,
+        labels=load_labels(bundle.root, manifest.labels),
+        tensorrt_build=build,
+    )
+
+
+def _warm_feeds(session: ModelSession, golden_inputs):
+    from edgerun.bench import example_feeds
+
+    return example_feeds(session, 1, golden_inputs)
+
+
+def describe_bundle(location: str | Path, trusted_key: bytes | None = None) -> dict[str, Any]:
+    """Manifest summary for ``edgerun info`` / ``verify`` (verifies checksums on the way)."""
+    bundle = open_bundle(location, trusted_public_key=trusted_key)
+    m = bundle.manifest
+    return {
+        "name": m.name,
+        "format_version": m.format_version,
+        "created": m.created,
+        "sha256": bundle.sha256,
+        "model": {
+            "path": m.model.path,
+            "precision": m.model.precision,
+            "opset": m.model.opset,
+            "size_bytes": m.model.size_bytes,
+        },
+        "variants": [{"path": v.path, "precision": v.precision} for v in m.variants],
+        "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.inputs],
+        "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.outputs],
+        "providers": [p.name for p in m.providers],
+        "golden": m.golden.model_dump() if m.golden else None,
+        "signed": bool(m.signature),
+        "files": len(m.files),
+    }
+
+
+__all__ = ["LoadOptions", "ServedModel", "load_model", "describe_bundle", "EdgerunError"]

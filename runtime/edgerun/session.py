@@ -1,0 +1,338 @@
+"""ONNX Runtime sessions built the way the bundle was validated, plus the golden parity check.
+
+A session is created from one model file (the selected model or a variant) with the
+manifest's session options and a provider chain. ``ModelSession.run`` is the only place
+inference happens; the server, the batcher, the golden check and the self-benchmark all
+go through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerun.errors import BundleError, RequestError, SessionError
+from edgerun.manifest import GoldenSpec, Manifest, ModelFile, ProviderSpec, SessionOptionsSpec, TensorSpec
+from edgerun.tensorrt import relocate_cache_paths, serving_batch_limit
+
+log = logging.getLogger("edgerun")
+
+_OPT_LEVELS = {
+    "disable_all": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+# ORT tensor type strings -> numpy, to cast feeds when a variant's IO differs from the manifest.
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+_SHORT_PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+
+
+def canonical_provider_name(name: str) -> str:
+    name = name.strip()
+    return _SHORT_PROVIDER_NAMES.get(name.lower(), name)
+
+
+def make_session_options(spec: SessionOptionsSpec, threads: int):
+    """SessionOptions exactly as the builder validated them, sized for this box."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[spec.graph_optimization_level])
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    # Spinning workers burn ~0.35 core between requests on a small CPU for no latency gain.
+    if "session.intra_op.allow_spinning" not in spec.config:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in spec.config.items():
+        options.add_session_config_entry(key, str(value))
+    return options
+
+
+def _available_providers() -> list[str]:
+    """Indirection so tests can simulate an onnxruntime build with GPU providers."""
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def provider_candidates(
+    manifest: Manifest,
+    override: list[str] | None,
+    cache_dir: Path,
+    bundle_id: str | None = None,
+    available: list[str] | None = None,
+) -> list[ProviderSpec]:
+    """The manifest's providers (or ``override``) that this ORT build has, in order.
+
+    Options naming a cache path (TensorRT engine/timing caches) are moved under
+    ``<cache_dir>/providers/<provider>/`` so the bundle directory stays read-only and caches
+    survive restarts; ``provider_chain`` then keys them per model file (``bundle_id`` is not
+    part of the path: the same model file in a re-issued bundle reuses its engine).
+    """
+    if available is None:
+        available = _available_providers()
+    by_name = {p.name: p for p in manifest.providers}
+    if override:
+        wanted = [
+            by_name.get(canonical_provider_name(n), ProviderSpec(name=canonical_provider_name(n))) for n in override
+        ]
+    else:
+        wanted = list(manifest.providers)
+    chosen = []
+    for spec in wanted:
+        if spec.name not in available:
+            log.info(
+                "provider %s skipped: not available in this onnxruntime build (available: %s)",
+                spec.name,
+                ", ".join(available),
+            )
+            continue
+        options = dict(spec.options)
+        for key, value in spec.options.items():
+            if key.endswith("_cache_path"):
+                options[key] = str(Path(cache_dir).expanduser() / "providers" / spec.name / Path(str(value)).name)
+        chosen.append(ProviderSpec(name=spec.name, options=options))
+    if not chosen:
+        names = [p.name for p in wanted]
+        raise SessionError(
+            f"none of the providers {names} is available in this onnxruntime build (available: {available}); "
+            f"pass --providers CPUExecutionProvider or install the matching onnxruntime package"
+        )
+    return chosen
+
+
+def provider_chain(
+    providers: list[ProviderSpec], variant: ModelFile, model_path: Path, cache_dir: Path | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The (name, options) chain ORT gets for one variant.
+
+    The variant's own options (e.g. ``trt_int8_enable`` for an INT8 QDQ file) go over the
+    manifest-level ones; then cache paths are keyed by this file's sha256 and the engine's
+    environment (see ``edgerun.tensorrt``) so no variant or upgrade loads another's engine.
+    """
+    chain = []
+    for spec in providers:
+        options = {**spec.options, **variant.provider_options.get(spec.name, {})}
+        if cache_dir is not None and any(k.endswith("_cache_path") for k in options):
+            options = relocate_cache_paths(spec.name, options, cache_dir, _model_sha256(variant, model_path))
+        chain.append((spec.name, options))
+    return chain
+
+
+def _model_sha256(variant: ModelFile, model_path: Path) -> str:
+    if variant.sha256:
+        return variant.sha256
+    from edgerun.bundle import sha256_file
+
+    return sha256_file(Path(model_path))
+
+
+def _create_inference_session(path: str, options, providers: list[tuple[str, dict]]):
+    """Indirection so tests can simulate a provider that fails to initialise."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, sess_options=options, providers=providers)
+
+
+class ModelSession:
+    """One ORT session plus the manifest's view of its inputs and outputs."""
+
+    def __init__(self, session: Any, manifest: Manifest, variant: ModelFile, threads: int):
+        self.session = session
+        self.manifest = manifest
+        self.variant = variant
+        self.threads = threads
+        self.providers: list[str] = list(session.get_providers())
+        self.inputs: list[TensorSpec] = list(manifest.inputs)
+        self.outputs: list[TensorSpec] = list(manifest.outputs)
+        self.input_by_name = {spec.name: spec for spec in self.inputs}
+        self.output_names = [spec.name for spec in self.outputs]
+        self._feed_casts = {}
+        for node in session.get_inputs():
+            wanted = _ORT_TYPES.get(node.type)
+            spec = self.input_by_name.get(node.name)
+            if wanted is not None and spec is not None and np.dtype(spec.dtype) != np.dtype(wanted):
+                self._feed_casts[node.name] = np.dtype(wanted)
+        self._lock = threading.Lock()
+        self.run_count = 0
+        # Largest batch one run may have (the TensorRT profile's), or None for no limit.
+        self.max_batch: int | None = serving_batch_limit(manifest.serving)
+
+    @property
+    def batchable(self) -> bool:
+        """Requests can be stacked only when every input and output has a dynamic batch dim."""
+        return all(spec.shape and spec.shape[0] == -1 for spec in [*self.inputs, *self.outputs])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: (v.astype(self._feed_casts[k]) if k in self._feed_casts else v) for k, v in feeds.items()}
+        # One inference at a time per session: concurrent runs fight for a small CPU.
+        with self._lock:
+            self.run_count += 1
+            try:
+                results = self.session.run(self.output_names, feeds)
+            except Exception as exc:  # ORT raises its own classes for bad feeds
+                raise RequestError(f"the model rejected the inputs: {str(exc).splitlines()[0][:300]}") from exc
+        return {name: np.asarray(value) for name, value in zip(self.output_names, results)}
+
+
+def create_model_session(
+    model_path: Path,
+    manifest: Manifest,
+    variant: ModelFile,
+    providers: list[ProviderSpec],
+    threads: int,
+    cache_dir: Path | None = None,
+) -> ModelSession:
+    """Create a session with the provider chain ``providers`` (first = preferred)."""
+    options = make_session_options(variant.session_options, threads)
+    chain = provider_chain(providers, variant, model_path, cache_dir)
+    try:
+        session = _create_inference_session(str(model_path), options, chain)
+    except Exception as exc:
+        raise SessionError(
+            f"could not create an ONNX Runtime session for '{variant.path}' with {providers[0].name}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+        ) from exc
+    return ModelSession(session, manifest, variant, threads)
+
+
+@dataclass
+class GoldenResult:
+    passed: bool
+    reason: str
+    samples: int = 0
+    max_abs_diff: float | None = None
+    top1_agreement: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"passed": self.passed, "reason": self.reason, "samples": self.samples}
+        if self.max_abs_diff is not None:
+            out["max_abs_diff"] = self.max_abs_diff
+        if self.top1_agreement is not None:
+            out["top1_agreement"] = self.top1_agreement
+        return out
+
+
+def load_golden(
+    root: Path, spec: GoldenSpec, manifest: Manifest
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Golden arrays keyed ``input:<name>`` / ``output:<name>``, batch dimension first."""
+    path = Path(root) / spec.path
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"golden file '{spec.path}' cannot be read ({exc}); rebuild the bundle") from None
+    inputs = {s.name: arrays.get(f"input:{s.name}") for s in manifest.inputs}
+    outputs = {s.name: arrays[f"output:{s.name}"] for s in manifest.outputs if f"output:{s.name}" in arrays}
+    missing = [name for name, value in inputs.items() if value is None]
+    if missing or not outputs:
+        raise BundleError(
+            f"golden file '{spec.path}' lacks arrays {[f'input:{m}' for m in missing] or 'output:<name>'} "
+            f"(has {sorted(arrays)}); golden keys must be 'input:<input name>' and 'output:<output name>'"
+        )
+    return {k: np.asarray(v, dtype=np.dtype(manifest_dtype(manifest, k))) for k, v in inputs.items()}, outputs
+
+
+def manifest_dtype(manifest: Manifest, input_name: str) -> str:
+    return next(s.dtype for s in manifest.inputs if s.name == input_name)
+
+
+def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run all rows at once when the batch dim is dynamic (up to the profile's max batch), else in
+    model-sized chunks."""
+    rows = len(next(iter(feeds.values())))
+    fixed = [s.shape[0] for s in model.inputs if s.shape and s.shape[0] > 0]
+    step = fixed[0] if fixed else min(rows, getattr(model, "max_batch", None) or rows)
+    parts = [model.run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, rows, max(step, 1))]
+    return {name: np.concatenate([p[name] for p in parts]) for name in model.output_names}
+
+
+def check_golden(model: ModelSession, root: Path) -> GoldenResult:
+    """Compare the session's outputs on the golden inputs with the recorded outputs."""
+    spec = model.manifest.golden
+    if spec is None:
+        return GoldenResult(True, "no golden data in bundle; parity not checked")
+    inputs, expected = load_golden(root, spec, model.manifest)
+    samples = len(next(iter(inputs.values())))
+    try:
+        actual = run_in_chunks(model, inputs)
+    except RequestError as exc:
+        return GoldenResult(False, f"golden inputs failed to run: {exc}", samples)
+    worst = 0.0
+    agreements = []
+    for name, want in expected.items():
+        got = actual[name]
+        if got.shape != want.shape:
+            return GoldenResult(
+                False, f"output '{name}' has shape {list(got.shape)}, golden has {list(want.shape)}", samples
+            )
+        got64, want64 = got.astype(np.float64), want.astype(np.float64)
+        finite = np.isfinite(want64)
+        # Non-finite values must match exactly (same Inf sign, NaN for NaN); tolerances cover the rest.
+        bad = (
+            (np.isfinite(got64) != finite)
+            | (np.isinf(want64) & (got64 != want64))
+            | (np.isnan(want64) & ~np.isnan(got64))
+        )
+        if bad.any():
+            return GoldenResult(
+                False, f"output '{name}' has {int(bad.sum())} NaN/Inf values that differ from golden", samples
+            )
+        diff = np.abs(got64 - want64)[finite]
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+        allowed = spec.atol + spec.rtol * np.abs(want64[finite])
+        if diff.size and (diff > allowed).any():
+            return GoldenResult(
+                False,
+                f"output '{name}' drifts from golden: max |diff| {float(diff.max()):.3g} "
+                f"exceeds atol {spec.atol:g} + rtol {spec.rtol:g}",
+                samples,
+                worst,
+            )
+        if spec.min_top1_agreement is not None and want.ndim >= 2:
+            agreements.append(float((got64.argmax(-1) == want64.argmax(-1)).mean()))
+    top1 = min(agreements) if agreements else None
+    if top1 is not None and top1 < spec.min_top1_agreement:
+        return GoldenResult(
+            False,
+            f"top-1 agreement {top1:.3f} is below the required {spec.min_top1_agreement:.3f}",
+            samples,
+            worst,
+            top1,
+        )
+    return GoldenResult(True, f"{samples} golden samples match (max |diff| {worst:.3g})", samples, worst, top1)

@@ -1,0 +1,117 @@
+"""How many intra-op threads fit this box: CPU affinity and the cgroup CPU quota.
+
+ORT defaults to one thread per *host* core, which in a container limited to 2 CPUs out of
+64 means 64 threads fighting for 2 cores. We size from what the process may really use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    threads: int
+    source: str  # where the number came from, reported in metadata and the log
+    affinity_cpus: int
+    quota_cpus: float | None
+
+
+def parse_cgroup_v2_cpu_max(text: str) -> float | None:
+    """``cpu.max`` holds ``"<quota> <period>"`` or ``"max <period>"``; return CPUs or None."""
+    parts = text.split()
+    if not parts or parts[0] == "max":
+        return None
+    # Same numbers as v1 once "max" (unlimited) is ruled out; the period defaults to 100 ms.
+    return parse_cgroup_v1_quota(parts[0], parts[1] if len(parts) > 1 else "100000")
+
+
+def parse_cgroup_v1_quota(quota_text: str, period_text: str) -> float | None:
+    """cgroup v1 ``cpu.cfs_quota_us`` (-1 = unlimited) and ``cpu.cfs_period_us``."""
+    try:
+        quota = int(quota_text.strip())
+        period = int(period_text.strip())
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return quota / period
+
+
+def _own_cgroup_v2_dir(root: Path, proc_cgroup: str) -> Path | None:
+    for line in proc_cgroup.splitlines():
+        # v2 line: "0::/some/path"
+        if line.startswith("0::"):
+            return root / line[3:].lstrip("/")
+    return None
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> float | None:
+    """The CPU quota of this process's cgroup (v2 first, then v1), or None when unlimited."""
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            proc_cgroup = ""
+    candidates: list[Path] = []
+    own = _own_cgroup_v2_dir(root, proc_cgroup)
+    if own is not None:
+        # Limits may sit on any ancestor; the tightest one wins.
+        path = own
+        while True:
+            candidates.append(path)
+            if path == root or root not in path.parents:
+                break
+            path = path.parent
+    candidates.append(root)
+    quotas = []
+    for directory in dict.fromkeys(candidates):
+        try:
+            value = parse_cgroup_v2_cpu_max((directory / "cpu.max").read_text())
+        except OSError:
+            continue
+        if value is not None:
+            quotas.append(value)
+    if quotas:
+        return min(quotas)
+    for v1 in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            value = parse_cgroup_v1_quota((v1 / "cpu.cfs_quota_us").read_text(), (v1 / "cpu.cfs_period_us").read_text())
+        except OSError:
+            continue
+        if value is not None:
+            return value
+    return None
+
+
+def affinity_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def choose_threads(
+    override: int | None = None,
+    *,
+    root: Path = CGROUP_ROOT,
+    proc_cgroup: str | None = None,
+    affinity: int | None = None,
+) -> ThreadChoice:
+    """Intra-op threads: ``override`` if given, else min(affinity, ceil(cgroup quota))."""
+    cpus = affinity if affinity is not None else affinity_cpus()
+    quota = cgroup_cpu_quota(root, proc_cgroup)
+    if override is not None:
+        if override < 1:
+            from edgerun.errors import EdgerunError
+
+            raise EdgerunError(f"--threads must be at least 1, got {override}")
+        return ThreadChoice(override, "--threads", cpus, quota)
+    if quota is not None and math.ceil(quota) < cpus:
+        return ThreadChoice(max(1, math.ceil(quota)), "cgroup cpu quota", cpus, quota)
+    return ThreadChoice(max(1, cpus), "cpu affinity", cpus, quota)

@@ -1,1 +1,0 @@
-"""Built-in target profiles (data files), shipped as package data of edgebuild."""
