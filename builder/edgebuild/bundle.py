@@ -11,6 +11,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from edgebuild.errors import UsageError
@@ -93,11 +94,13 @@ def write_bundle(
     force: bool = False,
     sign_key: bytes | None = None,
     archive: bool = False,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``files`` (bundle-relative path -> source file or bytes) and the manifest to ``dest``.
 
-    Fills in every model's sha256/size and the ``files`` map, optionally signs, then moves the
-    staged directory into place in one rename. Returns ``dest``.
+    Fills in every model's sha256/size and the ``files`` map, optionally signs, runs ``check`` on
+    the complete staged directory (an exception there leaves nothing written), then moves it
+    into place in one rename. Returns ``dest``.
     """
     dest = Path(dest)
     check_destination(dest, force, archive)
@@ -117,6 +120,8 @@ def write_bundle(
         if sign_key is not None:
             sign_manifest(manifest, sign_key)
         (stage / MANIFEST_NAME).write_text(manifest.to_json())
+        if check is not None:
+            check(stage)
         if archive:
             with tarfile.open(staged_archive, "w:gz") as tar:
                 tar.add(stage, arcname=dest.name)

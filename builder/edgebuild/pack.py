@@ -33,9 +33,10 @@ from edgebuild.candidates import (
     select,
     time_interleaved,
 )
-from edgebuild.data import Batch, fill_rows, open_data
+from edgebuild.data import fill_rows, open_data
 from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, first_line
 from edgebuild.export import export_onnx
+from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.report import write_report
 from edgebuild.sources import ModelSource, load_model
@@ -43,7 +44,6 @@ from edgebuild.targets import TargetProfile, load_target
 from edgebuild.validate import choose_metric, run_session, torch_outputs
 from edgerun.manifest import (
     FORMAT_VERSION,
-    GoldenSpec,
     Manifest,
     ModelFile,
     PassRecord,
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 EXAMPLE = "edgebuild.examples.digits"
 QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
-GOLDEN_SAMPLES = 8
 
 
 @dataclass
@@ -164,39 +163,6 @@ def _reference_outputs(source: ModelSource, fp32_path: Path, inputs: dict[str, n
         return run_session(make_session(fp32_path), inputs)[0]
     except Exception as exc:  # noqa: BLE001 - user model code and ONNX Runtime raise many types
         raise UsageError(f"the model fails on the validation data '{data}': {first_line(exc)}") from None
-
-
-def _golden(
-    output_name: str, shipped: list[Candidate], ref: np.ndarray, val: Batch, target: TargetProfile
-) -> tuple[bytes, GoldenSpec]:
-    """Reference inputs and FP32-reference outputs, with a tolerance covering every shipped variant.
-
-    The tolerance is twice the deviation each variant showed on this host (plus a floor), so
-    a device whose provider drifts further than the host did (fp16 overflow, a TensorRT
-    tactic, a broken accelerator) fails the check instead of serving wrong answers.
-    """
-    import io
-
-    n = min(GOLDEN_SAMPLES, len(ref))
-    batch = fixed_batch(shipped[0].path)
-    if batch:  # whole batches only: the device runs a model that pins its batch size in chunks of it
-        n = max(batch, n - n % batch)
-    rows = np.arange(n) % len(ref)
-    inputs = {k: v[rows] for k, v in val.inputs.items()}
-    expected = ref[rows]
-    scale = max(1.0, float(np.abs(expected).max()))
-    worst = 0.0
-    for candidate in shipped:
-        session = make_session(candidate.path, target.session.graph_optimization_level, config=target.session.config)
-        out = run_session(session, inputs)[0]
-        worst = max(worst, float(np.abs(out.astype(np.float64) - expected).max()))
-    atol = 2.0 * worst + 1e-3 * scale
-    buffer = io.BytesIO()
-    arrays = {f"input:{k}": v for k, v in inputs.items()}
-    arrays[f"output:{output_name}"] = expected.astype(np.float32)
-    np.savez(buffer, **arrays)
-    is_classifier = expected.ndim == 2 and expected.shape[1] > 1
-    return buffer.getvalue(), GoldenSpec(atol=round(atol, 6), min_top1_agreement=0.75 if is_classifier else None)
 
 
 def _gpu_preference(target: TargetProfile) -> list[str] | None:
@@ -416,14 +382,21 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         ship_variants = options.ship_variants if options.ship_variants is not None else target.device == "gpu"
         shipped = [chosen] + ([c for c in candidates if c is not chosen and c.within_budget] if ship_variants else [])
         inputs, outputs = _tensor_specs(chosen.path)
-        golden_bytes, golden = _golden(outputs[0].name, shipped, ref, val, target)
+        relative = {id(c): "model.onnx" if c is chosen else f"variants/{c.name}.onnx" for c in shipped}
+        golden_bytes, golden = make_golden(
+            outputs[0].name,
+            [ShippedModel(relative[id(c)], c.path) for c in shipped if c.path is not None],
+            ref,
+            val,
+            target,
+            classifier=metric.name in ("accuracy", "agreement"),
+        )
         providers, serving = _providers(target, chosen, inputs, val, options, passes, exported.path, progress)
         files: dict[str, Path | bytes] = {"model.onnx": chosen.path, "golden.npz": golden_bytes}
         variants = []
         for candidate in shipped[1:]:
-            relative = f"variants/{candidate.name}.onnx"
-            files[relative] = candidate.path
-            variants.append(_model_file(candidate, relative, target, providers))
+            files[relative[id(candidate)]] = candidate.path
+            variants.append(_model_file(candidate, relative[id(candidate)], target, providers))
         if options.labels:
             files["labels.txt"] = ("\n".join(options.labels) + "\n").encode()
 
@@ -469,7 +442,13 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         else:
             manifest.report = ["report.md"]
         progress(f"writing bundle {dest} ...")
-        write_bundle(dest, manifest, files, force=options.force, sign_key=options.sign_key, archive=options.archive)
+
+        def serves(staged: Path) -> None:  # pack => serve: edgerun's own loader accepts the staged bundle
+            progress(f"edgerun check on this host: {check_serves(staged)}")
+
+        write_bundle(
+            dest, manifest, files, force=options.force, sign_key=options.sign_key, archive=options.archive, check=serves
+        )
     return PackResult(dest, manifest, chosen, candidates)
 
 

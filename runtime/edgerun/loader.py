@@ -16,9 +16,10 @@ from typing import Any
 from edgerun.bench import decision_key, read_decision, self_benchmark, write_decision
 from edgerun.bundle import Bundle, open_bundle
 from edgerun.errors import EdgerunError, SessionError
+from edgerun.golden import GoldenData, check_golden, load_golden
 from edgerun.manifest import ModelFile
 from edgerun.preprocess import load_labels
-from edgerun.session import ModelSession, check_golden, create_model_session, load_golden, provider_candidates
+from edgerun.session import ModelSession, create_model_session, provider_candidates
 from edgerun.tensorrt import TENSORRT
 from edgerun.threads import choose_threads
 from edgerun.trt_build import TensorrtBuild, tensorrt_state
@@ -65,7 +66,15 @@ def _allowed(variant: ModelFile, candidates):
     return [p for p in candidates if not variant.providers or p.name in variant.providers]
 
 
-def _try_variant(bundle: Bundle, variant: ModelFile, candidates, threads: int, dropped: list[str], cache_dir: Path):
+def _try_variant(
+    bundle: Bundle,
+    variant: ModelFile,
+    candidates,
+    threads: int,
+    dropped: list[str],
+    cache_dir: Path,
+    golden_data: GoldenData | None = None,
+):
     allowed = _allowed(variant, candidates)
     if not allowed:
         dropped.append(f"{variant.path}: none of its providers {variant.providers} is available")
@@ -80,7 +89,7 @@ def _try_variant(bundle: Bundle, variant: ModelFile, candidates, threads: int, d
             log.warning("dropped %s; trying the next provider", reason)
             dropped.append(reason)
             continue
-        golden = check_golden(session, bundle.root)
+        golden = check_golden(session, golden_data)
         if not golden.passed:
             reason = f"{variant.path} on {session.providers[0]}: golden check failed: {golden.reason}"
             log.warning("dropped %s", reason)
@@ -101,11 +110,12 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
     bundle_id = bundle.sha256
     thread_choice = choose_threads(options.threads)
     candidates = provider_candidates(manifest, options.providers, cache_dir, bundle_id)
-    golden_inputs = None
+    golden_data = None
     if manifest.golden is None:
         log.info("%s: bundle has no golden data; parity check skipped", manifest.name)
     else:
-        golden_inputs = load_golden(bundle.root, manifest.golden, manifest)[0]
+        golden_data = load_golden((bundle.root / manifest.golden.path).read_bytes(), manifest.golden, manifest)
+    golden_inputs = golden_data.inputs if golden_data else None
 
     variants = manifest.all_models()
     key = decision_key(bundle_id, [p.name for p in candidates])
@@ -125,7 +135,7 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
     compare_all = options.bench and not decision and not background
     for chain in [candidates[1:], candidates] if background else [candidates]:
         for variant in variants:
-            found = _try_variant(bundle, variant, chain, thread_choice.threads, dropped, cache_dir)
+            found = _try_variant(bundle, variant, chain, thread_choice.threads, dropped, cache_dir, golden_data)
             if found:
                 passing.append(found)
                 if not compare_all:

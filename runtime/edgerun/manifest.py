@@ -123,6 +123,16 @@ class Validation(_Model):
     max_accuracy_drop: float | None = None
 
 
+class GoldenThresholds(_Model):
+    """How far one variant's outputs may drift from the golden outputs; ``measured`` is what the build host saw."""
+
+    atol: float
+    rtol: float = 0.0
+    # Fraction of golden samples whose top-1 must agree (classifiers), if set.
+    min_top1_agreement: float | None = None
+    measured: dict[str, Any] = Field(default_factory=dict)
+
+
 class GoldenSpec(_Model):
     """Reference inputs/outputs checked on the device before it reports ready."""
 
@@ -131,6 +141,9 @@ class GoldenSpec(_Model):
     rtol: float = 0.0
     # Fraction of golden samples whose top-1 must agree (classifiers), if set.
     min_top1_agreement: float | None = None
+    # Per variant path: tolerances derived from what that variant measured on the build host
+    # (the top-level values apply to variants not listed).
+    variants: dict[str, GoldenThresholds] = Field(default_factory=dict)
 
 
 class Manifest(_Model):

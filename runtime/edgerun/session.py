@@ -1,23 +1,22 @@
-"""ONNX Runtime sessions built the way the bundle was validated, plus the golden parity check.
+"""ONNX Runtime sessions built the way the bundle was validated.
 
 A session is created from one model file (the selected model or a variant) with the
 manifest's session options and a provider chain. ``ModelSession.run`` is the only place
-inference happens; the server, the batcher, the golden check and the self-benchmark all
-go through it.
+inference happens; the server, the batcher, the golden check (``edgerun.golden``) and the
+self-benchmark all go through it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgerun.errors import BundleError, RequestError, SessionError
-from edgerun.manifest import GoldenSpec, Manifest, ModelFile, ProviderSpec, SessionOptionsSpec, TensorSpec
+from edgerun.errors import RequestError, SessionError
+from edgerun.manifest import Manifest, ModelFile, ProviderSpec, SessionOptionsSpec, TensorSpec
 from edgerun.tensorrt import relocate_cache_paths, serving_batch_limit
 
 log = logging.getLogger("edgerun")
@@ -227,112 +226,3 @@ def create_model_session(
             f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
         ) from exc
     return ModelSession(session, manifest, variant, threads)
-
-
-@dataclass
-class GoldenResult:
-    passed: bool
-    reason: str
-    samples: int = 0
-    max_abs_diff: float | None = None
-    top1_agreement: float | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {"passed": self.passed, "reason": self.reason, "samples": self.samples}
-        if self.max_abs_diff is not None:
-            out["max_abs_diff"] = self.max_abs_diff
-        if self.top1_agreement is not None:
-            out["top1_agreement"] = self.top1_agreement
-        return out
-
-
-def load_golden(
-    root: Path, spec: GoldenSpec, manifest: Manifest
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Golden arrays keyed ``input:<name>`` / ``output:<name>``, batch dimension first."""
-    path = Path(root) / spec.path
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"golden file '{spec.path}' cannot be read ({exc}); rebuild the bundle") from None
-    inputs = {s.name: arrays.get(f"input:{s.name}") for s in manifest.inputs}
-    outputs = {s.name: arrays[f"output:{s.name}"] for s in manifest.outputs if f"output:{s.name}" in arrays}
-    missing = [name for name, value in inputs.items() if value is None]
-    if missing or not outputs:
-        raise BundleError(
-            f"golden file '{spec.path}' lacks arrays {[f'input:{m}' for m in missing] or 'output:<name>'} "
-            f"(has {sorted(arrays)}); golden keys must be 'input:<input name>' and 'output:<output name>'"
-        )
-    return {k: np.asarray(v, dtype=np.dtype(manifest_dtype(manifest, k))) for k, v in inputs.items()}, outputs
-
-
-def manifest_dtype(manifest: Manifest, input_name: str) -> str:
-    return next(s.dtype for s in manifest.inputs if s.name == input_name)
-
-
-def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run all rows at once when the batch dim is dynamic (up to the profile's max batch), else in
-    model-sized chunks."""
-    rows = len(next(iter(feeds.values())))
-    fixed = [s.shape[0] for s in model.inputs if s.shape and s.shape[0] > 0]
-    step = fixed[0] if fixed else min(rows, getattr(model, "max_batch", None) or rows)
-    parts = [model.run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, rows, max(step, 1))]
-    return {name: np.concatenate([p[name] for p in parts]) for name in model.output_names}
-
-
-def check_golden(model: ModelSession, root: Path) -> GoldenResult:
-    """Compare the session's outputs on the golden inputs with the recorded outputs."""
-    spec = model.manifest.golden
-    if spec is None:
-        return GoldenResult(True, "no golden data in bundle; parity not checked")
-    inputs, expected = load_golden(root, spec, model.manifest)
-    samples = len(next(iter(inputs.values())))
-    try:
-        actual = run_in_chunks(model, inputs)
-    except RequestError as exc:
-        return GoldenResult(False, f"golden inputs failed to run: {exc}", samples)
-    worst = 0.0
-    agreements = []
-    for name, want in expected.items():
-        got = actual[name]
-        if got.shape != want.shape:
-            return GoldenResult(
-                False, f"output '{name}' has shape {list(got.shape)}, golden has {list(want.shape)}", samples
-            )
-        got64, want64 = got.astype(np.float64), want.astype(np.float64)
-        finite = np.isfinite(want64)
-        # Non-finite values must match exactly (same Inf sign, NaN for NaN); tolerances cover the rest.
-        bad = (
-            (np.isfinite(got64) != finite)
-            | (np.isinf(want64) & (got64 != want64))
-            | (np.isnan(want64) & ~np.isnan(got64))
-        )
-        if bad.any():
-            return GoldenResult(
-                False, f"output '{name}' has {int(bad.sum())} NaN/Inf values that differ from golden", samples
-            )
-        diff = np.abs(got64 - want64)[finite]
-        worst = max(worst, float(diff.max()) if diff.size else 0.0)
-        allowed = spec.atol + spec.rtol * np.abs(want64[finite])
-        if diff.size and (diff > allowed).any():
-            return GoldenResult(
-                False,
-                f"output '{name}' drifts from golden: max |diff| {float(diff.max()):.3g} "
-                f"exceeds atol {spec.atol:g} + rtol {spec.rtol:g}",
-                samples,
-                worst,
-            )
-        if spec.min_top1_agreement is not None and want.ndim >= 2:
-            agreements.append(float((got64.argmax(-1) == want64.argmax(-1)).mean()))
-    top1 = min(agreements) if agreements else None
-    if top1 is not None and top1 < spec.min_top1_agreement:
-        return GoldenResult(
-            False,
-            f"top-1 agreement {top1:.3f} is below the required {spec.min_top1_agreement:.3f}",
-            samples,
-            worst,
-            top1,
-        )
-    return GoldenResult(True, f"{samples} golden samples match (max |diff| {worst:.3g})", samples, worst, top1)

@@ -20,8 +20,9 @@ from typing import Any
 
 from edgerun.bench import self_benchmark
 from edgerun.errors import SessionError
+from edgerun.golden import GoldenData, GoldenResult, check_golden, load_golden
 from edgerun.manifest import Manifest, ModelFile, ProviderSpec
-from edgerun.session import GoldenResult, ModelSession, check_golden, create_model_session, load_golden
+from edgerun.session import ModelSession, create_model_session
 from edgerun.tensorrt import TENSORRT
 
 log = logging.getLogger("edgerun")
@@ -55,13 +56,18 @@ def build_tensorrt_session(build: TensorrtBuild) -> tuple[ModelSession, GoldenRe
             f"provider could not build or load an engine for '{build.variant.path}' (see the "
             f"onnxruntime messages in the log)"
         )
-    golden = check_golden(session, build.bundle_root)
+    golden = check_golden(session, _golden_data(build))
     if not golden.passed:
         raise SessionError(
             f"golden check failed on TensorRT: {golden.reason}; check the precision flags "
             f"(trt_fp16_enable/trt_int8_enable) or serve without TensorRT (--providers cuda,cpu)"
         )
     return session, golden
+
+
+def _golden_data(build: TensorrtBuild) -> GoldenData | None:
+    spec = build.manifest.golden
+    return load_golden((build.bundle_root / spec.path).read_bytes(), spec, build.manifest) if spec else None
 
 
 def tensorrt_state(state: str, **extra: Any) -> dict[str, Any]:
@@ -92,11 +98,8 @@ def _run(repo, served, build: TensorrtBuild) -> None:
         session, golden = build_tensorrt_session(build)
         benchmark = None
         if build.bench:
-            golden_inputs = (
-                load_golden(build.bundle_root, build.manifest.golden, build.manifest)[0]
-                if build.manifest.golden
-                else None
-            )
+            golden_data = _golden_data(build)
+            golden_inputs = golden_data.inputs if golden_data else None
             benchmark = self_benchmark(session, build.max_batch, golden_inputs, budget_s=build.bench_budget_s)
     except Exception as exc:  # noqa: BLE001 - whatever happens, the fallback keeps serving
         seconds = round(time.perf_counter() - started, 3)

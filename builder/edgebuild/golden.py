@@ -1,0 +1,156 @@
+"""Golden data for the device's parity check, and the pack-time proof that the bundle serves.
+
+Tolerances are derived per shipped variant from what that variant measured on this host (its
+largest deviation from the FP32 reference and its top-1 agreement on the golden inputs), with
+a margin: a device that drifts further than the host did fails the check, while a variant that
+merely behaves as it did here passes it. ``check_serves`` then runs edgerun's own loader on the
+staged bundle, so a bundle that packs is one that edgerun on this host accepts.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgebuild.data import Batch
+from edgebuild.errors import EdgebuildError
+from edgebuild.onnx_utils import fixed_batch, make_session
+from edgebuild.targets import TargetProfile
+from edgebuild.validate import run_session
+from edgerun.manifest import GoldenSpec, GoldenThresholds, ProviderSpec
+
+log = logging.getLogger(__name__)
+
+GOLDEN_SAMPLES = 8
+# atol = ATOL_FACTOR x the deviation measured on the host + ATOL_FLOOR x the output scale.
+ATOL_FACTOR = 2.0
+ATOL_FLOOR = 1e-3
+# A device may flip this many more golden top-1 decisions than the host did (near-tied
+# outputs flip on any kernel change) before the variant is refused.
+AGREEMENT_MARGIN_SAMPLES = 2
+
+
+@dataclass
+class ShippedModel:
+    """One file of the bundle: its path inside the bundle and the ONNX file on this host."""
+
+    relative: str
+    path: Path
+
+
+def _golden_rows(first: Path, ref: np.ndarray) -> np.ndarray:
+    n = min(GOLDEN_SAMPLES, len(ref))
+    batch = fixed_batch(first)
+    if batch:  # whole batches only: the device runs a model that pins its batch size in chunks of it
+        n = max(batch, n - n % batch)
+    return np.arange(n) % len(ref)
+
+
+def variant_thresholds(out: np.ndarray, expected: np.ndarray, classifier: bool) -> GoldenThresholds:
+    """Tolerances for one variant from its outputs ``out`` on the golden inputs (this host)."""
+    out64, want64 = out.astype(np.float64), expected.astype(np.float64)
+    finite = np.isfinite(want64)
+    measured_abs = float(np.abs(out64 - want64)[finite].max()) if finite.any() else 0.0
+    scale = max(1.0, float(np.abs(want64[finite]).max()) if finite.any() else 1.0)
+    atol = ATOL_FACTOR * measured_abs + ATOL_FLOOR * scale
+    measured: dict = {"max_abs": round(measured_abs, 8), "samples": len(expected)}
+    min_agreement = None
+    if classifier and expected.ndim == 2 and expected.shape[1] > 1:
+        agreement = float((out64.argmax(1) == want64.argmax(1)).mean())
+        measured["top1_agreement"] = round(agreement, 6)
+        margin = AGREEMENT_MARGIN_SAMPLES / len(expected)
+        min_agreement = max(0.0, math.floor((agreement - margin) * 1000) / 1000)
+    # Rounded up, so the recorded tolerance never falls below what was measured.
+    return GoldenThresholds(atol=math.ceil(atol * 1e6) / 1e6, min_top1_agreement=min_agreement, measured=measured)
+
+
+def make_golden(
+    output_name: str,
+    shipped: list[ShippedModel],
+    ref: np.ndarray,
+    val: Batch,
+    target: TargetProfile,
+    classifier: bool,
+) -> tuple[bytes, GoldenSpec]:
+    """``golden.npz`` bytes (reference inputs, FP32-reference outputs) and its spec with the
+    tolerances of every shipped variant, each measured with the session options the device uses."""
+    rows = _golden_rows(shipped[0].path, ref)
+    inputs = {k: v[rows] for k, v in val.inputs.items()}
+    expected = ref[rows]
+    per_variant = {}
+    for model in shipped:
+        session = make_session(model.path, target.session.graph_optimization_level, config=target.session.config)
+        per_variant[model.relative] = variant_thresholds(run_session(session, inputs)[0], expected, classifier)
+    buffer = io.BytesIO()
+    arrays = {f"input:{k}": v for k, v in inputs.items()}
+    arrays[f"output:{output_name}"] = expected.astype(np.float32)
+    np.savez(buffer, **arrays)
+    # Bundle-wide values (for readers that predate per-variant tolerances): the loosest.
+    agreements = [t.min_top1_agreement for t in per_variant.values() if t.min_top1_agreement is not None]
+    spec = GoldenSpec(
+        atol=max(t.atol for t in per_variant.values()),
+        min_top1_agreement=min(agreements) if agreements else None,
+        variants=per_variant,
+    )
+    return buffer.getvalue(), spec
+
+
+class ServeCheckError(EdgebuildError):
+    """edgerun on this host would refuse the staged bundle (exit code 1; nothing written)."""
+
+
+def check_serves(bundle_dir: Path) -> str:
+    """Load the staged bundle with edgerun's own loader (verify -> session -> golden check, no
+    self-benchmark, a throw-away cache) and golden-check every other shipped variant the same way.
+
+    Raises ``ServeCheckError`` naming the variant and edgerun's reason when any would be refused.
+    Returns edgerun's one-line verdict for the progress output.
+    """
+    from edgerun.errors import EdgerunError
+    from edgerun.golden import check_golden, load_golden
+    from edgerun.loader import LoadOptions, load_model
+    from edgerun.session import create_model_session
+
+    hint = "nothing was written; rerun with --debug to see edgerun's log"
+    with tempfile.TemporaryDirectory(prefix="edgebuild-servecheck-") as cache:
+        try:
+            served = load_model(bundle_dir, LoadOptions(bench=False, cache_dir=Path(cache)))
+        except EdgerunError as exc:
+            raise ServeCheckError(f"edgerun on this host refuses the bundle: {exc}; {hint}") from None
+        manifest = served.manifest
+        if served.session.variant.path != manifest.model.path:
+            dropped = "; ".join(served.parameters.get("dropped", []))
+            raise ServeCheckError(f"edgerun on this host drops the selected model: {dropped}; {hint}")
+        golden = (
+            load_golden((Path(bundle_dir) / manifest.golden.path).read_bytes(), manifest.golden, manifest)
+            if manifest.golden
+            else None
+        )
+        verdicts = [f"{manifest.model.path}: {served.parameters['golden']['reason']}"]
+        providers = list(served.session.providers)
+        for variant in manifest.variants:
+            chain = [ProviderSpec(name=p) for p in providers if not variant.providers or p in variant.providers]
+            if not chain:
+                verdicts.append(f"{variant.path}: not checked here (runs only on {', '.join(variant.providers)})")
+                continue
+            try:
+                session = create_model_session(
+                    Path(bundle_dir) / variant.path, manifest, variant, chain, served.session.threads
+                )
+            except EdgerunError as exc:
+                raise ServeCheckError(
+                    f"edgerun on this host cannot load variant {variant.path}: {exc}; {hint}"
+                ) from None
+            result = check_golden(session, golden)
+            if not result.passed:
+                raise ServeCheckError(
+                    f"edgerun on this host would drop variant {variant.path}: golden check failed: {result.reason}; {hint}"
+                )
+            verdicts.append(f"{variant.path}: {result.reason}")
+    return "; ".join(verdicts)

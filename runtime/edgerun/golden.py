@@ -1,0 +1,144 @@
+"""The golden parity check: a session's outputs on the bundle's golden inputs against the recorded ones.
+
+The builder stores a few validation inputs and the FP32 reference's outputs in ``golden.npz``
+and, per shipped variant, the tolerances it derived from what that variant measured on the
+build host (``GoldenSpec.variants``). The device runs the same inputs through each session it
+may serve and drops any that drifts further than the host did: fp16 overflow, provider drift,
+a broken accelerator. ``edgebuild pack`` runs this same check on the staged bundle, so a bundle
+that packs passes it on the host that packed it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from edgerun.errors import BundleError, RequestError
+from edgerun.manifest import GoldenSpec, GoldenThresholds, Manifest
+
+if TYPE_CHECKING:
+    from edgerun.session import ModelSession
+
+
+class GoldenData(NamedTuple):
+    """Golden arrays keyed by input / output name, batch dimension first."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class GoldenResult:
+    passed: bool
+    reason: str
+    samples: int = 0
+    max_abs_diff: float | None = None
+    top1_agreement: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"passed": self.passed, "reason": self.reason, "samples": self.samples}
+        if self.max_abs_diff is not None:
+            out["max_abs_diff"] = self.max_abs_diff
+        if self.top1_agreement is not None:
+            out["top1_agreement"] = self.top1_agreement
+        return out
+
+
+def load_golden(data: bytes, spec: GoldenSpec, manifest: Manifest) -> GoldenData:
+    """Parse ``golden.npz`` bytes (keys ``input:<name>`` / ``output:<name>``) for ``manifest``'s tensors."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise BundleError(f"golden file '{spec.path}' cannot be read ({exc}); rebuild the bundle") from None
+    inputs = {s.name: arrays.get(f"input:{s.name}") for s in manifest.inputs}
+    outputs = {s.name: arrays[f"output:{s.name}"] for s in manifest.outputs if f"output:{s.name}" in arrays}
+    missing = [name for name, value in inputs.items() if value is None]
+    if missing or not outputs:
+        raise BundleError(
+            f"golden file '{spec.path}' lacks arrays {[f'input:{m}' for m in missing] or 'output:<name>'} "
+            f"(has {sorted(arrays)}); golden keys must be 'input:<input name>' and 'output:<output name>'"
+        )
+    dtypes = {s.name: s.dtype for s in manifest.inputs}
+    return GoldenData({k: np.asarray(v, dtype=np.dtype(dtypes[k])) for k, v in inputs.items()}, outputs)
+
+
+def thresholds_for(spec: GoldenSpec, variant_path: str) -> GoldenThresholds:
+    """The tolerances recorded for one variant, else the bundle-wide ones (older bundles)."""
+    own = spec.variants.get(variant_path)
+    if own is not None:
+        return own
+    return GoldenThresholds(atol=spec.atol, rtol=spec.rtol, min_top1_agreement=spec.min_top1_agreement)
+
+
+def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run all rows at once when the batch dim is dynamic (up to the profile's max batch), else in
+    model-sized chunks."""
+    rows = len(next(iter(feeds.values())))
+    fixed = [s.shape[0] for s in model.inputs if s.shape and s.shape[0] > 0]
+    step = fixed[0] if fixed else min(rows, getattr(model, "max_batch", None) or rows)
+    parts = [model.run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, rows, max(step, 1))]
+    return {name: np.concatenate([p[name] for p in parts]) for name in model.output_names}
+
+
+def _nonfinite_mismatch(got: np.ndarray, want: np.ndarray) -> int:
+    """Non-finite golden values must come out the same (Inf sign, NaN for NaN); tolerances cover the rest."""
+    finite = np.isfinite(want)
+    bad = (np.isfinite(got) != finite) | (np.isinf(want) & (got != want)) | (np.isnan(want) & ~np.isnan(got))
+    return int(bad.sum())
+
+
+def check_golden(model: ModelSession, golden: GoldenData | None) -> GoldenResult:
+    """Compare the session's outputs on the golden inputs with the recorded outputs, within the
+    tolerances the builder recorded for this variant."""
+    spec = model.manifest.golden
+    if spec is None or golden is None:
+        return GoldenResult(True, "no golden data in bundle; parity not checked")
+    limits = thresholds_for(spec, model.variant.path)
+    samples = len(next(iter(golden.inputs.values())))
+    try:
+        actual = run_in_chunks(model, golden.inputs)
+    except RequestError as exc:
+        return GoldenResult(False, f"golden inputs failed to run: {exc}", samples)
+    worst = 0.0
+    agreements = []
+    for name, want in golden.outputs.items():
+        got = actual[name]
+        if got.shape != want.shape:
+            return GoldenResult(
+                False, f"output '{name}' has shape {list(got.shape)}, golden has {list(want.shape)}", samples
+            )
+        got64, want64 = got.astype(np.float64), want.astype(np.float64)
+        mismatched = _nonfinite_mismatch(got64, want64)
+        if mismatched:
+            return GoldenResult(
+                False, f"output '{name}' has {mismatched} NaN/Inf values that differ from golden", samples
+            )
+        finite = np.isfinite(want64)
+        diff = np.abs(got64 - want64)[finite]
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+        allowed = limits.atol + limits.rtol * np.abs(want64[finite])
+        if diff.size and (diff > allowed).any():
+            return GoldenResult(
+                False,
+                f"output '{name}' drifts from golden: max |diff| {float(diff.max()):.3g} "
+                f"exceeds atol {limits.atol:g} + rtol {limits.rtol:g}",
+                samples,
+                worst,
+            )
+        if limits.min_top1_agreement is not None and want.ndim >= 2:
+            agreements.append(float((got64.argmax(-1) == want64.argmax(-1)).mean()))
+    top1 = min(agreements) if agreements else None
+    if top1 is not None and limits.min_top1_agreement is not None and top1 < limits.min_top1_agreement:
+        return GoldenResult(
+            False,
+            f"top-1 agreement {top1:.3f} is below the required {limits.min_top1_agreement:.3f}",
+            samples,
+            worst,
+            top1,
+        )
+    return GoldenResult(True, f"{samples} golden samples match (max |diff| {worst:.3g})", samples, worst, top1)
