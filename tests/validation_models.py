@@ -101,3 +101,13 @@ def labelled_images(n=32, seed=0, classes=10):
     y = rng.integers(0, classes, n)
     for i in range(0, n, 16):
         yield x[i : i + 16], y[i : i + 16]
+
+
+def wrong_labels(n=32, seed=0):
+    """Labels (2-3 classes) that never match NearUniform's top-1: a reference accuracy of 0.0 (below chance)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 3, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        top1 = NearUniform()(torch.from_numpy(x)).argmax(1).numpy()
+    labels = [[k for k in (0, 1, 2) if k != t][i % 2] for i, t in enumerate(top1)]
+    return [(x, np.array(labels))]

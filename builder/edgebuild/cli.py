@@ -67,14 +67,13 @@ def main(debug: bool) -> None:
 )
 @click.option(
     "--max-accuracy-drop",
-    type=float,
-    default=0.01,
+    default="0.01",
     show_default=True,
-    help="Largest allowed drop of the metric (absolute, e.g. 0.01 = 1 point).",
+    help="Largest allowed drop of the metric: a fraction (0.01 = 1 point) or a percent (1%); above 0.5 only as a percent.",
 )
 @click.option(
     "--metric",
-    help="accuracy | agreement | cosine | module:callable (default: accuracy with labels, else agreement/cosine).",
+    help="accuracy | agreement | cosine | module:callable (default: accuracy with labels, else cosine).",
 )
 @click.option(
     "--optimize-for",
@@ -84,7 +83,7 @@ def main(debug: bool) -> None:
     help="What auto minimises among in-budget variants.",
 )
 @click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples used.")
-@click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
+@click.option("--val-samples", type=int, default=1000, show_default=True, help="All given samples, up to this cap.")
 @click.option(
     "--ship-variants/--no-ship-variants",
     default=None,

@@ -41,7 +41,7 @@ from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dt
 from edgebuild.report import write_report
 from edgebuild.sources import ModelSource, load_model
 from edgebuild.targets import TargetProfile, load_target
-from edgebuild.validate import choose_metric, run_session, torch_outputs
+from edgebuild.validate import choose_metric, parse_accuracy_drop, run_session, torch_outputs
 from edgerun.manifest import (
     FORMAT_VERSION,
     Manifest,
@@ -70,7 +70,7 @@ class PackOptions:
     calib_data: str | None = None
     val_data: str | None = None
     quantize: str = "auto"
-    max_accuracy_drop: float = 0.01
+    max_accuracy_drop: float | str = 0.01  # a fraction (0.01 = 1 point) or a percent string ("1%")
     metric: str | None = None
     optimize_for: str = "latency"  # latency | size
     calib_samples: int = 256
@@ -120,10 +120,7 @@ def _apply_example_defaults(options: PackOptions) -> dict:
 def _validate_options(options: PackOptions, target: TargetProfile) -> None:
     if options.quantize not in QUANTIZE_MODES:
         raise UsageError(f"--quantize '{options.quantize}' is unknown; use one of {', '.join(QUANTIZE_MODES)}")
-    if not 0.0 <= options.max_accuracy_drop <= 1.0:
-        raise UsageError(
-            f"--max-accuracy-drop {options.max_accuracy_drop} must be between 0 and 1 (absolute, e.g. 0.01)"
-        )
+    options.max_accuracy_drop = parse_accuracy_drop(options.max_accuracy_drop)
     if options.quantize not in ("auto", "none"):
         wanted = options.quantize
         if wanted not in target.precisions:
@@ -311,7 +308,16 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
 
         ref = _reference_outputs(original, exported.path, val.inputs, validation_source.description)
-        metric = choose_metric(options.metric, val.labels is not None, ref)
+        declared = extras.get("postprocess") or {}
+        metric = choose_metric(
+            options.metric,
+            val.labels,
+            ref,
+            known_classifier=bool(options.labels) or declared.get("type") == "classification",
+            data=validation_source.description,
+        )
+        if metric.warning:
+            progress(f"WARNING: {metric.warning}; judging by top-1 agreement with the FP32 reference instead")
         batch = fixed_batch(exported.path) or 1  # timed at batch 1, or at the batch a model pins
         feed1 = fill_rows({k: v[:batch] for k, v in val.inputs.items()}, batch)
 
@@ -320,7 +326,10 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         for plan in plan_candidates(options, target, calibration, exported.path):
             progress(f"quantize: building {plan.name} ...")
             candidates.append(build_candidate(plan, exported.path, workdir))
-        progress(f"validate + benchmark {len(candidates)} candidate(s) on {len(val)} samples ({metric.name}) ...")
+        capped = " (the --val-samples cap)" if validated and len(val) >= options.val_samples else ""
+        progress(
+            f"validate + benchmark {len(candidates)} candidate(s) on {len(val)} samples{capped} ({metric.name}) ..."
+        )
         for candidate in candidates:
             measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
         if fp32 not in candidates:
@@ -345,6 +354,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         chosen = select(candidates, options.optimize_for, prefer=_gpu_preference(target))
         validation_info = dict(
             metric=metric.name,
+            metric_reason=metric.reason,
             data=validation_source.description,
             samples=len(val),
             validated=validated,
@@ -419,6 +429,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
                 reference=chosen.validation["reference"],
                 packed=chosen.validation["packed"],
                 drop=chosen.validation["drop"],
+                **_metric_details(metric.name, chosen.validation),
                 **validation_info,
             ),
             benchmark=_benchmark_summary(fp32, chosen, candidates),
@@ -450,6 +461,13 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             dest, manifest, files, force=options.force, sign_key=options.sign_key, archive=options.archive, check=serves
         )
     return PackResult(dest, manifest, chosen, candidates)
+
+
+def _metric_details(metric: str, validation: dict) -> dict:
+    """Cosine is judged on its mean; the worst sample is recorded next to it."""
+    if metric != "cosine":
+        return {}
+    return {"cosine_mean": validation.get("cosine"), "cosine_worst": validation.get("cosine_min")}
 
 
 def _default_postprocess(outputs: list[TensorSpec]) -> dict | None:

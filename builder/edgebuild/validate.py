@@ -89,10 +89,17 @@ def compare_outputs(reference: np.ndarray, packed: np.ndarray, labels: np.ndarra
 
 @dataclass
 class Metric:
-    """The number the accuracy budget applies to."""
+    """The number the accuracy budget applies to, and why it was chosen."""
 
     name: str
     fn: Callable[[np.ndarray, np.ndarray, np.ndarray | None], float] | None = None
+    # Why this metric (recorded in the manifest's validation), and a warning worth printing loudly.
+    reason: str = ""
+    warning: str | None = None
+
+    @property
+    def is_classification(self) -> bool:
+        return self.name in ("accuracy", "agreement")
 
     def reference_value(self, reference: np.ndarray, labels: np.ndarray | None) -> float:
         if self.fn is not None:
@@ -109,24 +116,111 @@ class Metric:
         return float(numbers[self.name])
 
 
-def choose_metric(requested: str | None, has_labels: bool, reference: np.ndarray) -> Metric:
-    """Default: accuracy with labels, top-1 agreement for classifiers, cosine otherwise."""
-    is_classifier = reference.ndim == 2 and reference.shape[1] > 1
+# A plain --max-accuracy-drop above this is almost always a percent typed as a number ("1" for
+# one percent turns the budget off); larger budgets must be written as a percent.
+MAX_PLAIN_DROP = 0.5
+
+
+def parse_accuracy_drop(value: float | str) -> float:
+    """``--max-accuracy-drop``: a fraction of the metric (0.01 = one point) or a percent ("1%")."""
+    text = str(value).strip()
+    percent = text.endswith("%")
+    try:
+        number = float(text[:-1] if percent else text)
+    except ValueError:
+        raise UsageError(
+            f"--max-accuracy-drop '{text}' is not a number; give a fraction (0.01) or a percent (1%)"
+        ) from None
+    drop = number / 100 if percent else number
+    if not 0.0 <= drop <= 1.0:  # also refuses NaN
+        raise UsageError(f"--max-accuracy-drop {text} must be between 0 and 1 (or 0% and 100%)")
+    if not percent and drop > MAX_PLAIN_DROP:
+        raise UsageError(
+            f"--max-accuracy-drop {text} is a fraction of the metric: it would allow a drop of {drop * 100:g} points. "
+            f"For {number:g} percent write {number / 100:g} or {number:g}%; to allow {drop * 100:g} points write "
+            f"{drop * 100:g}%"
+        )
+    return drop
+
+
+def _classes(reference: np.ndarray) -> int | None:
+    """Width of a [batch, classes] output, else None (embeddings and dense maps have no classes)."""
+    return int(reference.shape[1]) if reference.ndim == 2 and reference.shape[1] > 1 else None
+
+
+def check_labels(labels: np.ndarray | None, reference: np.ndarray, data: str) -> None:
+    """Labels must index the model's outputs; otherwise accuracy is measured against nothing."""
+    classes = _classes(reference)
+    if labels is None or classes is None or labels.size == 0:
+        return
+    if labels.min() < 0 or labels.max() >= classes:
+        raise UsageError(
+            f"validation data '{data}' has labels for {int(labels.max()) + 1} classes (0..{int(labels.max())}) but "
+            f"the model has {classes} outputs: labels must index the model's outputs (check the class folders, "
+            f"--labels or the model's number of classes)"
+        )
+
+
+def choose_metric(
+    requested: str | None,
+    labels: np.ndarray | None,
+    reference: np.ndarray,
+    *,
+    known_classifier: bool = False,
+    data: str = "",
+) -> Metric:
+    """The budget's metric. Default: ``accuracy`` with labels (unless the reference itself is at or
+    below chance: then ``agreement``, loudly), ``agreement`` for a model known to classify (declared
+    classification post-processing or class names), ``cosine`` for every other output."""
+    classes = _classes(reference)
+    has_labels = labels is not None
+    if has_labels and classes is not None:
+        check_labels(labels, reference, data)
     if requested is None or requested == "auto":
-        if has_labels and is_classifier:
-            return Metric("accuracy")
-        return Metric("agreement" if is_classifier else "cosine")
+        if has_labels and classes is not None:
+            return _accuracy_or_agreement(labels, reference)
+        if known_classifier and classes is not None:
+            return Metric("agreement", reason="classifier (declared post-processing or class names), no labels")
+        return Metric(
+            "cosine", reason="no labels and not a declared classifier: output similarity (mean; worst recorded)"
+        )
     if requested == "accuracy" and not has_labels:
         raise UsageError("--metric accuracy needs labelled validation data (an 'y' array or (x, y) items)")
-    if requested in ("accuracy", "agreement") and not is_classifier:
+    if requested in ("accuracy", "agreement") and classes is None:
         raise UsageError(
             f"--metric {requested} needs a classifier output [batch, classes]; got shape {list(reference.shape)}: use cosine"
         )
+    if requested == "accuracy":
+        metric = _accuracy_or_agreement(labels, reference)
+        if metric.name != "accuracy":
+            raise UsageError(f"--metric accuracy is vacuous here: {metric.warning}")
+        return metric
     if requested in METRICS:
-        return Metric(requested)
+        return Metric(requested, reason="--metric")
     if ":" in requested:
-        return Metric(requested, import_callable(requested, what="metric"))
+        return Metric(requested, import_callable(requested, what="metric"), reason="--metric")
     raise UsageError(f"--metric '{requested}' is unknown; use accuracy, agreement, cosine or package.module:callable")
+
+
+def _accuracy_or_agreement(labels, reference: np.ndarray) -> Metric:
+    """Accuracy, unless the reference model is no better than chance on these labels: then a drop
+    of accuracy means nothing and top-1 agreement with the reference is what can be measured."""
+    accuracy = float((reference.argmax(1) == labels).mean())
+    present = len(np.unique(labels))
+    classes = present if present > 1 else int(reference.shape[1])  # one class present: chance of the model's own
+    chance = 1.0 / classes
+    if accuracy > chance:
+        return Metric("accuracy", reason=f"labelled data (reference accuracy {accuracy:.4f}, chance {chance:.4f})")
+    warning = (
+        f"the FP32 reference scores accuracy {accuracy:.4f} on these labels, at or below chance ({chance:.4f} for "
+        f"{classes} classes): the labels do not match the model's outputs (class order? another label set?)"
+    )
+    return Metric(
+        "agreement",
+        reason=f"reference accuracy {accuracy:.4f} at or below chance {chance:.4f}: judged by top-1 agreement with "
+        "the FP32 reference instead",
+        warning=warning,
+    )
 
 
 def evaluate(metric: Metric, reference: np.ndarray, packed: np.ndarray, labels: np.ndarray | None) -> dict:

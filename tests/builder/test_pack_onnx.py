@@ -15,7 +15,7 @@ def _pack(tmp_path, model, **kwargs):
         calib_data=data,
         val_data=data,
         bench_seconds=0.05,
-        max_accuracy_drop=1.0,
+        max_accuracy_drop="100%",
         **kwargs,
     )
     return pack(options, progress=lambda message: None)

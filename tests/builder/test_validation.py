@@ -31,7 +31,9 @@ NEAR_UNIFORM_INT8 = [
     "--quantize",
     "int8",
     "--max-accuracy-drop",
-    "1.0",
+    "100%",
+    "--metric",
+    "agreement",
 ]
 
 
@@ -67,3 +69,107 @@ def test_a_bundle_edgerun_would_refuse_is_refused_at_pack_time_and_nothing_is_wr
     assert "Traceback" not in result.stderr
     out = tmp_path / "out"
     assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("1", "would allow a drop of 100 points. For 1 percent write 0.01 or 1%"),
+        ("0.6", "write 60%"),
+        ("150%", "between 0 and 1"),
+        ("a lot", "is not a number"),
+    ],
+)
+def test_a_budget_that_would_switch_validation_off_exits_2_with_one_line(tmp_path, value, message):
+    result = _pack(tmp_path, "tinymodels:tiny_cnn", "--max-accuracy-drop", value)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_outside_the_models_outputs_exit_2_naming_both_counts(tmp_path):
+    result = _pack(
+        tmp_path, "tinymodels:tiny_cnn", "--val-data", "validation_models:labelled_images", "--quantize", "none"
+    )
+    assert result.exit_code == 2, result.output
+    assert "labels for 10 classes" in result.stderr and "the model has 4 outputs" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_reference_below_chance_warns_and_judges_by_agreement(tmp_path):
+    result = _pack(
+        tmp_path, "validation_models:near_uniform", "--val-data", "validation_models:wrong_labels", "--quantize", "none"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "WARNING: the FP32 reference scores accuracy 0.0000" in result.stderr
+        and "at or below chance (0." in result.stderr
+    )
+    validation = _manifest(result)["validation"]
+    assert validation["metric"] == "agreement" and "below chance" in validation["metric_reason"]
+
+
+def test_explicit_accuracy_on_labels_the_reference_cannot_score_exits_2(tmp_path):
+    result = _pack(
+        tmp_path,
+        "validation_models:near_uniform",
+        "--val-data",
+        "validation_models:wrong_labels",
+        "--metric",
+        "accuracy",
+    )
+    assert result.exit_code == 2, result.output
+    assert "--metric accuracy is vacuous here" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_percent_budget_is_recorded_as_a_fraction_and_all_samples_are_used(tmp_path):
+    result = _pack(
+        tmp_path,
+        "validation_models:embedder",
+        "--val-data",
+        "validation_models:vectors16",
+        "--quantize",
+        "none",
+        "--max-accuracy-drop",
+        "1%",
+    )
+    assert result.exit_code == 0, result.stderr
+    validation = _manifest(result)["validation"]
+    assert validation["max_accuracy_drop"] == 0.01 and validation["samples"] == 48
+
+
+@pytest.mark.slow
+def test_dense_output_without_labels_is_judged_by_cosine_with_worst_and_mean(tmp_path):
+    result = _pack(
+        tmp_path, "validation_models:embedder", "--val-data", "validation_models:vectors16", "--quantize", "none"
+    )
+    assert result.exit_code == 0, result.stderr
+    validation = _manifest(result)["validation"]
+    assert validation["metric"] == "cosine"
+    assert validation["cosine_worst"] <= validation["cosine_mean"] <= 1.0 + 1e-9
+
+
+@pytest.mark.slow
+def test_class_outputs_without_labels_are_cosine_unless_declared_or_asked(tmp_path):
+    args = ["tinymodels:tiny_cnn", "--val-data", "validation_models:images", "--quantize", "none"]
+    assert _manifest(_pack(tmp_path / "a", *args))["validation"]["metric"] == "cosine"
+    asked = _pack(tmp_path / "b", *args, "--metric", "agreement")
+    assert _manifest(asked)["validation"]["metric"] == "agreement"
+
+
+def test_val_samples_caps_validation_and_says_so(tmp_path):
+    result = _pack(
+        tmp_path,
+        "validation_models:embedder",
+        "--val-data",
+        "validation_models:vectors16",
+        "--quantize",
+        "none",
+        "--val-samples",
+        "20",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "on 20 samples (the --val-samples cap)" in result.stderr
+    assert _manifest(result)["validation"]["samples"] == 20
