@@ -51,9 +51,24 @@ def main(debug: bool) -> None:
 )
 @click.option(
     "--input-shape",
-    help="Example input shape, e.g. 1,3,224,224 (default: model's example_inputs/input_shape or the ONNX graph).",
+    multiple=True,
+    help="Example input shape, e.g. 1,3,224,224, or NAME=1,576 per input (repeat). Default: the model's "
+    "example_inputs/input_shape, the ONNX graph, or the first sample of the data.",
 )
-@click.option("--input-names", help="Comma-separated input names (default: from example_inputs or 'input').")
+@click.option(
+    "--input-names",
+    help="Comma-separated input names (default: the module's input_names, else forward()'s parameters).",
+)
+@click.option(
+    "--preprocess",
+    help="Image preprocessing for image-folder data and /v1/predict: imagenet | unit | none | FILE.toml "
+    "(default: the factory module's PREPROCESS).",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Class names, one per line (default: the factory module's LABELS, or the image folder's class names).",
+)
 @click.option(
     "--calib-data", help="Calibration DATA: image folder, .npz, module:callable, or 'random' (then not validated)."
 )
@@ -176,6 +191,7 @@ def pack(config_path, **params):
     options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
     result = run_pack(options)
     v = result.manifest.validation
+    assert v is not None  # pack always records its validation
     click.echo(
         f"edgebuild: {result.chosen.name}: {v.metric} {v.packed:.4f} (reference {v.reference:.4f}, drop {v.drop:+.4f}); "
         f"speed-up vs FP32 {result.manifest.benchmark['speedup_vs_fp32']}×, size {result.chosen.size_bytes / 1024:.1f} KiB",
@@ -277,7 +293,7 @@ def bench(location, threads, bench_seconds, as_json):
         from edgebuild.inspection import inspect_model
 
         report = inspect_model(location, bench_seconds=bench_seconds, threads=threads)
-        rows = [{"path": location, "precision": "fp32", **report.latency}]
+        rows = [{"path": location, "precision": "fp32", **(report.latency or {})}]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -8,14 +8,17 @@ recorded as "accuracy not validated"). Every form becomes batches of named numpy
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgebuild.errors import UsageError
 from edgebuild.sources import InputSpec, import_callable
+from edgerun.errors import EdgerunError
+from edgerun.preprocess import PreprocessSpec, parse_spec, preprocess_image, preset_values
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LABEL_KEYS = ("y", "label", "labels")
@@ -23,8 +26,16 @@ LABEL_KEYS = ("y", "label", "labels")
 
 @dataclass
 class Batch:
+    """Named input arrays whose first axis counts samples.
+
+    ``calls`` is False for rows stacked along the model's batch axis, True for one model call per
+    entry (each entry is that call's full tensor: models whose inputs cannot be stacked along a
+    common first axis, e.g. a recurrent ``state [2, N, 128]`` or a scalar).
+    """
+
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    calls: bool = False
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -38,6 +49,10 @@ class DataSource:
     make_batches: Callable[[], Iterable[Batch]]
     is_random: bool = False
     limit: int | None = None
+    # Class names of an image folder (sorted, as torchvision's ImageFolder numbers them).
+    classes: list[str] | None = None
+    # The preprocessing that turned images into tensors, when the data is an image folder.
+    preprocess: PreprocessSpec | None = None
 
     def batches(self) -> Iterator[Batch]:
         seen = 0
@@ -49,6 +64,7 @@ class DataSource:
                 batch = Batch(
                     {k: v[:keep] for k, v in batch.inputs.items()},
                     None if batch.labels is None else batch.labels[:keep],
+                    batch.calls,
                 )
             seen += len(batch)
             yield batch
@@ -58,10 +74,13 @@ class DataSource:
         parts = list(self.batches())
         if not parts:
             raise UsageError(f"data '{self.description}' yielded no samples")
-        inputs = {k: np.concatenate([p.inputs[k] for p in parts]) for k in parts[0].inputs}
+        try:
+            inputs = {k: np.concatenate([p.inputs[k] for p in parts]) for k in parts[0].inputs}
+        except ValueError as exc:
+            raise UsageError(f"data '{self.description}': samples differ in shape ({exc})") from None
         has_labels = all(p.labels is not None for p in parts)
         labels = np.concatenate([p.labels for p in parts]) if has_labels else None
-        return Batch(inputs, labels)
+        return Batch(inputs, labels, parts[0].calls)
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -70,32 +89,88 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _conform(name: str, array, spec: InputSpec, source: str) -> np.ndarray:
-    """Cast to the input's dtype and add a batch dim to single samples; explain mismatches."""
-    array = _to_numpy(array)
-    if array.ndim == len(spec.shape) - 1:
-        array = array[None]
-    if array.ndim != len(spec.shape):
-        raise UsageError(
-            f"data '{source}': input '{name}' has shape {list(array.shape)}, expected a batch like {list(spec.shape)}"
-        )
-    if array.shape[1:] != tuple(spec.shape[1:]) and len(spec.shape) > 1:
-        # Only the batch dim is fixed by the model here; sequence dims of text models may vary.
-        if spec.dtype.startswith("float"):
+def stackable(specs: list[InputSpec]) -> bool:
+    """Samples of these inputs stack along one first axis: every input has a batch axis first
+    (dynamic everywhere, or the same fixed size everywhere, as a model that pins its batch)."""
+    if any(not s.known for s in specs):
+        return True  # a torch module: its inputs are exported with a dynamic batch axis
+    if any(not s.shape for s in specs):
+        return False
+    if all(0 in s.dynamic_axes for s in specs):
+        return True
+    return not any(0 in s.dynamic_axes for s in specs) and len({s.shape[0] for s in specs}) == 1
+
+
+def _check_fixed_dims(name: str, sample_shape: tuple[int, ...], spec: InputSpec, source: str, skip_first: bool) -> None:
+    for axis, want in enumerate(spec.shape):
+        if (skip_first and axis == 0) or axis in spec.dynamic_axes or want <= 0:
+            continue
+        if sample_shape[axis] != want:
+            got = list(sample_shape[1:] if skip_first else sample_shape)
+            expected = list(spec.shape[1:] if skip_first else spec.shape)
             raise UsageError(
-                f"data '{source}': input '{name}' samples have shape {list(array.shape[1:])}, "
-                f"the model expects {list(spec.shape[1:])}"
+                f"data '{source}': input '{name}' samples have shape {got}, the model expects {expected} "
+                f"(dimension {axis} must be {want})"
             )
-    return array.astype(spec.dtype, copy=False)
+
+
+def _conform(name: str, value, spec: InputSpec, source: str, one_call: bool) -> tuple[np.ndarray, bool]:
+    """Cast to the input's dtype; return the array with its first axis counting samples, and
+    whether those samples are whole calls (True) or rows of the batch axis (False).
+
+    A rank-(r+1) array is calls of the rank-r input; rank r is rows (or, for ``one_call`` items, a
+    single call); rank r-1 is a single row.
+    """
+    array = _to_numpy(value)
+    if not spec.known:  # only the name is known: an .npz counts calls on its first axis, an item is one call
+        return (array, True) if not one_call else (array[None], True)
+    rank = len(spec.shape)
+    if array.ndim == rank + 1:
+        calls = True
+    elif array.ndim == rank and rank > 0:
+        calls = False
+    elif array.ndim == rank - 1 or (one_call and array.ndim == rank):
+        array, calls = array[None], rank == 0
+    else:
+        raise UsageError(
+            f"data '{source}': input '{name}' has shape {list(array.shape)}; expected a batch like "
+            f"{list(spec.shape)} or one entry per call, [calls, {', '.join(map(str, spec.shape))}]"
+        )
+    _check_fixed_dims(name, array.shape[1:] if calls else array.shape, spec, source, skip_first=not calls)
+    return array.astype(spec.dtype or array.dtype, copy=False), calls
 
 
 def _labels(value) -> np.ndarray | None:
     return None if value is None else _to_numpy(value).astype(np.int64).reshape(-1)
 
 
-def _batch_from_item(item, specs: list[InputSpec], source: str) -> Batch:
-    names = [s.name for s in specs]
+def _assemble(arrays: Mapping[str, Any], labels, specs: list[InputSpec], source: str, one_call: bool) -> Batch:
+    """Named arrays -> one :class:`Batch`, as rows when the model's inputs stack, else as calls."""
     by_name = {s.name: s for s in specs}
+    conformed = {n: _conform(n, a, by_name[n], source, one_call) for n, a in arrays.items()}
+    if stackable(specs):
+        # Calls of batch-first tensors are rows: [calls, b, ...] -> [calls * b, ...].
+        inputs = {n: a.reshape(-1, *a.shape[2:]) if calls else a for n, (a, calls) in conformed.items()}
+        as_calls = False
+    else:
+        rows = [n for n, (_, calls) in conformed.items() if not calls]
+        if rows and not one_call:
+            name = rows[0]
+            raise UsageError(
+                f"data '{source}': the model's inputs do not share a batch axis, so each entry is one call: input "
+                f"'{name}' needs shape [calls, {', '.join(map(str, by_name[name].shape))}], got "
+                f"{list(conformed[name][0].shape)}"
+            )
+        inputs = {n: a if calls else a[None] for n, (a, calls) in conformed.items()}
+        as_calls = True
+    counts = {n: len(a) for n, a in inputs.items()}
+    if len(set(counts.values())) > 1:
+        raise UsageError(f"data '{source}': inputs hold different numbers of samples {counts}")
+    return Batch(inputs, _labels(labels), as_calls)
+
+
+def _batch_from_item(item, specs: list[InputSpec], source: str, one_call: bool = True) -> Batch:
+    names = [s.name for s in specs]
     labels = None
     if isinstance(item, dict):
         labels = next((item[k] for k in LABEL_KEYS if k in item), None)
@@ -112,8 +187,7 @@ def _batch_from_item(item, specs: list[InputSpec], source: str) -> Batch:
         labels = item[len(specs)] if len(item) > len(specs) else None
     else:
         arrays = {names[0]: item}
-    inputs = {n: _conform(n, a, by_name[n], source) for n, a in arrays.items()}
-    return Batch(inputs, _labels(labels))
+    return _assemble(arrays, labels, specs, source, one_call)
 
 
 def _npz_source(path: Path, specs: list[InputSpec], batch_size: int) -> Callable[[], Iterable[Batch]]:
@@ -129,25 +203,34 @@ def _npz_source(path: Path, specs: list[InputSpec], batch_size: int) -> Callable
     else:
         raise UsageError(f"data '{path}' needs an array 'x' or arrays named {names}; it has {sorted(data)}")
     labels = next((data[k] for k in LABEL_KEYS if k in data), None)
-    whole = _batch_from_item({**arrays, **({"y": labels} if labels is not None else {})}, specs, str(path))
+    whole = _assemble(arrays, labels, specs, str(path), one_call=False)
 
     def batches():
         for i in range(0, len(whole), batch_size):
             yield Batch(
                 {k: v[i : i + batch_size] for k, v in whole.inputs.items()},
                 None if whole.labels is None else whole.labels[i : i + batch_size],
+                whole.calls,
             )
 
     return batches
 
 
-def _image_folder_source(root: Path, specs: list[InputSpec], batch_size: int) -> Callable[[], Iterable[Batch]]:
-    from PIL import Image
+def image_folder_classes(root: Path) -> list[str]:
+    """Class names of an image folder: its sub-folders, sorted (torchvision's ImageFolder numbering)."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
 
-    if len(specs) != 1 or len(specs[0].shape) != 4:
-        raise UsageError(f"data '{root}': an image folder feeds a single NCHW image input")
-    _, channels, height, width = specs[0].shape
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+
+def default_preprocess(spec: InputSpec) -> PreprocessSpec:
+    """What an image folder uses when nothing is declared: RGB (or grey for one channel), resize, /255."""
+    color = "L" if len(spec.shape) == 4 and spec.shape[1] == 1 else "RGB"
+    return parse_spec({**(preset_values("unit") or {}), "color": color})
+
+
+def _image_folder_source(
+    root: Path, specs: list[InputSpec], batch_size: int, preprocess: PreprocessSpec
+) -> Callable[[], Iterable[Batch]]:
+    classes = image_folder_classes(root)
     if not classes:
         raise UsageError(f"data '{root}' has no class sub-folders (expected one sub-folder of images per class)")
     files = [
@@ -158,17 +241,18 @@ def _image_folder_source(root: Path, specs: list[InputSpec], batch_size: int) ->
     ]
     if not files:
         raise UsageError(f"data '{root}': no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
-    mode = "L" if channels == 1 else "RGB"
 
     def load(path: Path) -> np.ndarray:
-        image = Image.open(path).convert(mode).resize((width, height), Image.BILINEAR)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        return array[None] if channels == 1 else array.transpose(2, 0, 1)
+        # The runtime's own preprocessing: the device makes the same tensor from the same image.
+        try:
+            return preprocess_image(path.read_bytes(), preprocess)
+        except EdgerunError as exc:
+            raise UsageError(f"data '{root}': image '{path}': {exc}") from None
 
     def batches():
         for i in range(0, len(files), batch_size):
             chunk = files[i : i + batch_size]
-            x = np.stack([load(f) for f, _ in chunk]).astype(specs[0].dtype)
+            x = np.concatenate([load(f) for f, _ in chunk]).astype(specs[0].dtype, copy=False)
             yield Batch({specs[0].name: x}, np.array([label for _, label in chunk], dtype=np.int64))
 
     return batches
@@ -199,8 +283,13 @@ def open_data(
     limit: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
+    preprocess: PreprocessSpec | None = None,
 ) -> DataSource:
-    """Open any ``DATA`` form for ``purpose`` (calibration, validation, training)."""
+    """Open any ``DATA`` form for ``purpose`` (calibration, validation, training).
+
+    An image folder becomes tensors through ``preprocess`` (default: RGB, resize, /255), the
+    runtime's own implementation.
+    """
     if spec == "random":
         if not allow_random:
             raise UsageError(f"'random' data is allowed for calibration only, not for {purpose}; give real data")
@@ -211,7 +300,17 @@ def open_data(
             raise UsageError(f"{purpose} data file '{spec}' does not exist")
         return DataSource(spec, _npz_source(path, inputs, batch_size), limit=limit)
     if path.is_dir():
-        return DataSource(spec, _image_folder_source(path, inputs, batch_size), limit=limit)
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise UsageError(
+                f"{purpose} data '{spec}': an image folder feeds a single [N, C, H, W] or [N, H, W, C] image input; "
+                f"the model takes {[(s.name, list(s.shape)) for s in inputs]}"
+            )
+        try:
+            image = (preprocess or default_preprocess(inputs[0])).for_input(inputs[0].shape, inputs[0].name)
+        except ValueError as exc:
+            raise UsageError(f"{purpose} data '{spec}': the preprocessing does not fit the model: {exc}") from None
+        make = _image_folder_source(path, inputs, batch_size, image)
+        return DataSource(spec, make, limit=limit, classes=image_folder_classes(path), preprocess=image)
     if ":" not in spec:
         raise UsageError(
             f"{purpose} data '{spec}' does not exist (expected an image folder, a .npz, 'module:callable' or 'random')"
@@ -227,6 +326,87 @@ def open_data(
             yield _batch_from_item(item, inputs, spec)
 
     return DataSource(spec, batches, limit=limit)
+
+
+def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str) -> list[InputSpec]:
+    """Fill in what the model does not say about its inputs (dynamic sizes, dtypes, rank) from the
+    first sample of ``spec``; the data's own names pick forward()'s optional parameters."""
+    if spec.endswith(".npz") and Path(spec).is_file() and any(not s.known for s in inputs):
+        with np.load(spec, allow_pickle=False) as data:
+            present = set(data.files)
+        inputs = _named_subset(inputs, present, spec)
+    elif ":" in spec and not Path(spec).exists() and any(not s.known for s in inputs):
+        factory = import_callable(spec, what=f"{purpose} data")
+        try:
+            first = next(iter(factory()), None)
+        except Exception as exc:  # noqa: BLE001 - user code
+            raise UsageError(f"{purpose} data '{spec}' failed: {type(exc).__name__}: {exc}") from None
+        if isinstance(first, dict):
+            inputs = _named_subset(inputs, set(first), spec)
+    first_batch = next(iter(open_data(spec, inputs, purpose=purpose, limit=1).batches()), None)
+    if first_batch is None:
+        raise UsageError(f"{purpose} data '{spec}' yielded no samples")
+    resolved = []
+    for s in inputs:
+        array = first_batch.inputs[s.name]
+        sample = array.shape[1:] if first_batch.calls else (1, *array.shape[1:])
+        if s.known:
+            shape = tuple(
+                got if want <= 0 or axis in s.dynamic_axes else want
+                for axis, (want, got) in enumerate(zip(s.shape, sample))
+            )
+            if first_batch.calls is False and 0 in s.dynamic_axes and s.shape:
+                shape = (s.shape[0] if s.shape[0] > 0 else 1, *shape[1:])
+            resolved.append(replace(s, shape=shape))
+        else:
+            resolved.append(InputSpec(s.name, tuple(int(d) for d in sample), array.dtype.name))
+    return resolved
+
+
+def _named_subset(inputs: list[InputSpec], present: set[str], spec: str) -> list[InputSpec]:
+    """forward()'s parameters that the data names, in forward() order (optional ones may be left out)."""
+    chosen = [s for s in inputs if s.name in present]
+    if not chosen and len(inputs) == 1 and "x" in present:
+        return inputs
+    if not chosen:
+        raise UsageError(
+            f"data '{spec}' names none of the model's inputs {[s.name for s in inputs]}; it has {sorted(present)}"
+        )
+    if [s.name for s in inputs[: len(chosen)]] != [s.name for s in chosen]:
+        raise UsageError(
+            f"data '{spec}' gives inputs {[s.name for s in chosen]}, but they are not forward()'s first parameters "
+            f"{[s.name for s in inputs[: len(chosen)]]}; give the model 'example_inputs' or 'input_names'"
+        )
+    return chosen
+
+
+def call_feeds(inputs: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """One feed per call of per-call data (:attr:`Batch.calls`)."""
+    for i in range(len(next(iter(inputs.values())))):
+        yield {k: np.asarray(v[i]) for k, v in inputs.items()}
+
+
+def is_per_call(inputs: Mapping[str, np.ndarray], ranks: Mapping[str, int]) -> bool:
+    """True when every array has one more axis than its model input: the first counts calls."""
+    return bool(inputs) and all(k in ranks and np.ndim(v) == ranks[k] + 1 for k, v in inputs.items())
+
+
+def run_calls(run: Callable[[dict[str, np.ndarray]], list[Any]], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run per-call data one call at a time; each output gets a first axis counting calls."""
+    outputs = [run(feed) for feed in call_feeds(inputs)]
+    try:
+        return [np.stack([np.asarray(out[i]) for out in outputs]) for i in range(len(outputs[0]))]
+    except ValueError as exc:
+        raise UsageError(
+            f"the model's outputs change shape from call to call ({exc}); give calls of one shape"
+        ) from None
+
+
+def first_feed(batch: Batch, rows: int) -> dict[str, np.ndarray]:
+    """One model call's feed: the first call of per-call data, else ``rows`` rows (filled by repeating)."""
+    if batch.calls:
+        return next(call_feeds(batch.inputs))
+    return fill_rows({k: v[:rows] for k, v in batch.inputs.items()}, rows)
 
 
 def fill_rows(inputs: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -261,11 +441,23 @@ class CalibrationReader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._iter is None:
-            batches = self._source.batches()
-            self._iter = (
-                fixed_size_feeds(batches, self._batch_size) if self._batch_size else (b.inputs for b in batches)
-            )
+            self._iter = self._feeds()
         return next(self._iter, None)
+
+    def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
+        batches = self._source.batches()
+        first = next(batches, None)
+        if first is None:
+            return
+        if first.calls:  # each entry is one whole call, whatever batch the model pins
+            for batch in (first, *batches):
+                yield from call_feeds(batch.inputs)
+            return
+        chained = (b for part in ((first,), batches) for b in part)
+        if self._batch_size:
+            yield from fixed_size_feeds(chained, self._batch_size)
+        else:
+            yield from (b.inputs for b in chained)
 
     def rewind(self) -> None:
         self._iter = None

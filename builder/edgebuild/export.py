@@ -37,13 +37,13 @@ class ExportResult:
 
 
 def _dynamic_axes(source: ModelSource) -> dict[str, dict[int, str]]:
-    """Batch is dynamic for every input; the second axis too for integer token inputs (text)."""
-    axes = {}
-    for spec in source.inputs:
-        axes[spec.name] = {0: "batch"}
-        if spec.dtype.startswith("int") and len(spec.shape) == 2:
-            axes[spec.name][1] = "sequence"
-    return axes
+    """Each input's dynamic axes (by default the batch, and the sequence axis of 2-D integer token inputs).
+
+    Axes with the same meaning share one symbol across inputs, so ``input_ids`` and ``attention_mask``
+    keep one batch and one sequence length.
+    """
+    names = {0: "batch", 1: "sequence"}
+    return {spec.name: {axis: names.get(axis, f"dim{axis}") for axis in spec.dynamic_axes} for spec in source.inputs}
 
 
 def _example_args(source: ModelSource):
@@ -86,6 +86,8 @@ def _export_dynamo(module, args, source: ModelSource, path: Path, opset: int, ou
             dynamic_shapes=tuple(dynamic_shapes),
             verbose=False,
         )
+    if program is None:  # only with dynamo=False
+        raise RuntimeError("torch.onnx.export returned no program")
     program.save(str(path), external_data=False)
 
 
@@ -112,7 +114,7 @@ def _export_torchscript(module, args, source: ModelSource, path: Path, opset: in
 def export_onnx(source: ModelSource, workdir: Path, opset: int) -> ExportResult:
     """Produce ``workdir/fp32.onnx`` from any model source and load-check it."""
     path = workdir / "fp32.onnx"
-    if source.kind == "onnx":
+    if source.onnx_path is not None:
         return _upgrade_onnx(source.onnx_path, path, opset)
     args = _example_args(source)
     try:
@@ -166,6 +168,12 @@ def _upgrade_onnx(src: Path, dst: Path, opset: int) -> ExportResult:
             raise UsageError(
                 f"ONNX model '{src}' uses opset {current} and could not be converted to {opset}: {first_line(exc)}"
             ) from None
+    if any(not out.type.tensor_type.HasField("shape") for out in model.graph.output):
+        # Outputs declared without a shape fail the ONNX checker though ONNX Runtime runs them: infer it.
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception as exc:  # noqa: BLE001 - shape inference raises several types
+            log.info("shape inference failed (%s); outputs keep no shape", first_line(exc))
     onnx.save(model, str(dst), save_as_external_data=False)
     check_model(dst)
     return ExportResult(dst, "onnx-source", model_opset(dst), reason)

@@ -33,13 +33,14 @@ from edgebuild.candidates import (
     select,
     time_interleaved,
 )
-from edgebuild.data import fill_rows, open_data
+from edgebuild.data import DataSource, first_feed, open_data, resolve_inputs
 from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, first_line
 from edgebuild.export import export_onnx
 from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
+from edgebuild.recipe import load_labels, load_preprocess
 from edgebuild.report import write_report
-from edgebuild.sources import ModelSource, load_model
+from edgebuild.sources import InputShapes, ModelSource, load_model, require_shapes
 from edgebuild.targets import TargetProfile, load_target
 from edgebuild.validate import choose_metric, parse_accuracy_drop, run_session, torch_outputs
 from edgerun.manifest import (
@@ -51,6 +52,7 @@ from edgerun.manifest import (
     TensorSpec,
     Validation,
 )
+from edgerun.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class PackOptions:
     output_dir: Path = Path("dist")
     name: str | None = None
     weights: str | None = None
-    input_shape: tuple[int, ...] | None = None
+    input_shape: InputShapes | None = None  # one shape, or one per input name
     input_names: list[str] | None = None
     calib_data: str | None = None
     val_data: str | None = None
@@ -79,7 +81,9 @@ class PackOptions:
     force: bool = False
     archive: bool = False
     sign_key: bytes | None = None
-    labels: list[str] | None = None
+    labels: list[str] | str | None = None  # class names, or a file with one per line
+    # A preset name (imagenet | unit | none), a .toml file, or a table of the manifest's preprocess keys.
+    preprocess: str | dict | None = None
     bench_seconds: float = 1.0
     max_batch: int = 8  # serving max batch: sizes TensorRT profiles on GPU targets
     calib_method: str | None = None  # minmax | entropy | percentile (default: the target's preset)
@@ -236,9 +240,20 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     target = load_target(options.target)
     _validate_options(options, target)
     progress(f"target {target.name}: {target.description}")
+    real_data = [d for d in (options.calib_data, options.val_data) if d and d != "random"]
     source = load_model(
-        options.model, weights=options.weights, input_shape=options.input_shape, input_names=options.input_names
+        options.model,
+        weights=options.weights,
+        input_shape=options.input_shape,
+        input_names=options.input_names,
+        shapes_from_data=bool(real_data),
     )
+    if not source.resolved:
+        source.inputs = resolve_inputs(
+            source.inputs, real_data[0], "calibration" if options.calib_data else "validation"
+        )
+        require_shapes(source.inputs)
+        progress(f"inputs from the data: {', '.join(f'{s.name} {list(s.shape)} {s.dtype}' for s in source.inputs)}")
     if source.kind == "pt2" and options.torch_passes:
         flags = "/".join(f"--{p.name}" for p in options.torch_passes)
         raise UsageError(
@@ -250,23 +265,30 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         raise UsageError(f"bundle name '{name}' must be one path component (no '/', '\\' or '..'); pass --name")
     dest = Path(options.output_dir) / f"{name}-{target.name}"
     check_destination(dest, options.force, options.archive)
-    if source.module is not None:
-        mod = sys.modules.get(type(source.module).__module__)
-        for key, attr in (("preprocess", "PREPROCESS"), ("postprocess", "POSTPROCESS")):
-            extras.setdefault(key, getattr(mod, attr, None))
-        options.labels = options.labels or getattr(mod, "LABELS", None)
+    # PREPROCESS / POSTPROCESS / LABELS live next to the factory (the module named in MODEL).
+    factory = source.factory_module
+    for key, attr in (("preprocess", "PREPROCESS"), ("postprocess", "POSTPROCESS")):
+        if extras.get(key) is None and getattr(factory, attr, None) is not None:
+            extras[key] = getattr(factory, attr)
+    preprocess = _declared_preprocess(options, extras, source)
+    labels = load_labels(options.labels) if options.labels else load_labels(getattr(factory, "LABELS", None), "LABELS")
 
     calibration = None
     if options.calib_data:
         calibration = open_data(
-            options.calib_data, source.inputs, purpose="calibration", allow_random=True, limit=options.calib_samples
+            options.calib_data,
+            source.inputs,
+            purpose="calibration",
+            allow_random=True,
+            limit=options.calib_samples,
+            preprocess=preprocess,
         )
     val_spec = options.val_data or (
         options.calib_data if calibration is not None and not calibration.is_random else None
     )
     validated = val_spec is not None
     validation_source = (
-        open_data(val_spec, source.inputs, purpose="validation", limit=options.val_samples)
+        open_data(val_spec, source.inputs, purpose="validation", limit=options.val_samples, preprocess=preprocess)
         if validated
         else open_data("random", source.inputs, purpose="validation", allow_random=True, limit=64)
     )
@@ -277,6 +299,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     if calibration is not None and calibration.is_random:
         progress("WARNING: calibrating on random data hides real accuracy loss; give --calib-data with real samples")
     val = validation_source.collect()
+    preprocess = _data_preprocess(preprocess, calibration, validation_source, options, progress)
     passes: list[PassRecord] = []
 
     with tempfile.TemporaryDirectory(prefix="edgebuild-") as tmp:
@@ -308,18 +331,19 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
 
         ref = _reference_outputs(original, exported.path, val.inputs, validation_source.description)
+        labels = _labels(labels, validation_source, calibration, ref, progress)
         declared = extras.get("postprocess") or {}
         metric = choose_metric(
             options.metric,
             val.labels,
             ref,
-            known_classifier=bool(options.labels) or declared.get("type") == "classification",
+            known_classifier=bool(labels) or declared.get("type") == "classification",
             data=validation_source.description,
         )
         if metric.warning:
             progress(f"WARNING: {metric.warning}; judging by top-1 agreement with the FP32 reference instead")
         batch = fixed_batch(exported.path) or 1  # timed at batch 1, or at the batch a model pins
-        feed1 = fill_rows({k: v[:batch] for k, v in val.inputs.items()}, batch)
+        feed1 = first_feed(val, batch)
 
         fp32 = Candidate("fp32", "fp32", exported.path, metrics={"recipe": "fp32 (graph-optimised by ORT)"})
         candidates = [fp32] if options.quantize in ("auto", "none") else []
@@ -407,8 +431,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         for candidate in shipped[1:]:
             files[relative[id(candidate)]] = candidate.path
             variants.append(_model_file(candidate, relative[id(candidate)], target, providers))
-        if options.labels:
-            files["labels.txt"] = ("\n".join(options.labels) + "\n").encode()
+        if labels:
+            files["labels.txt"] = ("\n".join(labels) + "\n").encode()
 
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -420,7 +444,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             variants=variants,
             inputs=inputs,
             outputs=outputs,
-            preprocess=extras.get("preprocess"),
+            preprocess=preprocess.to_manifest() if preprocess is not None else None,
             postprocess=extras.get("postprocess") or _default_postprocess(outputs),
             providers=providers,
             serving=serving,
@@ -434,7 +458,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             ),
             benchmark=_benchmark_summary(fp32, chosen, candidates),
             golden=golden,
-            labels="labels.txt" if options.labels else None,
+            labels="labels.txt" if labels else None,
             report=["report.md", "report.png"],
         )
         report_md, report_png = write_report(
@@ -468,6 +492,65 @@ def _metric_details(metric: str, validation: dict) -> dict:
     if metric != "cosine":
         return {}
     return {"cosine_mean": validation.get("cosine"), "cosine_worst": validation.get("cosine_min")}
+
+
+def _declared_preprocess(options: PackOptions, extras: dict, source: ModelSource) -> PreprocessSpec | None:
+    """``--preprocess`` / ``[preprocess]``, else ``PREPROCESS`` next to the factory, checked against the image input."""
+    declared = options.preprocess if options.preprocess is not None else extras.get("preprocess")
+    where = "--preprocess" if options.preprocess is not None else "PREPROCESS"
+    spec = load_preprocess(declared, where)
+    if spec is None:
+        return None
+    by_name = {s.name: s for s in source.inputs}
+    image_input = by_name.get(spec.input) if spec.input else source.inputs[0]
+    if image_input is None:
+        raise UsageError(f"{where}: input '{spec.input}' is not one of the model's inputs {list(by_name)}")
+    try:
+        return spec.for_input(image_input.shape, image_input.name)
+    except ValueError as exc:
+        raise UsageError(f"{where} does not fit input '{image_input.name}': {exc}") from None
+
+
+def _data_preprocess(
+    declared: PreprocessSpec | None,
+    calibration: DataSource | None,
+    validation: DataSource,
+    options: PackOptions,
+    progress: Callable[[str], None],
+) -> PreprocessSpec | None:
+    """What the manifest records: the declared preprocessing, or what an image folder was read with."""
+    if declared is not None or options.preprocess is not None:
+        return declared  # "--preprocess none" keeps /v1/predict off even for image folders
+    used = next((d.preprocess for d in (calibration, validation) if d is not None and d.preprocess), None)
+    if used is not None:
+        progress(
+            f"preprocess: image folder read as {used.color}, {used.resize} to {list(used.size or [])}, x{used.scale:.6g} "
+            "(no --preprocess given; recorded for /v1/predict)"
+        )
+    return used
+
+
+def _labels(
+    labels: list[str] | None,
+    validation: DataSource,
+    calibration: DataSource | None,
+    ref: np.ndarray,
+    progress: Callable[[str], None],
+) -> list[str] | None:
+    """Declared labels must match the model's output width; an image folder's class names are used
+    when nothing is declared and their count is that width."""
+    width = ref.shape[1] if ref.ndim == 2 else None
+    if labels is not None:
+        if width is not None and len(labels) != width:
+            raise UsageError(f"{len(labels)} labels given but the model's output has {width} classes")
+        return labels
+    classes = next((d.classes for d in (validation, calibration) if d is not None and d.classes), None)
+    if classes and width == len(classes):
+        progress(f"labels: the image folder's classes {', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}")
+        return classes
+    if classes:
+        progress(f"labels: not taken from the image folder ({len(classes)} classes, model outputs {width})")
+    return None
 
 
 def _default_postprocess(outputs: list[TensorSpec]) -> dict | None:

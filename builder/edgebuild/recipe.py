@@ -24,7 +24,14 @@ mode = "auto"                 # auto | int8 | int8-dynamic | fp16 | none
 calib_method = "minmax"       # minmax | entropy | percentile
 max_accuracy_drop = 0.01
 metric = "accuracy"
+
+[preprocess]                  # optional; or preprocess = "imagenet" | "unit" | "none" | "file.toml"
+preset = "imagenet"           # start from a preset; the manifest's keys below override it
+resize = "center-crop"        # stretch | center-crop | letterbox
 ```
+
+``input_shape`` is ``[1, 3, 224, 224]`` or, per input, ``["input_ids=1,128", "attention_mask=1,128"]``;
+``labels = "classes.txt"`` names the classes (one per line).
 
 Both the file and the flags become one flat dict keyed by the ``pack`` option names; this
 module turns it into :class:`PackOptions` with the torch passes in order. Each pass then records
@@ -35,9 +42,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgebuild.errors import UsageError
+
+if TYPE_CHECKING:
+    from edgerun.preprocess import PreprocessSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,6 +66,8 @@ KEYS: dict[str, str] = {
             "weights",
             "input_shape",
             "input_names",
+            "preprocess",
+            "labels",
             "force",
             "archive",
             "bench_seconds",
@@ -91,7 +103,9 @@ KEYS: dict[str, str] = {
     "quantize.optimize_for": "optimize_for",
 }
 # Values that name files: resolved against the recipe's folder when they exist there.
-PATH_OPTIONS = ("model", "weights", "calib_data", "val_data", "train_data")
+PATH_OPTIONS = ("model", "weights", "calib_data", "val_data", "train_data", "labels", "preprocess")
+# Sections that are one option's table rather than groups of options.
+TABLE_OPTIONS = ("preprocess", "input_shape")
 # Every other option takes a string (input_shape and input_names also a list).
 FLOAT_OPTIONS = (
     "max_accuracy_drop",
@@ -116,7 +130,14 @@ def _expected_type(option: str, value: Any) -> str | None:
     elif option in INT_OPTIONS:
         ok, wanted = is_int, "a whole number"
     elif option == "input_shape" and isinstance(value, list):
-        ok, wanted = all(isinstance(d, int) and not isinstance(d, bool) for d in value), "a list of integers"
+        ok = all(isinstance(d, int) and not isinstance(d, bool) for d in value) or all(
+            isinstance(d, str) for d in value
+        )
+        wanted = "a list of integers or of 'NAME=DIMS' strings"
+    elif option == "input_shape" and isinstance(value, dict):
+        ok, wanted = all(isinstance(v, (list, str)) for v in value.values()), "a table of name = [dims]"
+    elif option == "preprocess" and isinstance(value, dict):
+        ok, wanted = True, "a table"  # its keys are checked by the preprocess spec itself
     elif option == "input_names" and isinstance(value, list):
         ok, wanted = all(isinstance(n, str) for n in value), "a list of strings"
     else:
@@ -137,7 +158,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     unknown, mistyped = [], []
     entries = []
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key in TABLE_OPTIONS:
+            entries.append((key, value))
+        elif isinstance(value, dict):
             if key == "distill":
                 settings["distill"] = True  # a [distill] section turns it on (enabled = false turns it off)
             entries += [(f"{key}.{sub}", sub_value) for sub, sub_value in value.items()]
@@ -159,6 +182,52 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         if isinstance(value, str) and (path.parent / value).exists() and not Path(value).is_absolute():
             settings[option] = str(path.parent / value)
     return settings
+
+
+def load_preprocess(value: Any, where: str = "--preprocess") -> PreprocessSpec | None:
+    """A preprocessing declaration -> the typed spec (``None`` for ``none``).
+
+    ``value`` is a preset name (``imagenet``, ``unit``, ``none``), a ``.toml`` file (a ``[preprocess]``
+    table or top-level keys), or a table of the manifest's preprocess keys (``preset`` starts from a
+    preset and the other keys override it).
+    """
+    from edgerun.errors import BundleError
+    from edgerun.preprocess import PRESETS, PreprocessSpec, parse_spec
+
+    if value is None or isinstance(value, PreprocessSpec):
+        return value
+    if isinstance(value, str) and value in PRESETS:
+        value = {"preset": value}
+    elif isinstance(value, str):
+        path = Path(value)
+        if path.suffix != ".toml" or not path.is_file():
+            raise UsageError(f"{where} '{value}' is neither a preset ({', '.join(PRESETS)}) nor an existing .toml file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{where} '{value}' is not valid TOML: {exc}") from None
+        value, where = data.get("preprocess", data), f"{where} '{value}'"
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a preset name, a .toml file or a table of preprocess keys, got {value!r}")
+    if value.get("preset") == "none":
+        return None
+    try:
+        return parse_spec(value, where)
+    except BundleError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def load_labels(value: Any, where: str = "--labels") -> list[str] | None:
+    """Class names from a file (one per line) or a list."""
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else [str(label) for label in value]
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(f"{where} '{value}' does not exist (expected a text file with one class name per line)")
+    labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not labels:
+        raise UsageError(f"{where} '{value}' has no class names (expected one per line)")
+    return labels
 
 
 def merge(defaults: dict[str, Any], recipe: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
@@ -208,15 +277,14 @@ def torch_passes(settings: dict[str, Any]) -> list:
 def pack_options(settings: dict[str, Any], *, recipe_path: str | None = None):
     """Resolved settings -> :class:`PackOptions` (torch passes built and checked: a bad combination is exit 2)."""
     from edgebuild.pack import PackOptions
-    from edgebuild.sources import parse_shape
+    from edgebuild.sources import parse_input_shapes
 
     passes = torch_passes(settings)
     fields = set(PackOptions.__dataclass_fields__)
     values = {k: v for k, v in settings.items() if k in fields and v is not None}
-    if isinstance(values.get("input_shape"), str):
-        values["input_shape"] = parse_shape(values["input_shape"])
-    elif isinstance(values.get("input_shape"), list):
-        values["input_shape"] = tuple(values["input_shape"])
+    values["input_shape"] = parse_input_shapes(values.get("input_shape"))
+    if isinstance(values.get("preprocess"), (str, dict)):
+        load_preprocess(values["preprocess"])  # a bad declaration is exit 2 before anything is loaded
     if isinstance(values.get("input_names"), str):
         values["input_names"] = [n.strip() for n in values["input_names"].split(",")]
     if "output_dir" in values:

@@ -23,9 +23,28 @@ DEFAULT_MODEL = "edgebuild.examples.digits:pretrained"
 
 @dataclass
 class InputSpec:
+    """One model input. ``shape`` is a concrete example shape (batch first) once resolved."""
+
     name: str
-    shape: tuple[int, ...]  # concrete example shape (batch first)
+    shape: tuple[int, ...]  # 0 marks a dynamic dimension whose size only the data can tell
     dtype: str  # numpy dtype name
+    # Axes the exported model leaves dynamic (-1 in the manifest); None: the batch axis, and the
+    # sequence axis of 2-D integer inputs (token ids, masks).
+    dynamic: tuple[int, ...] | None = None
+    # False when only the name is known (forward()'s parameter): rank, shape and dtype come from the data.
+    known: bool = True
+
+    @property
+    def dynamic_axes(self) -> tuple[int, ...]:
+        if self.dynamic is not None:
+            return self.dynamic
+        if not self.shape:
+            return ()
+        return (0, 1) if self.dtype.startswith("int") and len(self.shape) == 2 else (0,)
+
+    @property
+    def resolved(self) -> bool:
+        return self.known and all(d > 0 for d in self.shape)
 
     def example(self) -> np.ndarray:
         return np.zeros(self.shape, dtype=self.dtype)
@@ -50,6 +69,18 @@ class ModelSource:
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]
 
+    @property
+    def resolved(self) -> bool:
+        """Every input's shape and dtype are known (else they come from the data)."""
+        return all(spec.resolved for spec in self.inputs)
+
+    @property
+    def factory_module(self) -> Any:
+        """The module named in ``package.module:callable``: where PREPROCESS, POSTPROCESS, LABELS live."""
+        if self.kind != "callable":
+            return None
+        return sys.modules.get(self.spec.partition(":")[0])
+
     def example_feed(self) -> dict[str, np.ndarray]:
         return {spec.name: spec.example() for spec in self.inputs}
 
@@ -71,6 +102,48 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(dim <= 0 for dim in shape):
         raise UsageError(f"--input-shape '{text}' must have positive dimensions (e.g. 1,3,224,224)")
     return shape
+
+
+# One shape for a single-input model, or one per input name.
+InputShapes = tuple[int, ...] | dict[str, tuple[int, ...]]
+
+
+def parse_input_shapes(value: Any) -> InputShapes | None:
+    """``--input-shape`` values (repeatable): ``1,3,224,224`` for a single input, or ``NAME=1,576`` per input.
+
+    Recipes may also give a list of integers or a table ``{name: [dims]}``.
+    """
+    if value is None or value == () or value == []:
+        return None
+    if isinstance(value, dict):
+        return {str(k): _shape_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        return _shape_value(list(value))
+    texts = [value] if isinstance(value, str) else [str(v) for v in value]
+    named: dict[str, tuple[int, ...]] = {}
+    plain: list[tuple[int, ...]] = []
+    for text in texts:
+        name, sep, dims = text.partition("=")
+        if sep:
+            if not name.strip():
+                raise UsageError(f"--input-shape '{text}' has no input name before '=' (e.g. input_ids=1,128)")
+            named[name.strip()] = parse_shape(dims)
+        else:
+            plain.append(parse_shape(text))
+    if plain and (named or len(plain) > 1):
+        raise UsageError(
+            "--input-shape without a name describes the only input; for several inputs give NAME=DIMS for each "
+            "(e.g. --input-shape input_ids=1,128 --input-shape attention_mask=1,128)"
+        )
+    return plain[0] if plain else named
+
+
+def _shape_value(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        return parse_shape(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        return parse_shape(",".join(str(d) for d in value))
+    raise UsageError(f"input shape {value!r} must be a list of integers like [1, 3, 224, 224]")
 
 
 def import_callable(spec: str, what: str = "model") -> Any:
@@ -113,7 +186,39 @@ def _torch_dtype_name(tensor) -> str:
     return str(tensor.dtype).replace("torch.", "")
 
 
-def _inputs_from_examples(examples: Any, input_names: list[str] | None) -> list[InputSpec]:
+def forward_parameters(module) -> tuple[list[str], list[str]]:
+    """forward()'s parameter names that take tensors: (required, optional), in order, as torch.onnx names inputs."""
+    import inspect
+
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return [], []
+    required: list[str] = []
+    optional: list[str] = []
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.KEYWORD_ONLY):
+            continue
+        (required if param.default is param.empty else optional).append(param.name)
+    return required, optional
+
+
+def _default_names(module, count: int, input_names: list[str] | None) -> list[str]:
+    """``--input-names``, then the module's ``input_names``, then forward()'s parameter names.
+
+    A single input keeps the name ``input`` unless the module or the flag names it.
+    """
+    declared = input_names or getattr(module, "input_names", None)
+    if declared:
+        return list(declared)
+    if count == 1:
+        return ["input"]
+    required, optional = forward_parameters(module)
+    params = required + optional
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def _inputs_from_examples(examples: Any, input_names: list[str] | None, module=None) -> list[InputSpec]:
     import torch
 
     if isinstance(examples, torch.Tensor):
@@ -121,7 +226,7 @@ def _inputs_from_examples(examples: Any, input_names: list[str] | None) -> list[
     if isinstance(examples, dict):
         items = list(examples.items())
     elif isinstance(examples, (tuple, list)):
-        names = input_names or (["input"] if len(examples) == 1 else [f"input_{i}" for i in range(len(examples))])
+        names = _default_names(module, len(examples), input_names)
         if len(names) != len(examples):
             raise UsageError(f"--input-names gives {len(names)} names but the model takes {len(examples)} inputs")
         items = list(zip(names, examples))
@@ -130,22 +235,34 @@ def _inputs_from_examples(examples: Any, input_names: list[str] | None) -> list[
     return [InputSpec(name, tuple(t.shape), _torch_dtype_name(t)) for name, t in items]
 
 
-def _torch_inputs(module, input_shape: tuple[int, ...] | None, input_names: list[str] | None) -> list[InputSpec]:
-    if input_shape is not None:
-        names = input_names or ["input"]
-        if len(names) != 1:
-            raise UsageError("--input-shape describes one input; give example_inputs on the model for several inputs")
-        return [InputSpec(names[0], input_shape, "float32")]
+def _torch_inputs(module, input_shape: InputShapes | None, input_names: list[str] | None) -> list[InputSpec]:
     examples = getattr(module, "example_inputs", None)
+    if isinstance(input_shape, dict):
+        if examples is None:
+            return [InputSpec(name, shape, "float32") for name, shape in input_shape.items()]
+        inputs = _inputs_from_examples(examples, input_names, module)
+        _apply_shapes(inputs, input_shape, "the model")
+        return inputs
+    if input_shape is not None:
+        names = input_names or list(getattr(module, "input_names", None) or ["input"])
+        if len(names) != 1:
+            raise UsageError(
+                "--input-shape DIMS describes one input; give --input-shape NAME=DIMS for each of "
+                f"{names} (or example_inputs on the model)"
+            )
+        return [InputSpec(names[0], input_shape, "float32")]
     if examples is not None:
-        return _inputs_from_examples(examples, input_names)
+        return _inputs_from_examples(examples, input_names, module)
     shape = getattr(module, "input_shape", None)
     if shape is not None:
-        return [InputSpec((input_names or ["input"])[0], tuple(int(d) for d in shape), "float32")]
-    raise UsageError(
-        "cannot tell the model's input shape: pass --input-shape (e.g. 1,3,224,224) or give the model an "
-        "'example_inputs' or 'input_shape' attribute"
-    )
+        return [InputSpec(_default_names(module, 1, input_names)[0], tuple(int(d) for d in shape), "float32")]
+    # Only the names are known: forward()'s parameters; shapes and dtypes come from the data.
+    declared = input_names or getattr(module, "input_names", None)
+    required, optional = forward_parameters(module)
+    names = list(declared) if declared else required + optional
+    if not declared and len(required) == 1 and not optional:
+        names = ["input"]
+    return [InputSpec(name, (), "", known=False) for name in names]
 
 
 def _load_weights(module, weights: Path) -> None:
@@ -170,7 +287,7 @@ def _load_weights(module, weights: Path) -> None:
         raise UsageError(f"weights '{weights}' do not fit the model: {first_line(exc)}") from None
 
 
-def _onnx_inputs(path: Path, input_shape: tuple[int, ...] | None) -> tuple[list[InputSpec], list[str]]:
+def _onnx_inputs(path: Path, input_shape: InputShapes | None) -> tuple[list[InputSpec], list[str]]:
     import onnx
 
     from edgebuild.onnx_utils import onnx_dtype_name
@@ -184,32 +301,78 @@ def _onnx_inputs(path: Path, input_shape: tuple[int, ...] | None) -> tuple[list[
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        dims = []
+        dims, dynamic = [], []
         for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_value <= 0:
+                dynamic.append(i)
+            # A dynamic batch axis is exported at 1; any other dynamic size comes from --input-shape or the data.
             dims.append(dim.dim_value if dim.dim_value > 0 else (1 if i == 0 else 0))
         dtype = onnx_dtype_name(value.type.tensor_type.elem_type)
-        inputs.append(InputSpec(value.name, tuple(dims), dtype))
-    if input_shape is not None:
-        if len(inputs) != 1:
-            raise UsageError("--input-shape describes one input but the ONNX model has several")
-        inputs[0].shape = input_shape
-    for spec in inputs:
-        if any(d == 0 for d in spec.shape):
-            raise UsageError(
-                f"ONNX input '{spec.name}' has a dynamic non-batch dimension {spec.shape}: pass --input-shape"
-            )
+        inputs.append(InputSpec(value.name, tuple(dims), dtype, dynamic=tuple(dynamic)))
+    _apply_shapes(inputs, input_shape, "the ONNX model")
     return inputs, [out.name for out in model.graph.output]
+
+
+def _apply_shapes(inputs: list[InputSpec], input_shape: InputShapes | None, what: str) -> None:
+    if input_shape is None:
+        return
+    if isinstance(input_shape, tuple):
+        if len(inputs) != 1:
+            raise UsageError(
+                f"--input-shape DIMS describes one input but {what} has {[s.name for s in inputs]}; "
+                "give --input-shape NAME=DIMS per input"
+            )
+        input_shape = {inputs[0].name: input_shape}
+    by_name = {s.name: s for s in inputs}
+    for name, shape in input_shape.items():
+        if name not in by_name:
+            raise UsageError(f"--input-shape {name}=...: {what} has no input '{name}' (inputs: {list(by_name)})")
+        spec = by_name[name]
+        if spec.known and len(shape) != len(spec.shape):
+            raise UsageError(
+                f"--input-shape {name}={','.join(map(str, shape))} has {len(shape)} dimensions; "
+                f"input '{name}' has {len(spec.shape)}"
+            )
+        spec.shape = shape
+
+
+def require_shapes(inputs: list[InputSpec]) -> None:
+    """Exit 2 when a dimension is still unknown and no data can tell it."""
+    for spec in inputs:
+        if not spec.known:
+            raise UsageError(
+                f"cannot tell the shape of input '{spec.name}': pass --input-shape (e.g. 1,3,224,224, or "
+                f"{spec.name}=1,128 per input), give the model 'example_inputs', or give --calib-data/--val-data"
+            )
+        if not spec.resolved:
+            raise UsageError(
+                f"input '{spec.name}' has a dynamic non-batch dimension {list(spec.shape)} (0 = dynamic): pass "
+                f"--input-shape {spec.name}=... or give --calib-data/--val-data (shapes are then taken from the data)"
+            )
 
 
 def load_model(
     spec: str | None,
     *,
     weights: str | None = None,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: InputShapes | None = None,
     input_names: list[str] | None = None,
+    shapes_from_data: bool = False,
 ) -> ModelSource:
-    """Load a model from any supported source, with a clear error for each way it can fail."""
-    spec = spec or DEFAULT_MODEL
+    """Load a model from any supported source, with a clear error for each way it can fail.
+
+    With ``shapes_from_data`` an input may stay unresolved (a dynamic non-batch dimension, or only
+    forward()'s parameter name): the caller then resolves it from its data (``edgebuild.data.resolve_inputs``).
+    """
+    source = _load(spec or DEFAULT_MODEL, weights, input_shape, input_names)
+    if not shapes_from_data:
+        require_shapes(source.inputs)
+    return source
+
+
+def _load(
+    spec: str, weights: str | None, input_shape: InputShapes | None, input_names: list[str] | None
+) -> ModelSource:
     path = Path(spec)
     if spec.endswith(".onnx"):
         if not path.is_file():
@@ -228,7 +391,7 @@ def load_model(
         module = program.module()
         examples = program.example_inputs[0] if program.example_inputs else None
         if examples and input_shape is None:
-            inputs = _inputs_from_examples(tuple(examples), input_names)
+            inputs = _inputs_from_examples(tuple(examples), input_names, module)
         else:
             inputs = _torch_inputs(module, input_shape, input_names)
         return ModelSource("pt2", spec, inputs, module=module)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgebuild.data import Batch, fill_rows
+from edgebuild.data import Batch, fill_rows, is_per_call, run_calls
 from edgebuild.errors import UsageError
 from edgebuild.sources import ModelSource, import_callable
 
@@ -22,7 +22,9 @@ METRICS = ("accuracy", "agreement", "cosine")
 
 def run_session(session, inputs: dict[str, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
     """Run an ORT session over many samples in chunks; a model that pins its batch size gets exactly
-    that many rows per run (the last chunk filled, its extra outputs dropped)."""
+    that many rows per run (the last chunk filled, its extra outputs dropped). Per-call data runs one call at a time."""
+    if is_per_call(inputs, {i.name: len(i.shape) for i in session.get_inputs()}):
+        return run_calls(lambda feed: session.run(None, feed), inputs)
     fixed = [i.shape[0] for i in session.get_inputs() if isinstance(i.shape[0], int)]
     step = min(fixed) if fixed else batch_size
     total = len(next(iter(inputs.values())))
@@ -41,6 +43,12 @@ def torch_outputs(source: ModelSource, inputs: dict[str, np.ndarray], batch_size
     import torch
 
     names = source.input_names
+    if is_per_call(inputs, {s.name: len(s.shape) for s in source.inputs}):
+        with torch.no_grad():
+            return run_calls(
+                lambda feed: _as_list(source.module(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names])),
+                inputs,
+            )
     total = len(inputs[names[0]])
     parts = []
     with torch.no_grad():
@@ -54,6 +62,16 @@ def torch_outputs(source: ModelSource, inputs: dict[str, np.ndarray], batch_size
                 out = list(out.values())
             parts.append([o.detach().float().numpy() for o in out])
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def _as_list(out) -> list[np.ndarray]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        out = [out]
+    elif isinstance(out, dict):
+        out = list(out.values())
+    return [o.detach().float().numpy() for o in out]
 
 
 def _cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:

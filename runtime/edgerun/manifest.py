@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgerun.errors import BundleError
+from edgerun.preprocess import PreprocessSpec
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
@@ -156,6 +157,7 @@ class Manifest(_Model):
     variants: list[ModelFile] = Field(default_factory=list)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    # Checked against :class:`edgerun.preprocess.PreprocessSpec` and stored normalised (defaults filled in).
     preprocess: dict[str, Any] | None = None
     postprocess: dict[str, Any] | None = None
     providers: list[ProviderSpec] = Field(default_factory=lambda: [ProviderSpec(name="CPUExecutionProvider")])
@@ -170,6 +172,21 @@ class Manifest(_Model):
     report: list[str] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict)
     signature: dict[str, str] | None = None
+
+    @field_validator("preprocess", mode="before")
+    @classmethod
+    def _typed_preprocess(cls, value: Any) -> dict[str, Any] | None:
+        if value is None or isinstance(value, PreprocessSpec):
+            return None if value is None else value.to_manifest()
+        try:
+            return PreprocessSpec.model_validate(value).to_manifest()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "preprocess"
+            raise ValueError(f"{where}: {first['msg']}") from None
+
+    def preprocess_spec(self) -> PreprocessSpec | None:
+        return None if self.preprocess is None else PreprocessSpec.model_validate(self.preprocess)
 
     def all_models(self) -> list[ModelFile]:
         """The selected model first, then the extra variants."""

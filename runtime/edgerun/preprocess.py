@@ -1,63 +1,244 @@
 """Image pre-processing and classification post-processing from the manifest.
 
-``manifest.preprocess`` example::
+One implementation turns an image into the model's tensor everywhere: the builder's image-folder
+data (calibration, validation, golden inputs) and the server's ``/v1/predict`` both call
+:func:`preprocess_image` with the manifest's :class:`PreprocessSpec`, so the device sees the
+tensors the bundle was calibrated and validated on.
 
-    {"layout": "NCHW", "color": "RGB", "size": [224, 224], "scale": 0.00392156862745098,
+``manifest.preprocess`` example (the ``imagenet`` preset for a 224x224 model)::
+
+    {"layout": "NCHW", "color": "RGB", "size": [224, 224], "resize": "stretch",
+     "interpolation": "bilinear", "scale": 0.00392156862745098,
      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "dtype": "float32"}
 
 ``manifest.postprocess`` example: ``{"type": "classification", "softmax": true, "top_k": 5}``.
-Optional keys: ``input`` / ``output`` (tensor names; default the first), ``resize``
-(``bilinear`` default, ``nearest``).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgerun.errors import BundleError, RequestError
 
 # Refuse images that would decode to more than this many pixels (decompression bombs).
 MAX_PIXELS = 40_000_000
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def preprocess_image(data: bytes, spec: dict[str, Any]) -> np.ndarray:
-    """Decode image bytes and turn them into a batch of one, as the manifest describes."""
+# Named starting points; ``size`` is filled in from the model's input shape by the builder.
+PRESETS: dict[str, dict[str, Any] | None] = {
+    "imagenet": {"color": "RGB", "scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+    "unit": {"scale": 1 / 255},
+    "none": None,
+}
+
+_CHANNELS = {"L": 1, "RGB": 3, "BGR": 3}
+_INTERPOLATION = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
+
+
+class PreprocessSpec(BaseModel):
+    """How an image becomes the model's input tensor. Unknown keys are refused: a step this
+    runtime does not know cannot be applied, and skipping it would serve wrong answers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    color: Literal["RGB", "BGR", "L"] = "RGB"
+    size: tuple[int, int] | None = Field(
+        None, description="[height, width] of the model input; none keeps the image size"
+    )
+    resize: Literal["stretch", "center-crop", "letterbox"] = Field(
+        "stretch",
+        description="stretch to size; center-crop: shorter side to resize_shorter, then crop (torchvision); "
+        "letterbox: fit inside size keeping the aspect ratio, pad with fill",
+    )
+    resize_shorter: int | None = Field(
+        None, description="center-crop: shorter side before cropping (default: crop side)"
+    )
+    fill: int = Field(0, ge=0, le=255, description="letterbox padding, in pixel values 0..255")
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    scale: float = 1.0
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    input: str | None = Field(None, description="input tensor fed with the image (default: the first)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_resize(cls, data: Any) -> Any:
+        # Early manifests used ``resize`` for the interpolation method.
+        if isinstance(data, Mapping) and data.get("resize") in _INTERPOLATION:
+            data = {**data, "interpolation": data["resize"], "resize": "stretch"}
+        return data
+
+    @field_validator("size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and min(value) <= 0:
+            raise ValueError(f"size must be [height, width] with positive sides, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _per_channel_lengths(self) -> PreprocessSpec:
+        channels = self.channels
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and len(values) not in (1, channels):
+                raise ValueError(f"{key} has {len(values)} values; color {self.color} has {channels} channel(s)")
+        if self.std is not None and any(v == 0 for v in self.std):
+            raise ValueError("std must not contain 0")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return _CHANNELS[self.color]
+
+    def tensor_shape(self) -> list[int] | None:
+        """The per-image tensor shape (no batch axis), when ``size`` is set."""
+        if self.size is None:
+            return None
+        height, width = self.size
+        return [self.channels, height, width] if self.layout == "NCHW" else [height, width, self.channels]
+
+    def for_input(self, shape: list[int] | tuple[int, ...], name: str | None = None) -> PreprocessSpec:
+        """This spec completed for an input of ``shape`` (batch first): ``size`` and channels from it.
+
+        Raises ``ValueError`` naming both shapes when the image tensor cannot feed the input.
+        """
+        shape = list(shape)
+        if len(shape) != 4:
+            raise ValueError(f"image preprocessing makes a [N, C, H, W] or [N, H, W, C] tensor; the input is {shape}")
+        height, width = (shape[2], shape[3]) if self.layout == "NCHW" else (shape[1], shape[2])
+        channels = shape[1] if self.layout == "NCHW" else shape[3]
+        update: dict[str, Any] = {}
+        if self.input is None and name is not None:
+            update["input"] = name
+        if self.size is None and height > 0 and width > 0:
+            update["size"] = (height, width)
+        spec = self.model_copy(update=update)
+        if channels > 0 and channels != spec.channels:
+            raise ValueError(
+                f"color {spec.color} gives {spec.channels} channel(s) but the input {shape} ({spec.layout}) takes {channels}"
+            )
+        if spec.size is not None and (height > 0 and height != spec.size[0] or width > 0 and width != spec.size[1]):
+            raise ValueError(f"size {list(spec.size)} does not match the input {shape} ({spec.layout})")
+        return spec
+
+    def to_manifest(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def parse_spec(data: Mapping[str, Any] | PreprocessSpec, source: str = "preprocess") -> PreprocessSpec:
+    """A :class:`PreprocessSpec` from manifest keys, with a one-line error naming the bad key.
+
+    A ``preset`` key starts from that preset (``imagenet``, ``unit``) and the other keys override it.
+    """
+    if isinstance(data, PreprocessSpec):
+        return data
+    values = dict(data)
+    preset = values.pop("preset", None)
+    if preset is not None:
+        base = preset_values(preset, source)
+        values = {**(base or {}), **values}
+    try:
+        return PreprocessSpec.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "preprocess"
+        raise BundleError(f"{source}: invalid preprocess key '{where}': {first['msg']}") from None
+
+
+def preset_values(name: str, source: str = "preprocess") -> dict[str, Any] | None:
+    if name not in PRESETS:
+        raise BundleError(
+            f"{source}: unknown preprocess preset '{name}'; use one of {', '.join(PRESETS)} or a .toml file"
+        )
+    preset = PRESETS[name]
+    return None if preset is None else dict(preset)
+
+
+def _resize(image: Any, spec: PreprocessSpec) -> Any:
+    from PIL import Image
+
+    if spec.size is None:
+        return image
+    height, width = spec.size
+    method = _INTERPOLATION[spec.interpolation]
+    if spec.resize == "stretch":
+        return image.resize((width, height), method)
+    if spec.resize == "center-crop":
+        # torchvision's Resize(shorter) + CenterCrop(size): scale the shorter side, then cut the middle.
+        shorter = spec.resize_shorter or max(height, width)
+        ratio = shorter / min(image.width, image.height)
+        scaled = (max(width, round(image.width * ratio)), max(height, round(image.height * ratio)))
+        image = image.resize(scaled, method)
+        left, top = round((scaled[0] - width) / 2), round((scaled[1] - height) / 2)
+        return image.crop((left, top, left + width, top + height))
+    # letterbox: the whole image inside size, aspect ratio kept, the rest padded with ``fill``
+    ratio = min(width / image.width, height / image.height)
+    inner = (max(1, round(image.width * ratio)), max(1, round(image.height * ratio)))
+    canvas = Image.new(image.mode, (width, height), (spec.fill,) * len(image.getbands()))
+    canvas.paste(image.resize(inner, method), ((width - inner[0]) // 2, (height - inner[1]) // 2))
+    return canvas
+
+
+def _decode_size(spec: PreprocessSpec) -> tuple[int, int] | None:
+    """The smallest (width, height) decode that still covers what the resize step reads."""
+    if spec.size is None:
+        return None
+    height, width = spec.size
+    if spec.resize == "center-crop":
+        side = spec.resize_shorter or max(height, width)
+        return side, side
+    return width, height
+
+
+def preprocess_image(
+    data: bytes, spec: PreprocessSpec | Mapping[str, Any], *, max_pixels: int | None = None
+) -> np.ndarray:
+    """Decode image bytes into a batch of one, as the manifest's preprocess describes.
+
+    JPEGs are decoded in draft mode (DCT scaling) at the smallest scale that still covers the
+    model's input size; ``max_pixels`` (default :data:`MAX_PIXELS`) bounds what is decoded.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    spec = spec if isinstance(spec, PreprocessSpec) else parse_spec(spec, "manifest preprocess")
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     if not data:
         raise RequestError("empty image; send the image bytes as the body or as a multipart file")
-    color = spec.get("color", "RGB")
-    if color not in ("L", "RGB"):
-        raise BundleError(f"manifest preprocess.color must be 'L' or 'RGB', got {color!r}")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise RequestError(f"image is {image.width}x{image.height}; over the {MAX_PIXELS} pixel limit")
-            image = image.convert(color)
-            if "size" in spec:
-                height, width = spec["size"]
-                method = Image.NEAREST if spec.get("resize") == "nearest" else Image.BILINEAR
-                image = image.resize((int(width), int(height)), method)
-            array = np.asarray(image, dtype=np.float32)
+            decode = _decode_size(spec)
+            if decode is not None and image.format == "JPEG":
+                image.draft("RGB" if spec.color != "L" else "L", decode)
+            if image.width * image.height > limit:
+                raise RequestError(f"image is {image.width}x{image.height}; over the {limit} pixel limit")
+            converted = _resize(image.convert("L" if spec.color == "L" else "RGB"), spec)
+            array: np.ndarray = np.asarray(converted, dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise RequestError(f"body is not a readable image ({exc}); send PNG or JPEG bytes") from None
     if array.ndim == 2:
         array = array[:, :, None]
-    array = array * float(spec.get("scale", 1.0))
-    if "mean" in spec:
-        array = array - np.asarray(spec["mean"], dtype=np.float32)
-    if "std" in spec:
-        array = array / np.asarray(spec["std"], dtype=np.float32)
-    layout = spec.get("layout", "NCHW")
-    if layout == "NCHW":
+    if spec.color == "BGR":
+        array = array[:, :, ::-1]
+    array = array * np.float32(spec.scale)
+    if spec.mean is not None:
+        array = array - np.asarray(spec.mean, dtype=np.float32)
+    if spec.std is not None:
+        array = array / np.asarray(spec.std, dtype=np.float32)
+    if spec.layout == "NCHW":
         array = array.transpose(2, 0, 1)
-    elif layout != "NHWC":
-        raise BundleError(f"manifest preprocess.layout must be NCHW or NHWC, got {layout!r}")
-    return np.ascontiguousarray(array[None], dtype=np.dtype(spec.get("dtype", "float32")))
+    if spec.dtype == "uint8":
+        array = np.clip(np.rint(array), 0, 255)
+    return np.ascontiguousarray(array[None], dtype=np.dtype(spec.dtype))
 
 
 def load_labels(root: Path, labels: str | None) -> list[str] | None:
