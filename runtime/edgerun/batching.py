@@ -1,11 +1,13 @@
-"""Dynamic batching and the single inference worker.
+"""Dynamic batching and dispatch to a model's session instances.
 
-All inference for a server runs on one worker thread, off the event loop: on a small CPU,
-concurrent ``session.run`` calls only fight for cores. Requests that arrive within
-``max_delay_ms`` of each other and agree on every non-batch dimension are stacked into one
-run (only when the model's batch dimension is dynamic) and the rows are split back, so
-each caller gets exactly its own rows. The queue is bounded: when it is full the caller is
-told to come back later (503) instead of waiting forever.
+Inference runs on worker threads, off the event loop, with at most one run in flight per
+session instance (a model served with an N-instance layout runs up to N requests at once; a
+plain session runs one at a time: concurrent runs of one session only fight for cores).
+Requests that arrive within ``max_delay_ms`` of each other and agree on every non-batch
+dimension are stacked into one run (only when the model's batch dimension is dynamic) and the
+rows are split back, so each caller gets exactly its own rows. The queue is bounded in
+requests and in bytes: when it is full the caller is told to come back later (503) instead of
+waiting forever.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class _Job:
     rows: int
     key: tuple | None  # None = never stacked with others
     future: asyncio.Future = field(repr=False)
+    nbytes: int = 0
 
 
 def _batch_key(session, feeds: dict[str, np.ndarray]) -> tuple | None:
@@ -68,8 +71,17 @@ def _rows(feeds: dict[str, np.ndarray]) -> int:
     return max((len(value) for value in feeds.values() if np.ndim(value)), default=1)
 
 
+def _concurrency(session) -> int:
+    """Runs of ``session`` that may be in flight at once (an instance pool's size, else 1)."""
+    return max(1, int(getattr(session, "concurrency", 1)))
+
+
+# Threads that run inference; only as many are started as runs are in flight at once.
+_MAX_WORKERS = 64
+
+
 class Batcher:
-    """Queue + collector task + one worker thread. Create and use inside a running event loop."""
+    """Queue + collector task + worker threads. Create and use inside a running event loop."""
 
     def __init__(
         self,
@@ -77,21 +89,27 @@ class Batcher:
         max_batch: int = 1,
         max_delay_ms: float = 0.0,
         max_queue: int = 64,
+        max_queue_bytes: int | None = None,
         timeout_s: float | None = 30.0,
         on_batch: Callable[[int], None] | None = None,
     ):
         if max_batch < 1 or max_queue < 1:
             raise EdgerunError(f"--max-batch and --max-queue must be at least 1, got {max_batch} and {max_queue}")
+        if max_queue_bytes is not None and max_queue_bytes < 1:
+            raise EdgerunError(f"--max-queue-bytes must be at least 1, got {max_queue_bytes}")
         self.max_batch = max_batch
         self.max_delay_s = max(0.0, max_delay_ms) / 1000.0
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.timeout_s = timeout_s
         self.on_batch = on_batch
         self._pending: deque[_Job] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgerun-infer")
+        self._executor = ThreadPoolExecutor(max_workers=_MAX_WORKERS, thread_name_prefix="edgerun-infer")
         self._closing = False
+        self._in_flight: dict[int, int] = {}  # id(session) -> runs in flight
+        self._runs: set[asyncio.Task] = set()
         self.running = 0
 
     @property
@@ -99,9 +117,18 @@ class Batcher:
         """Requests waiting for, or in, an inference run."""
         return len(self._pending) + self.running
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of input tensors waiting for a run."""
+        return sum(job.nbytes for job in self._pending if not job.future.done())
+
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="edgerun-batcher")
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def submit(self, session, feeds: dict[str, np.ndarray], timeout_s: float | None = None) -> dict:
         if self._task is None:
@@ -116,10 +143,19 @@ class Batcher:
                 f"inference queue is full ({self.max_queue} requests waiting); retry shortly or raise --max-queue",
                 retry_after_s=1,
             )
+        nbytes = sum(int(value.nbytes) for value in feeds.values())
+        if self.max_queue_bytes is not None and self._pending:
+            queued = self.queued_bytes
+            if queued + nbytes > self.max_queue_bytes:
+                raise OverloadedError(
+                    f"inference queue holds {queued} bytes of inputs and this request adds {nbytes}, over the "
+                    f"{self.max_queue_bytes} byte limit; retry shortly or raise --max-queue-bytes",
+                    retry_after_s=1,
+                )
         rows = _rows(feeds)
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(session, feeds, rows, _batch_key(session, feeds), future))
-        self._wakeup.set()
+        self._pending.append(_Job(session, feeds, rows, _batch_key(session, feeds), future, nbytes))
+        self._wake()
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         try:
             result = await asyncio.wait_for(future, timeout)
@@ -131,7 +167,8 @@ class Batcher:
         return result
 
     def _take(self, key: tuple, room: int) -> list[_Job]:
-        taken, kept = [], deque()
+        taken: list[_Job] = []
+        kept: deque[_Job] = deque()
         while self._pending:
             job = self._pending.popleft()
             if job.future.done():
@@ -144,22 +181,32 @@ class Batcher:
         self._pending = kept
         return taken
 
+    def _has_free_instance(self, session) -> bool:
+        return self._in_flight.get(id(session), 0) < _concurrency(session)
+
+    def _batch_limit(self, session) -> int:
+        # The layout may stack more than the server-wide setting; a session built for a bounded
+        # profile (TensorRT) must never see a larger stack.
+        wanted = max(self.max_batch, int(getattr(session, "batch_size", 1) or 1))
+        return min(wanted, getattr(session, "max_batch", None) or wanted)
+
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
         while True:
-            if not self._pending:
-                if self._closing:
+            while self._pending and self._pending[0].future.done():
+                self._pending.popleft()
+            if not self._pending or not self._has_free_instance(self._pending[0].session):
+                # Woken by a new request or by a run that finished (and freed an instance).
+                if not self._pending and self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             first = self._pending.popleft()
-            if first.future.done():
-                continue
             batch = [first]
             rows = first.rows
-            # A session built for a bounded profile (TensorRT) must never see a larger stack.
-            limit = min(self.max_batch, getattr(first.session, "max_batch", None) or self.max_batch)
+            limit = self._batch_limit(first.session)
             if first.key is not None and limit > 1:
                 deadline = loop.time() + self.max_delay_s
                 while rows < limit:
@@ -177,36 +224,54 @@ class Batcher:
             batch = [job for job in batch if not job.future.done()]
             if not batch:
                 continue
-            self.running = len(batch)
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, run_stacked, first.session, [job.feeds for job in batch]
-                )
-                if self.on_batch is not None:
-                    self.on_batch(rows)
-            except Exception as exc:  # a bug here must fail this batch, not every later request
-                log.exception("batcher: unexpected error running a batch of %d", len(batch))
-                results = [exc] * len(batch)
-            finally:
-                self.running = 0
-            for job, result in zip(batch, results):
-                if job.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+            session = first.session
+            self._in_flight[id(session)] = self._in_flight.get(id(session), 0) + 1
+            self.running += len(batch)
+            task = loop.create_task(self._run(session, batch, sum(job.rows for job in batch)))
+            self._runs.add(task)
+            task.add_done_callback(self._runs.discard)
+
+    async def _run(self, session, batch: list[_Job], rows: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, run_stacked, session, [job.feeds for job in batch])
+            if self.on_batch is not None:
+                self.on_batch(rows)
+        except Exception as exc:  # a bug here must fail this batch, not every later request
+            log.exception("batcher: unexpected error running a batch of %d", len(batch))
+            results = [exc] * len(batch)
+        finally:
+            self.running -= len(batch)
+            left = self._in_flight.get(id(session), 1) - 1
+            if left:
+                self._in_flight[id(session)] = left
+            else:
+                self._in_flight.pop(id(session), None)
+            self._wake()
+        for job, result in zip(batch, results):
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     async def close(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop taking requests, finish the queued ones, then stop the worker."""
+        """Stop taking requests, finish the queued ones, then stop the workers."""
         self._closing = True
         if self._task is not None:
-            self._wakeup.set()
+            self._wake()
             try:
-                await asyncio.wait_for(self._task, drain_timeout_s)
+                await asyncio.wait_for(self._drain(), drain_timeout_s)
             except asyncio.TimeoutError:
                 log.warning(
                     "shutdown: %d requests still queued after %.0f s; dropping them", self.depth, drain_timeout_s
                 )
                 self._task.cancel()
         self._executor.shutdown(wait=True)
+
+    async def _drain(self) -> None:
+        assert self._task is not None
+        await self._task
+        while self._runs:
+            await asyncio.gather(*list(self._runs), return_exceptions=True)

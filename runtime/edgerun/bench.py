@@ -57,7 +57,7 @@ def measure(
     """Latency percentiles (ms) and throughput (rows/s) of ``model.run`` on ``feeds``."""
     for _ in range(warmup):
         model.run(feeds)
-    times = []
+    times: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(times) < iters and (len(times) < 5 or time.perf_counter() < deadline):
         start = time.perf_counter()

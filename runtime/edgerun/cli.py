@@ -93,7 +93,9 @@ def main(debug: bool) -> None:
 common_load = [
     click.option("--providers", help="Comma-separated execution providers to try in order (default: the manifest's)."),
     click.option(
-        "--threads", type=click.IntRange(min=1), help="Intra-op threads (default: from CPU affinity and cgroup quota)."
+        "--threads",
+        type=click.IntRange(min=1),
+        help="Intra-op threads per session instance (default: chosen within the CPU affinity and cgroup quota).",
     ),
     click.option(
         "--cache-dir",
@@ -130,11 +132,22 @@ def _with(options):
     help="Build the TensorRT engine before serving instead of serving from CUDA/CPU while it builds.",
 )
 @click.option(
-    "--max-batch",
-    default=1,
-    show_default=True,
+    "--instances",
     type=click.IntRange(min=1),
-    help="Rows per stacked run (dynamic batching).",
+    help="Session instances serving in parallel (default: chosen by the self-benchmark within the thread budget).",
+)
+@click.option(
+    "--optimize",
+    type=click.Choice(["latency", "throughput", "balanced"]),
+    default="balanced",
+    show_default=True,
+    help="What the self-benchmark's layout choice favours: one client's latency, many clients' throughput, "
+    "or the best throughput within 25% of the best latency.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    help="Rows per stacked run (dynamic batching; default: 1 unless the self-benchmark measures batching cheaper).",
 )
 @click.option("--max-delay-ms", default=2.0, show_default=True, type=float, help="How long to wait to fill a batch.")
 @click.option(
@@ -143,6 +156,13 @@ def _with(options):
     show_default=True,
     type=click.IntRange(min=1),
     help="Queued requests before answering 503.",
+)
+@click.option(
+    "--max-queue-bytes",
+    default=256 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Bytes of queued input tensors before answering 503.",
 )
 @click.option(
     "--timeout",
@@ -169,9 +189,12 @@ def serve(
     trusted_key,
     no_bench,
     no_trt_background,
+    instances,
+    optimize,
     max_batch,
     max_delay_ms,
     max_queue,
+    max_queue_bytes,
     timeout_s,
     token,
     max_body_mb,
@@ -194,10 +217,15 @@ def serve(
         threads=threads,
         cache_dir=Path(cache_dir),
         bench=not no_bench,
-        max_batch=max_batch,
         trusted_key=_read_key(trusted_key),
         trt_background=not no_trt_background,
+        instances=instances,
+        optimize=optimize,
+        fixed_batch=max_batch,
+        batch_delay_ms=max_delay_ms,
     )
+    if max_batch is not None:
+        options.max_batch = max_batch
     repo = ModelRepository(options, store=VersionStore(Path(cache_dir)))
     failure: list[BaseException] = []
 
@@ -229,9 +257,10 @@ def serve(
     config = ServerConfig(
         token=token,
         max_body_mb=max_body_mb,
-        max_batch=max_batch,
+        max_batch=max_batch or 1,  # the layout may stack more (see edgerun.layout)
         max_delay_ms=max_delay_ms,
         max_queue=max_queue,
+        max_queue_bytes=max_queue_bytes,
         timeout_s=timeout_s,
         watch_dir=Path(watch_dir) if watch_dir else None,
     )
@@ -334,6 +363,7 @@ def bench(bundle, providers, threads, cache_dir, trusted_key, max_batch, as_json
         "providers": p["providers"],
         "threads": p["threads"],
         "benchmark": p.get("benchmark", {}),
+        "layout": p.get("layout", {}),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -347,6 +377,13 @@ def bench(bundle, providers, threads, cache_dir, trusted_key, max_batch, as_json
             )
     for variant, numbers in report["benchmark"].get("variants", {}).items():
         click.echo(f"  variant {variant}: p50 {numbers['p50_ms']:.3f} ms")
+    layout = report["layout"]
+    for label, numbers in layout.get("measurements", {}).items():
+        click.echo(
+            f"  layout {label:<24} one client p50 {numbers['p50_ms']:.3f} ms  all busy {numbers['throughput_per_s']:.1f}/s"
+        )
+    if layout:
+        click.echo(f"  serving layout {layout['label']} ({layout['source']}, optimize {layout['optimize']})")
 
 
 @main.command()

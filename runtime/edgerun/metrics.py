@@ -33,7 +33,7 @@ class Metrics:
         )
         self.queue_depth = Gauge("edgerun_queue_depth", "Requests waiting for or in inference", registry=self.registry)
         self.model_info = Info(
-            "edgerun_model", "Model served: variant, providers, threads", ["model"], registry=self.registry
+            "edgerun_model", "Model served: variant, providers, threads, layout", ["model"], registry=self.registry
         )
         self.reloads = Counter(
             "edgerun_reloads", "Model (re)loads by outcome", ["model", "outcome"], registry=self.registry
@@ -52,6 +52,7 @@ class Metrics:
                 "variant": str(parameters.get("variant", "")),
                 "providers": ",".join(parameters.get("providers", [])),
                 "threads": str(parameters.get("threads", "")),
+                "layout": str((parameters.get("layout") or {}).get("label", "")),
             }
         )
 

@@ -59,6 +59,7 @@ class ServerConfig:
     max_batch: int = 1
     max_delay_ms: float = 2.0
     max_queue: int = 64
+    max_queue_bytes: int | None = None
     timeout_s: float = 30.0
     watch_dir: Path | None = None
     watch_interval_s: float = 1.0
@@ -207,6 +208,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
             max_batch=config.max_batch,
             max_delay_ms=config.max_delay_ms,
             max_queue=config.max_queue,
+            max_queue_bytes=config.max_queue_bytes,
             timeout_s=config.timeout_s,
             on_batch=metrics.batch_size.observe,
         )

@@ -1,0 +1,413 @@
+"""Execution layouts: the choice from recorded numbers, instances serving in parallel, the cache
+and the override flags — counted and compared, never timed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from runtime_fixtures import build_classifier_bundle, classifier_reference
+
+import edgerun.layout as layout_module
+import edgerun.loader as loader_module
+from edgerun.batching import Batcher
+from edgerun.errors import EdgerunError, OverloadedError
+from edgerun.layout import (
+    BALANCED_MARGIN,
+    InstancePool,
+    Layout,
+    LayoutMeasurement,
+    LayoutRequest,
+    candidate_layouts,
+    default_layout,
+    select_layout,
+)
+from edgerun.loader import LoadOptions, load_model
+from edgerun.reload import ModelRepository
+from edgerun.server import ServerConfig, create_app
+from edgerun.threads import ThreadChoice
+
+# ---- the choice, from recorded measurements ----
+
+SPIN = Layout(1, 2, True)
+PLAIN = Layout(1, 2, False)
+PAIR = Layout(2, 1, False)
+
+
+def m(layout: Layout, p50: float, tput: float) -> LayoutMeasurement:
+    return LayoutMeasurement(layout, p50, tput)
+
+
+RECORDED = [m(SPIN, 4.0, 337.0), m(PLAIN, 5.2, 250.0), m(PAIR, 7.9, 442.0)]
+
+
+def test_latency_picks_the_lowest_single_client_p50():
+    assert select_layout(RECORDED, "latency").layout == SPIN
+
+
+def test_throughput_picks_the_most_requests_per_second():
+    assert select_layout(RECORDED, "throughput").layout == PAIR
+
+
+def test_balanced_keeps_to_the_margin_of_the_best_latency():
+    # 2x1 is 98% slower for one client: outside the margin, so balanced stays with the spinning session.
+    assert select_layout(RECORDED, "balanced").layout == SPIN
+    within = [m(SPIN, 4.0, 337.0), m(PAIR, 4.0 * (1 + BALANCED_MARGIN) - 0.01, 442.0)]
+    assert select_layout(within, "balanced").layout == PAIR
+    outside = [m(SPIN, 4.0, 337.0), m(PAIR, 4.0 * (1 + BALANCED_MARGIN) + 0.01, 442.0)]
+    assert select_layout(outside, "balanced").layout == SPIN
+    assert select_layout(outside, "balanced", margin=1.0).layout == PAIR
+
+
+def test_batching_only_when_it_is_cheaper_per_request():
+    batched = Layout(2, 1, False, 8)
+    marginal = [m(PAIR, 7.9, 442.0), m(batched, 9.9, 450.0)]  # +2 %: noise, not a gain
+    assert select_layout(marginal, "throughput").layout == PAIR
+    real_gain = [m(PAIR, 7.9, 442.0), m(batched, 9.9, 900.0)]
+    assert select_layout(real_gain, "throughput").layout == batched
+
+
+def test_ties_go_to_the_frugal_layout_and_bad_input_is_refused():
+    tie = [m(Layout(4, 1), 5.0, 100.0), m(Layout(1, 4), 5.0, 100.0), m(Layout(1, 4, True), 5.0, 100.0)]
+    assert select_layout(tie, "throughput").layout == Layout(1, 4)
+    with pytest.raises(ValueError, match="no layout measurements"):
+        select_layout([], "balanced")
+    with pytest.raises(ValueError, match="optimize must be one of"):
+        select_layout(RECORDED, "fastest")
+    with pytest.raises(EdgerunError, match="--optimize must be one of"):
+        LayoutRequest(optimize="fastest")
+    with pytest.raises(EdgerunError, match="--instances must be at least 1"):
+        LayoutRequest(instances=0)
+
+
+def test_candidates_fit_the_thread_budget():
+    assert candidate_layouts(2, LayoutRequest()) == [SPIN, PLAIN, PAIR]
+    assert candidate_layouts(1, LayoutRequest()) == [Layout(1, 1)]
+    eight = candidate_layouts(8, LayoutRequest())
+    assert all(c.instances * c.threads == 8 for c in eight) and len({(c.instances, c.threads) for c in eight}) == 4
+    assert candidate_layouts(12, LayoutRequest())[-1] == Layout(12, 1)  # extremes kept, middle thinned
+    # What the operator fixes is kept; the rest fills the budget.
+    assert candidate_layouts(4, LayoutRequest(instances=2)) == [Layout(2, 2)]
+    assert candidate_layouts(4, LayoutRequest(threads=1)) == [Layout(n, 1) for n in (1, 2, 4)]
+    assert candidate_layouts(4, LayoutRequest(instances=3, threads=3)) == [Layout(3, 3)]
+    # A bundle that pins spinning is not second-guessed; an accelerator keeps one instance.
+    assert candidate_layouts(2, LayoutRequest(spinning=False)) == [PLAIN, PAIR]
+    assert candidate_layouts(2, LayoutRequest(), accelerator=True) == [PLAIN]
+    assert candidate_layouts(2, LayoutRequest(max_batch=4), accelerator=True) == [Layout(1, 2, False, 4)]
+    assert default_layout(2, LayoutRequest()) == PLAIN
+    assert default_layout(2, LayoutRequest(threads=1)) == Layout(1, 1)
+
+
+# ---- instances serving concurrently ----
+
+
+class GatedInstance:
+    """Doubles its input; ``meet`` makes runs wait for each other, proving they overlap."""
+
+    batchable = True
+    max_batch = None
+
+    def __init__(self, meet: threading.Barrier | None = None):
+        self.meet = meet
+        self.seen: list[float] = []
+
+    def run(self, feeds):
+        if self.meet is not None:
+            self.meet.wait(10)  # breaks (and fails the request) unless the other instance runs too
+        self.seen.append(float(feeds["x"][0, 0]))
+        return {"y": feeds["x"] * 2}
+
+
+def fake_pool(instances) -> InstancePool:
+    pool = InstancePool.__new__(InstancePool)  # no ORT session needed to test dispatch
+    pool.instances = list(instances)
+    pool.layout = Layout(len(instances), 1)
+    pool.max_batch = None
+    pool.run_count = 0
+    pool.inputs, pool.outputs = [], []
+    import queue
+
+    pool._free = queue.SimpleQueue()
+    for instance in pool.instances:
+        pool._free.put(instance)
+    pool._count_lock = threading.Lock()
+    return pool
+
+
+def test_instances_run_in_parallel_and_each_request_is_answered_once():
+    meet = threading.Barrier(2)
+    pool = fake_pool([GatedInstance(meet), GatedInstance(meet)])
+    values = [float(i) for i in range(12)]
+
+    async def scenario():
+        batcher = Batcher(max_batch=1)
+        results = await asyncio.gather(
+            *(batcher.submit(pool, {"x": np.full((1, 2), v, np.float32)}, timeout_s=20) for v in values)
+        )
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    for value, result in zip(values, results):
+        np.testing.assert_array_equal(result["y"], np.full((1, 2), 2 * value, np.float32))
+    seen = pool.instances[0].seen + pool.instances[1].seen
+    assert sorted(seen) == values  # every request ran exactly once, on one instance
+    assert pool.instances[0].seen and pool.instances[1].seen
+    assert pool.run_count == len(values)
+
+
+def test_a_single_instance_runs_one_request_at_a_time():
+    active, peak = [0], [0]
+    lock = threading.Lock()
+
+    class Probe:
+        batchable = False
+
+        def run(self, feeds):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            threading.Event().wait(0.005)
+            with lock:
+                active[0] -= 1
+            return {"y": feeds["x"]}
+
+    async def scenario():
+        batcher = Batcher()
+        probe = Probe()
+        results = await asyncio.gather(*(batcher.submit(probe, {"x": np.ones((1, 1))}) for _ in range(6)))
+        await batcher.close()
+        return results
+
+    assert len(asyncio.run(scenario())) == 6
+    assert peak[0] == 1
+
+
+def test_queue_bound_in_bytes_is_503():
+    gate = threading.Event()
+
+    class Held:
+        batchable = False
+
+        def run(self, feeds):
+            gate.wait(10)
+            return {"y": feeds["x"]}
+
+    session = Held()
+
+    async def scenario():
+        batcher = Batcher(max_queue=100, max_queue_bytes=1000)
+        big = {"x": np.zeros((1, 100), np.float32)}  # 400 bytes
+        running = asyncio.ensure_future(batcher.submit(session, big))
+        while batcher.running == 0:
+            await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(batcher.submit(session, big)) for _ in range(2)]  # 800 bytes waiting
+        await asyncio.sleep(0)
+        assert batcher.queued_bytes == 800
+        with pytest.raises(OverloadedError, match="over the 1000 byte limit") as refused:
+            await batcher.submit(session, big)
+        assert refused.value.retry_after_s == 1
+        small = asyncio.ensure_future(batcher.submit(session, {"x": np.zeros((1, 10), np.float32)}))  # fits
+        await asyncio.sleep(0)
+        gate.set()
+        results = await asyncio.gather(running, *queued, small)
+        await batcher.close()
+        return results
+
+    assert len(asyncio.run(scenario())) == 4
+
+
+def test_server_answers_503_with_retry_after_when_the_queue_bytes_are_full(bundles, load_options):
+    gate = threading.Event()
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.5] * 4}]}
+    with TestClient(create_app(repo, ServerConfig(max_queue_bytes=20, timeout_s=10))) as client:
+        served = repo.get("clf")
+        real_run = served.session.run
+        served.session.run = lambda feeds: (gate.wait(10), real_run(feeds))[1]
+        batcher = client.app.state.batchers["batcher"]
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/v2/models/clf/infer", json=body)
+            while batcher.running == 0:
+                gate.wait(0.01)
+            second = pool.submit(client.post, "/v2/models/clf/infer", json=body)  # 16 bytes queued
+            while len(batcher._pending) == 0:
+                gate.wait(0.01)
+            rejected = client.post("/v2/models/clf/infer", json=body)
+            gate.set()
+            assert rejected.status_code == 503 and rejected.headers["Retry-After"] == "1"
+            assert "--max-queue-bytes" in rejected.json()["error"]
+            assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+# ---- loading: instances from one copy of the model, overrides, cache ----
+
+
+def test_instances_share_one_verified_model_and_serve_correct_rows(tmp_path, cache_dir, monkeypatch):
+    bundle = build_classifier_bundle(tmp_path / "b")
+    reads = []
+    real_read = layout_module.read_model_bytes
+    monkeypatch.setattr(layout_module, "read_model_bytes", lambda *a: (reads.append(a[1]), real_read(*a))[1])
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, instances=3, threads=1))
+    pool = served.session
+    assert isinstance(pool, InstancePool) and len(pool.instances) == 3
+    assert reads == ["model.onnx"]  # read once for every new instance
+    assert {i.session.get_session_options().intra_op_num_threads for i in pool.instances} == {1}
+    layout = served.parameters["layout"]
+    assert (layout["instances"], layout["threads"], layout["source"]) == (3, 1, "--instances/--threads")
+
+    repo = ModelRepository(LoadOptions(cache_dir=cache_dir, bench=False))
+    repo.add(served)
+    rows = [np.full((1, 4), i / 10, np.float32) for i in range(12)]
+    with TestClient(create_app(repo)) as client:
+        with ThreadPoolExecutor(6) as workers:
+            responses = list(
+                workers.map(
+                    lambda x: client.post(
+                        "/v2/models/clf/infer",
+                        json={
+                            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]
+                        },
+                    ),
+                    rows,
+                )
+            )
+        for x, response in zip(rows, responses):
+            assert response.status_code == 200, response.text
+            got = np.array(response.json()["outputs"][0]["data"], np.float32).reshape(1, 3)
+            np.testing.assert_allclose(got, classifier_reference(x), rtol=1e-5)
+        assert pool.run_count == len(rows)  # each request ran once, through the pool
+        meta = client.get("/v2/models/clf").json()["parameters"]["layout"]
+        assert meta["label"] == "3x1"
+        assert 'layout="3x1"' in client.get("/metrics").text
+
+
+def fake_measure(calls):
+    """Recorded numbers in which 2x1 has the best throughput and the spinning session the best latency."""
+    numbers = {(1, 2, True): (4.0, 300.0), (1, 2, False): (5.0, 250.0), (2, 1, False): (7.0, 400.0)}
+
+    def measure(instances, layout, single, batch_feeds=None, **kwargs):
+        calls.append(layout)
+        p50, tput = numbers.get((layout.instances, layout.threads, layout.spinning), (4.5, 100.0 * layout.instances))
+        return LayoutMeasurement(layout, p50, tput)
+
+    return measure
+
+
+def budget_of(n: int):
+    return lambda override=None, **kwargs: ThreadChoice(override or n, "--threads" if override else "test", n, None)
+
+
+@pytest.fixture()
+def no_timing(monkeypatch):
+    calls: list[Layout] = []
+    monkeypatch.setattr(layout_module, "measure_layout", fake_measure(calls))
+    monkeypatch.setattr(
+        loader_module,
+        "self_benchmark",
+        lambda session, max_batch, golden, budget_s=1.0: {
+            "batch_1": {"batch": 1, "p50_ms": 1.0, "throughput_per_s": 1.0}
+        },
+    )
+    return calls
+
+
+def test_decision_is_cached_per_thread_budget_and_reselected_per_optimize(tmp_path, cache_dir, monkeypatch, no_timing):
+    bundle = build_classifier_bundle(tmp_path / "b")
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, optimize="throughput"))
+    assert no_timing == [SPIN, PLAIN, PAIR]
+    assert served.parameters["layout"]["label"] == "2x1" and served.parameters["layout"]["source"] == "self-benchmark"
+    assert set(served.parameters["layout"]["measurements"]) == {"1x2 spinning", "1x2", "2x1"}
+    assert len(served.session.instances) == 2
+
+    no_timing.clear()
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, optimize="latency"))
+    assert no_timing == []  # same bundle, providers, CPU and budget: nothing measured again
+    assert served.parameters["layout"]["label"] == "1x2 spinning"
+    assert served.parameters["layout"]["source"] == "cached self-benchmark"
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, optimize="throughput"))
+    assert no_timing == [] and served.parameters["layout"]["label"] == "2x1"  # --no-bench reuses the measurement
+
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(4))
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir))
+    assert no_timing and all(c.instances * c.threads == 4 for c in no_timing)  # a new budget is measured anew
+    assert served.parameters["layout"]["thread_budget"] == 4
+
+
+def test_overrides_fix_the_layout_without_measuring(tmp_path, cache_dir, monkeypatch, no_timing):
+    bundle = build_classifier_bundle(tmp_path / "b")
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, instances=2, threads=1))
+    assert no_timing == []
+    assert served.parameters["layout"]["label"] == "2x1"
+    assert served.parameters["layout"]["source"] == "--instances/--threads"
+    # Fixing one dimension leaves the other to the benchmark, within the budget.
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, threads=1))
+    assert no_timing == [Layout(1, 1), PAIR] and served.parameters["layout"]["threads"] == 1
+    # Without a benchmark, the default is one instance using the budget.
+    served = load_model(bundle, LoadOptions(cache_dir=tmp_path / "fresh", bench=False))
+    assert served.parameters["layout"]["label"] == "1x2" and len(served.session.instances) == 1
+    assert served.parameters["layout"]["source"] == "default (no self-benchmark)"
+
+
+def test_serve_flags_reach_the_layout(tmp_path, cache_dir, monkeypatch):
+    import edgerun.server as server_module
+    from edgerun.cli import main
+
+    bundle = build_classifier_bundle(tmp_path / "b")
+    started = {}
+    monkeypatch.setattr(server_module, "serve", lambda app, **kwargs: started.update(app=app))
+    result = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            str(bundle),
+            "--no-bench",
+            "--cache-dir",
+            str(cache_dir),
+            "--instances",
+            "2",
+            "--threads",
+            "1",
+            "--optimize",
+            "throughput",
+            "--max-queue-bytes",
+            "4096",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    app = started["app"]
+    layout = app.state.repo.get("clf").parameters["layout"]
+    assert (layout["instances"], layout["threads"], layout["optimize"]) == (2, 1, "throughput")
+    assert app.state.config.max_queue_bytes == 4096
+    bad = CliRunner().invoke(main, ["serve", str(bundle), "--optimize", "fastest"])
+    assert bad.exit_code == 2 and "fastest" in bad.output
+
+
+def test_a_layout_failing_its_golden_check_falls_back_to_the_checked_session(tmp_path, cache_dir, monkeypatch):
+    from edgerun.session import GoldenResult
+
+    bundle = build_classifier_bundle(tmp_path / "b")
+    real_check = loader_module.check_golden
+    checked = []
+
+    def check(session, root):
+        checked.append(session.threads)
+        if session.threads == 1 and len(checked) > 1:  # the new 1-thread instances drift
+            return GoldenResult(False, "drift")
+        return real_check(session, root)
+
+    monkeypatch.setattr(loader_module, "check_golden", check)
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
+    # Two 1-thread instances next to the 2-thread session that passed: a new setting, checked again.
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, instances=2))
+    assert checked == [2, 1]
+    assert len(served.session.instances) == 1 and served.session.instances[0].threads == 2
+    assert served.parameters["layout"]["source"].startswith("fallback")
