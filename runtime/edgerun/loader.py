@@ -215,7 +215,7 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
         budget_s=min(0.25, options.bench_budget_s / 4),
         batch_delay_ms=options.batch_delay_ms,
         batch_gain=_batch_gain(benchmark, options.max_batch),
-        check=lambda candidate: check_golden(candidate, bundle.root),
+        check=lambda candidate: check_golden(candidate, golden_data),
     )
 
     parameters = {

@@ -392,7 +392,7 @@ def test_serve_flags_reach_the_layout(tmp_path, cache_dir, monkeypatch):
 
 
 def test_a_layout_failing_its_golden_check_falls_back_to_the_checked_session(tmp_path, cache_dir, monkeypatch):
-    from edgerun.session import GoldenResult
+    from edgerun.golden import GoldenResult
 
     bundle = build_classifier_bundle(tmp_path / "b")
     real_check = loader_module.check_golden
