@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,23 @@ QUANTIZED_COMPUTE_OPS = frozenset(
 )
 # Ops that carry the model's weights and therefore decide whether it is "really" quantized.
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention"})
+
+
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[Path]:
+    """Run the block in a throwaway working directory, for library calls that drop files into the cwd.
+
+    ONNX Runtime's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` into the current
+    directory when it cannot infer every shape. The working directory is process-wide: pass
+    absolute paths into the block.
+    """
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="edgebuild-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield Path(scratch)
+        finally:
+            os.chdir(previous)
 
 
 def onnx_dtype_name(elem_type: int) -> str:

@@ -167,5 +167,15 @@ def test_unknown_builtin_name_lists_the_known_ones():
         load_target("tpu")
 
 
-def test_usage_error_maps_to_exit_code_2():
-    assert UsageError.exit_code == 2
+def test_pack_with_a_bad_profile_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from edgebuild.cli import main
+
+    profile = write(tmp_path, MINIMAL.replace("opset = 17", "opset = 11"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["pack", "tinymodels:tiny_cnn", "--target", profile, "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("edgebuild: error: ") and "'opset'" in line and "board.toml" in line
+    assert not out.exists()
