@@ -73,12 +73,8 @@ def sign_manifest(manifest: Manifest, private_key_pem: bytes) -> None:
 def sign_bundle(dest: Path, private_key_pem: bytes) -> None:
     """Sign an existing bundle in place; it is verified first so a tampered one is never signed."""
     from edgerun.bundle import open_bundle
-    from edgerun.errors import BundleError
 
-    try:
-        manifest = open_bundle(dest).manifest
-    except BundleError as exc:
-        raise UsageError(f"cannot sign '{dest}': {exc}") from None
+    manifest = open_bundle(dest).manifest
     sign_manifest(manifest, private_key_pem)
     tmp = Path(dest) / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(manifest.to_json())
