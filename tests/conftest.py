@@ -26,16 +26,9 @@ os.environ.update(
         "XDG_CACHE_HOME": str(SCRATCH / "xdg-cache"),  # ONNX Runtime's device id, other tools' caches
         "XDG_CONFIG_HOME": str(SCRATCH / "xdg-config"),
         "MPLCONFIGDIR": str(SCRATCH / "matplotlib"),  # the report's font cache
+        "HYPOTHESIS_STORAGE_DIRECTORY": str(SCRATCH / "hypothesis"),  # else ./.hypothesis in the checkout
     }
 )
-
-try:  # hypothesis keeps an example database in ./.hypothesis unless told not to
-    from hypothesis import settings
-
-    settings.register_profile("edgebuild", database=None)
-    settings.load_profile("edgebuild")
-except ImportError:  # pragma: no cover - hypothesis comes with the dev extra
-    pass
 
 
 def default_cache_entries() -> list[str]:

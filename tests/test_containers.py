@@ -124,11 +124,11 @@ def runtime_venv(tmp_path_factory) -> Path:
     copy_build_context(context)
     pip_line = next(a for ins, a in instructions("Dockerfile.x86") if ins == "RUN" and "pip install" in a)
     spec = re.search(r'pip install --no-cache-dir "([^"]+)"', pip_line).group(1)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     # A clean environment: nothing from this interpreter's site-packages (which has torch), and a
-    # home of its own so build tools pip starts write nothing into the user's.
+    # home of its own: pip asks `rustc --version` for its user agent, and rustup then writes ~/.rustup.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["HOME"] = str(root)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)  # ensurepip runs pip
     result = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "--no-cache-dir", spec],
         cwd=context,
