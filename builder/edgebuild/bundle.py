@@ -15,11 +15,17 @@ from pathlib import Path
 
 from edgebuild.errors import UsageError
 from edgerun.bundle import sha256_file
-from edgerun.manifest import MANIFEST_NAME, Manifest
+from edgerun.manifest import MANIFEST_NAME, Manifest, is_one_path_component
 
 
 def _archive_path(dest: Path) -> Path:
     return dest.parent / f"{dest.name}.tar.gz"
+
+
+def check_bundle_name(name: str) -> None:
+    """The runtime's name rule, checked before any work: the name is a folder and a URL segment."""
+    if not is_one_path_component(name):
+        raise UsageError(f"bundle name '{name}' must be one path component (no '/', '\\' or '..'); pass --name")
 
 
 def check_destination(dest: Path, force: bool, archive: bool = False) -> None:

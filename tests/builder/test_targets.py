@@ -179,3 +179,19 @@ def test_pack_with_a_bad_profile_file_exits_2_with_one_line_and_writes_nothing(t
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("edgebuild: error: ") and "'opset'" in line and "board.toml" in line
     assert not out.exists()
+
+
+def test_short_provider_names_become_the_runtimes_names(tmp_path):
+    text = MINIMAL.replace('name = "CPUExecutionProvider"', 'name = "cuda"') + '\n[[providers]]\nname = "cpu"\n'
+    target = load_target(write(tmp_path, text))
+    assert [p.name for p in target.providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_session_section_is_the_manifest_schema_with_unknown_keys_refused(tmp_path):
+    from edgerun.manifest import SessionOptionsSpec
+
+    text = MINIMAL + '\n[session]\ngraph_optimization_level = "basic"\n'
+    session = load_target(write(tmp_path, text)).session
+    assert isinstance(session, SessionOptionsSpec) and session.graph_optimization_level == "basic"
+    with pytest.raises(UsageError, match=r"'session.graph_optimisation_level': unknown key"):
+        load_target(write(tmp_path, MINIMAL + '\n[session]\ngraph_optimisation_level = "basic"\n'))
