@@ -95,6 +95,8 @@ def test_jetson_image_installs_onnxruntime_gpu_without_the_cpu_package():
 
 
 # --- the x86 install steps, outside Docker ------------------------------------------------
+# They pip-install the runtime into a fresh virtual environment (tens of seconds, needs the
+# package index): `python -m pytest -m "not install"` leaves them out.
 
 
 def copy_build_context(dest: Path) -> None:
@@ -122,9 +124,11 @@ def runtime_venv(tmp_path_factory) -> Path:
     copy_build_context(context)
     pip_line = next(a for ins, a in instructions("Dockerfile.x86") if ins == "RUN" and "pip install" in a)
     spec = re.search(r'pip install --no-cache-dir "([^"]+)"', pip_line).group(1)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # A clean environment: nothing from this interpreter's site-packages (which has torch).
+    # A clean environment: nothing from this interpreter's site-packages (which has torch), and a
+    # home of its own: pip asks `rustc --version` for its user agent, and rustup then writes ~/.rustup.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["HOME"] = str(root)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)  # ensurepip runs pip
     result = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "--no-cache-dir", spec],
         cwd=context,
@@ -146,6 +150,8 @@ def venv_python(venv: Path, code: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
+@pytest.mark.install
 def test_runtime_install_has_no_torch(runtime_venv):
     assert venv_python(runtime_venv, "import torch").returncode != 0
     ok = venv_python(runtime_venv, "import edgerun, onnxruntime, fastapi, uvicorn; print(edgerun.__file__)")
@@ -193,6 +199,8 @@ def healthcheck(venv: Path, port: int) -> int:
     ).returncode
 
 
+@pytest.mark.slow
+@pytest.mark.install
 def test_runtime_install_serves_a_bundle(runtime_venv, tmp_path):
     bundle = tiny_bundle(tmp_path / "double-x86")
     port = free_port()

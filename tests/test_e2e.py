@@ -33,10 +33,12 @@ def digits_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(digits_bundle):
+def server(digits_bundle, tmp_path_factory):
     port = _free_port()
+    cache = tmp_path_factory.mktemp("cache")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgerun.cli", "serve", digits_bundle, "--port", str(port), "--no-bench"],
+        [sys.executable, "-m", "edgerun.cli", "serve", digits_bundle, "--port", str(port), "--no-bench"]
+        + ["--cache-dir", str(cache)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -108,7 +110,11 @@ def test_tampered_bundle_is_refused(digits_bundle, tmp_path):
     data = bytearray((copy / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / "model.onnx").write_bytes(bytes(data))
-    for args in (["verify", str(copy)], ["serve", str(copy), "--no-bench", "--port", str(_free_port())]):
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    for args in (
+        ["verify", str(copy), *cache],
+        ["serve", str(copy), "--no-bench", "--port", str(_free_port()), *cache],
+    ):
         proc = subprocess.run([sys.executable, "-m", "edgerun.cli", *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0
         assert "does not match its checksum" in proc.stderr and "Traceback" not in proc.stderr

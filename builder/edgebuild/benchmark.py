@@ -59,8 +59,7 @@ def bench_bundle(location, *, threads: int | None = None, max_seconds: float = 1
             feed = {name: golden[f"input:{name}"][: len(zeros)] for name, zeros in feed.items()}
     rows = []
     for model in bundle.manifest.all_models():
-        so = model.session_options
-        session = make_session(bundle.path(model.path), so.graph_optimization_level, threads=threads, config=so.config)
+        session = make_session(bundle.path(model.path), model.session_options, threads=threads)
         measured = session_latency(session, feed, max_seconds=max_seconds)
         recorded = (model.benchmark or {}).get("p50_ms")
         rows.append({"path": model.path, "precision": model.precision, **measured, "recorded_p50_ms": recorded})

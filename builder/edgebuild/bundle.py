@@ -16,11 +16,17 @@ from pathlib import Path
 
 from edgebuild.errors import UsageError
 from edgerun.bundle import sha256_file
-from edgerun.manifest import MANIFEST_NAME, Manifest
+from edgerun.manifest import MANIFEST_NAME, Manifest, is_one_path_component
 
 
 def _archive_path(dest: Path) -> Path:
     return dest.parent / f"{dest.name}.tar.gz"
+
+
+def check_bundle_name(name: str) -> None:
+    """The runtime's name rule, checked before any work: the name is a folder and a URL segment."""
+    if not is_one_path_component(name):
+        raise UsageError(f"bundle name '{name}' must be one path component (no '/', '\\' or '..'); pass --name")
 
 
 def check_destination(dest: Path, force: bool, archive: bool = False) -> None:
@@ -74,12 +80,8 @@ def sign_manifest(manifest: Manifest, private_key_pem: bytes) -> None:
 def sign_bundle(dest: Path, private_key_pem: bytes) -> None:
     """Sign an existing bundle in place; it is verified first so a tampered one is never signed."""
     from edgerun.bundle import open_bundle
-    from edgerun.errors import BundleError
 
-    try:
-        manifest = open_bundle(dest).manifest
-    except BundleError as exc:
-        raise UsageError(f"cannot sign '{dest}': {exc}") from None
+    manifest = open_bundle(dest).manifest
     sign_manifest(manifest, private_key_pem)
     tmp = Path(dest) / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(manifest.to_json())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgebuild.errors import UsageError, handle_cli_errors
+from edgebuild.errors import handle_cli_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -282,13 +282,9 @@ def bench(location, threads, bench_seconds, as_json):
     import json
 
     from edgebuild.benchmark import bench_bundle
-    from edgerun.errors import BundleError
 
     if Path(location).is_dir() or location.endswith((".tar.gz", ".tgz")):
-        try:
-            rows = bench_bundle(location, threads=threads, max_seconds=bench_seconds)
-        except BundleError as exc:
-            raise UsageError(str(exc)) from None
+        rows = bench_bundle(location, threads=threads, max_seconds=bench_seconds)
     else:
         from edgebuild.inspection import inspect_model
 

@@ -68,13 +68,9 @@ class _Target:
 
 
 def _target_of(bundle: Path) -> tuple[str, _Target]:
-    from edgerun.errors import EdgerunError
     from edgerun.manifest import read_manifest
 
-    try:
-        manifest = read_manifest(bundle)
-    except EdgerunError as exc:
-        raise UsageError(str(exc)) from None
+    manifest = read_manifest(bundle)  # a BundleError names what is wrong with it (exit 2)
     target = manifest.target or {}
     name = str(target.get("name") or "")
     if not name:

@@ -1,10 +1,23 @@
-"""One exception family for the builder; each carries the CLI exit code it maps to."""
+"""One exception family for the builder; each class carries the CLI exit code it maps to.
+
+The command line reports these, and the runtime's own errors (a bundle that fails its checks
+is a ``BundleError``, exit 2, on both sides), through the runtime's one error decorator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from edgerun.errors import EdgerunError, first_line, report_errors
+
+__all__ = ["AccuracyBudgetError", "EdgebuildError", "UsageError", "first_line", "handle_cli_errors"]
 
 
 class EdgebuildError(Exception):
     """Base class of every error the builder reports to a user (exit code 1)."""
 
-    exit_code = 1
+    exit_code: ClassVar[int] = 1
 
 
 class UsageError(EdgebuildError):
@@ -18,35 +31,11 @@ class AccuracyBudgetError(EdgebuildError):
 
     exit_code = 3
 
-    def __init__(self, message: str, report_path=None):
+    def __init__(self, message: str, report_path: Path | None = None):
         super().__init__(message)
         self.report_path = report_path
 
 
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` for one-line error messages (many library errors span pages)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-def handle_cli_errors(fn):
-    """Click command decorator: our errors become one line on stderr and their exit code.
-
-    ``--debug`` on the root command shows the traceback instead.
-    """
-    import functools
-    import sys
-
-    import click
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgebuildError as exc:
-            if click.get_current_context().find_root().params.get("debug"):
-                raise
-            click.echo(f"edgebuild: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
+# Click command decorator for every `edgebuild` command: one line `edgebuild: error: ...` and the
+# error's exit code, a traceback only with `edgebuild --debug`.
+handle_cli_errors = report_errors("edgebuild", (EdgebuildError, EdgerunError))

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgebuild.errors import EdgebuildError, first_line
+from edgerun.manifest import GraphOptimizationLevel, SessionOptionsSpec
 
-_ORT_LEVELS = {
-    "disable_all": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
 QUANTIZED_OPS = frozenset(
     {
         "QuantizeLinear",
@@ -41,6 +41,23 @@ QUANTIZED_COMPUTE_OPS = frozenset(
 )
 # Ops that carry the model's weights and therefore decide whether it is "really" quantized.
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention"})
+
+
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[Path]:
+    """Run the block in a throwaway working directory, for library calls that drop files into the cwd.
+
+    ONNX Runtime's symbolic shape inference saves ``sym_shape_infer_temp.onnx`` into the current
+    directory when it cannot infer every shape. The working directory is process-wide: pass
+    absolute paths into the block.
+    """
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="edgebuild-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield Path(scratch)
+        finally:
+            os.chdir(previous)
 
 
 def onnx_dtype_name(elem_type: int) -> str:
@@ -129,24 +146,35 @@ def check_model(path: Path) -> None:
     import onnx
     import onnxruntime as ort
 
+    from edgerun.session import CPU
+
     try:
         onnx.checker.check_model(str(path))
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), providers=[CPU])
     except Exception as exc:  # noqa: BLE001 - both libraries raise their own types
         raise EdgebuildError(f"ONNX model {path.name} failed its load check: {first_line(exc)}") from None
 
 
 def make_session(
-    path: Path, graph_optimization_level: str = "all", threads: int | None = None, config: dict | None = None
-):
-    """An ORT CPU session with the same options the runtime applies on the device."""
+    path: Path,
+    session_options: SessionOptionsSpec | GraphOptimizationLevel = "all",
+    threads: int | None = None,
+    config: dict[str, str] | None = None,
+) -> Any:
+    """An ORT CPU session with exactly the options the runtime applies on the device.
+
+    ``session_options`` is a manifest's (or target profile's) ``SessionOptionsSpec``, or just a
+    graph optimisation level with ``config`` entries. The options come from
+    ``edgerun.session.make_session_options``, so a variant is validated and timed the way it
+    will be served; ``threads=None`` leaves the intra-op pool to ONNX Runtime.
+    """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[graph_optimization_level])
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    for key, value in (config or {}).items():
-        options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    from edgerun.session import CPU, make_session_options
+
+    if isinstance(session_options, str):
+        session_options = SessionOptionsSpec(graph_optimization_level=session_options, config=dict(config or {}))
+    elif config:
+        raise TypeError("config goes into the SessionOptionsSpec when one is given")
+    options = make_session_options(session_options, threads or 0)
+    return ort.InferenceSession(str(path), sess_options=options, providers=[CPU])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild import __version__
-from edgebuild.bundle import check_destination, write_bundle
+from edgebuild.bundle import check_bundle_name, check_destination, write_bundle
 from edgebuild.candidates import (
     CALIB_METHODS,
     INT8_SEARCH,
@@ -177,7 +177,9 @@ def _providers(
 ) -> tuple[list[ProviderSpec], dict | None]:
     """Provider list for the manifest; on TensorRT targets also the op check and shape profiles."""
     providers = [ProviderSpec(name=p.name, options=p.options_for(chosen.precision)) for p in target.providers]
-    trt = next((p for p in providers if p.name == "TensorrtExecutionProvider"), None)
+    from edgerun.tensorrt import TENSORRT
+
+    trt = next((p for p in providers if p.name == TENSORRT), None)
     if trt is None:
         return providers, None
     from edgebuild.tensorrt import profile_shapes, unsupported_ops
@@ -261,8 +263,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             "cannot be pruned or trained; pass the factory that builds the model instead"
         )
     name = options.name or source.default_name
-    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
-        raise UsageError(f"bundle name '{name}' must be one path component (no '/', '\\' or '..'); pass --name")
+    check_bundle_name(name)
     dest = Path(options.output_dir) / f"{name}-{target.name}"
     check_destination(dest, options.force, options.archive)
     # PREPROCESS / POSTPROCESS / LABELS live next to the factory (the module named in MODEL).

@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgebuild.errors import UsageError
+from edgerun.manifest import SessionOptionsSpec
+from edgerun.session import canonical_provider_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,7 +25,7 @@ Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
 
 class ProviderProfile(BaseModel):
     model_config = _Strict
-    name: str = Field(description="ONNX Runtime execution provider, e.g. CUDAExecutionProvider")
+    name: str = Field(description="ONNX Runtime execution provider, e.g. CUDAExecutionProvider (or cuda, trt, cpu)")
     options: dict[str, Any] = Field(default_factory=dict, description="provider options written to the manifest")
     # Some options only fit one precision of the packed model: TensorRT refuses a QDQ (INT8)
     # network unless trt_int8_enable is set, and the flag must stay off for float models.
@@ -31,6 +33,12 @@ class ProviderProfile(BaseModel):
         default_factory=dict,
         description="options merged over `options` when the packed model has that precision",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _runtime_provider_name(cls, name: str) -> str:
+        # The runtime's names: "cuda"/"trt" become the onnxruntime names it looks for on the device.
+        return canonical_provider_name(name)
 
     def options_for(self, precision: str) -> dict[str, Any]:
         """This provider's options for a packed model of ``precision``."""
@@ -51,10 +59,10 @@ class QuantizationProfile(BaseModel):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
 
 
-class SessionProfile(BaseModel):
+class SessionProfile(SessionOptionsSpec):
+    """The manifest's session options (the runtime's schema), with unknown keys refused in a profile."""
+
     model_config = _Strict
-    graph_optimization_level: Literal["disable_all", "basic", "extended", "all"] = "all"
-    config: dict[str, str] = Field(default_factory=dict)
 
 
 class ContainerProfile(BaseModel):

@@ -6,7 +6,6 @@ the start of ``serve`` stay fast.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -15,35 +14,13 @@ from pathlib import Path
 
 import click
 
+from edgerun.errors import EdgerunError, report_errors
+
 DEFAULT_CACHE_DIR = "~/.cache/edgerun"
 
-_EXIT_CODES = {"BundleError": 2, "SessionError": 3}
-
-
-def _handle_errors(command):
-    """One line and an exit code for anything that goes wrong, unless --debug asks for the traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return command(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            if debug:
-                raise
-            from edgerun.errors import EdgerunError
-
-            if isinstance(exc, EdgerunError):
-                click.echo(f"edgerun: error: {exc}", err=True)
-                sys.exit(_EXIT_CODES.get(type(exc).__name__, 1))
-            click.echo(
-                f"edgerun: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True
-            )
-            sys.exit(1)
-
-    return wrapper
+# One line `edgerun: error: ...` and the error class's exit code (BundleError 2, SessionError 3,
+# other runtime errors 1); a traceback only with `edgerun --debug`.
+_handle_errors = report_errors("edgerun", (EdgerunError,))
 
 
 def _setup_logging(level: str) -> None:

@@ -218,13 +218,18 @@ def parse_manifest(data: dict[str, Any], source: str = MANIFEST_NAME) -> Manifes
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BundleError(f"{source}: invalid manifest at '{where}': {first['msg']}") from None
-    # The name becomes a URL segment and a folder under --cache-dir (kept versions).
-    if manifest.name in ("", ".", "..") or any(c in manifest.name for c in "/\\\0"):
+    if not is_one_path_component(manifest.name):
         raise BundleError(
             f"{source}: model name {manifest.name!r} must be a single path component (no '/', "
             f"'\\' or '..'); rebuild the bundle with another --name"
         )
     return manifest
+
+
+def is_one_path_component(name: str) -> bool:
+    """The model/bundle name rule: it becomes a URL segment, the bundle folder and a folder under
+    --cache-dir (kept versions), so it must be one path component."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:

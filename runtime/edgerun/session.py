@@ -44,8 +44,9 @@ _ORT_TYPES = {
     "tensor(bool)": np.bool_,
 }
 
+CPU = "CPUExecutionProvider"  # every onnxruntime build has it; the builder validates on it
 _SHORT_PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
+    "cpu": CPU,
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
     "trt": "TensorrtExecutionProvider",

@@ -35,6 +35,7 @@ _warned_unknown: set[str] = set()
 # Jetson boards have no discrete GPU for nvidia-smi to query on older JetPacks; the SoC name in
 # the device tree fixes the GPU architecture.
 _TEGRA_COMPUTE_CAPABILITY = {"tegra234": "8.7", "tegra194": "7.2", "tegra186": "6.2", "tegra210": "5.3"}
+DEVICE_TREE_COMPATIBLE = Path("/proc/device-tree/compatible")
 
 
 def engine_cache_key(
@@ -123,7 +124,7 @@ def compute_capability(device_id: int = 0) -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     try:
-        compatible = Path("/proc/device-tree/compatible").read_bytes().decode(errors="replace")
+        compatible = DEVICE_TREE_COMPATIBLE.read_bytes().decode(errors="replace")
     except OSError:
         return UNKNOWN
     for soc, capability in _TEGRA_COMPUTE_CAPABILITY.items():

@@ -9,6 +9,8 @@ from edgebuild.cli import main
 from edgerun.bundle import open_bundle
 from edgerun.errors import BundleError
 
+pytestmark = pytest.mark.slow  # the fixture packs a bundle with every variant
+
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):

@@ -13,6 +13,7 @@ from edgebuild.bundle import write_bundle
 from edgebuild.deploy import FleetOptions, deploy, fleet_objects, render
 from edgebuild.errors import UsageError
 from edgebuild.targets import load_target
+from edgerun.errors import BundleError
 from edgerun.manifest import FORMAT_VERSION, Manifest, ModelFile, TensorSpec
 
 kubernetes = pytest.importorskip("kubernetes")
@@ -153,8 +154,8 @@ def test_bad_options_are_usage_errors(tmp_path, options, message):
         fleet_objects(bundle, FleetOptions(**{"image": "edgerun:1", **options}))
 
 
-def test_not_a_bundle_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match=r"no manifest.json"):
+def test_not_a_bundle_is_a_bundle_error(tmp_path):
+    with pytest.raises(BundleError, match=r"no manifest.json"):
         fleet_objects(tmp_path, FleetOptions(image="edgerun:1"))
 
 

@@ -44,6 +44,7 @@ def test_loss_is_temperature_scaled_kl_mixed_with_cross_entropy():
     assert float(distillation_loss(torch.ones(2, 1, 3), torch.zeros(2, 1, 3))) == 1.0  # dense outputs: MSE
 
 
+@pytest.mark.slow  # two real training epochs on the digits data
 def test_distilled_student_beats_untrained_and_lowers_kd_loss(teacher):
     config = DistillConfig(
         train_data=f"{DIGITS}:train_data",

@@ -32,14 +32,14 @@ def two_conv():
     return TwoConv().eval()
 
 
-def _conv_onnx(path):
-    w = numpy_helper.from_array(np.ones((16, 4, 3, 3), np.float32), "w")
+def _conv_onnx(path, out_channels=16):
+    w = numpy_helper.from_array(np.ones((out_channels, 4, 3, 3), np.float32), "w")
     node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")
     graph = helper.make_graph(
         [node],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_channels, 8, 8])],
         [w],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -67,9 +67,15 @@ def test_onnx_model_counts_macs_from_shapes_and_measures_latency(tmp_path):
 
 
 def test_compare_ranks_models(tmp_path):
-    path = str(_conv_onnx(tmp_path / "conv.onnx"))
-    reports = compare_models([path, path], bench_seconds=0.01, sort_by="macs")
-    assert len(reports) == 2 and "| 1 |" in format_comparison(reports)
+    big = str(_conv_onnx(tmp_path / "big.onnx", out_channels=16))
+    small = str(_conv_onnx(tmp_path / "small.onnx", out_channels=2))
+    for sort_by in ("macs", "params"):
+        reports = compare_models([big, small], bench_seconds=0.01, sort_by=sort_by)
+        assert [Path(r.model).name for r in reports] == ["small.onnx", "big.onnx"], sort_by
+    assert reports[0].macs * 8 == reports[1].macs and reports[0].params * 8 == reports[1].params
+    rows = format_comparison(reports).splitlines()[2:]
+    assert rows[0].startswith("| 1 | ") and "small.onnx" in rows[0]
+    assert rows[1].startswith("| 2 | ") and "big.onnx" in rows[1]
 
 
 def test_cli_inspect_json_and_compare_table(tmp_path, monkeypatch):

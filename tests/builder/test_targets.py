@@ -167,5 +167,31 @@ def test_unknown_builtin_name_lists_the_known_ones():
         load_target("tpu")
 
 
-def test_usage_error_maps_to_exit_code_2():
-    assert UsageError.exit_code == 2
+def test_pack_with_a_bad_profile_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from edgebuild.cli import main
+
+    profile = write(tmp_path, MINIMAL.replace("opset = 17", "opset = 11"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["pack", "tinymodels:tiny_cnn", "--target", profile, "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("edgebuild: error: ") and "'opset'" in line and "board.toml" in line
+    assert not out.exists()
+
+
+def test_short_provider_names_become_the_runtimes_names(tmp_path):
+    text = MINIMAL.replace('name = "CPUExecutionProvider"', 'name = "cuda"') + '\n[[providers]]\nname = "cpu"\n'
+    target = load_target(write(tmp_path, text))
+    assert [p.name for p in target.providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_session_section_is_the_manifest_schema_with_unknown_keys_refused(tmp_path):
+    from edgerun.manifest import SessionOptionsSpec
+
+    text = MINIMAL + '\n[session]\ngraph_optimization_level = "basic"\n'
+    session = load_target(write(tmp_path, text)).session
+    assert isinstance(session, SessionOptionsSpec) and session.graph_optimization_level == "basic"
+    with pytest.raises(UsageError, match=r"'session.graph_optimisation_level': unknown key"):
+        load_target(write(tmp_path, MINIMAL + '\n[session]\ngraph_optimisation_level = "basic"\n'))

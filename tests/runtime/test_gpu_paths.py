@@ -249,9 +249,28 @@ def test_compute_capability_probe_reads_nvidia_smi(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
     probe = tensorrt_module.compute_capability.__wrapped__
     assert probe(0) == "8.9" and probe(1) == "9.0" and probe(5) == "8.9"
+    # Without nvidia-smi, a Jetson's SoC name in the device tree decides; elsewhere it is unknown.
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert probe(0) in ("unknown", *tensorrt_module._TEGRA_COMPUTE_CAPABILITY.values())
-    assert isinstance(tensorrt_module.tensorrt_version.__wrapped__(), str)
+    tree = tmp_path / "compatible"
+    monkeypatch.setattr(tensorrt_module, "DEVICE_TREE_COMPATIBLE", tree)
+    tree.write_bytes(b"nvidia,p3768-0000+p3767-0005\x00nvidia,tegra234\x00")
+    assert probe(0) == "8.7"
+    tree.write_bytes(b"raspberrypi,4-model-b\x00brcm,bcm2711\x00")
+    assert probe(0) == "unknown"
+    tree.unlink()
+    assert probe(0) == "unknown"
+
+
+def test_tensorrt_version_comes_from_package_metadata_first(monkeypatch):
+    import importlib.metadata
+
+    def version(dist):
+        if dist == "tensorrt-cu12":
+            return "10.3.0"
+        raise importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert tensorrt_module.tensorrt_version.__wrapped__() == "10.3.0"
 
 
 # ---- 3. background TensorRT build ----

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgebuild.data import CalibrationReader, DataSource
 from edgebuild.errors import EdgebuildError, first_line
-from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage
+from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage, scratch_cwd
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,11 @@ def preprocess(src: Path, dst: Path) -> str:
         ("onnx-shape-inference", {"skip_symbolic_shape": True}),
     ]
     errors = []
+    src_path, dst_path = str(src.resolve()), str(dst.resolve())  # before scratch_cwd() changes the cwd
     for label, kwargs in attempts:
         try:
-            quant_pre_process(str(src), str(dst), **kwargs)
+            with scratch_cwd():  # symbolic shape inference leaves a temp model in the cwd
+                quant_pre_process(src_path, dst_path, **kwargs)
             return label
         except Exception as exc:  # noqa: BLE001 - shape inference raises assorted errors
             errors.append(f"{label}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
