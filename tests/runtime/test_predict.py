@@ -84,5 +84,7 @@ def test_predict_errors(client):
     no_pre = client.post("/v1/predict?model=clf", content=png(half_bright(True)))
     assert no_pre.status_code == 400 and "no 'preprocess'" in no_pre.json()["error"]
     assert client.post("/v1/predict?model=zzz", content=png(half_bright(True))).status_code == 404
-    form = client.post("/v1/predict?model=img", data={"field": "value"})
-    assert form.status_code == 400
+    form = client.post("/v1/predict?model=img", data={"field": "value"})  # a form, not an image
+    assert form.status_code == 415 and "not accepted" in form.json()["error"]
+    no_file = client.post("/v1/predict?model=img", files={"field": (None, "value")})
+    assert no_file.status_code == 400 and "no file part" in no_file.json()["error"]
