@@ -64,13 +64,20 @@ class Bundle:
         return self.root / relative
 
     def read_verified(self, relpath: str) -> bytes:
-        """The bytes of ``relpath``, read once and checked against the manifest's sha256."""
-        return self.verified_file(relpath).data
+        """The bytes of ``relpath``, read once and checked against the manifest's sha256.
+
+        Small files (golden data, labels) are kept after the first read, so every user gets the
+        same bytes; model files are read per session (ONNX Runtime keeps its own copy).
+        """
+        cached = self._cache.get(relpath)
+        if cached is None:
+            cached = self.verified_file(relpath)
+            if len(cached.data) <= _KEEP_IN_MEMORY_BYTES:
+                self._cache[relpath] = cached
+        return cached.data
 
     def verified_file(self, relpath: str) -> VerifiedFile:
-        cached = self._cache.get(relpath)
-        if cached is not None:
-            return cached
+        """Read ``relpath`` now and check the bytes read against the manifest's sha256."""
         expected = self.manifest.files.get(relpath)
         if expected is None:
             raise BundleError(f"manifest has no checksum for '{relpath}'; rebuild the bundle")
@@ -85,10 +92,7 @@ class Bundle:
                 f"bundle file '{relpath}' does not match its checksum (expected sha256 {expected[:12]}…, "
                 f"got {actual[:12]}…): the bundle was modified or damaged; rebuild or re-copy it"
             )
-        verified = VerifiedFile(relpath, data, actual)
-        if len(data) <= _KEEP_IN_MEMORY_BYTES:
-            self._cache[relpath] = verified
-        return verified
+        return VerifiedFile(relpath, data, actual)
 
     def close(self) -> None:
         """Remove the directory this bundle was extracted into, if any."""
