@@ -81,8 +81,35 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
-def _openapi_with_infer_request(app: FastAPI):
-    """The infer route reads raw bytes (JSON or binary tensors); publish its JSON schema anyway."""
+ERROR_SCHEMA = {
+    "title": "ErrorResponse",
+    "type": "object",
+    "properties": {"error": {"type": "string", "title": "Error"}},
+    "required": ["error"],
+}
+
+
+def _document_guard_errors(schema: dict[str, Any]) -> None:
+    """Every operation lists what the guard and the framework may answer, with the ErrorResponse body:
+    400 (bad request, Host not allowed), 401 (token; not on health), 408/413 (bodies), 500. FastAPI's
+    422 is never sent (validation errors are 400)."""
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            codes = ["400", "500"]
+            if not path.startswith("/v2/health"):
+                codes.append("401")
+            if method == "post":
+                codes += ["408", "413"]
+            for code in codes:
+                responses.setdefault(code, {"description": HTTPStatus(int(code)).phrase, **error})
+
+
+def _openapi(app: FastAPI):
+    """The published document: the infer request's JSON schema (the route reads raw bytes, JSON or
+    binary tensors) and every error code each route can answer."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -92,9 +119,10 @@ def _openapi_with_infer_request(app: FastAPI):
             request_schema = InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(request_schema.pop("$defs", {}))
             components["InferRequest"] = request_schema
-            components.setdefault("ErrorResponse", {}).update(
-                {"properties": {"error": {"type": "string", "title": "Error"}}, "required": ["error"], "type": "object"}
-            )
+            components["ErrorResponse"] = ERROR_SCHEMA
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            _document_guard_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -157,7 +185,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
     _install_error_handlers(app)
     for router in (health.router, inference.router, predict.router, repository.router):
         app.include_router(router)
-    app.openapi = _openapi_with_infer_request(app)  # type: ignore[method-assign]
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(
         GuardMiddleware,
         token=config.token,

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 import edgerun
 from edgerun.loader import ServedModel
@@ -27,16 +28,29 @@ def model_metadata_of(served: ServedModel, extra: dict[str, Any] | None = None) 
     )
 
 
-@router.get("/v2/health/live", tags=["health"])
-async def live() -> dict[str, bool]:
-    return {"live": True}
+class Live(BaseModel):
+    live: bool
 
 
-@router.get("/v2/health/ready", tags=["health"], responses={503: {"description": "no model loaded yet"}})
+class Ready(BaseModel):
+    ready: bool
+
+
+@router.get("/v2/health/live", response_model=Live, tags=["health"])
+async def live() -> Live:
+    return Live(live=True)
+
+
+@router.get(
+    "/v2/health/ready",
+    response_model=Ready,
+    tags=["health"],
+    responses={503: {"model": Ready, "description": "no model loaded yet"}},
+)
 async def ready(state: ServerState = Depends(server_state)):
     if not state.repo.models:
         return JSONResponse({"ready": False}, status_code=503)
-    return {"ready": True}
+    return Ready(ready=True)
 
 
 @router.get("/v2", response_model=ServerMetadata, tags=["metadata"], responses=error_responses(401))
@@ -60,11 +74,16 @@ async def model_metadata(name: str, version: str | None = None, state: ServerSta
     return model_metadata_of(served, {"max_batch": config.max_batch, "max_delay_ms": config.max_delay_ms})
 
 
-@router.get("/v2/models/{name}/ready", responses=error_responses(401, 404), tags=["health"])
-@router.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
-async def model_ready(name: str, version: str | None = None, state: ServerState = Depends(server_state)):
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+@router.get("/v2/models/{name}/ready", response_model=ModelReady, responses=error_responses(401, 404), tags=["health"])
+@router.get("/v2/models/{name}/versions/{version}/ready", response_model=ModelReady, include_in_schema=False)
+async def model_ready(name: str, version: str | None = None, state: ServerState = Depends(server_state)) -> ModelReady:
     state.lookup(name, version)
-    return {"name": name, "ready": True}
+    return ModelReady(name=name, ready=True)
 
 
 @router.get("/metrics", tags=["metadata"], responses=error_responses(401))

@@ -11,8 +11,8 @@ import io
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import HTTPException
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from edgerun.errors import PayloadTooLargeError, RequestError
 from edgerun.loader import ServedModel

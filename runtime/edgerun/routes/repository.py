@@ -106,10 +106,12 @@ async def repository_load(
 
 @router.post(
     "/v2/repository/models/{name}/unload",
+    response_model=IndexEntry,
     responses=error_responses(401, 403, 404, 415),
     dependencies=[*JSON_ONLY, Depends(model_control)],
+    openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}},
 )
-async def repository_unload(name: str, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def repository_unload(name: str, state: ServerState = Depends(server_state)) -> IndexEntry:
     """Stop serving a model; requests already running on it finish."""
     served = await run_in_threadpool(state.repo.unload, name)
-    return {"name": served.name, "version": served.version, "state": "UNAVAILABLE"}
+    return IndexEntry(name=served.name, version=served.version, state="UNAVAILABLE")
