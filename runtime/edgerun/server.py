@@ -129,6 +129,37 @@ def _openapi(app: FastAPI):
     return openapi
 
 
+def _lifespan(state: ServerState):
+    """Start: the batcher and the directory watcher. Stop: drain, then release every model's files."""
+    config, metrics, repo = state.config, state.metrics, state.repo
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = Batcher(
+            max_batch=config.max_batch,
+            max_delay_ms=config.max_delay_ms,
+            max_queue=config.max_queue,
+            timeout_s=config.timeout_s,
+            on_batch=metrics.batch_size.observe,
+        )
+        batcher.start()
+        state.batcher = batcher
+        state.image_slots = asyncio.Semaphore(config.image_decodes)  # bound to this event loop
+        metrics.track_queue(lambda: batcher.depth)
+        watcher = None
+        if config.watch_dir is not None:
+            watcher = asyncio.create_task(watch_directory(repo, config.watch_dir, config.watch_interval_s))
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await batcher.close(config.drain_timeout_s)
+            repo.close()  # extracted copies go with the server
+
+    return lifespan
+
+
 def create_app(repo: ModelRepository, config: ServerConfig | None = None, metrics: Metrics | None = None) -> FastAPI:
     config = config or ServerConfig()
     metrics = metrics or Metrics()
@@ -149,33 +180,10 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
     for served in repo.models.values():
         describe(served)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher = Batcher(
-            max_batch=config.max_batch,
-            max_delay_ms=config.max_delay_ms,
-            max_queue=config.max_queue,
-            timeout_s=config.timeout_s,
-            on_batch=metrics.batch_size.observe,
-        )
-        batcher.start()
-        state.batcher = batcher
-        metrics.track_queue(lambda: batcher.depth)
-        watcher = None
-        if config.watch_dir is not None:
-            watcher = asyncio.create_task(watch_directory(repo, config.watch_dir, config.watch_interval_s))
-        try:
-            yield
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            await batcher.close(config.drain_timeout_s)
-            repo.close()  # extracted copies go with the server
-
     app = FastAPI(
         title="edgerun",
         version=edgerun.__version__,
-        lifespan=lifespan,
+        lifespan=_lifespan(state),
         description="KServe v2 inference server for edgebuild bundles",
     )
     app.state.edgerun = state
