@@ -1,19 +1,29 @@
-"""Open and verify a bundle: directory or ``.tar.gz``, checksums, format version, signature."""
+"""Open and verify a bundle: directory or ``.tar.gz``, checksums, format version, signature.
+
+What is verified is what is used: ``Bundle.read_verified`` reads a file once, hashes those
+bytes and hands out the same bytes (to ONNX Runtime, the golden check, the labels reader), so
+a file replaced on disk after the check can never be loaded in its place.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from edgerun.errors import BundleError
-from edgerun.manifest import MANIFEST_NAME, Manifest, read_manifest
+from edgerun.manifest import MANIFEST_NAME, Manifest, parse_manifest
 
 _CHUNK = 1 << 20
+# Files up to this size are kept in memory once read (golden data, labels): read once, used twice.
+_KEEP_IN_MEMORY_BYTES = 16 << 20
 
 
 def sha256_file(path: Path) -> str:
@@ -25,19 +35,70 @@ def sha256_file(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class VerifiedFile:
+    """Bytes of one bundle file whose sha256 matched the manifest. ``os.fspath`` gives its bundle path."""
+
+    relpath: str
+    data: bytes = field(repr=False)
+    sha256: str
+
+    def __fspath__(self) -> str:
+        return self.relpath
+
+
+@dataclass(frozen=True)
 class Bundle:
-    """A verified bundle on disk."""
+    """A verified bundle on disk.
+
+    ``extracted`` is set when the bundle was unpacked from an archive into a directory of its
+    own; ``close()`` removes that directory (a bundle directory given by the user is never touched).
+    """
 
     root: Path
     manifest: Manifest
+    sha256: str = ""  # identity: the hash of manifest.json as read (it hashes every file)
+    extracted: Path | None = None
+    _cache: dict[str, VerifiedFile] = field(default_factory=dict, repr=False, compare=False)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
 
-    @property
-    def sha256(self) -> str:
-        """Identity of the bundle: the hash of its manifest (which hashes every file)."""
-        return hashlib.sha256((self.root / MANIFEST_NAME).read_bytes()).hexdigest()
+    def read_verified(self, relpath: str) -> bytes:
+        """The bytes of ``relpath``, read once and checked against the manifest's sha256.
+
+        Small files (golden data, labels) are kept after the first read, so every user gets the
+        same bytes; model files are read per session (ONNX Runtime keeps its own copy).
+        """
+        cached = self._cache.get(relpath)
+        if cached is None:
+            cached = self.verified_file(relpath)
+            if len(cached.data) <= _KEEP_IN_MEMORY_BYTES:
+                self._cache[relpath] = cached
+        return cached.data
+
+    def verified_file(self, relpath: str) -> VerifiedFile:
+        """Read ``relpath`` now and check the bytes read against the manifest's sha256."""
+        expected = self.manifest.files.get(relpath)
+        if expected is None:
+            raise BundleError(f"manifest has no checksum for '{relpath}'; rebuild the bundle")
+        _safe_member_path(relpath)
+        try:
+            data = (self.root / relpath).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"bundle file '{relpath}' cannot be read from {self.root} ({exc.strerror})") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise BundleError(
+                f"bundle file '{relpath}' does not match its checksum (expected sha256 {expected[:12]}…, "
+                f"got {actual[:12]}…): the bundle was modified or damaged; rebuild or re-copy it"
+            )
+        return VerifiedFile(relpath, data, actual)
+
+    def close(self) -> None:
+        """Remove the directory this bundle was extracted into, if any."""
+        self._cache.clear()
+        if self.extracted is not None:
+            shutil.rmtree(self.extracted, ignore_errors=True)
 
 
 def _safe_member_path(name: str) -> PurePosixPath:
@@ -50,31 +111,48 @@ def _safe_member_path(name: str) -> PurePosixPath:
 # Bundles hold single-file models under 2 GB plus a few variants; anything bigger is not a bundle
 # (and a tar bomb must not fill a device's disk before it is refused).
 MAX_ARCHIVE_BYTES = 8 << 30
+# A bundle has a handful of files; millions of tiny members would exhaust inodes and memory.
+MAX_ARCHIVE_MEMBERS = 1000
+# What a damaged or truncated archive raises while being read.
+_ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
-def extract_archive(archive: Path, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
+def extract_archive(
+    archive: Path, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES, max_members: int = MAX_ARCHIVE_MEMBERS
+) -> Path:
     """Extract a bundle archive safely; return the directory holding ``manifest.json``.
 
-    Refuses absolute paths, ``..``, links and device files instead of trusting the archive.
+    Refuses absolute paths, ``..``, links and device files instead of trusting the archive, and
+    turns a truncated or corrupt archive into one ``BundleError``.
     """
     try:
         tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as exc:
+    except _ARCHIVE_ERRORS as exc:
         raise BundleError(f"{archive}: not a readable tar archive ({exc})") from None
     with tar:
-        members = tar.getmembers()
-        for member in members:
-            _safe_member_path(member.name)
-            if not (member.isfile() or member.isdir()):
-                raise BundleError(
-                    f"archive member '{member.name}' is a link or special file; bundles hold only regular files"
-                )
-        total = sum(member.size for member in members if member.isfile())
-        if total > max_bytes:
-            raise BundleError(
-                f"{archive}: unpacks to {total} bytes, over the {max_bytes} byte limit for a bundle; refusing it"
-            )
-        tar.extractall(dest, members=members, filter="data")
+        members: list[tarfile.TarInfo] = []
+        total = 0
+        try:
+            for member in tar:
+                if len(members) >= max_members:
+                    raise BundleError(
+                        f"{archive}: holds more than {max_members} members; a bundle has a handful of files"
+                    )
+                _safe_member_path(member.name)
+                if not (member.isfile() or member.isdir()):
+                    raise BundleError(
+                        f"archive member '{member.name}' is a link or special file; bundles hold only regular files"
+                    )
+                members.append(member)
+                total += member.size if member.isfile() else 0
+                if total > max_bytes:
+                    raise BundleError(
+                        f"{archive}: unpacks to more than {max_bytes} bytes, over the {max_bytes} byte limit for a bundle; "
+                        f"refusing it"
+                    )
+            tar.extractall(dest, members=members, filter="data")
+        except _ARCHIVE_ERRORS as exc:
+            raise BundleError(f"{archive}: damaged or truncated archive ({exc or type(exc).__name__})") from None
     manifests = sorted(dest.rglob(MANIFEST_NAME), key=lambda p: len(p.parts))
     if not manifests:
         raise BundleError(f"{archive}: archive holds no {MANIFEST_NAME}")
@@ -128,7 +206,11 @@ def verify_signature(manifest: Manifest, trusted_public_key: bytes) -> None:
 def open_bundle(
     location: str | Path, *, trusted_public_key: bytes | None = None, workdir: Path | None = None
 ) -> Bundle:
-    """Open a bundle directory or archive and verify it completely before anything uses it."""
+    """Open a bundle directory or archive and verify it completely before anything uses it.
+
+    An archive is extracted into ``workdir`` or, without one, into a new temporary directory
+    that the returned bundle owns (``Bundle.close`` removes it).
+    """
     location = Path(location)
     if not location.exists():
         raise BundleError(f"bundle '{location}' does not exist")
@@ -136,16 +218,31 @@ def open_bundle(
         return _verified(location, trusted_public_key)
     dest = Path(workdir or tempfile.mkdtemp(prefix="edgerun-"))
     try:
-        return _verified(extract_archive(location, dest), trusted_public_key)
+        bundle = _verified(extract_archive(location, dest), trusted_public_key)
     except BaseException:
         if workdir is None:  # a refused archive must not leave its extraction behind
             shutil.rmtree(dest, ignore_errors=True)
         raise
+    return bundle if workdir is not None else _owning(bundle, dest)
+
+
+def _owning(bundle: Bundle, extracted: Path) -> Bundle:
+    return Bundle(root=bundle.root, manifest=bundle.manifest, sha256=bundle.sha256, extracted=extracted)
 
 
 def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
-    manifest = read_manifest(root)
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{root}: no {MANIFEST_NAME} found; is this an edgebuild bundle directory?")
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    manifest = parse_manifest(data, str(path))
     verify_files(root, manifest)
     if trusted_public_key is not None:
         verify_signature(manifest, trusted_public_key)
-    return Bundle(root=root.resolve(), manifest=manifest)
+    return Bundle(root=Path(os.path.realpath(root)), manifest=manifest, sha256=hashlib.sha256(raw).hexdigest())

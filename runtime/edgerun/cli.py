@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,6 +41,25 @@ def _read_key(path: str | None) -> bytes | None:
         from edgerun.errors import BundleError
 
         raise BundleError(f"--trusted-key '{path}' cannot be read ({exc.strerror})") from None
+
+
+def _secret(value: str | None, path: str | None, option: str, envvar: str) -> str | None:
+    """A token from its flag/env var or its file; an empty one is a mistake, never "no auth"."""
+    if value is not None and path is not None:
+        raise click.UsageError(f"give {option} or {option}-file, not both")
+    if path is not None:
+        try:
+            value = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.UsageError(f"{option}-file '{path}' cannot be read ({exc})") from None
+        if not value:
+            raise click.UsageError(f"{option}-file '{path}' is empty; put the token in it")
+        return value
+    if value is None and os.environ.get(envvar) is not None:
+        value = os.environ[envvar]  # click treats an empty variable as unset; an empty token is an error here
+    if value is not None and not value.strip():
+        raise click.UsageError(f"{option} (or {envvar}) is empty; set a token, or unset it to serve without one")
+    return value.strip() if value is not None else None
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
@@ -150,7 +170,33 @@ def _with(options):
     help="Seconds a request may wait for its result before 504.",
 )
 @click.option("--token", envvar="EDGERUN_TOKEN", help="Require 'Authorization: Bearer TOKEN' (not on health).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Read the inference token from FILE.")
+@click.option(
+    "--model-control",
+    is_flag=True,
+    help="Enable repository load/unload over HTTP (loads only from --watch DIR or kept versions).",
+)
+@click.option(
+    "--admin-token",
+    envvar="EDGERUN_ADMIN_TOKEN",
+    help="Bearer token for model control (required with --model-control on a non-loopback --host).",
+)
+@click.option("--admin-token-file", type=click.Path(dir_okay=False), help="Read the admin token from FILE.")
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Answer only requests whose Host header is one of these names (repeatable; against DNS rebinding).",
+)
 @click.option("--max-body-mb", default=64.0, show_default=True, type=_POSITIVE, help="Largest request body.")
+@click.option(
+    "--body-timeout",
+    "body_timeout_s",
+    default=60.0,
+    show_default=True,
+    type=_POSITIVE,
+    help="Seconds a client may take to send its request body (408 after).",
+)
 @click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Load bundles dropped into DIR.")
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
@@ -174,11 +220,32 @@ def serve(
     max_queue_bytes,
     timeout_s,
     token,
+    token_file,
+    model_control,
+    admin_token,
+    admin_token_file,
+    allowed_hosts,
     max_body_mb,
+    body_timeout_s,
     watch_dir,
     log_level,
 ):
     """Verify, check and benchmark BUNDLE(s) (directory or .tar.gz), then serve them over HTTP."""
+    from edgerun.guard import is_loopback
+
+    if not bundles and not watch_dir:
+        raise click.UsageError("give a BUNDLE to serve, or --watch DIR")
+    token = _secret(token, token_file, "--token", "EDGERUN_TOKEN")
+    admin_token = _secret(admin_token, admin_token_file, "--admin-token", "EDGERUN_ADMIN_TOKEN")
+    if model_control and admin_token is None and not is_loopback(host):
+        raise click.UsageError(
+            f"--model-control on --host {host} (not loopback) needs an admin token: set --admin-token, "
+            f"--admin-token-file or EDGERUN_ADMIN_TOKEN, or bind 127.0.0.1"
+        )
+    if admin_token is not None and token is not None and admin_token == token:
+        raise click.UsageError(
+            "--admin-token must differ from --token: the inference token must not unlock model control"
+        )
     _setup_logging(log_level)
     _limit_malloc_arenas()
     import threading
@@ -187,8 +254,6 @@ def serve(
     from edgerun.loader import LoadOptions
     from edgerun.reload import ModelRepository, VersionStore, bundle_entries
 
-    if not bundles and not watch_dir:
-        raise click.UsageError("give a BUNDLE to serve, or --watch DIR")
     options = LoadOptions(
         providers=_providers(providers),
         threads=threads,
@@ -228,12 +293,17 @@ def serve(
 
     loader.join()
     if failure:
+        repo.close()
         raise failure[0]
     if not repo.models and not watch_dir:
         raise click.UsageError("no bundle loaded")
     config = ServerConfig(
         token=token,
+        model_control=model_control,
+        admin_token=admin_token,
+        allowed_hosts=list(allowed_hosts) or None,
         max_body_mb=max_body_mb,
+        body_timeout_s=body_timeout_s,
         max_batch=max_batch or 1,  # the layout may stack more (see edgerun.layout)
         max_delay_ms=max_delay_ms,
         max_queue=max_queue,
@@ -241,9 +311,12 @@ def serve(
         timeout_s=timeout_s,
         watch_dir=Path(watch_dir) if watch_dir else None,
     )
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+    if not is_loopback(host) and not token:
         logging.getLogger("edgerun").warning("serving on %s without --token: anyone who can reach it can use it", host)
-    run_server(create_app(repo, config), host=host, port=port, log_level=log_level)
+    try:
+        run_server(create_app(repo, config), host=host, port=port, log_level=log_level)
+    finally:
+        repo.close()  # also when the server stops before its shutdown hook runs
 
 
 @main.command()
@@ -295,11 +368,12 @@ def verify(bundle, providers, threads, cache_dir, trusted_key):
             trusted_key=_read_key(trusted_key),
         ),
     )
-    p = served.parameters
+    served.close()
+    status = served.status
     signed = "signature ok" if trusted_key else ("signed, not checked" if served.manifest.signature else "unsigned")
     click.echo(
         f"OK {served.name} {served.version}: {len(served.manifest.files)} files verified, {signed}; "
-        f"{p['variant']} on {','.join(p['providers'])}: {p['golden']['reason']}"
+        f"{status.variant} on {','.join(status.providers)}: {status.golden.reason}"
     )
 
 
@@ -332,20 +406,23 @@ def bench(bundle, providers, threads, cache_dir, trusted_key, max_batch, as_json
             trusted_key=_read_key(trusted_key),
         ),
     )
-    p = served.parameters
-    report = {
+    served.close()
+    status = served.status
+    report: dict[str, Any] = {
         "name": served.name,
         "version": served.version,
-        "variant": p["variant"],
-        "providers": p["providers"],
-        "threads": p["threads"],
-        "benchmark": p.get("benchmark", {}),
-        "layout": p.get("layout", {}),
+        "variant": status.variant,
+        "providers": status.providers,
+        "threads": status.threads,
+        "benchmark": status.benchmark or {},
+        "layout": status.layout.as_dict() if status.layout is not None else {},
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{served.name} {served.version}: {p['variant']} on {','.join(p['providers'])}, {p['threads']} threads")
+    click.echo(
+        f"{served.name} {served.version}: {status.variant} on {','.join(status.providers)}, {status.threads} threads"
+    )
     for key, numbers in report["benchmark"].items():
         if key.startswith("batch_"):
             click.echo(
@@ -370,14 +447,20 @@ def bench(bundle, providers, threads, cache_dir, trusted_key, max_batch, as_json
     default=lambda: os.environ.get("EDGERUN_CACHE_DIR", DEFAULT_CACHE_DIR),
     show_default=DEFAULT_CACHE_DIR,
 )
+@click.option("--target", help="Which target's history (when the model has kept versions for several).")
 @click.option("--url", help="Also tell the server at URL (e.g. http://127.0.0.1:8000) to load the restored version.")
-@click.option("--token", envvar="EDGERUN_TOKEN", help="Bearer token for --url.")
+@click.option("--admin-token", envvar="EDGERUN_ADMIN_TOKEN", help="The server's model-control token, for --url.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False), help="Read the admin token from FILE.")
 @_handle_errors
-def rollback(name, cache_dir, url, token):
-    """Restore the previous kept version of model NAME (and load it into a running server with --url)."""
+def rollback(name, cache_dir, target, url, admin_token, admin_token_file):
+    """Restore the previous kept version of model NAME (and load it into a running server with --url).
+
+    The server must run with --model-control and the same --cache-dir.
+    """
     from edgerun.reload import VersionStore
 
-    restored = VersionStore(Path(cache_dir)).rollback(name)
+    admin_token = _secret(admin_token, admin_token_file, "--admin-token", "EDGERUN_ADMIN_TOKEN")
+    restored = VersionStore(Path(cache_dir)).rollback(name, target)
     click.echo(f"{name}: restored version {restored['version']} at {restored['path']}")
     if url:
         import urllib.error
@@ -387,7 +470,10 @@ def rollback(name, cache_dir, url, token):
             f"{url.rstrip('/')}/v2/repository/models/{name}/load",
             method="POST",
             data=json.dumps({"parameters": {"bundle": restored["path"]}}).encode(),
-            headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
+            headers={
+                "Content-Type": "application/json",
+                **({"Authorization": f"Bearer {admin_token}"} if admin_token else {}),
+            },
         )
         try:
             with urllib.request.urlopen(request, timeout=300) as response:

@@ -15,15 +15,16 @@ from typing import Any
 
 from edgerun.bench import decision_key, read_decision, self_benchmark, write_decision
 from edgerun.bundle import Bundle, open_bundle
-from edgerun.errors import EdgerunError, SessionError
+from edgerun.errors import BundleError, EdgerunError, SessionError
 from edgerun.golden import GoldenData, check_golden, load_golden
 from edgerun.layout import LayoutRequest, plan_layout
 from edgerun.manifest import ModelFile
-from edgerun.preprocess import load_labels
+from edgerun.provider_options import check_manifest
 from edgerun.session import ModelSession, create_model_session, provider_candidates
+from edgerun.status import ModelStatus, TensorrtState
 from edgerun.tensorrt import TENSORRT
 from edgerun.threads import choose_threads
-from edgerun.trt_build import TensorrtBuild, tensorrt_state
+from edgerun.trt_build import TensorrtBuild
 
 log = logging.getLogger("edgerun")
 
@@ -58,7 +59,7 @@ class ServedModel:
     bundle: Bundle
     session: ModelSession
     source: Path
-    parameters: dict[str, Any] = field(default_factory=dict)
+    status: ModelStatus
     labels: list[str] | None = None
     # Pending background TensorRT build, started by the repository once this model serves.
     tensorrt_build: TensorrtBuild | None = field(default=None, repr=False)
@@ -66,6 +67,31 @@ class ServedModel:
     @property
     def manifest(self):
         return self.bundle.manifest
+
+    @property
+    def target(self) -> str:
+        """The target the bundle was built for (kept versions are recorded per name and target)."""
+        name = self.manifest.target.get("name") if isinstance(self.manifest.target, dict) else None
+        return str(name) if name else "any"
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The status as JSON, as model metadata shows it."""
+        return self.status.to_json()
+
+    def close(self) -> None:
+        """Release what the model holds on disk (an archive's extracted copy); sessions live in memory."""
+        if self.tensorrt_build is not None:
+            self.tensorrt_build.cancel()
+        self.bundle.close()
+
+
+def parse_labels(data: bytes, relpath: str) -> list[str]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BundleError(f"labels file '{relpath}' is not UTF-8 text; one label per line expected") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _allowed(variant: ModelFile, candidates):
@@ -85,11 +111,10 @@ def _try_variant(
     if not allowed:
         dropped.append(f"{variant.path}: none of its providers {variant.providers} is available")
         return None
+    model = bundle.verified_file(variant.path)
     for i, provider in enumerate(allowed):
         try:
-            session = create_model_session(
-                bundle.path(variant.path), bundle.manifest, variant, allowed[i:], threads, cache_dir
-            )
+            session = create_model_session(model, bundle.manifest, variant, allowed[i:], threads, cache_dir)
         except SessionError as exc:
             reason = f"{variant.path} on {provider.name}: {exc}"
             log.warning("dropped %s; trying the next provider", reason)
@@ -107,12 +132,25 @@ def _try_variant(
 
 
 def load_model(location: str | Path, options: LoadOptions | None = None) -> ServedModel:
-    """Open, verify, golden-check and (optionally) benchmark a bundle; return what to serve."""
+    """Open, verify, golden-check and (optionally) benchmark a bundle; return what to serve.
+
+    An archive's extracted copy belongs to the returned model (``ServedModel.close``); when the
+    load fails it is removed here.
+    """
     options = options or LoadOptions()
+    bundle = open_bundle(location, trusted_public_key=options.trusted_key)
+    try:
+        return _load_verified(bundle, Path(location), options)
+    except BaseException:
+        bundle.close()
+        raise
+
+
+def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> ServedModel:
     started = time.perf_counter()
     cache_dir = Path(options.cache_dir).expanduser()
-    bundle = open_bundle(location, trusted_public_key=options.trusted_key)
     manifest = bundle.manifest
+    check_manifest(manifest)  # a bundle is data: no provider option or session entry that is code
     bundle_id = bundle.sha256
     thread_choice = choose_threads(options.threads)
     candidates = provider_candidates(manifest, options.providers, cache_dir, bundle_id)
@@ -120,7 +158,7 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
     if manifest.golden is None:
         log.info("%s: bundle has no golden data; parity check skipped", manifest.name)
     else:
-        golden_data = load_golden((bundle.root / manifest.golden.path).read_bytes(), manifest.golden, manifest)
+        golden_data = load_golden(bundle.read_verified(manifest.golden.path), manifest.golden, manifest)
     golden_inputs = golden_data.inputs if golden_data else None
 
     variants = manifest.all_models()
@@ -174,12 +212,11 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
         session.run(_warm_feeds(session, golden_inputs))  # first run allocates; do it before traffic
 
     build = None
-    tensorrt: dict[str, Any] | None = None
+    tensorrt: TensorrtState | None = None
     allowed = _allowed(session.variant, candidates)
     if background and allowed and allowed[0].name == TENSORRT:
         build = TensorrtBuild(
-            model_path=bundle.path(session.variant.path),
-            bundle_root=bundle.root,
+            bundle=bundle,
             manifest=manifest,
             variant=session.variant,
             providers=allowed,
@@ -189,16 +226,16 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
             max_batch=options.max_batch,
             bench_budget_s=options.bench_budget_s,
         )
-        tensorrt = tensorrt_state("building", variant=session.variant.path)
+        tensorrt = TensorrtState("building", variant=session.variant.path)
     elif candidates[0].name == TENSORRT:
         if session.providers[:1] == [TENSORRT]:
-            tensorrt = tensorrt_state("ready")
+            tensorrt = TensorrtState("ready")
         else:
             reason = next(
                 (d for d in dropped if TENSORRT in d),
                 f"onnxruntime runs {session.variant.path} on {','.join(session.providers)}",
             )
-            tensorrt = tensorrt_state("failed", reason=reason)
+            tensorrt = TensorrtState("failed", reason=reason)
 
     # Execution layout: instances x threads, spinning, batching (measured, cached or fixed).
     session, layout = plan_layout(
@@ -218,24 +255,20 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
         check=lambda candidate: check_golden(candidate, golden_data),
     )
 
-    parameters = {
-        "variant": session.variant.path,
-        "precision": session.variant.precision,
-        "providers": session.providers,
-        "threads": layout.layout.threads,
-        "threads_source": thread_choice.source,
-        "golden": golden.as_dict(),
-        "load_seconds": round(time.perf_counter() - started, 3),
-    }
-    if benchmark:
-        parameters["benchmark"] = benchmark
-    if dropped:
-        parameters["dropped"] = dropped
-    if tensorrt is not None:
-        parameters["tensorrt"] = tensorrt
-    if manifest.serving:
-        parameters["serving"] = manifest.serving
-    parameters["layout"] = layout.as_dict()
+    status = ModelStatus(
+        variant=session.variant.path,
+        precision=session.variant.precision,
+        providers=list(session.providers),
+        threads=layout.layout.threads,
+        threads_source=thread_choice.source,
+        golden=golden,
+        load_seconds=round(time.perf_counter() - started, 3),
+        benchmark=benchmark or None,
+        dropped=dropped,
+        tensorrt=tensorrt,
+        serving=manifest.serving,
+        layout=layout,
+    )
     log.info(
         "%s ready: variant %s, providers %s, layout %s (thread budget %d: %s)",
         manifest.name,
@@ -250,9 +283,9 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
         version=bundle_id[:12],
         bundle=bundle,
         session=session,
-        source=Path(location),
-        parameters=parameters,
-        labels=load_labels(bundle.root, manifest.labels),
+        source=location,
+        status=status,
+        labels=parse_labels(bundle.read_verified(manifest.labels), manifest.labels) if manifest.labels else None,
         tensorrt_build=build,
     )
 
@@ -274,6 +307,7 @@ def _warm_feeds(session: ModelSession, golden_inputs):
 def describe_bundle(location: str | Path, trusted_key: bytes | None = None) -> dict[str, Any]:
     """Manifest summary for ``edgerun info`` / ``verify`` (verifies checksums on the way)."""
     bundle = open_bundle(location, trusted_public_key=trusted_key)
+    bundle.close()  # everything below comes from the manifest already read
     m = bundle.manifest
     return {
         "name": m.name,

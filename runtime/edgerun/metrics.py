@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+if TYPE_CHECKING:
+    from edgerun.status import ModelStatus
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -45,14 +49,15 @@ class Metrics:
             self.errors.labels(model, endpoint, str(code)).inc()
         self.latency.labels(model, endpoint).observe(seconds)
 
-    def describe_model(self, name: str, version: str, parameters: dict) -> None:
+    def describe_model(self, name: str, version: str, status: ModelStatus) -> None:
         self.model_info.labels(name).info(
             {
                 "version": version,
-                "variant": str(parameters.get("variant", "")),
-                "providers": ",".join(parameters.get("providers", [])),
-                "threads": str(parameters.get("threads", "")),
-                "layout": str((parameters.get("layout") or {}).get("label", "")),
+                "variant": status.variant,
+                "providers": ",".join(status.providers),
+                "threads": str(status.threads),
+                "layout": status.layout.layout.label if status.layout is not None else "",
+                "tensorrt": status.tensorrt.state if status.tensorrt is not None else "",
             }
         )
 

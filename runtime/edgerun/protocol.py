@@ -155,7 +155,7 @@ def decode_infer_request(
     """Turn a raw KServe v2 request body (JSON, optionally followed by binary tensors) into feeds."""
     if not body:
         raise RequestError("empty request body; send a KServe v2 inference request (JSON with 'inputs')")
-    binary = b""
+    binary: bytes | memoryview = b""
     if header_length is not None:
         try:
             size = int(header_length)
@@ -191,21 +191,25 @@ def decode_infer_request(
         if item.datatype != spec.kserve_datatype:
             raise RequestError(f"input '{item.name}' expects datatype {spec.kserve_datatype}, got {item.datatype!r}")
         count = _check_shape(spec, item)
-        size = (item.parameters or {}).get("binary_data_size")
-        if size is not None:
+        binary_size = (item.parameters or {}).get("binary_data_size")
+        if binary_size is not None:
             dtype = np.dtype(spec.dtype)
-            if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize:
+            if (
+                not isinstance(binary_size, int)
+                or isinstance(binary_size, bool)
+                or binary_size != count * dtype.itemsize
+            ):
                 raise RequestError(
-                    f"input '{item.name}': binary_data_size is {size!r} but shape {item.shape} of "
+                    f"input '{item.name}': binary_data_size is {binary_size!r} but shape {item.shape} of "
                     f"{item.datatype} needs {count * dtype.itemsize} bytes"
                 )
-            if offset + size > len(binary):
+            if offset + binary_size > len(binary):
                 raise RequestError(
-                    f"input '{item.name}': binary_data_size {size} runs past the end of the body "
+                    f"input '{item.name}': binary_data_size {binary_size} runs past the end of the body "
                     f"({len(binary) - offset} bytes left after the JSON header)"
                 )
             feeds[item.name] = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(item.shape)
-            offset += size
+            offset += binary_size
         else:
             feeds[item.name] = _json_tensor(spec, item, count)
         if np.dtype(spec.dtype).kind == "f" and not spec.allow_nonfinite:

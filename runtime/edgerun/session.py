@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from edgerun.errors import RequestError, SessionError
+from edgerun.bundle import VerifiedFile
+from edgerun.errors import BundleError, RequestError, SessionError
 from edgerun.manifest import Manifest, ModelFile, ProviderSpec, SessionOptionsSpec, TensorSpec
+from edgerun.provider_options import cache_path_keys, confined_cache_path
 from edgerun.tensorrt import relocate_cache_paths, serving_batch_limit
 
 log = logging.getLogger("edgerun")
@@ -100,7 +102,8 @@ def provider_candidates(
     Options naming a cache path (TensorRT engine/timing caches) are moved under
     ``<cache_dir>/providers/<provider>/`` so the bundle directory stays read-only and caches
     survive restarts; ``provider_chain`` then keys them per model file (``bundle_id`` is not
-    part of the path: the same model file in a re-issued bundle reuses its engine).
+    part of the path: the same model file in a re-issued bundle reuses its engine). Only the
+    last component of a manifest's cache path is kept, and never one that leaves the cache dir.
     """
     if available is None:
         available = _available_providers()
@@ -121,9 +124,9 @@ def provider_candidates(
             )
             continue
         options = dict(spec.options)
-        for key, value in spec.options.items():
-            if key.endswith("_cache_path"):
-                options[key] = str(Path(cache_dir).expanduser() / "providers" / spec.name / Path(str(value)).name)
+        for key in cache_path_keys(spec.name, options):
+            leaf = Path(str(options[key])).name
+            options[key] = str(confined_cache_path(cache_dir, "providers", spec.name, leaf))
         chosen.append(ProviderSpec(name=spec.name, options=options))
     if not chosen:
         names = [p.name for p in wanted]
@@ -135,36 +138,35 @@ def provider_candidates(
 
 
 def provider_chain(
-    providers: list[ProviderSpec], variant: ModelFile, model_path: Path, cache_dir: Path | None = None
+    providers: list[ProviderSpec], variant: ModelFile, model: VerifiedFile, cache_dir: Path | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
     """The (name, options) chain ORT gets for one variant.
 
     The variant's own options (e.g. ``trt_int8_enable`` for an INT8 QDQ file) go over the
-    manifest-level ones; then cache paths are keyed by this file's sha256 and the engine's
-    environment (see ``edgerun.tensorrt``) so no variant or upgrade loads another's engine.
+    manifest-level ones; then cache paths are keyed by the sha256 of the verified bytes ORT
+    gets and the engine's environment (see ``edgerun.tensorrt``), so no variant or upgrade
+    loads another's engine.
     """
     chain = []
     for spec in providers:
         options = {**spec.options, **variant.provider_options.get(spec.name, {})}
-        if cache_dir is not None and any(k.endswith("_cache_path") for k in options):
-            options = relocate_cache_paths(spec.name, options, cache_dir, _model_sha256(variant, model_path))
+        paths = cache_path_keys(spec.name, options)
+        if paths and cache_dir is not None:
+            options = relocate_cache_paths(spec.name, options, cache_dir, model.sha256, paths)
+        elif paths:  # no cache dir: caches stay off rather than land where the manifest says
+            options = {k: v for k, v in options.items() if k not in paths}
         chain.append((spec.name, options))
     return chain
 
 
-def _model_sha256(variant: ModelFile, model_path: Path) -> str:
-    if variant.sha256:
-        return variant.sha256
-    from edgerun.bundle import sha256_file
+def _create_inference_session(model: VerifiedFile, options, providers: list[tuple[str, dict]]):
+    """Indirection so tests can simulate a provider that fails to initialise.
 
-    return sha256_file(Path(model_path))
-
-
-def _create_inference_session(path: str, options, providers: list[tuple[str, dict]]):
-    """Indirection so tests can simulate a provider that fails to initialise."""
+    The session is made from the verified bytes, never by re-opening the file.
+    """
     import onnxruntime as ort
 
-    return ort.InferenceSession(path, sess_options=options, providers=providers)
+    return ort.InferenceSession(model.data, sess_options=options, providers=providers)
 
 
 class ModelSession:
@@ -209,18 +211,18 @@ class ModelSession:
 
 
 def create_model_session(
-    model_path: Path,
+    model: VerifiedFile,
     manifest: Manifest,
     variant: ModelFile,
     providers: list[ProviderSpec],
     threads: int,
     cache_dir: Path | None = None,
 ) -> ModelSession:
-    """Create a session with the provider chain ``providers`` (first = preferred)."""
+    """Create a session from verified model bytes with the provider chain ``providers`` (first = preferred)."""
     options = make_session_options(variant.session_options, threads)
-    chain = provider_chain(providers, variant, model_path, cache_dir)
+    chain = provider_chain(providers, variant, model, cache_dir)
     try:
-        session = _create_inference_session(str(model_path), options, chain)
+        session = _create_inference_session(model, options, chain)
     except Exception as exc:
         raise SessionError(
             f"could not create an ONNX Runtime session for '{variant.path}' with {providers[0].name}: "

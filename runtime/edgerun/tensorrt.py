@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerun.errors import RequestError
+from edgerun.provider_options import confined_cache_path
 
 log = logging.getLogger("edgerun")
 
@@ -83,7 +84,7 @@ def tensorrt_version() -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     try:
-        import tensorrt  # JetPack installs it as a system package, without pip metadata
+        import tensorrt  # type: ignore[import-not-found,unused-ignore]  # JetPack: a system package, no pip metadata
 
         return str(tensorrt.__version__)
     except Exception:  # noqa: BLE001
@@ -149,21 +150,29 @@ def cache_key_components(provider: str, options: Mapping[str, Any], model_sha256
         "build_options": {
             k: v
             for k, v in sorted(options.items())
-            if not k.startswith(_PROFILE_PREFIX) and not k.endswith(("_cache_path", "_cache_enable"))
+            if not k.startswith(_PROFILE_PREFIX) and not k.endswith(("_cache_path", "_cache_enable", "cache_dir"))
         },
     }
 
 
 def relocate_cache_paths(
-    provider: str, options: Mapping[str, Any], cache_dir: Path, model_sha256: str
+    provider: str,
+    options: Mapping[str, Any],
+    cache_dir: Path,
+    model_sha256: str,
+    paths: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Options with every ``*_cache_path`` moved to ``<cache_dir>/providers/<provider>/<key>/<leaf>``.
+    """Options with every cache path (``paths``, default the ``*_cache_path`` keys) moved to
+    ``<cache_dir>/providers/<provider>/<key>/<leaf>``.
 
     The leaf is the last part of the manifest's path, so options that shared a directory (engine
-    and timing caches) still do. A ``key.json`` beside the caches says what the key covers.
+    and timing caches) still do; a leaf that is not a plain name becomes ``cache``, and nothing
+    resolves outside ``cache_dir``. ``model_sha256`` is the hash of the verified bytes the session
+    is made from. A ``key.json`` beside the caches says what the key covers.
     """
     options = dict(options)
-    paths = [k for k in options if k.endswith("_cache_path")]
+    if paths is None:
+        paths = [k for k in options if k.endswith("_cache_path")]
     if not paths:
         return options
     components = cache_key_components(provider, options, model_sha256)
@@ -178,9 +187,9 @@ def relocate_cache_paths(
             Path(cache_dir).expanduser() / "providers" / provider,
         )
     key = engine_cache_key(**components)
-    keyed = Path(cache_dir).expanduser() / "providers" / provider / key
+    keyed = confined_cache_path(cache_dir, "providers", provider, key)
     for name in paths:
-        target = keyed / (Path(str(options[name])).name or "cache")
+        target = confined_cache_path(cache_dir, "providers", provider, key, Path(str(options[name])).name)
         target.mkdir(parents=True, exist_ok=True)
         options[name] = str(target)
     try:

@@ -26,7 +26,7 @@ from edgerun.server import ServerConfig, create_app
 def client_for(bundle, load_options, **config) -> TestClient:
     repo = ModelRepository(load_options)
     repo.load(bundle)
-    return TestClient(create_app(repo, ServerConfig(**config)))
+    return TestClient(create_app(repo, ServerConfig(**config)), base_url="http://127.0.0.1")
 
 
 def x_json(rows: int = 1) -> dict:
@@ -77,7 +77,7 @@ def test_full_queue_is_503_with_retry_after(bundles, load_options):
             return real_run(feeds)
 
         served.session.run = held_run
-        batcher = client.app.state.batchers["batcher"]
+        batcher = client.app.state.edgerun.batcher
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(client.post, "/v2/models/clf/infer", json=x_json())
             while batcher.running == 0:
@@ -279,7 +279,7 @@ def test_unknown_model_names_do_not_grow_the_metrics(bundles, load_options):
 
 @pytest.mark.parametrize("bundle", [123, ["/tmp"], {"path": "/tmp"}])
 def test_load_with_a_non_string_bundle_is_400(bundles, load_options, bundle):
-    with client_for(bundles["classifier"], load_options) as client:
+    with client_for(bundles["classifier"], load_options, model_control=True) as client:
         response = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": bundle}})
         assert response.status_code == 400 and "parameters.bundle" in response.json()["error"]
 

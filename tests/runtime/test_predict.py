@@ -84,5 +84,18 @@ def test_predict_errors(client):
     no_pre = client.post("/v1/predict?model=clf", content=png(half_bright(True)))
     assert no_pre.status_code == 400 and "no 'preprocess'" in no_pre.json()["error"]
     assert client.post("/v1/predict?model=zzz", content=png(half_bright(True))).status_code == 404
-    form = client.post("/v1/predict?model=img", data={"field": "value"})
-    assert form.status_code == 400
+    form = client.post("/v1/predict?model=img", data={"field": "value"})  # a form, not an image
+    assert form.status_code == 415 and "not accepted" in form.json()["error"]
+    no_file = client.post("/v1/predict?model=img", files={"field": (None, "value")})
+    assert no_file.status_code == 400 and "no file part" in no_file.json()["error"]
+
+
+def test_predict_refuses_extreme_aspect_ratios_and_names_problems_plainly(client):
+    tall = client.post("/v1/predict?model=img", content=png(np.zeros((5000, 37))))
+    assert tall.status_code == 400
+    assert "37x5000" in tall.json()["error"] and "resize_policy" in tall.json()["error"]
+    not_image = client.post("/v1/predict?model=img", content=b"not an image")
+    assert "not a readable image" in not_image.json()["error"]
+    assert "object at 0x" not in not_image.json()["error"] and "BytesIO" not in not_image.json()["error"]
+    several = client.post("/v1/predict", content=png(half_bright(True)))
+    assert several.status_code == 400 and "img" in several.json()["error"] and "clf" in several.json()["error"]

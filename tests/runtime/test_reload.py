@@ -14,24 +14,27 @@ from edgerun.cli import main
 from edgerun.reload import ModelRepository, VersionStore
 from edgerun.server import ServerConfig, create_app
 
+JSON = {"Content-Type": "application/json"}
 X = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]}
 
 
 def test_reload_under_load_loses_no_request_and_refuses_broken(tmp_path, load_options):
     v1 = build_classifier_bundle(tmp_path / "v1")
-    v2 = build_classifier_bundle(tmp_path / "v2", golden=False)  # same model, different bundle
+    build_classifier_bundle(tmp_path / "v2", golden=False)  # same model, different bundle
     broken = build_classifier_bundle(tmp_path / "broken", model=classifier_onnx(weight=W * 3))
     repo = ModelRepository(load_options, store=VersionStore(load_options.cache_dir))
     repo.load(v1)
     first_version = repo.get("clf").version
-    with TestClient(create_app(repo, ServerConfig(max_batch=4, max_delay_ms=1))) as client:
+    # The bundles lie in the repository directory; the watcher never gets to them in this test.
+    config = ServerConfig(max_batch=4, max_delay_ms=1, model_control=True, watch_dir=tmp_path, watch_interval_s=3600)
+    with TestClient(create_app(repo, config), base_url="http://127.0.0.1") as client:
 
         def hammer(_):
             return [client.post("/v2/models/clf/infer", json=X).status_code for _ in range(30)]
 
         with ThreadPoolExecutor(4) as pool:
             load = [pool.submit(hammer, i) for i in range(3)]
-            swapped = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": str(v2)}})
+            swapped = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": "v2"}})
             refused = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": str(broken)}})
             codes = [code for future in load for code in future.result()]
         assert swapped.status_code == 200, swapped.text
@@ -41,8 +44,8 @@ def test_reload_under_load_loses_no_request_and_refuses_broken(tmp_path, load_op
         assert new_version == swapped.json()["version"] != first_version
         assert 'edgerun_reloads_total{model="clf",outcome="refused"} 1.0' in client.get("/metrics").text
         # Reload without a body re-reads the model from where it came from.
-        assert client.post("/v2/repository/models/clf/load").status_code == 200
-        assert client.post("/v2/repository/models/other/load").status_code == 404
+        assert client.post("/v2/repository/models/clf/load", headers=JSON).status_code == 200
+        assert client.post("/v2/repository/models/other/load", headers=JSON).status_code == 404
         wrong_name = client.post("/v2/repository/models/other/load", json={"parameters": {"bundle": str(v1)}})
         assert wrong_name.status_code == 400 and "is model 'clf', not 'other'" in wrong_name.json()["error"]
         index = client.post("/v2/repository/index").json()

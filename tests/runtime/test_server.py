@@ -236,3 +236,15 @@ def test_a_model_with_a_scalar_input_is_served(tmp_path, load_options):
         response = client.post("/v2/models/scaled/infer", json=body)
         assert response.status_code == 200, response.text
         assert response.json()["outputs"][0]["data"] == [3.0] * 8
+
+
+def test_model_status_is_typed_and_becomes_json_only_at_the_edges(client):
+    from edgerun.session import GoldenResult
+    from edgerun.status import ModelStatus
+
+    status = client.app.state.repo.get("clf").status
+    assert isinstance(status, ModelStatus) and isinstance(status.golden, GoldenResult)
+    assert status.providers == ["CPUExecutionProvider"] and status.threads == 1 and status.tensorrt is None
+    parameters = client.get("/v2/models/clf").json()["parameters"]
+    assert parameters == {**status.to_json(), "max_batch": 1, "max_delay_ms": 2.0}
+    assert f'variant="{status.variant}"' in client.get("/metrics").text

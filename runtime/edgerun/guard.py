@@ -1,0 +1,166 @@
+"""What every request passes before a handler runs: Host allow-list, inference token, body
+size and body-read time. Raw ASGI, so a refused request costs no parsing.
+
+Model-control routes are not covered by the inference token: they check their own admin
+credential (``edgerun.control``), so holding the inference token never unlocks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import re
+from collections.abc import Iterable
+
+import orjson
+
+from edgerun.errors import PayloadTooLargeError, RequestError
+
+# Routes guarded by the admin credential instead of the inference token.
+MODEL_CONTROL_PATH = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class RequestTimeoutError(RequestError):
+    """The client did not send its body in time (HTTP 408)."""
+
+    http_status = 408
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """The body's Content-Type is not one the route reads (HTTP 415)."""
+
+    http_status = 415
+
+
+class ForbiddenError(RequestError):
+    """The request is understood and refused by a rule (HTTP 403); the message names the rule."""
+
+    http_status = 403
+
+
+def error_body(message: str) -> bytes:
+    """The published ``ErrorResponse`` body."""
+    return orjson.dumps({"error": message})
+
+
+def bearer_matches(header: bytes | str | None, token: str) -> bool:
+    """``Authorization: Bearer <token>``, scheme case-insensitive (RFC 7235), token compared in constant time."""
+    if not header:
+        return False
+    value = header.decode("latin-1") if isinstance(header, bytes) else header
+    scheme, _, credentials = value.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
+
+
+def host_name(header: bytes | str | None) -> str:
+    """The host part of a Host header, lower-case, without port or IPv6 brackets."""
+    value = (header.decode("latin-1") if isinstance(header, bytes) else header or "").strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GuardMiddleware:
+    """Host allow-list and bearer token (everything but health), request body limit and read timeout."""
+
+    def __init__(
+        self,
+        app,
+        token: str | None,
+        max_body: int,
+        body_timeout_s: float = 60.0,
+        allowed_hosts: Iterable[str] | None = None,
+    ):
+        self.app = app
+        self.token = token
+        self.max_body = max_body
+        self.body_timeout_s = body_timeout_s
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
+
+    @staticmethod
+    async def _reject(send, status: int, message: str, headers=()) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), *headers],
+            }
+        )
+        await send({"type": "http.response.body", "body": error_body(message)})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        health = path.startswith("/v2/health")
+        if self.allowed_hosts is not None and not health:
+            host = host_name(headers.get(b"host"))
+            if host not in self.allowed_hosts:
+                return await self._reject(
+                    send, 400, f"Host '{host}' is not one this server answers to (--allowed-host); refusing the request"
+                )
+        if self.token is not None and not health and not MODEL_CONTROL_PATH.match(path):
+            if not bearer_matches(headers.get(b"authorization"), self.token):
+                return await self._reject(
+                    send,
+                    401,
+                    "missing or wrong bearer token; send 'Authorization: Bearer <token>' (see --token / EDGERUN_TOKEN)",
+                    [(b"www-authenticate", b"Bearer")],
+                )
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return await self._reject(
+                    send, 400, f"Content-Length {length.decode(errors='replace')!r} is not a number"
+                )
+            if too_big:
+                return await self._reject(
+                    send,
+                    413,
+                    f"request body of {int(length)} bytes is over the {self.max_body} byte limit (--max-body-mb)",
+                )
+        return await self.app(scope, self._guarded_receive(receive), send)
+
+    def _guarded_receive(self, receive):
+        """``receive`` that counts body bytes and gives the whole body ``body_timeout_s`` to arrive."""
+        received = 0
+        deadline: float | None = None
+        done = False
+        limit, timeout = self.max_body, self.body_timeout_s
+
+        async def guarded():
+            nonlocal received, deadline, done
+            if done:  # body complete: later receives only wait for a disconnect
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(
+                    f"request body not received within {timeout:g} s; send it faster or in one piece"
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLargeError(f"request body is over the {limit} byte limit (--max-body-mb)")
+                done = not message.get("more_body", False)
+            return message
+
+        return guarded

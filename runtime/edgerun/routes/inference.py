@@ -1,0 +1,102 @@
+"""KServe v2 inference: JSON tensors or Triton's binary tensor extension."""
+
+from __future__ import annotations
+
+import zlib
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from edgerun.errors import PayloadTooLargeError, RequestError
+from edgerun.memory import release_free_memory
+from edgerun.protocol import HEADER_LENGTH, InferResponse, decode_infer_request, encode_infer_response
+from edgerun.routes.deps import RequestTimer, ServerState, accepts, error_responses, server_state, timed
+from edgerun.tensorrt import check_batch
+
+router = APIRouter()
+
+# Bodies above this are decoded on a worker thread so a large JSON tensor does not stall the loop.
+OFFLOAD_DECODE_BYTES = 256 * 1024
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": f"JSON header ({HEADER_LENGTH} bytes) followed by binary tensors",
+                }
+            },
+        },
+    }
+}
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise RequestError(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+    try:
+        decoder = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        out = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise RequestError(f"body is not valid {encoding} data ({exc})") from None
+    if len(out) > limit:
+        raise PayloadTooLargeError(f"decompressed body is over the {limit} byte limit (--max-body-mb)")
+    return out
+
+
+def _decode_large(*args):
+    """Decode a large JSON body; a big JSON tensor leaves megabytes of freed Python objects behind,
+    which glibc keeps mapped (RSS grows ~10 MB per few dozen requests) unless trimmed."""
+    try:
+        return decode_infer_request(*args)
+    finally:
+        release_free_memory()
+
+
+@router.post(
+    "/v2/models/{name}/infer",
+    openapi_extra=INFER_BODY,
+    tags=["inference"],
+    responses={200: {"model": InferResponse}, **error_responses(400, 401, 404, 408, 413, 415, 503, 504)},
+    dependencies=[Depends(accepts("application/json", "application/octet-stream", missing_ok=True))],
+)
+@router.post(
+    "/v2/models/{name}/versions/{version}/infer",
+    include_in_schema=False,
+    dependencies=[Depends(accepts("application/json", "application/octet-stream", missing_ok=True))],
+)
+async def infer(
+    name: str,
+    request: Request,
+    version: str | None = None,
+    state: ServerState = Depends(server_state),
+    timer: RequestTimer = Depends(timed("infer")),
+) -> Response:
+    served = state.lookup(name, version)
+    timer.label = served.name  # a name from the URL is only a label once it names a served model
+    raw = await request.body()
+    encoding = request.headers.get("content-encoding")
+    limit = state.config.max_body_bytes
+    if encoding and encoding != "identity":  # a small gzip body can inflate to --max-body-mb
+        body = await run_in_threadpool(decompress, raw, encoding, limit)
+    else:
+        body = raw
+    args = (body, served.session.inputs, served.session.output_names, request.headers.get(HEADER_LENGTH))
+    if len(body) > OFFLOAD_DECODE_BYTES and HEADER_LENGTH not in request.headers:
+        # Large JSON tensors take tens of ms to parse; binary ones are a zero-copy view.
+        parsed = await run_in_threadpool(_decode_large, *args)
+    else:
+        parsed = decode_infer_request(*args)
+    check_batch(served.session.max_batch, parsed.feeds)
+    results = await state.get_batcher().submit(served.session, parsed.feeds, parsed.timeout_s)
+    content, headers, media_type = encode_infer_response(
+        served.name, served.version, parsed.id, results, parsed.outputs
+    )
+    return Response(content, media_type=media_type, headers=headers)

@@ -1,0 +1,153 @@
+"""``/v1/predict``: an image in (raw bytes or multipart), the manifest's pre/post-processing, top-k out.
+
+Decoding is the one step whose memory grows with the request, so it is bounded before it
+starts: the image header is read first (size, format) and an image over the pixel budget is
+refused without being decoded; decodes run off the event loop, a few at a time.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from edgerun.errors import PayloadTooLargeError, RequestError
+from edgerun.loader import ServedModel
+from edgerun.preprocess import classify, preprocess_image
+from edgerun.protocol import PredictResponse
+from edgerun.routes.deps import RequestTimer, ServerState, accepts, error_responses, server_state, timed
+
+router = APIRouter()
+
+# Pixel budget per image: 16x the model's input, at least 16 Mpx (a 12 Mpx phone photo passes) and
+# at most 20 Mpx, so two decodes at a time (RGBA + its RGB copy) stay near 300 MB.
+MIN_IMAGE_PIXELS = 16_000_000
+MAX_IMAGE_PIXELS = 20_000_000
+PIXELS_PER_INPUT_PIXEL = 16
+# Without a recorded resize policy, an image whose aspect ratio is further than this from the
+# model's is refused rather than squashed.
+MAX_ASPECT_DISTORTION = 4.0
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+        },
+    }
+}
+
+
+def pixel_budget(spec: dict[str, Any]) -> int:
+    size = spec.get("size")
+    model_pixels = int(size[0]) * int(size[1]) if isinstance(size, (list, tuple)) and len(size) == 2 else 0
+    return min(MAX_IMAGE_PIXELS, max(MIN_IMAGE_PIXELS, PIXELS_PER_INPUT_PIXEL * model_pixels))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the image header only (nothing is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise RequestError("empty image; send the image bytes as the body or as a multipart file field")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Image.DecompressionBombError:
+        raise PayloadTooLargeError("image header declares far more pixels than any model takes; refusing it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise RequestError(
+            f"body ({len(data)} bytes) is not a readable image; send PNG, JPEG, BMP or "
+            f"another format Pillow reads, as the body or as a multipart file field"
+        ) from None
+
+
+def check_image(width: int, height: int, spec: dict[str, Any], model: str) -> None:
+    budget = pixel_budget(spec)
+    if width * height > budget:
+        raise PayloadTooLargeError(
+            f"image is {width}x{height} ({width * height / 1e6:.1f} Mpx), over the {budget / 1e6:.0f} Mpx "
+            f"this server decodes for model '{model}'; downscale it first"
+        )
+    size = spec.get("size")
+    if spec.get("resize_policy") or not (isinstance(size, (list, tuple)) and len(size) == 2) or not width * height:
+        return  # the manifest says how to fit any aspect ratio (stretch, center-crop, letterbox)
+    model_h, model_w = int(size[0]), int(size[1])
+    distortion = (width / height) / (model_w / model_h)
+    distortion = max(distortion, 1 / distortion)
+    if distortion > MAX_ASPECT_DISTORTION:
+        raise RequestError(
+            f"image is {width}x{height} but model '{model}' takes {model_w}x{model_h}: the aspect ratio is "
+            f"{distortion:.1f}x off (more than {MAX_ASPECT_DISTORTION:g}x) and the bundle records no "
+            f"preprocess.resize_policy; crop or pad the image to about {model_w}:{model_h} first"
+        )
+
+
+async def _image_bytes(request: Request) -> bytes:
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return await request.body()
+    try:
+        async with request.form(max_files=1, max_fields=8) as form:
+            uploads = [v for v in form.values() if hasattr(v, "read")]
+            if not uploads:
+                raise RequestError("multipart body has no file part; upload the image as a file field")
+            return await uploads[0].read()
+    except HTTPException as exc:  # the multipart parser's own errors
+        raise RequestError(
+            f"multipart body cannot be parsed ({exc.detail}); upload the image as a file field"
+        ) from None
+
+
+def _choose(state: ServerState, model: str | None) -> ServedModel:
+    if model is None and len(state.repo.models) > 1:
+        raise RequestError(
+            f"several models are served ({', '.join(sorted(state.repo.models))}); name one with ?model=NAME"
+        )
+    return state.lookup(model)
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    tags=["inference"],
+    responses=error_responses(400, 401, 404, 408, 413, 415, 503, 504),
+    openapi_extra=PREDICT_BODY,
+    dependencies=[Depends(accepts("image/*", "application/octet-stream", "multipart/form-data", missing_ok=True))],
+)
+async def predict(
+    request: Request,
+    model: str | None = None,
+    state: ServerState = Depends(server_state),
+    timer: RequestTimer = Depends(timed("predict")),
+) -> PredictResponse:
+    """Raw image bytes (or a multipart upload) in, top-k classes out, using the manifest's pre/post-processing."""
+    served = _choose(state, model)
+    timer.label = served.name
+    spec = served.manifest.preprocess
+    if not spec:
+        raise RequestError(
+            f"model '{served.name}' has no 'preprocess' in its manifest; send tensors to "
+            f"/v2/models/{served.name}/infer instead"
+        )
+    if len(served.session.inputs) != 1:
+        raise RequestError(
+            f"/v1/predict feeds one image but model '{served.name}' has inputs "
+            f"{[s.name for s in served.session.inputs]}; use the v2 infer endpoint"
+        )
+    data = await _image_bytes(request)
+    width, height = image_size(data)
+    check_image(width, height, spec, served.name)
+    async with state.image_slots:
+        array = await run_in_threadpool(preprocess_image, data, spec)
+    input_name = spec.get("input", served.session.inputs[0].name)
+    results = await state.get_batcher().submit(served.session, {input_name: array})
+    post = served.manifest.postprocess or {"type": "classification", "top_k": 5}
+    output_name = post.get("output", served.session.output_names[0])
+    return PredictResponse(model_name=served.name, predictions=classify(results[output_name], post, served.labels))
