@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgerun.bundle import VerifiedFile
-from edgerun.errors import BundleError, RequestError, SessionError
+from edgerun.errors import RequestError, SessionError
 from edgerun.manifest import Manifest, ModelFile, ProviderSpec, SessionOptionsSpec, TensorSpec
 from edgerun.provider_options import cache_path_keys, confined_cache_path
 from edgerun.tensorrt import relocate_cache_paths, serving_batch_limit
