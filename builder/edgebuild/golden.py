@@ -125,14 +125,14 @@ def check_serves(bundle_dir: Path) -> str:
             raise ServeCheckError(f"edgerun on this host refuses the bundle: {exc}; {hint}") from None
         manifest = served.manifest
         if served.session.variant.path != manifest.model.path:
-            dropped = "; ".join(served.parameters.get("dropped", []))
+            dropped = "; ".join(served.status.dropped)
             raise ServeCheckError(f"edgerun on this host drops the selected model: {dropped}; {hint}")
         golden = (
-            load_golden((Path(bundle_dir) / manifest.golden.path).read_bytes(), manifest.golden, manifest)
+            load_golden(served.bundle.read_verified(manifest.golden.path), manifest.golden, manifest)
             if manifest.golden
             else None
         )
-        verdicts = [f"{manifest.model.path}: {served.parameters['golden']['reason']}"]
+        verdicts = [f"{manifest.model.path}: {served.status.golden.reason}"]
         providers = list(served.session.providers)
         for variant in manifest.variants:
             chain = [ProviderSpec(name=p) for p in providers if not variant.providers or p in variant.providers]
@@ -141,7 +141,7 @@ def check_serves(bundle_dir: Path) -> str:
                 continue
             try:
                 session = create_model_session(
-                    Path(bundle_dir) / variant.path, manifest, variant, chain, served.session.threads
+                    served.bundle.verified_file(variant.path), manifest, variant, chain, served.session.threads
                 )
             except EdgerunError as exc:
                 raise ServeCheckError(

@@ -27,9 +27,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgerun.errors import BundleError, EdgerunError
+from edgerun.bundle import VerifiedFile
+from edgerun.errors import EdgerunError
 from edgerun.manifest import ProviderSpec
-from edgerun.session import ModelSession, make_session_options, provider_chain
+from edgerun.session import ModelSession, create_model_session
 
 log = logging.getLogger("edgerun")
 
@@ -281,35 +282,19 @@ class InstancePool(ModelSession):
             self._free.put(instance)
 
 
-def read_model_bytes(bundle: Any, relpath: str, expected_sha256: str | None) -> bytes:
-    """The model file's bytes, read once and checked against the manifest's sha256."""
-    reader = getattr(bundle, "read_verified", None)
-    if reader is not None:
-        return reader(relpath)
-    data = Path(bundle.path(relpath)).read_bytes()
-    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise BundleError(f"bundle file '{relpath}' changed on disk since it was verified; reload the bundle")
-    return data
-
-
 def create_instance(
-    model_bytes: bytes,
+    model: VerifiedFile,
     template: ModelSession,
     providers: list[ProviderSpec],
     threads: int,
     spinning: bool,
     cache_dir: Path | None,
-    model_path: Path,
 ) -> ModelSession:
-    """One more session of ``template``'s model and options with its own threads and spinning."""
-    import onnxruntime as ort
-
+    """One more session of ``template``'s verified model and options with its own threads and spinning."""
     spec = template.variant.session_options
     spec = spec.model_copy(update={"config": {**spec.config, SPINNING_KEY: "1" if spinning else "0"}})
-    options = make_session_options(spec, threads)
-    chain = provider_chain(providers, template.variant, model_path, cache_dir)
-    session = ort.InferenceSession(model_bytes, sess_options=options, providers=chain)
-    return ModelSession(session, template.manifest, template.variant, threads)
+    variant = template.variant.model_copy(update={"session_options": spec})
+    return create_model_session(model, template.manifest, variant, providers, threads, cache_dir)
 
 
 def is_spinning(session: ModelSession) -> bool:
@@ -453,15 +438,13 @@ def plan_layout(
         and batch_gain >= BATCH_GAIN
     )
 
-    model_bytes: bytes | None = None
+    model: VerifiedFile | None = None
 
     def make(threads: int, spinning: bool) -> ModelSession:
-        nonlocal model_bytes
-        if model_bytes is None:
-            model_bytes = read_model_bytes(bundle, session.variant.path, session.variant.sha256 or None)
-        return create_instance(
-            model_bytes, session, providers, threads, spinning, cache_dir, bundle.path(session.variant.path)
-        )
+        nonlocal model
+        if model is None:  # read and hashed once; every instance gets these bytes
+            model = bundle.verified_file(session.variant.path)
+        return create_instance(model, session, providers, threads, spinning, cache_dir)
 
     factory = InstanceFactory(make, session, is_spinning(session))
     measurements: list[LayoutMeasurement] = []

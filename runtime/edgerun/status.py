@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from edgerun.golden import GoldenResult
+from edgerun.layout import LayoutDecision
 
 TensorrtPhase = Literal["building", "ready", "failed"]
 
@@ -45,8 +46,8 @@ class ModelStatus:
     dropped: list[str] = field(default_factory=list)
     tensorrt: TensorrtState | None = None
     serving: dict[str, Any] | None = None
-    # The execution layout chosen on the device (an object with ``to_json()``), when one was chosen.
-    layout: Any = None
+    # The execution layout chosen on the device (instances x threads, spinning, batching).
+    layout: LayoutDecision | None = None
 
     def with_changes(self, **changes: Any) -> ModelStatus:
         return replace(self, **changes)
@@ -70,5 +71,5 @@ class ModelStatus:
         if self.serving:
             out["serving"] = self.serving
         if self.layout is not None:
-            out["layout"] = self.layout.to_json() if hasattr(self.layout, "to_json") else self.layout
+            out["layout"] = self.layout.as_dict()
         return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from runtime_fixtures import (
@@ -16,6 +18,7 @@ from runtime_fixtures import (
 )
 
 from edgebuild.bundle import write_bundle
+from edgerun.bundle import VerifiedFile
 from edgerun.errors import BundleError, SessionError
 from edgerun.golden import check_golden, load_golden, thresholds_for
 from edgerun.loader import load_model
@@ -58,10 +61,9 @@ def test_variant_tolerances_override_the_bundle_wide_ones():
 
 
 def _session(tmp_path, model: bytes, spec: GoldenSpec):
-    path = tmp_path / "model.onnx"
-    path.write_bytes(model)
     manifest = _manifest(spec)
-    return create_model_session(path, manifest, manifest.model, [ProviderSpec(name="CPUExecutionProvider")], 1)
+    verified = VerifiedFile("model.onnx", model, hashlib.sha256(model).hexdigest())
+    return create_model_session(verified, manifest, manifest.model, [ProviderSpec(name="CPUExecutionProvider")], 1)
 
 
 def test_a_drift_within_the_variants_own_tolerance_passes_and_beyond_it_fails(tmp_path):

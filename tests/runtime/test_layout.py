@@ -16,6 +16,7 @@ from runtime_fixtures import build_classifier_bundle, classifier_reference
 import edgerun.layout as layout_module
 import edgerun.loader as loader_module
 from edgerun.batching import Batcher
+from edgerun.bundle import Bundle
 from edgerun.errors import EdgerunError, OverloadedError
 from edgerun.layout import (
     BALANCED_MARGIN,
@@ -231,7 +232,7 @@ def test_server_answers_503_with_retry_after_when_the_queue_bytes_are_full(bundl
         served = repo.get("clf")
         real_run = served.session.run
         served.session.run = lambda feeds: (gate.wait(10), real_run(feeds))[1]
-        batcher = client.app.state.batchers["batcher"]
+        batcher = client.app.state.edgerun.batcher
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(client.post, "/v2/models/clf/infer", json=body)
             while batcher.running == 0:
@@ -252,12 +253,13 @@ def test_server_answers_503_with_retry_after_when_the_queue_bytes_are_full(bundl
 def test_instances_share_one_verified_model_and_serve_correct_rows(tmp_path, cache_dir, monkeypatch):
     bundle = build_classifier_bundle(tmp_path / "b")
     reads = []
-    real_read = layout_module.read_model_bytes
-    monkeypatch.setattr(layout_module, "read_model_bytes", lambda *a: (reads.append(a[1]), real_read(*a))[1])
+    real_read = Bundle.verified_file
+    monkeypatch.setattr(Bundle, "verified_file", lambda self, rel: (reads.append(rel), real_read(self, rel))[1])
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, instances=3, threads=1))
     pool = served.session
     assert isinstance(pool, InstancePool) and len(pool.instances) == 3
-    assert reads == ["model.onnx"]  # read once for every new instance
+    # Read once for the golden-checked session and once for all the new instances.
+    assert reads.count("model.onnx") == 2
     assert {i.session.get_session_options().intra_op_num_threads for i in pool.instances} == {1}
     layout = served.parameters["layout"]
     assert (layout["instances"], layout["threads"], layout["source"]) == (3, 1, "--instances/--threads")

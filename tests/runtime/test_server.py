@@ -239,7 +239,7 @@ def test_a_model_with_a_scalar_input_is_served(tmp_path, load_options):
 
 
 def test_model_status_is_typed_and_becomes_json_only_at_the_edges(client):
-    from edgerun.session import GoldenResult
+    from edgerun.golden import GoldenResult
     from edgerun.status import ModelStatus
 
     status = client.app.state.repo.get("clf").status
