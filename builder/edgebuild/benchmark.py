@@ -23,7 +23,7 @@ def measure_latency(
     """Time ``run()`` repeatedly: p50/p90 in milliseconds and the number of runs."""
     for _ in range(warmup):
         run()
-    samples = []
+    samples: list[float] = []
     deadline = timer() + max_seconds
     while len(samples) < min_runs or (timer() < deadline and len(samples) < 2000):
         start = timer()

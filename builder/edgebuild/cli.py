@@ -177,6 +177,7 @@ def pack(config_path, **params):
     options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
     result = run_pack(options)
     v = result.manifest.validation
+    assert v is not None  # pack records a validation for every bundle it writes
     click.echo(
         f"edgebuild: {result.chosen.name}: {v.metric} {v.packed:.4f} (reference {v.reference:.4f}, drop {v.drop:+.4f}); "
         f"speed-up vs FP32 {result.manifest.benchmark['speedup_vs_fp32']}×, size {result.chosen.size_bytes / 1024:.1f} KiB",
@@ -274,6 +275,7 @@ def bench(location, threads, bench_seconds, as_json):
         from edgebuild.inspection import inspect_model
 
         report = inspect_model(location, bench_seconds=bench_seconds, threads=threads)
+        assert report.latency is not None  # inspect_model times the model unless told not to
         rows = [{"path": location, "precision": "fp32", **report.latency}]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -37,6 +37,7 @@ from edgebuild.data import Batch, fill_rows, open_data
 from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, first_line
 from edgebuild.export import export_onnx
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
+from edgebuild.passes import TorchPass
 from edgebuild.report import write_report
 from edgebuild.sources import ModelSource, load_model
 from edgebuild.targets import TargetProfile, load_target
@@ -89,7 +90,7 @@ class PackOptions:
     partial_quantization: bool = True  # when every full INT8 candidate breaks the budget, keep the worst nodes in float
     recipe: dict | None = None  # resolved --config recipe, recorded in the manifest
     # Torch-level passes (run before export when the source is a torch model).
-    torch_passes: list = field(default_factory=list)
+    torch_passes: list[TorchPass] = field(default_factory=list)
 
 
 @dataclass

@@ -16,7 +16,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +26,9 @@ from edgebuild.data import Batch, open_data
 from edgebuild.errors import UsageError
 from edgebuild.sources import ModelSource, build_module
 from edgerun.manifest import PassRecord
+
+if TYPE_CHECKING:
+    from edgebuild.pack import PackOptions
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +171,13 @@ class DistillPass:
         self.val_data = val_data
         self.show_bar = show_bar  # None: only when stderr is a terminal
 
-    def run(self, source: ModelSource, options=None, progress=lambda message: None, teacher: ModelSource | None = None):
+    def run(
+        self,
+        source: ModelSource,
+        options: PackOptions | None = None,
+        progress: Callable[[str], None] = lambda message: None,
+        teacher: ModelSource | None = None,
+    ) -> tuple[ModelSource, PassRecord]:
         import torch
         from tqdm import tqdm
 
@@ -177,6 +188,7 @@ class DistillPass:
         student = _load_student(cfg.student, teacher) if cfg.student else copy.deepcopy(source.module)
         teacher_module = teacher.module.eval()
 
+        assert cfg.train_data is not None  # config.check() refused a missing one
         train = open_data(cfg.train_data, source.inputs, purpose="training", limit=cfg.train_samples).collect()
         val_spec = self.val_data or (getattr(options, "val_data", None) if options is not None else None)
         if val_spec and val_spec != "random":
