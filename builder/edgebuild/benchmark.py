@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,11 +41,11 @@ def measure_latency(
     }
 
 
-def session_latency(session, feed: dict[str, np.ndarray], **kwargs) -> dict:
+def session_latency(session: Any, feed: dict[str, np.ndarray], **kwargs: Any) -> dict:
     return measure_latency(lambda: session.run(None, feed), **kwargs)
 
 
-def bench_bundle(location, *, threads: int | None = None, max_seconds: float = 1.0) -> list[dict]:
+def bench_bundle(location: str | Path, *, threads: int | None = None, max_seconds: float = 1.0) -> list[dict]:
     """Time every model file of a bundle on this host, with the session options it was validated with."""
     from edgebuild.onnx_utils import make_session
     from edgerun.bundle import open_bundle

@@ -287,7 +287,7 @@ def compare_models(
     *,
     val_data: str | None = None,
     val_samples: int = 1000,
-    input_shape=None,
+    input_shape: tuple[int, ...] | None = None,
     bench_seconds: float = 1.0,
     threads: int | None = None,
     sort_by: str = "latency",

@@ -28,6 +28,9 @@ from edgebuild.sources import ModelSource, build_module
 from edgerun.manifest import PassRecord
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from edgebuild.pack import PackOptions
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,14 @@ def _first_output(out):
     return out[0]
 
 
-def distillation_loss(student_out, teacher_out, labels=None, *, temperature: float = 3.0, alpha: float = 0.5):
+def distillation_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 3.0,
+    alpha: float = 0.5,
+) -> torch.Tensor:
     """KD loss for ``[batch, classes]`` logits (MSE for other outputs); CE on labels weighted by 1 - alpha."""
     import torch.nn.functional as F
 
@@ -144,7 +154,7 @@ def _split(batch: Batch, fraction: float, seed: int) -> tuple[Batch, Batch]:
     return take(kept), take(held)
 
 
-def _load_student(spec: str, teacher: ModelSource):
+def _load_student(spec: str, teacher: ModelSource) -> nn.Module:
     student = build_module(spec, what="student")
     feed = teacher.example_feed()
     try:

@@ -67,7 +67,7 @@ def _weighted_layers(module: nn.Module) -> list[tuple[str, WeightedLayer]]:
     ]
 
 
-def weight_sparsity(module) -> dict:
+def weight_sparsity(module: nn.Module) -> dict:
     """Fraction of exactly-zero weights over all conv/linear weights, and the parameter count."""
     zeros = total = 0
     for _, layer in _weighted_layers(module):
@@ -80,7 +80,7 @@ def weight_sparsity(module) -> dict:
     }
 
 
-def gzip_size(module) -> int:
+def gzip_size(module: nn.Module) -> int:
     """gzip size of the float32 weights: where unstructured sparsity pays off (downloads, storage)."""
     buffer = io.BytesIO()
     for tensor in module.state_dict().values():
@@ -88,7 +88,7 @@ def gzip_size(module) -> int:
     return len(gzip.compress(buffer.getvalue(), compresslevel=6))
 
 
-def _unstructured(module, config: PruneConfig) -> None:
+def _unstructured(module: nn.Module, config: PruneConfig) -> None:
     import torch.nn.utils.prune as prune
 
     layers = [(n, m) for n, m in _weighted_layers(module) if n not in config.ignored_layers]
@@ -120,7 +120,7 @@ def _output_layer(module: nn.Module, args: tuple) -> nn.Module | None:
     return order[-1] if order else None
 
 
-def _channel(module, source: ModelSource, config: PruneConfig) -> None:
+def _channel(module: nn.Module, source: ModelSource, config: PruneConfig) -> None:
     import torch
     import torch_pruning as tp
 
