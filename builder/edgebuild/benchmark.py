@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +25,7 @@ def measure_latency(
     """Time ``run()`` repeatedly: p50/p90 in milliseconds and the number of runs."""
     for _ in range(warmup):
         run()
-    samples = []
+    samples: list[float] = []
     deadline = timer() + max_seconds
     while len(samples) < min_runs or (timer() < deadline and len(samples) < 2000):
         start = timer()
@@ -39,11 +41,11 @@ def measure_latency(
     }
 
 
-def session_latency(session, feed: dict[str, np.ndarray], **kwargs) -> dict:
+def session_latency(session: Any, feed: dict[str, np.ndarray], **kwargs: Any) -> dict:
     return measure_latency(lambda: session.run(None, feed), **kwargs)
 
 
-def bench_bundle(location, *, threads: int | None = None, max_seconds: float = 1.0) -> list[dict]:
+def bench_bundle(location: str | Path, *, threads: int | None = None, max_seconds: float = 1.0) -> list[dict]:
     """Time every model file of a bundle on this host, with the session options it was validated with."""
     from edgebuild.onnx_utils import make_session
     from edgerun.bundle import open_bundle

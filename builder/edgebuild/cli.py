@@ -201,6 +201,7 @@ def pack(config_path, **params):
 
 
 @main.command()
+@handle_cli_errors
 def targets():
     """List the built-in target profiles."""
     from edgebuild.targets import builtin_target_names, load_target

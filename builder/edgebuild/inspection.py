@@ -275,6 +275,7 @@ def _accuracy(source: ModelSource, val_spec: str, limit: int) -> float | None:
         from edgebuild.onnx_utils import make_session
         from edgebuild.validate import run_session
 
+        assert source.onnx_path is not None  # a source without a module is an ONNX file
         out = run_session(make_session(source.onnx_path), batch.inputs)[0]
     if out.ndim != 2:
         return None
@@ -286,7 +287,7 @@ def compare_models(
     *,
     val_data: str | None = None,
     val_samples: int = 1000,
-    input_shape=None,
+    input_shape: tuple[int, ...] | None = None,
     bench_seconds: float = 1.0,
     threads: int | None = None,
     sort_by: str = "latency",
@@ -340,7 +341,7 @@ def format_report(report: ModelReport, top: int = 20) -> str:
     if report.latency:
         lines.append(
             f"ORT FP32 latency, batch 1: p50 {report.latency['p50_ms']:.3f} ms, p90 {report.latency['p90_ms']:.3f} ms "
-            f"({report.latency['runs']} runs); ONNX file {report.onnx_size_bytes / 2**20:.2f} MiB"
+            f"({report.latency['runs']} runs); ONNX file {(report.onnx_size_bytes or 0) / 2**20:.2f} MiB"
         )
     shown = report.layers[:top]
     lines += ["", f"{'layer':<40} {'type':<18} {'MACs':>12} {'%':>6} {'params':>10} output"]

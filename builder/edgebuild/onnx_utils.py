@@ -88,13 +88,13 @@ def fixed_batch(path: Path) -> int | None:
     return min(fixed) if fixed else None
 
 
-def op_counts(path: Path) -> Counter:
+def op_counts(path: Path) -> Counter[str]:
     """Count op types, including those inside If/Loop/Scan subgraphs."""
     import onnx
 
-    counts: Counter = Counter()
+    counts: Counter[str] = Counter()
 
-    def walk(graph):
+    def walk(graph: Any) -> None:
         for node in graph.node:
             counts[node.op_type] += 1
             for attr in node.attribute:

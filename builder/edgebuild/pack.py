@@ -38,6 +38,7 @@ from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, fi
 from edgebuild.export import export_onnx
 from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
+from edgebuild.passes import TorchPass
 from edgebuild.recipe import load_labels, load_preprocess
 from edgebuild.report import write_report
 from edgebuild.sources import InputShapes, ModelSource, load_model, require_shapes
@@ -92,7 +93,7 @@ class PackOptions:
     partial_quantization: bool = True  # when every full INT8 candidate breaks the budget, keep the worst nodes in float
     recipe: dict | None = None  # resolved --config recipe, recorded in the manifest
     # Torch-level passes (run before export when the source is a torch model).
-    torch_passes: list = field(default_factory=list)
+    torch_passes: list[TorchPass] = field(default_factory=list)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -42,7 +42,8 @@ class ProviderProfile(BaseModel):
 
     def options_for(self, precision: str) -> dict[str, Any]:
         """This provider's options for a packed model of ``precision``."""
-        return {**self.options, **self.precision_options.get(precision, {})}
+        extra = self.precision_options.get(cast(Precision, precision), {})  # other precisions: none
+        return {**self.options, **extra}
 
 
 class QuantizationProfile(BaseModel):

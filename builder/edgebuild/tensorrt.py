@@ -8,6 +8,7 @@ engine covers exactly what the device will be asked.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ def unsupported_ops(model_path: Path, supported: list[str]) -> dict[str, int]:
     return {op: n for op, n in sorted(op_counts(model_path).items()) if op not in allowed}
 
 
-def _dims(shape: tuple[int, ...]) -> str:
+def _dims(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
 
 

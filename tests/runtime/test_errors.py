@@ -57,16 +57,7 @@ def test_debug_shows_the_traceback():
 
 
 def test_click_usage_errors_are_left_to_click():
-    @click.group()
-    def root():
-        pass
-
-    @root.command()
-    @report_errors("demo", (EdgerunError,))
-    def fail():
-        raise click.UsageError("give a BUNDLE")
-
-    result = CliRunner().invoke(root, ["fail"])
+    result = CliRunner().invoke(demo_cli(click.UsageError("give a BUNDLE")), ["fail"])
     assert result.exit_code == 2 and "Error: give a BUNDLE" in result.stderr and "demo: error" not in result.stderr
 
 

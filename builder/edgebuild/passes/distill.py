@@ -16,7 +16,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +26,12 @@ from edgebuild.data import Batch, open_data
 from edgebuild.errors import UsageError
 from edgebuild.sources import ModelSource, build_module
 from edgerun.manifest import PassRecord
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from edgebuild.pack import PackOptions
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +90,14 @@ def _first_output(out):
     return out[0]
 
 
-def distillation_loss(student_out, teacher_out, labels=None, *, temperature: float = 3.0, alpha: float = 0.5):
+def distillation_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 3.0,
+    alpha: float = 0.5,
+) -> torch.Tensor:
     """KD loss for ``[batch, classes]`` logits (MSE for other outputs); CE on labels weighted by 1 - alpha."""
     import torch.nn.functional as F
 
@@ -139,7 +154,7 @@ def _split(batch: Batch, fraction: float, seed: int) -> tuple[Batch, Batch]:
     return take(kept), take(held)
 
 
-def _load_student(spec: str, teacher: ModelSource):
+def _load_student(spec: str, teacher: ModelSource) -> nn.Module:
     student = build_module(spec, what="student")
     feed = teacher.example_feed()
     try:
@@ -166,7 +181,13 @@ class DistillPass:
         self.val_data = val_data
         self.show_bar = show_bar  # None: only when stderr is a terminal
 
-    def run(self, source: ModelSource, options=None, progress=lambda message: None, teacher: ModelSource | None = None):
+    def run(
+        self,
+        source: ModelSource,
+        options: PackOptions | None = None,
+        progress: Callable[[str], None] = lambda message: None,
+        teacher: ModelSource | None = None,
+    ) -> tuple[ModelSource, PassRecord]:
         import torch
         from tqdm import tqdm
 
@@ -177,6 +198,7 @@ class DistillPass:
         student = _load_student(cfg.student, teacher) if cfg.student else copy.deepcopy(source.module)
         teacher_module = teacher.module.eval()
 
+        assert cfg.train_data is not None  # config.check() refused a missing one
         train = open_data(cfg.train_data, source.inputs, purpose="training", limit=cfg.train_samples).collect()
         val_spec = self.val_data or (getattr(options, "val_data", None) if options is not None else None)
         if val_spec and val_spec != "random":

@@ -15,13 +15,22 @@ from __future__ import annotations
 import copy
 import gzip
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgebuild.errors import UsageError, first_line
 from edgebuild.sources import ModelSource
 from edgerun.manifest import PassRecord
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from edgebuild.pack import PackOptions
+
+    WeightedLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear
 
 METHODS = ("l1", "global", "channel")
 
@@ -50,7 +59,7 @@ class PruneConfig:
             raise UsageError(f"round_to {self.round_to} must be a positive integer")
 
 
-def _weighted_layers(module) -> list[tuple[str, object]]:
+def _weighted_layers(module: nn.Module) -> list[tuple[str, WeightedLayer]]:
     from torch import nn
 
     return [
@@ -58,7 +67,7 @@ def _weighted_layers(module) -> list[tuple[str, object]]:
     ]
 
 
-def weight_sparsity(module) -> dict:
+def weight_sparsity(module: nn.Module) -> dict:
     """Fraction of exactly-zero weights over all conv/linear weights, and the parameter count."""
     zeros = total = 0
     for _, layer in _weighted_layers(module):
@@ -71,7 +80,7 @@ def weight_sparsity(module) -> dict:
     }
 
 
-def gzip_size(module) -> int:
+def gzip_size(module: nn.Module) -> int:
     """gzip size of the float32 weights: where unstructured sparsity pays off (downloads, storage)."""
     buffer = io.BytesIO()
     for tensor in module.state_dict().values():
@@ -79,7 +88,7 @@ def gzip_size(module) -> int:
     return len(gzip.compress(buffer.getvalue(), compresslevel=6))
 
 
-def _unstructured(module, config: PruneConfig) -> None:
+def _unstructured(module: nn.Module, config: PruneConfig) -> None:
     import torch.nn.utils.prune as prune
 
     layers = [(n, m) for n, m in _weighted_layers(module) if n not in config.ignored_layers]
@@ -96,7 +105,7 @@ def _unstructured(module, config: PruneConfig) -> None:
         prune.remove(layer, "weight")  # make it permanent: plain weight tensors with zeros, no masks/hooks
 
 
-def _output_layer(module, args) -> object | None:
+def _output_layer(module: nn.Module, args: tuple) -> nn.Module | None:
     """The last Conv/Linear to run: it produces the outputs (classes), so its out-channels must stay."""
     import torch
 
@@ -111,7 +120,7 @@ def _output_layer(module, args) -> object | None:
     return order[-1] if order else None
 
 
-def _channel(module, source: ModelSource, config: PruneConfig) -> None:
+def _channel(module: nn.Module, source: ModelSource, config: PruneConfig) -> None:
     import torch
     import torch_pruning as tp
 
@@ -148,7 +157,12 @@ class PrunePass:
         config.check()
         self.config = config
 
-    def run(self, source: ModelSource, options=None, progress=lambda message: None) -> tuple[ModelSource, PassRecord]:
+    def run(
+        self,
+        source: ModelSource,
+        options: PackOptions | None = None,
+        progress: Callable[[str], None] = lambda message: None,
+    ) -> tuple[ModelSource, PassRecord]:
         import torch
 
         from edgebuild.inspection import inspect_source
