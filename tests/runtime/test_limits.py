@@ -123,20 +123,20 @@ def test_decoding_runs_few_at_a_time(bundles, load_options, monkeypatch):
     active, most = [0], [0]
     lock = threading.Lock()
     gate = threading.Event()
-    real = predict_module.preprocess_image
+    real = predict_module.decode
 
-    def slow(data, spec):
+    def slow(data, spec, max_pixels):
         with lock:
             active[0] += 1
             most[0] = max(most[0], active[0])
         gate.wait(0.2)
         try:
-            return real(data, spec)
+            return real(data, spec, max_pixels)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(predict_module, "preprocess_image", slow)
+    monkeypatch.setattr(predict_module, "decode", slow)
     repo = ModelRepository(load_options)
     repo.load(bundles["image"])
     with TestClient(create_app(repo, ServerConfig(image_decodes=2))) as client, ThreadPoolExecutor(6) as pool:
