@@ -4,17 +4,14 @@ where the point is what a client on the network can do."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from runtime_fixtures import build_classifier_bundle, free_port
+from runtime_fixtures import build_classifier_bundle
+from server_process import start_server, stop_server
 
 from edgerun.cli import main
 from edgerun.reload import ModelRepository, VersionStore
@@ -213,56 +210,6 @@ def test_tokens_from_files_and_empty_tokens_refused(bundles, cache_dir, monkeypa
 # ---- a real server process, as a client on the network sees it ----
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become ready")
-
-
-def _start(args: list[str], cache_dir: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgerun.cli",
-            "serve",
-            *args,
-            "--port",
-            str(port),
-            "--no-bench",
-            "--cache-dir",
-            str(cache_dir),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    assert proc.wait(timeout=30) == 0
-
-
 @pytest.mark.parametrize("watch", [False, True])
 def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_dir, watch):
     repo_dir = tmp_path / "repo"
@@ -273,7 +220,7 @@ def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_
     if watch:
         args += ["--watch", str(repo_dir)]
     # Default flags: no model control at all, whatever the credential.
-    proc, url = _start(args, cache_dir, env={"EDGERUN_ADMIN_TOKEN": "admin-tok"})
+    proc, url = start_server(args, cache_dir, env={"EDGERUN_ADMIN_TOKEN": "admin-tok"})
     try:
         admin = {"Authorization": "Bearer admin-tok"}
         refused = httpx.post(
@@ -281,8 +228,8 @@ def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_
         )
         assert refused.status_code == 403 and "model control is off" in refused.json()["error"]
     finally:
-        _stop(proc)
-    proc, url = _start([*args, "--model-control"], cache_dir, env={"EDGERUN_ADMIN_TOKEN": "admin-tok"})
+        stop_server(proc)
+    proc, url = start_server([*args, "--model-control"], cache_dir, env={"EDGERUN_ADMIN_TOKEN": "admin-tok"})
     try:
         admin = {"Authorization": "Bearer admin-tok"}
         inference = {"Authorization": "Bearer infer-tok"}
@@ -314,4 +261,4 @@ def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_
             assert ok.status_code == 200, ok.text
         assert httpx.get(f"{url}/v2/models/clf", headers=inference).json()["versions"] == before
     finally:
-        _stop(proc)
+        stop_server(proc)
