@@ -140,10 +140,12 @@ def test_without_an_admin_token_only_loopback_hosts_may_use_model_control(layout
 
 
 def test_allowed_hosts_refuse_other_host_headers(bundles, load_options):
-    with app_client(None, load_options, bundles["classifier"], allowed_hosts=["device.local"]) as client:
+    allowed = ["device.local", "[::1]:8000"]
+    with app_client(None, load_options, bundles["classifier"], allowed_hosts=allowed) as client:
         refused = client.get("/v2/models/clf", headers={"Host": "attacker.example"})
         assert refused.status_code == 400 and "--allowed-host" in refused.json()["error"]
         assert client.get("/v2/models/clf", headers={"Host": "device.local:8000"}).status_code == 200
+        assert client.get("/v2/models/clf", headers={"Host": "[::1]"}).status_code == 200
         assert client.get("/v2/health/live", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # probes
 
 
