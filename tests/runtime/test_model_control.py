@@ -264,3 +264,17 @@ def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_
         assert httpx.get(f"{url}/v2/models/clf", headers=inference).json()["versions"] == before
     finally:
         stop_server(proc)
+
+
+def test_a_truncated_archive_in_the_repository_is_one_400(layout, load_options):
+    repo_dir, _ = layout
+    archive = build_classifier_bundle(repo_dir.parent / "packed", archive=True).with_suffix(".tar.gz")
+    data = archive.read_bytes()
+    (repo_dir / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    with app_client(repo_dir, load_options, repo_dir / "clf", model_control=True) as client:
+        before = version(client)
+        refused = load(client, "clf", "cut.tar.gz")
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert "damaged or truncated archive" in error and "previous version keeps serving" in error
+        assert "\n" not in error and version(client) == before
