@@ -87,7 +87,8 @@ class GuardMiddleware:
         self.token = token
         self.max_body = max_body
         self.body_timeout_s = body_timeout_s
-        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
+        # Entries may be written with a port or brackets ('device.local:8000', '[::1]'): compare names only.
+        self.allowed_hosts = frozenset(host_name(h) for h in allowed_hosts) if allowed_hosts else None
 
     @staticmethod
     async def _reject(send, status: int, message: str, headers=()) -> None:

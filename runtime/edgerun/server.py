@@ -34,6 +34,7 @@ from edgerun.protocol import InferRequest
 from edgerun.reload import ModelRepository, watch_directory
 from edgerun.routes import health, inference, predict, repository
 from edgerun.routes.deps import CLIENT_CLOSED, ServerState
+from edgerun.routes.repository import LoadRequest
 
 log = logging.getLogger("edgerun")
 
@@ -108,17 +109,19 @@ def _document_guard_errors(schema: dict[str, Any]) -> None:
 
 
 def _openapi(app: FastAPI):
-    """The published document: the infer request's JSON schema (the route reads raw bytes, JSON or
-    binary tensors) and every error code each route can answer."""
+    """The published document: the JSON schemas of bodies the routes read themselves (infer: JSON or
+    binary tensors; load: checked after the content type and the credential) and every error code
+    each route can answer."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = original()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            request_schema = InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(request_schema.pop("$defs", {}))
-            components["InferRequest"] = request_schema
+            for model in (InferRequest, LoadRequest):
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
             components["ErrorResponse"] = ERROR_SCHEMA
             for unused in ("HTTPValidationError", "ValidationError"):
                 components.pop(unused, None)

@@ -15,7 +15,8 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from runtime_fixtures import build_classifier_bundle, free_port
+from runtime_fixtures import build_classifier_bundle
+from server_process import start_server, stop_server
 
 import edgerun.session as session_module
 import edgerun.tensorrt as tensorrt_module
@@ -272,31 +273,8 @@ def test_real_server_churn_rollback_and_no_extracted_copies_after_stop(tmp_path,
     watched.mkdir()
     cache = tmp_path / "cache"
     _drop(versions["A"], watched)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "TMPDIR": str(scratch), "EDGERUN_ADMIN_TOKEN": "admin-tok"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgerun.cli",
-            "serve",
-            "--watch",
-            str(watched),
-            "--model-control",
-            "--port",
-            str(port),
-            "--no-bench",
-            "--cache-dir",
-            str(cache),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    env = {"TMPDIR": str(scratch), "EDGERUN_ADMIN_TOKEN": "admin-tok"}
+    proc, url = start_server(["--watch", str(watched), "--model-control"], cache, env, wait=False)
 
     def current() -> str | None:
         try:
@@ -322,13 +300,12 @@ def test_real_server_churn_rollback_and_no_extracted_copies_after_stop(tmp_path,
             [sys.executable, "-m", "edgerun.cli", "rollback", "clf", "--cache-dir", str(cache), "--url", url],
             capture_output=True,
             text=True,
-            env=env,
+            env={**os.environ, **env},
             timeout=120,
         )
         assert rollback.returncode == 0, rollback.stderr
         assert f"restored version {a}" in rollback.stdout and f"now serves version {a}" in rollback.stdout
         assert current() == a
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
+        stop_server(proc)
     assert extractions(scratch) == []

@@ -4,16 +4,13 @@ server process's peak RSS; the pixel budget and aspect-ratio rules of /v1/predic
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-from runtime_fixtures import free_port
+from server_process import start_server
 
 from edgerun.errors import PayloadTooLargeError, RequestError
 from edgerun.routes.predict import MAX_IMAGE_PIXELS, MIN_IMAGE_PIXELS, check_image, pixel_budget
@@ -40,38 +37,8 @@ def peak_rss_mib(pid: int) -> float:
 def test_concurrent_large_uploads_keep_the_server_under_the_memory_limit(bundles, cache_dir):
     huge = png(6300, 6300)  # ~120 MB once decoded, a small file
     admitted = png(4000, 4000)  # 16 Mpx: inside the budget, really decoded
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgerun.cli",
-            "serve",
-            str(bundles["image"]),
-            "--port",
-            str(port),
-            "--no-bench",
-            "--cache-dir",
-            str(cache_dir),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, url = start_server([str(bundles["image"])], cache_dir)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
         before = peak_rss_mib(proc.pid)
 
         def upload(data: bytes) -> httpx.Response:
@@ -123,20 +90,20 @@ def test_decoding_runs_few_at_a_time(bundles, load_options, monkeypatch):
     active, most = [0], [0]
     lock = threading.Lock()
     gate = threading.Event()
-    real = predict_module.preprocess_image
+    real = predict_module.decode
 
-    def slow(data, spec):
+    def slow(data, spec, max_pixels):
         with lock:
             active[0] += 1
             most[0] = max(most[0], active[0])
         gate.wait(0.2)
         try:
-            return real(data, spec)
+            return real(data, spec, max_pixels)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(predict_module, "preprocess_image", slow)
+    monkeypatch.setattr(predict_module, "decode", slow)
     repo = ModelRepository(load_options)
     repo.load(bundles["image"])
     with TestClient(create_app(repo, ServerConfig(image_decodes=2))) as client, ThreadPoolExecutor(6) as pool:

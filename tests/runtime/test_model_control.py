@@ -4,17 +4,14 @@ where the point is what a client on the network can do."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from runtime_fixtures import build_classifier_bundle, free_port
+from runtime_fixtures import build_classifier_bundle
+from server_process import start_server, stop_server
 
 from edgerun.cli import main
 from edgerun.reload import ModelRepository, VersionStore
@@ -143,10 +140,12 @@ def test_without_an_admin_token_only_loopback_hosts_may_use_model_control(layout
 
 
 def test_allowed_hosts_refuse_other_host_headers(bundles, load_options):
-    with app_client(None, load_options, bundles["classifier"], allowed_hosts=["device.local"]) as client:
+    allowed = ["device.local", "[::1]:8000"]
+    with app_client(None, load_options, bundles["classifier"], allowed_hosts=allowed) as client:
         refused = client.get("/v2/models/clf", headers={"Host": "attacker.example"})
         assert refused.status_code == 400 and "--allowed-host" in refused.json()["error"]
         assert client.get("/v2/models/clf", headers={"Host": "device.local:8000"}).status_code == 200
+        assert client.get("/v2/models/clf", headers={"Host": "[::1]"}).status_code == 200
         assert client.get("/v2/health/live", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # probes
 
 
@@ -213,56 +212,6 @@ def test_tokens_from_files_and_empty_tokens_refused(bundles, cache_dir, monkeypa
 # ---- a real server process, as a client on the network sees it ----
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become ready")
-
-
-def _start(args: list[str], cache_dir: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgerun.cli",
-            "serve",
-            *args,
-            "--port",
-            str(port),
-            "--no-bench",
-            "--cache-dir",
-            str(cache_dir),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    assert proc.wait(timeout=30) == 0
-
-
 @pytest.mark.parametrize("watch", [False, True])
 def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_dir, watch):
     repo_dir = tmp_path / "repo"
@@ -273,7 +222,7 @@ def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_
     if watch:
         args += ["--watch", str(repo_dir)]
     # Default flags: no model control at all, whatever the credential.
-    proc, url = _start(args, cache_dir, env={"EDGERUN_ADMIN_TOKEN": "admin-tok"})
+    proc, url = start_server(args, cache_dir, env={"EDGERUN_ADMIN_TOKEN": "admin-tok"})
     try:
         admin = {"Authorization": "Bearer admin-tok"}
         refused = httpx.post(
@@ -281,8 +230,8 @@ def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_
         )
         assert refused.status_code == 403 and "model control is off" in refused.json()["error"]
     finally:
-        _stop(proc)
-    proc, url = _start([*args, "--model-control"], cache_dir, env={"EDGERUN_ADMIN_TOKEN": "admin-tok"})
+        stop_server(proc)
+    proc, url = start_server([*args, "--model-control"], cache_dir, env={"EDGERUN_ADMIN_TOKEN": "admin-tok"})
     try:
         admin = {"Authorization": "Bearer admin-tok"}
         inference = {"Authorization": "Bearer infer-tok"}
@@ -314,4 +263,18 @@ def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_
             assert ok.status_code == 200, ok.text
         assert httpx.get(f"{url}/v2/models/clf", headers=inference).json()["versions"] == before
     finally:
-        _stop(proc)
+        stop_server(proc)
+
+
+def test_a_truncated_archive_in_the_repository_is_one_400(layout, load_options):
+    repo_dir, _ = layout
+    archive = build_classifier_bundle(repo_dir.parent / "packed", archive=True).with_suffix(".tar.gz")
+    data = archive.read_bytes()
+    (repo_dir / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    with app_client(repo_dir, load_options, repo_dir / "clf", model_control=True) as client:
+        before = version(client)
+        refused = load(client, "clf", "cut.tar.gz")
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert "damaged or truncated archive" in error and "previous version keeps serving" in error
+        assert "\n" not in error and version(client) == before

@@ -105,6 +105,11 @@ async def _image_bytes(request: Request) -> bytes:
         ) from None
 
 
+def decode(data: bytes, spec: dict[str, Any], max_pixels: int):
+    """The manifest's preprocessing on a worker thread; ``max_pixels`` was checked on the header already."""
+    return preprocess_image(data, spec)
+
+
 def _choose(state: ServerState, model: str | None) -> ServedModel:
     if model is None and len(state.repo.models) > 1:
         raise RequestError(
@@ -145,7 +150,7 @@ async def predict(
     width, height = image_size(data)
     check_image(width, height, spec, served.name)
     async with state.image_slots:
-        array = await run_in_threadpool(preprocess_image, data, spec)
+        array = await run_in_threadpool(decode, data, spec, pixel_budget(spec))
     input_name = spec.get("input", served.session.inputs[0].name)
     results = await state.get_batcher().submit(served.session, {input_name: array})
     post = served.manifest.postprocess or {"type": "classification", "top_k": 5}

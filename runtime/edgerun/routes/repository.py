@@ -51,7 +51,7 @@ JSON_ONLY = [Depends(accepts("application/json", missing_ok=False))]
 LOAD_BODY = {
     "requestBody": {
         "required": False,
-        "content": {"application/json": {"schema": LoadRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoadRequest"}}},
     }
 }
 
