@@ -162,3 +162,13 @@ def test_unknown_inputs_take_rank_shape_and_dtype_from_the_data(tmp_path):
     np.savez(tmp_path / "skip.npz", input_ids=np.ones((4, 1, 7), np.int64), token_type_ids=np.ones((4, 1, 7)))
     with pytest.raises(UsageError, match="not forward"):
         resolve_inputs(unknown, str(tmp_path / "skip.npz"), "validation")
+
+
+def test_random_data_for_per_call_models_is_whole_calls():
+    specs = [
+        InputSpec("x", (1, 40), "float32", dynamic=(0, 1)),
+        InputSpec("state", (2, 1, 8), "float32", (1,)),
+        STREAM[2],
+    ]
+    batch = open_data("random", specs, purpose="calibration", allow_random=True, limit=3).collect()
+    assert batch.calls and batch.inputs["state"].shape == (3, 2, 1, 8) and batch.inputs["sr"].shape == (3,)
