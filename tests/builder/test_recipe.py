@@ -166,3 +166,54 @@ def test_cli_preprocess_and_labels_reach_the_bundle(tmp_path):
     (tmp_path / "three.txt").write_text("x\ny\nz\n")
     result = CliRunner().invoke(main, [*args, "--force", "--labels", str(tmp_path / "three.txt")])
     assert result.exit_code == 2 and "3 labels given but the model's output has 4 classes" in result.output
+
+
+# --- one declaration per option: click flags, recipe keys and their checks are derived from it ---
+
+
+def test_a_declared_option_becomes_a_flag_a_recipe_key_and_a_type_check():
+    from dataclasses import dataclass
+
+    import click
+
+    from edgebuild.options import declared_options, option
+
+    @dataclass
+    class Extra:
+        warmup_runs: int = option(3, "Warm-up runs before timing.", recipe="bench.warmup")
+        layout: str = option("nchw", "Tensor layout.", choices=("nchw", "nhwc"))
+
+    opts = {o.name: o for o in declared_options(Extra)}
+    command = click.command()(lambda **kw: click.echo(sorted(kw.items())))
+    for opt in opts.values():
+        command = opt.click_option()(command)
+    runner = CliRunner()
+    assert runner.invoke(command, ["--warmup-runs", "5"]).output.strip() == "[('layout', 'nchw'), ('warmup_runs', 5)]"
+    assert "Warm-up runs before timing.  [default: 3]" in runner.invoke(command, ["--help"]).output
+    assert runner.invoke(command, ["--layout", "chw"]).exit_code == 2
+    assert opts["warmup_runs"].recipe_keys == ("bench.warmup",) and opts["layout"].recipe_keys == ("layout",)
+    assert opts["warmup_runs"].recipe_problem("3") == "a whole number" and opts["warmup_runs"].recipe_problem(3) is None
+    assert opts["layout"].recipe_problem("chw") == "one of nchw, nhwc"
+
+
+def test_recipe_values_outside_an_options_choices_are_usage_errors(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[quantize]\nmode = "fast"\n')
+    with pytest.raises(UsageError, match=r"quantize\.mode = 'fast' must be one of auto, int8, int8-dynamic"):
+        load_recipe(path)
+
+
+def test_python_callers_get_the_same_choice_check():
+    from edgebuild.options import check_choices
+    from edgebuild.pack import PackOptions
+
+    with pytest.raises(UsageError, match="--optimize-for 'speed' is unknown; use one of latency, size"):
+        check_choices(PackOptions(optimize_for="speed"))
+
+
+def test_help_shows_the_pass_configs_own_defaults():
+    from edgebuild.passes.distill import DistillConfig
+
+    output = CliRunner().invoke(main, ["pack", "--help"], terminal_width=400).output
+    assert f"Distillation epochs.  [default: {DistillConfig().epochs}]" in output
+    assert f"Distillation softmax temperature.  [default: {DistillConfig().temperature}]" in output
