@@ -182,7 +182,13 @@ def _providers(
         progress(
             f"WARNING: op {op} (x{count}) is not in TensorRT's supported list for this target; ONNX Runtime will run it on CUDA/CPU"
         )
-    shapes = profile_shapes(val.inputs, {t.name: t.shape for t in inputs}, options.max_batch)
+    if val.calls:
+        # Per-call data: the batch axis is the model's own (a state's second axis, none for a scalar), so the
+        # profile is exactly the calls' shapes; TensorRT takes no profile for a scalar input.
+        call = ",".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in first_feed(val, 1).items() if v.ndim)
+        shapes = {f"trt_profile_{kind}_shapes": call for kind in ("min", "opt", "max")}
+    else:
+        shapes = profile_shapes(val.inputs, {t.name: t.shape for t in inputs}, options.max_batch)
     trt.options.update(shapes)
     passes.append(
         PassRecord(

@@ -230,3 +230,30 @@ def test_streaming_onnx_with_state_scalar_and_dynamic_time_packs_from_npz(tmp_pa
         {"x": np.ones((1, 50), np.float32), "state": np.zeros((2, 1, 8), np.float32), "sr": np.array(8000)}
     )
     assert out["y"].shape == (1,) and out["state_out"].shape == (2, 1, 8)
+
+
+@pytest.mark.slow
+def test_streaming_model_tensorrt_profile_is_the_calls_shapes(tmp_path):
+    streaming_onnx(tmp_path / "stream.onnx")
+    rng = np.random.default_rng(2)
+    np.savez(
+        tmp_path / "stream.npz",
+        x=rng.normal(0, 1, (8, 1, 96)).astype(np.float32),
+        state=rng.normal(0, 1, (8, 2, 1, 8)).astype(np.float32),
+        sr=np.full((8,), 16000, np.int64),
+    )
+    result = pack(
+        PackOptions(
+            model=str(tmp_path / "stream.onnx"),
+            target="jetson",
+            calib_data=str(tmp_path / "stream.npz"),
+            quantize="none",
+            bench_seconds=0.05,
+            output_dir=tmp_path / "dist",
+        ),
+        progress=quiet,
+    )
+    trt = next(p for p in result.manifest.providers if p.name == "TensorrtExecutionProvider")
+    # The state's batch is its second axis and the scalar has none: no batch-first stretching, no scalar entry.
+    for kind in ("min", "opt", "max"):
+        assert trt.options[f"trt_profile_{kind}_shapes"] == "x:1x96,state:2x1x8"
