@@ -485,12 +485,16 @@ def _data_preprocess(
 ) -> PreprocessSpec | None:
     """What the manifest records: the declared preprocessing, or what an image folder was read with."""
     if declared is not None or options.preprocess is not None:
-        return declared  # "--preprocess none" keeps /v1/predict off even for image folders
-    used = next((d.preprocess for d in (calibration, validation) if d is not None and d.preprocess), None)
+        used = declared  # "--preprocess none" keeps /v1/predict off even for image folders
+        note = "declared"
+    else:
+        used = next((d.preprocess for d in (calibration, validation) if d is not None and d.preprocess), None)
+        note = "image folder default, no --preprocess given"
     if used is not None:
+        normalised = ", mean/std" if used.mean is not None or used.std is not None else ""
         progress(
-            f"preprocess: image folder read as {used.color}, {used.resize} to {list(used.size or [])}, x{used.scale:.6g} "
-            "(no --preprocess given; recorded for /v1/predict)"
+            f"preprocess: {used.color}, {used.resize} to {list(used.size or [])}, x{used.scale:.6g}{normalised} "
+            f"({note}; recorded for /v1/predict)"
         )
     return used
 
