@@ -90,6 +90,17 @@ def token_data(n=24, seed=0):
         yield {"input_ids": ids, "attention_mask": mask}
 
 
+def stream_calls(n=3, seed=0):
+    """One dict per call of a streaming model: samples [1, 40], state [2, 1, 8], a scalar sample rate."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield {
+            "x": rng.random((1, 40), dtype=np.float32),
+            "state": rng.random((2, 1, 8), dtype=np.float32),
+            "sr": np.int64(16000),
+        }
+
+
 def write_fixed_batch_onnx(path, batch=1):
     """An ONNX classifier (Conv -> GlobalAveragePool -> Gemm) whose input pins the batch size, as many exported files do."""
     import onnx

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edgebuild.errors import handle_cli_errors
+from edgebuild.options import click_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,140 +30,7 @@ def main(debug: bool) -> None:
 
 @main.command()
 @click.argument("model", required=False)
-@click.option(
-    "--target",
-    "-t",
-    default="x86",
-    show_default=True,
-    help="Target profile name (see `edgebuild targets`) or a .toml profile file.",
-)
-@click.option(
-    "-o",
-    "--output-dir",
-    type=click.Path(path_type=Path),
-    default=Path("dist"),
-    show_default=True,
-    help="Directory the bundle <name>-<target>/ is written into.",
-)
-@click.option("--name", help="Bundle/model name (default: from the model).")
-@click.option(
-    "--weights",
-    help="State dict for a module:callable model (.pt/.pth via torch.load(weights_only=True), or .safetensors).",
-)
-@click.option(
-    "--input-shape",
-    multiple=True,
-    help="Example input shape, e.g. 1,3,224,224, or NAME=1,576 per input (repeat). Default: the model's "
-    "example_inputs/input_shape, the ONNX graph, or the first sample of the data.",
-)
-@click.option(
-    "--input-names",
-    help="Comma-separated input names (default: the module's input_names, else forward()'s parameters).",
-)
-@click.option(
-    "--preprocess",
-    help="Image preprocessing for image-folder data and /v1/predict: imagenet | unit | none | FILE.toml "
-    "(default: the factory module's PREPROCESS).",
-)
-@click.option(
-    "--labels",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Class names, one per line (default: the factory module's LABELS, or the image folder's class names).",
-)
-@click.option(
-    "--calib-data", help="Calibration DATA: image folder, .npz, module:callable, or 'random' (then not validated)."
-)
-@click.option("--val-data", help="Validation DATA: image folder, .npz (x, y) or module:callable.")
-@click.option(
-    "--quantize",
-    type=click.Choice(["auto", "int8", "int8-dynamic", "fp16", "none"]),
-    default="auto",
-    show_default=True,
-    help="auto builds every sensible variant, measures each, and keeps the fastest within the accuracy budget.",
-)
-@click.option(
-    "--max-accuracy-drop",
-    default="0.01",
-    show_default=True,
-    help="Largest allowed drop of the metric: a fraction (0.01 = 1 point) or a percent (1%); above 0.5 only as a percent.",
-)
-@click.option(
-    "--metric",
-    help="accuracy | agreement | cosine | module:callable (default: accuracy with labels, else cosine).",
-)
-@click.option(
-    "--optimize-for",
-    type=click.Choice(["latency", "size"]),
-    default="latency",
-    show_default=True,
-    help="What auto minimises among in-budget variants.",
-)
-@click.option("--calib-samples", type=int, default=256, show_default=True, help="Calibration samples used.")
-@click.option("--val-samples", type=int, default=1000, show_default=True, help="All given samples, up to this cap.")
-@click.option(
-    "--ship-variants/--no-ship-variants",
-    default=None,
-    help="Also ship every in-budget variant for the device to choose from (default: on for GPU targets).",
-)
-@click.option(
-    "--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each candidate on this host."
-)
-@click.option(
-    "--max-batch",
-    type=int,
-    default=8,
-    show_default=True,
-    help="Largest batch the device will serve (sizes TensorRT shape profiles on GPU targets).",
-)
-@click.option("--archive", is_flag=True, help="Also write <bundle>.tar.gz.")
-@click.option(
-    "--sign-key",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="ed25519 private key (PEM) to sign the manifest.",
-)
-@click.option("--force", is_flag=True, help="Replace an existing bundle at the destination.")
-@click.option(
-    "--calib-method",
-    type=click.Choice(["minmax", "entropy", "percentile"]),
-    help="INT8 calibration method (default: the target's preset).",
-)
-@click.option(
-    "--per-channel/--per-tensor",
-    "per_channel",
-    default=None,
-    help="INT8 weight granularity (default: the target's preset).",
-)
-@click.option(
-    "--int8-search",
-    type=click.Choice(["quick", "full"]),
-    default="quick",
-    show_default=True,
-    help="auto on CPUs: quick measures QDQ/QOperator x reduce_range; full also per-channel x calibration method.",
-)
-@click.option(
-    "--partial/--no-partial",
-    "partial_quantization",
-    default=True,
-    show_default=True,
-    help="When every full INT8 variant breaks the budget, keep the worst nodes in float (precision 'mixed').",
-)
-@click.option(
-    "--prune", type=float, help="Prune this fraction, in (0, 1): of weights (l1/global) or channels (channel)."
-)
-@click.option(
-    "--prune-method",
-    type=click.Choice(["l1", "global", "channel"]),
-    help="l1 per layer | global | channel (structured, faster)  [default: l1]",
-)
-@click.option(
-    "--distill", is_flag=True, help="Distil the original model into the pruned model or --student (needs --train-data)."
-)
-@click.option("--train-data", help="Training DATA for --distill (and fine-tuning after --prune).")
-@click.option("--student", help="Student model package.module:callable for --distill.")
-@click.option("--epochs", type=int, help="Distillation epochs  [default: 10]")
-@click.option("--temperature", type=float, help="Distillation softmax temperature  [default: 3]")
-@click.option("--alpha", type=float, help="Weight of the distillation loss vs cross-entropy on labels  [default: 0.5]")
-@click.option("--max-train-minutes", type=float, help="Stop distillation after this many minutes (best epoch kept).")
+@click_options
 @click.option(
     "--config",
     "config_path",

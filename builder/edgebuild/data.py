@@ -259,17 +259,21 @@ def _image_folder_source(
 
 
 def _random_source(specs: list[InputSpec], samples: int, seed: int) -> Callable[[], Iterable[Batch]]:
+    # One row per sample; or, when the inputs share no batch axis, one whole call per sample.
+    calls = not stackable(specs)
+
     def batches():
         rng = np.random.default_rng(seed)
         for _ in range(samples):
             feed = {}
             for s in specs:
+                shape = (1, *s.shape) if calls else (1, *s.shape[1:])
                 if s.dtype.startswith("float"):
-                    feed[s.name] = rng.random((1, *s.shape[1:]), dtype=np.float32).astype(s.dtype)
+                    feed[s.name] = rng.random(shape, dtype=np.float32).astype(s.dtype)
                 else:
                     # 0 and 1 are valid for every vocabulary, mask and flag; larger ids crash embeddings.
-                    feed[s.name] = rng.integers(0, 2, (1, *s.shape[1:])).astype(s.dtype)
-            yield Batch(feed)
+                    feed[s.name] = rng.integers(0, 2, shape).astype(s.dtype)
+            yield Batch(feed, calls=calls)
 
     return batches
 

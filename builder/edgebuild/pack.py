@@ -14,7 +14,7 @@ import platform
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,6 @@ import numpy as np
 from edgebuild import __version__
 from edgebuild.bundle import check_bundle_name, check_destination, write_bundle
 from edgebuild.candidates import (
-    CALIB_METHODS,
-    INT8_SEARCH,
     Candidate,
     apply_budget,
     build_candidate,
@@ -38,10 +36,10 @@ from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, fi
 from edgebuild.export import export_onnx
 from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
-from edgebuild.passes import TorchPass
+from edgebuild.options import PackOptions, check_choices
 from edgebuild.recipe import load_labels, load_preprocess
 from edgebuild.report import write_report
-from edgebuild.sources import InputShapes, ModelSource, load_model, require_shapes
+from edgebuild.sources import ModelSource, load_model, require_shapes
 from edgebuild.targets import TargetProfile, load_target
 from edgebuild.validate import choose_metric, parse_accuracy_drop, run_session, torch_outputs
 from edgerun.manifest import (
@@ -58,42 +56,6 @@ from edgerun.preprocess import PreprocessSpec
 log = logging.getLogger(__name__)
 
 EXAMPLE = "edgebuild.examples.digits"
-QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
-
-
-@dataclass
-class PackOptions:
-    model: str | None = None
-    target: str = "x86"
-    output_dir: Path = Path("dist")
-    name: str | None = None
-    weights: str | None = None
-    input_shape: InputShapes | None = None  # one shape, or one per input name
-    input_names: list[str] | None = None
-    calib_data: str | None = None
-    val_data: str | None = None
-    quantize: str = "auto"
-    max_accuracy_drop: float | str = 0.01  # a fraction (0.01 = 1 point) or a percent string ("1%")
-    metric: str | None = None
-    optimize_for: str = "latency"  # latency | size
-    calib_samples: int = 256
-    val_samples: int = 1000
-    ship_variants: bool | None = None  # default: GPU targets ship every in-budget variant
-    force: bool = False
-    archive: bool = False
-    sign_key: bytes | None = None
-    labels: list[str] | str | None = None  # class names, or a file with one per line
-    # A preset name (imagenet | unit | none), a .toml file, or a table of the manifest's preprocess keys.
-    preprocess: str | dict | None = None
-    bench_seconds: float = 1.0
-    max_batch: int = 8  # serving max batch: sizes TensorRT profiles on GPU targets
-    calib_method: str | None = None  # minmax | entropy | percentile (default: the target's preset)
-    per_channel: bool | None = None  # default: the target's preset
-    int8_search: str = "quick"  # quick: format x reduce_range; full: x per-channel x calibration method
-    partial_quantization: bool = True  # when every full INT8 candidate breaks the budget, keep the worst nodes in float
-    recipe: dict | None = None  # resolved --config recipe, recorded in the manifest
-    # Torch-level passes (run before export when the source is a torch model).
-    torch_passes: list[TorchPass] = field(default_factory=list)
 
 
 @dataclass
@@ -123,8 +85,7 @@ def _apply_example_defaults(options: PackOptions) -> dict:
 
 
 def _validate_options(options: PackOptions, target: TargetProfile) -> None:
-    if options.quantize not in QUANTIZE_MODES:
-        raise UsageError(f"--quantize '{options.quantize}' is unknown; use one of {', '.join(QUANTIZE_MODES)}")
+    check_choices(options)
     options.max_accuracy_drop = parse_accuracy_drop(options.max_accuracy_drop)
     if options.quantize not in ("auto", "none"):
         wanted = options.quantize
@@ -136,12 +97,6 @@ def _validate_options(options: PackOptions, target: TargetProfile) -> None:
         raise UsageError(
             "--quantize int8 needs --calib-data (real data; 'random' is accepted but recorded as not validated)"
         )
-    if options.calib_method is not None and options.calib_method not in CALIB_METHODS:
-        raise UsageError(f"--calib-method '{options.calib_method}' is unknown; use one of {', '.join(CALIB_METHODS)}")
-    if options.int8_search not in INT8_SEARCH:
-        raise UsageError(f"--int8-search '{options.int8_search}' is unknown; use quick or full")
-    if options.optimize_for not in ("latency", "size"):
-        raise UsageError(f"--optimize-for '{options.optimize_for}' is unknown; use latency or size")
 
 
 def _tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -192,7 +147,13 @@ def _providers(
         progress(
             f"WARNING: op {op} (x{count}) is not in TensorRT's supported list for this target; ONNX Runtime will run it on CUDA/CPU"
         )
-    shapes = profile_shapes(val.inputs, {t.name: t.shape for t in inputs}, options.max_batch)
+    if val.calls:
+        # Per-call data: the batch axis is the model's own (a state's second axis, none for a scalar), so the
+        # profile is exactly the calls' shapes; TensorRT takes no profile for a scalar input.
+        call = ",".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in first_feed(val, 1).items() if v.ndim)
+        shapes = {f"trt_profile_{kind}_shapes": call for kind in ("min", "opt", "max")}
+    else:
+        shapes = profile_shapes(val.inputs, {t.name: t.shape for t in inputs}, options.max_batch)
     trt.options.update(shapes)
     passes.append(
         PassRecord(
@@ -522,12 +483,16 @@ def _data_preprocess(
 ) -> PreprocessSpec | None:
     """What the manifest records: the declared preprocessing, or what an image folder was read with."""
     if declared is not None or options.preprocess is not None:
-        return declared  # "--preprocess none" keeps /v1/predict off even for image folders
-    used = next((d.preprocess for d in (calibration, validation) if d is not None and d.preprocess), None)
+        used = declared  # "--preprocess none" keeps /v1/predict off even for image folders
+        note = "declared"
+    else:
+        used = next((d.preprocess for d in (calibration, validation) if d is not None and d.preprocess), None)
+        note = "image folder default, no --preprocess given"
     if used is not None:
+        normalised = ", mean/std" if used.mean is not None or used.std is not None else ""
         progress(
-            f"preprocess: image folder read as {used.color}, {used.resize} to {list(used.size or [])}, x{used.scale:.6g} "
-            "(no --preprocess given; recorded for /v1/predict)"
+            f"preprocess: {used.color}, {used.resize} to {list(used.size or [])}, x{used.scale:.6g}{normalised} "
+            f"({note}; recorded for /v1/predict)"
         )
     return used
 

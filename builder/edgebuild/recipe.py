@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgebuild.errors import UsageError
+from edgebuild.options import OPTIONS
 
 if TYPE_CHECKING:
     from edgerun.preprocess import PreprocessSpec
@@ -54,95 +55,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# recipe key (section.key or top-level key) -> pack option name
-KEYS: dict[str, str] = {
-    **{
-        k: k
-        for k in (
-            "model",
-            "target",
-            "output_dir",
-            "name",
-            "weights",
-            "input_shape",
-            "input_names",
-            "preprocess",
-            "labels",
-            "force",
-            "archive",
-            "bench_seconds",
-            "calib_samples",
-            "val_samples",
-            "optimize_for",
-            "metric",
-            "max_accuracy_drop",
-        )
-    },
-    "data.calib": "calib_data",
-    "data.val": "val_data",
-    "data.train": "train_data",
-    "prune.amount": "prune",
-    "prune.method": "prune_method",
-    "prune.round_to": "prune_round_to",
-    "distill.enabled": "distill",
-    "distill.student": "student",
-    "distill.epochs": "epochs",
-    "distill.temperature": "temperature",
-    "distill.alpha": "alpha",
-    "distill.max_train_minutes": "max_train_minutes",
-    "distill.learning_rate": "learning_rate",
-    "distill.batch_size": "batch_size",
-    "distill.train_samples": "train_samples",
-    "quantize.mode": "quantize",
-    "quantize.calib_method": "calib_method",
-    "quantize.per_channel": "per_channel",
-    "quantize.int8_search": "int8_search",
-    "quantize.partial": "partial_quantization",
-    "quantize.max_accuracy_drop": "max_accuracy_drop",
-    "quantize.metric": "metric",
-    "quantize.optimize_for": "optimize_for",
-}
+# recipe key (section.key or top-level key) -> option name, from the options' declarations.
+KEYS: dict[str, str] = {key: opt.name for opt in OPTIONS.values() for key in opt.recipe_keys}
 # Values that name files: resolved against the recipe's folder when they exist there.
-PATH_OPTIONS = ("model", "weights", "calib_data", "val_data", "train_data", "labels", "preprocess")
+PATH_OPTIONS = tuple(opt.name for opt in OPTIONS.values() if opt.path)
 # Sections that are one option's table rather than groups of options.
-TABLE_OPTIONS = ("preprocess", "input_shape")
-# Every other option takes a string (input_shape and input_names also a list).
-FLOAT_OPTIONS = (
-    "max_accuracy_drop",
-    "bench_seconds",
-    "prune",
-    "temperature",
-    "alpha",
-    "max_train_minutes",
-    "learning_rate",
-)
-INT_OPTIONS = ("calib_samples", "val_samples", "prune_round_to", "epochs", "batch_size", "train_samples")
-BOOL_OPTIONS = ("force", "archive", "distill", "per_channel", "partial_quantization")
-
-
-def _expected_type(option: str, value: Any) -> str | None:
-    """The type a recipe value should have, when it has another (TOML is typed: "0.01" is a string)."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if option in BOOL_OPTIONS:
-        ok, wanted = isinstance(value, bool), "true or false"
-    elif option in FLOAT_OPTIONS:
-        ok, wanted = is_int or isinstance(value, float), "a number"
-    elif option in INT_OPTIONS:
-        ok, wanted = is_int, "a whole number"
-    elif option == "input_shape" and isinstance(value, list):
-        ok = all(isinstance(d, int) and not isinstance(d, bool) for d in value) or all(
-            isinstance(d, str) for d in value
-        )
-        wanted = "a list of integers or of 'NAME=DIMS' strings"
-    elif option == "input_shape" and isinstance(value, dict):
-        ok, wanted = all(isinstance(v, (list, str)) for v in value.values()), "a table of name = [dims]"
-    elif option == "preprocess" and isinstance(value, dict):
-        ok, wanted = True, "a table"  # its keys are checked by the preprocess spec itself
-    elif option == "input_names" and isinstance(value, list):
-        ok, wanted = all(isinstance(n, str) for n in value), "a list of strings"
-    else:
-        ok, wanted = isinstance(value, str), "a string"
-    return None if ok else wanted
+TABLE_OPTIONS = tuple(opt.name for opt in OPTIONS.values() if opt.kind in ("table", "shapes"))
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -169,7 +87,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     for key, value in entries:
         if key not in KEYS:
             unknown.append(key)
-        elif wanted := _expected_type(KEYS[key], value):
+        elif wanted := OPTIONS[KEYS[key]].recipe_problem(value):
             mistyped.append(f"{key} = {value!r} must be {wanted}")
         else:
             settings[KEYS[key]] = value
@@ -276,7 +194,7 @@ def torch_passes(settings: dict[str, Any]) -> list:
 
 def pack_options(settings: dict[str, Any], *, recipe_path: str | None = None):
     """Resolved settings -> :class:`PackOptions` (torch passes built and checked: a bad combination is exit 2)."""
-    from edgebuild.pack import PackOptions
+    from edgebuild.options import PackOptions
     from edgebuild.sources import parse_input_shapes
 
     passes = torch_passes(settings)

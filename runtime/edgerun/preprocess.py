@@ -86,7 +86,7 @@ class PreprocessSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _per_channel_lengths(self) -> PreprocessSpec:
+    def _consistent(self) -> PreprocessSpec:
         channels = self.channels
         for key in ("mean", "std"):
             values = getattr(self, key)
@@ -94,6 +94,8 @@ class PreprocessSpec(BaseModel):
                 raise ValueError(f"{key} has {len(values)} values; color {self.color} has {channels} channel(s)")
         if self.std is not None and any(v == 0 for v in self.std):
             raise ValueError("std must not contain 0")
+        if self.resize_shorter is not None and self.size is not None and self.resize_shorter < max(self.size):
+            raise ValueError(f"resize_shorter {self.resize_shorter} is smaller than the crop {list(self.size)}")
         return self
 
     @property
@@ -122,7 +124,10 @@ class PreprocessSpec(BaseModel):
             update["input"] = name
         if self.size is None and height > 0 and width > 0:
             update["size"] = (height, width)
-        spec = self.model_copy(update=update)
+        try:
+            spec = PreprocessSpec.model_validate({**self.model_dump(), **update})
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from None
         if channels > 0 and channels != spec.channels:
             raise ValueError(
                 f"color {spec.color} gives {spec.channels} channel(s) but the input {shape} ({spec.layout}) takes {channels}"
@@ -175,11 +180,14 @@ def _resize(image: Any, spec: PreprocessSpec) -> Any:
         return image.resize((width, height), method)
     if spec.resize == "center-crop":
         # torchvision's Resize(shorter) + CenterCrop(size): scale the shorter side, then cut the middle.
+        # Same arithmetic as torchvision: the longer side truncated, the crop offset rounded.
         shorter = spec.resize_shorter or max(height, width)
-        ratio = shorter / min(image.width, image.height)
-        scaled = (max(width, round(image.width * ratio)), max(height, round(image.height * ratio)))
+        if image.width <= image.height:
+            scaled = (shorter, int(shorter * image.height / image.width))
+        else:
+            scaled = (int(shorter * image.width / image.height), shorter)
         image = image.resize(scaled, method)
-        left, top = round((scaled[0] - width) / 2), round((scaled[1] - height) / 2)
+        left, top = int(round((scaled[0] - width) / 2.0)), int(round((scaled[1] - height) / 2.0))
         return image.crop((left, top, left + width, top + height))
     # letterbox: the whole image inside size, aspect ratio kept, the rest padded with ``fill``
     ratio = min(width / image.width, height / image.height)

@@ -7,7 +7,7 @@ from edgebuild.cli import main
 from edgebuild.errors import UsageError
 from edgebuild.passes.distill import DistillPass
 from edgebuild.passes.prune import PrunePass
-from edgebuild.recipe import load_recipe, merge, pack_options
+from edgebuild.recipe import load_labels, load_preprocess, load_recipe, merge, pack_options
 from edgerun.bundle import open_bundle
 
 RECIPE = """
@@ -105,3 +105,115 @@ def test_recipe_value_of_the_wrong_type_is_a_usage_error(tmp_path, text, key):
     path.write_text(text + "\n")
     with pytest.raises(UsageError, match=key.replace(".", r"\.")):
         load_recipe(path)
+
+
+def test_preprocess_table_labels_and_named_shapes_in_a_recipe(tmp_path):
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    path = tmp_path / "recipe.toml"
+    path.write_text(
+        'labels = "classes.txt"\ninput_shape = ["x=1,576", "state=2,1,8"]\n'
+        '[preprocess]\npreset = "imagenet"\nresize = "center-crop"\nresize_shorter = 256\n'
+    )
+    settings = load_recipe(path)
+    assert settings["labels"] == str(tmp_path / "classes.txt")
+    options = pack_options(settings)
+    assert options.input_shape == {"x": (1, 576), "state": (2, 1, 8)}
+    spec = load_preprocess(options.preprocess)
+    assert spec is not None and spec.resize == "center-crop" and spec.mean == [0.485, 0.456, 0.406]
+    assert load_labels(options.labels) == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("cifar", "neither a preset"),
+        ({"preset": "imagenet", "resize": "squash"}, "invalid preprocess key 'resize'"),
+        ({"mean": [0.5, 0.5]}, "mean has 2 values"),
+    ],
+)
+def test_bad_preprocess_declarations_are_usage_errors(value, message):
+    with pytest.raises(UsageError, match=message):
+        pack_options({"preprocess": value})
+
+
+def test_preprocess_file_and_presets(tmp_path):
+    (tmp_path / "pre.toml").write_text('[preprocess]\ncolor = "L"\nscale = 0.5\nresize = "letterbox"\n')
+    spec = load_preprocess(str(tmp_path / "pre.toml"))
+    assert spec is not None and (spec.color, spec.scale, spec.resize) == ("L", 0.5, "letterbox")
+    assert load_preprocess("none") is None
+    assert load_preprocess("unit").scale == pytest.approx(1 / 255)
+
+
+@pytest.mark.slow
+def test_cli_preprocess_and_labels_reach_the_bundle(tmp_path):
+    from PIL import Image
+
+    for k, name in enumerate(("b", "a", "c", "d")):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        Image.new("RGB", (11 + k, 13), (60 * k, 20, 90)).save(tmp_path / "img" / name / "0.png")
+    (tmp_path / "labels.txt").write_text("w\nx\ny\nz\n")
+    args = ["pack", "tinymodels:tiny_cnn", "--calib-data", str(tmp_path / "img"), "--quantize", "none"]
+    args += ["--bench-seconds", "0.02", "-o", str(tmp_path / "out"), "--preprocess", "imagenet"]
+    result = CliRunner().invoke(main, [*args, "--labels", str(tmp_path / "labels.txt")])
+    assert result.exit_code == 0, result.output
+    bundle = open_bundle(result.stdout.strip().splitlines()[-1])
+    assert (bundle.root / "labels.txt").read_text().split() == ["w", "x", "y", "z"]
+    assert bundle.manifest.preprocess is not None and bundle.manifest.preprocess["size"] == [8, 8]
+    # Without --labels the folder's sorted class names are used (their count is the model's 4 outputs).
+    result = CliRunner().invoke(main, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert (bundle.root / "labels.txt").read_text().split() == ["a", "b", "c", "d"]
+    (tmp_path / "three.txt").write_text("x\ny\nz\n")
+    result = CliRunner().invoke(main, [*args, "--force", "--labels", str(tmp_path / "three.txt")])
+    assert result.exit_code == 2 and "3 labels given but the model's output has 4 classes" in result.output
+
+
+# --- one declaration per option: click flags, recipe keys and their checks are derived from it ---
+
+
+def test_a_declared_option_becomes_a_flag_a_recipe_key_and_a_type_check():
+    from dataclasses import dataclass
+
+    import click
+
+    from edgebuild.options import declared_options, option
+
+    @dataclass
+    class Extra:
+        warmup_runs: int = option(3, "Warm-up runs before timing.", recipe="bench.warmup")
+        layout: str = option("nchw", "Tensor layout.", choices=("nchw", "nhwc"))
+
+    opts = {o.name: o for o in declared_options(Extra)}
+    command = click.command()(lambda **kw: click.echo(sorted(kw.items())))
+    for opt in opts.values():
+        command = opt.click_option()(command)
+    runner = CliRunner()
+    assert runner.invoke(command, ["--warmup-runs", "5"]).output.strip() == "[('layout', 'nchw'), ('warmup_runs', 5)]"
+    assert "Warm-up runs before timing.  [default: 3]" in runner.invoke(command, ["--help"]).output
+    assert runner.invoke(command, ["--layout", "chw"]).exit_code == 2
+    assert opts["warmup_runs"].recipe_keys == ("bench.warmup",) and opts["layout"].recipe_keys == ("layout",)
+    assert opts["warmup_runs"].recipe_problem("3") == "a whole number" and opts["warmup_runs"].recipe_problem(3) is None
+    assert opts["layout"].recipe_problem("chw") == "one of nchw, nhwc"
+
+
+def test_recipe_values_outside_an_options_choices_are_usage_errors(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[quantize]\nmode = "fast"\n')
+    with pytest.raises(UsageError, match=r"quantize\.mode = 'fast' must be one of auto, int8, int8-dynamic"):
+        load_recipe(path)
+
+
+def test_python_callers_get_the_same_choice_check():
+    from edgebuild.options import check_choices
+    from edgebuild.pack import PackOptions
+
+    with pytest.raises(UsageError, match="--optimize-for 'speed' is unknown; use one of latency, size"):
+        check_choices(PackOptions(optimize_for="speed"))
+
+
+def test_help_shows_the_pass_configs_own_defaults():
+    from edgebuild.passes.distill import DistillConfig
+
+    output = CliRunner().invoke(main, ["pack", "--help"], terminal_width=400).output
+    assert f"Distillation epochs.  [default: {DistillConfig().epochs}]" in output
+    assert f"Distillation softmax temperature.  [default: {DistillConfig().temperature}]" in output

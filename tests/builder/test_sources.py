@@ -95,3 +95,74 @@ def test_module_in_working_directory_is_importable(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
     assert load_model("cwd_model_mod:make").inputs[0].shape == (1, 4)
+
+
+def test_input_shapes_parse_plain_or_named():
+    from edgebuild.sources import parse_input_shapes
+
+    assert parse_input_shapes(("1,3,224,224",)) == (1, 3, 224, 224)
+    assert parse_input_shapes(["x=1,576", "state=2,1,128"]) == {"x": (1, 576), "state": (2, 1, 128)}
+    assert parse_input_shapes([1, 3, 8, 8]) == (1, 3, 8, 8)  # a recipe's list
+    assert parse_input_shapes({"ids": [1, 16]}) == {"ids": (1, 16)}
+    assert parse_input_shapes(()) is None
+    with pytest.raises(UsageError, match="NAME=DIMS for each"):
+        parse_input_shapes(["1,576", "state=2,1,128"])
+    with pytest.raises(UsageError, match="no input name"):
+        parse_input_shapes(["=1,2"])
+
+
+class _Pair(torch.nn.Module):
+    example_inputs = (torch.zeros(1, 6, dtype=torch.int64), torch.ones(1, 6, dtype=torch.int64))
+
+    def forward(self, input_ids, attention_mask=None):
+        return input_ids * attention_mask
+
+
+def test_tuple_examples_are_named_after_forward_parameters(monkeypatch):
+    monkeypatch.setattr("tinymodels.token_classifier", lambda: _Pair())
+    assert load_model("tinymodels:token_classifier").input_names == ["input_ids", "attention_mask"]
+    pair = _Pair()
+    pair.input_names = ["ids", "mask"]  # the module's own names win
+    monkeypatch.setattr("tinymodels.token_classifier", lambda: pair)
+    assert load_model("tinymodels:token_classifier").input_names == ["ids", "mask"]
+
+
+def test_without_shapes_only_names_are_known_until_data_is_given(monkeypatch):
+    class HFStyle(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, *, return_dict=False):
+            return input_ids
+
+    monkeypatch.setattr("tinymodels.no_shape", lambda: HFStyle())
+    source = load_model("tinymodels:no_shape", shapes_from_data=True)
+    assert source.input_names == ["input_ids", "attention_mask"] and not source.resolved
+    with pytest.raises(UsageError, match="cannot tell the shape of input 'input_ids'"):
+        load_model("tinymodels:no_shape")
+
+
+def _stream_onnx(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["state"], ["out"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 8]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, "N", 8])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_onnx_dynamic_dims_are_recorded_and_named_shapes_resolve_them(tmp_path):
+    _stream_onnx(tmp_path / "s.onnx")
+    with pytest.raises(UsageError, match=r"input 'x' has a dynamic non-batch dimension .* --input-shape x="):
+        load_model(str(tmp_path / "s.onnx"))
+    source = load_model(str(tmp_path / "s.onnx"), input_shape={"x": (1, 576), "state": (2, 1, 8)})
+    assert [(s.shape, s.dynamic_axes) for s in source.inputs] == [((1, 576), (0, 1)), ((2, 1, 8), (1,))]
+    with pytest.raises(UsageError, match="has no input 'h'"):
+        load_model(str(tmp_path / "s.onnx"), input_shape={"h": (1, 2)})
+    with pytest.raises(UsageError, match="describes one input"):
+        load_model(str(tmp_path / "s.onnx"), input_shape=(1, 576))
+    assert not load_model(str(tmp_path / "s.onnx"), shapes_from_data=True).resolved
