@@ -93,7 +93,7 @@ def test_cli_recipe_with_flag_override_records_each_step(tmp_path):
 @pytest.mark.parametrize(
     "text, key",
     [
-        ('max_accuracy_drop = "0.01"', "max_accuracy_drop"),
+        ("max_accuracy_drop = true", "max_accuracy_drop"),  # a number or a percent string ("1%")
         ('[prune]\namount = "half"', "prune.amount"),
         ("[distill]\nepochs = 2.5", "distill.epochs"),
         ('[quantize]\npartial = "yes"', "quantize.partial"),
