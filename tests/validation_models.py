@@ -46,8 +46,9 @@ class Embedder(nn.Module):
 
 
 class OutlierMLP(nn.Module):
-    """Six MatMul layers; one has a weight matrix with a few huge entries, so per-tensor INT8 of
-    its weights rounds every ordinary weight to zero while the rest quantize fine."""
+    """Six MatMul layers; the second writes one channel 1000x larger than the rest (the third
+    reads it scaled back), as transformer activations do. Quantizing that activation to 8 bits
+    per tensor rounds every other channel away; the other layers quantize fine."""
 
     example_inputs = (torch.zeros(1, 32),)
 
@@ -56,12 +57,13 @@ class OutlierMLP(nn.Module):
         torch.manual_seed(3)
         self.layers = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(6))
         with torch.no_grad():
-            self.layers[3].weight[0, :4] = 400.0  # outliers: the scale of this layer's int8 grid
+            self.layers[1].weight[0, :] = self.layers[1].weight[0, :].abs() * 1000.0
+            self.layers[2].weight[:, 0] /= 1000.0
 
     def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
 
 
 def near_uniform():

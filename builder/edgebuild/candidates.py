@@ -191,11 +191,8 @@ def plan_candidates(
     if dynamic_wanted:
         per_channel = True if options.per_channel is None else options.per_channel
         name = "int8-dynamic" if per_channel else "int8-dynamic-per-tensor"
-        plans.append(
-            CandidatePlan(
-                name, "int8-dynamic", lambda src, dst: q.quantize_dynamic_int8(src, dst, per_channel=per_channel)
-            )
-        )
+        config = q.DynamicInt8Config(per_channel=per_channel)
+        plans.append(CandidatePlan(name, "int8-dynamic", lambda src, dst: q.quantize_dynamic_int8(src, dst, config)))
     if (mode == "fp16") or (mode == "auto" and "fp16" in target.precisions):
         plans.append(CandidatePlan("fp16", "fp16", q.convert_fp16))
     return plans
@@ -263,43 +260,71 @@ def time_interleaved(
         }
 
 
-def partial_candidate(
+def _is_dynamic(candidate: Candidate) -> bool:
+    return candidate.name.startswith("int8-dynamic")
+
+
+def partial_candidates(
     options, target, candidates, calibration, fp32_path, workdir, ref, val, metric, feed1, progress
-) -> Candidate | None:
-    """When every full static INT8 candidate breaks the budget, keep the worst nodes in float (precision "mixed")."""
-    static = [c for c in candidates if c.usable and c.validation and c.metrics.get("settings", {}).get("format")]
-    if not options.partial_quantization or calibration is None or not static or any(c.within_budget for c in static):
-        return None
-    best = min(static, key=lambda c: c.validation["drop"])
-    progress(
-        f"every full INT8 candidate breaks the budget (best {best.name}: drop {best.validation['drop']:.4f}); "
-        "trying partial quantization ..."
-    )
+) -> list[Candidate]:
+    """For each INT8 family (static, dynamic) whose every full candidate breaks the budget, keep
+    the worst nodes in float (precision "mixed")."""
+    if not options.partial_quantization:
+        return []
 
     def validate(path: Path) -> dict:
         session = make_session(path, target.session.graph_optimization_level, config=target.session.config)
         return evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
 
-    candidate = Candidate("int8-partial", "mixed", workdir / "int8-partial.onnx")
-    base = q.StaticInt8Config(**{**best.metrics["settings"], "nodes_to_exclude": []})
-    try:
-        result = partial.partial_quantize(
-            fp32_path,
-            candidate.path,
-            calibration,
-            base,
-            validate,
-            options.max_accuracy_drop,
-            {k: v[:32] for k, v in val.inputs.items()},
-            progress=progress,
+    ranking_feed = {k: v[: partial.PartialConfig().ranking_samples] for k, v in val.inputs.items()}
+    budget = float(options.max_accuracy_drop)
+    measured = [c for c in candidates if c.usable and c.validation]
+    static = [c for c in measured if c.metrics.get("settings", {}).get("format")]
+    dynamic = [c for c in measured if _is_dynamic(c)]
+    built = []
+    for family, members in (("static", static), ("dynamic", dynamic)):
+        if not members or any(c.within_budget for c in members) or (family == "static" and calibration is None):
+            continue
+        best = min(members, key=lambda c: c.validation["drop"])
+        progress(
+            f"every full {family} INT8 candidate breaks the budget (best {best.name}: drop "
+            f"{best.validation['drop']:.4f}); trying partial quantization ..."
         )
-    except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
-        candidate.error = f"partial quantization failed: {exc}"
-        return candidate
-    if result is None:
-        candidate.error = "budget not met even with half of the compute nodes in float"
-        return candidate
-    candidate.metrics = result.metrics
-    candidate.refresh_size()
-    measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
-    return candidate
+        name = "int8-partial" if family == "static" else "int8-dynamic-partial"
+        candidate = Candidate(name, "mixed", workdir / f"{name}.onnx")
+        settings = {**best.metrics["settings"], "nodes_to_exclude": []}
+        try:
+            if family == "static":
+                result = partial.partial_quantize(
+                    fp32_path,
+                    candidate.path,
+                    calibration,
+                    q.StaticInt8Config(**settings),
+                    validate,
+                    budget,
+                    ranking_feed,
+                    progress=progress,
+                )
+            else:
+                settings.pop("weight_type", None)
+                result = partial.partial_quantize_dynamic(
+                    fp32_path,
+                    candidate.path,
+                    q.DynamicInt8Config(**settings),
+                    validate,
+                    budget,
+                    ranking_feed,
+                    progress=progress,
+                )
+        except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
+            candidate.error = f"partial quantization failed: {exc}"
+            built.append(candidate)
+            continue
+        if result is None:
+            candidate.error = "budget not met even with half of the compute nodes in float"
+        else:
+            candidate.metrics = result.metrics
+            candidate.refresh_size()
+            measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+        built.append(candidate)
+    return built

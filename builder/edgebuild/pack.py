@@ -28,7 +28,7 @@ from edgebuild.candidates import (
     apply_budget,
     build_candidate,
     measure_candidate,
-    partial_candidate,
+    partial_candidates,
     plan_candidates,
     select,
     time_interleaved,
@@ -335,11 +335,11 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         if fp32 not in candidates:
             measure_candidate(fp32, target, ref, val, metric, feed1, options.bench_seconds)
         apply_budget(candidates, options.max_accuracy_drop)
-        mixed = partial_candidate(
+        mixed = partial_candidates(
             options, target, candidates, calibration, exported.path, workdir, ref, val, metric, feed1, progress
         )
-        if mixed is not None:
-            candidates.append(mixed)
+        if mixed:
+            candidates.extend(mixed)
             apply_budget(candidates, options.max_accuracy_drop)
         time_interleaved(candidates + ([fp32] if fp32 not in candidates else []), target, feed1, options.bench_seconds)
         if options.recipe:

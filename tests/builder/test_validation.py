@@ -173,3 +173,25 @@ def test_val_samples_caps_validation_and_says_so(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "on 20 samples (the --val-samples cap)" in result.stderr
     assert _manifest(result)["validation"]["samples"] == 20
+
+
+@pytest.mark.slow
+def test_dynamic_int8_that_misses_the_budget_gets_a_mixed_variant_that_meets_it(tmp_path):
+    result = _pack(
+        tmp_path,
+        "validation_models:outlier_mlp",
+        "--val-data",
+        "validation_models:vectors32",
+        "--quantize",
+        "int8-dynamic",
+        "--max-accuracy-drop",
+        "0.01",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "every full dynamic INT8 candidate breaks the budget" in result.stderr
+    manifest = _manifest(result)
+    assert manifest["model"]["precision"] == "mixed" and manifest["validation"]["drop"] <= 0.01
+    quantization = manifest["model"]["quantization"]
+    assert quantization["recipe"].startswith("dynamic S8") and quantization["nodes_to_exclude"]
+    rows = {r["name"]: r for r in manifest["benchmark"]["candidates"]}
+    assert not rows["int8-dynamic"]["within_budget"] and rows["int8-dynamic-partial"]["within_budget"]

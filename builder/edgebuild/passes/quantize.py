@@ -137,23 +137,62 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
     }
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool = True, reduce_range: bool = False) -> dict:
+@dataclass
+class DynamicInt8Config:
+    """Dynamic INT8: int8 weights, activations quantized at run time (no calibration)."""
+
+    per_channel: bool = True  # per-tensor wrecked a MiniLM's worst-case cosine (FIELD-NOTES)
+    reduce_range: bool = False
+    nodes_to_exclude: list[str] = field(default_factory=list)  # kept in float (partial quantization)
+
+    def describe(self) -> str:
+        parts = ["dynamic S8", "per-channel" if self.per_channel else "per-tensor"]
+        if self.reduce_range:
+            parts.append("reduce-range")
+        if self.nodes_to_exclude:
+            parts.append(f"{len(self.nodes_to_exclude)} nodes float")
+        return " ".join(parts)
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, config: DynamicInt8Config | None = None) -> dict:
     """Dynamic INT8 (weights int8, activations quantized at run time): for MatMul/RNN-heavy models."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    config = config or DynamicInt8Config()
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         pre = preprocess(src, prepared)
         try:
             quantize_dynamic(
-                str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range
+                str(prepared),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                nodes_to_exclude=list(config.nodes_to_exclude),
             )
         except Exception as exc:  # noqa: BLE001
             raise EdgebuildError(f"dynamic INT8 quantization failed: {first_line(exc)}") from None
     check_model(dst)
-    settings = {"weight_type": "int8", "per_channel": per_channel, "reduce_range": reduce_range}
-    recipe = "dynamic S8 " + ("per-channel" if per_channel else "per-tensor")
-    return {"settings": settings, "recipe": recipe, "preprocess": pre, "coverage": quantization_coverage(src, dst)}
+    settings = {"weight_type": "int8", **asdict(config)}
+    return {
+        "settings": settings,
+        "recipe": config.describe(),
+        "preprocess": pre,
+        "coverage": quantization_coverage(src, dst),
+    }
+
+
+def gemm_as_matmul(path: Path) -> None:
+    """Rewrite Gemm as MatMul (+ Add) in place, exactly as ``quantize_dynamic`` does before it
+    quantizes: the node names it then reports and accepts in ``nodes_to_exclude`` are these."""
+    import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    model = ONNXModel(onnx.load(str(path)))
+    model.replace_gemm_with_matmul()
+    model.remove_unused_constant()  # the Gemm weights it transposed into new initializers
+    onnx.save(model.model, str(path), save_as_external_data=False)
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:
