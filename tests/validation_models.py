@@ -113,3 +113,26 @@ def wrong_labels(n=32, seed=0):
         top1 = NearUniform()(torch.from_numpy(x)).argmax(1).numpy()
     labels = [[k for k in (0, 1, 2) if k != t][i % 2] for i, t in enumerate(top1)]
     return [(x, np.array(labels))]
+
+
+class TinyWeights(nn.Module):
+    """Weights below float16's smallest subnormal in several layers: fp16 conversion warns about each."""
+
+    example_inputs = (torch.zeros(1, 16),)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.weight[0, 0] = 1e-9
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def tiny_weights():
+    return TinyWeights().eval()

@@ -20,6 +20,7 @@ from edgebuild.data import Batch, DataSource
 from edgebuild.onnx_utils import make_session, op_counts
 from edgebuild.passes import partial
 from edgebuild.passes import quantize as q
+from edgebuild.quiet import Captured, captured_library_output
 from edgebuild.targets import TargetProfile
 from edgebuild.validate import evaluate, run_session
 
@@ -198,13 +199,17 @@ def plan_candidates(
     return plans
 
 
-def build_candidate(plan: CandidatePlan, src: Path, workdir: Path) -> Candidate:
+def build_candidate(
+    plan: CandidatePlan, src: Path, workdir: Path, progress: Callable[[str], None] | None = None
+) -> Candidate:
     candidate = Candidate(plan.name, plan.precision, workdir / f"{plan.name}.onnx")
-    try:
-        candidate.metrics = plan.build(src, candidate.path)
-    except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
-        candidate.error = str(exc)
-        log.warning("candidate %s failed: %s", plan.name, exc)
+    with captured_library_output() as said:
+        try:
+            candidate.metrics = plan.build(src, candidate.path)
+        except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
+            candidate.error = str(exc)
+            log.warning("candidate %s failed: %s", plan.name, exc)
+    _record_library_output(candidate, said, progress)
     candidate.refresh_size()
     coverage = candidate.metrics.get("coverage")
     # Static and dynamic INT8 alike: ORT's tools "succeed" without quantizing weights inside If/Loop bodies.
@@ -215,6 +220,44 @@ def build_candidate(plan: CandidatePlan, src: Path, workdir: Path) -> Candidate:
     elif coverage and candidate.precision.startswith("int8") and coverage["fraction"] < 1.0:
         candidate.precision = "mixed"
     return candidate
+
+
+def _record_library_output(candidate: Candidate, said: Captured, progress: Callable[[str], None] | None) -> None:
+    summary = said.summary()
+    if summary is None:
+        return
+    candidate.metrics["library_messages"] = summary
+    line = said.line(f"quantize: {candidate.name}")
+    if progress is not None and line:
+        progress(line)
+
+
+def int8_skipped(options: PackOptions, target: TargetProfile, calibration: DataSource | None) -> str | None:
+    """One line when ``auto`` builds no static INT8 although the target allows it, with the flag to add."""
+    if options.quantize != "auto" or "int8" not in target.precisions or calibration is not None:
+        return None
+    return (
+        "INT8 skipped: static INT8 needs calibration data; add --calib-data DATA (an image folder, .npz or "
+        "module:callable of real samples) to measure INT8 variants too"
+    )
+
+
+def choice_reason(chosen: Candidate, fp32: Candidate, prefer: list[str] | None, optimize_for: str) -> str:
+    """Why ``chosen`` was kept, in one clause (for progress and the report)."""
+    host = (
+        f"host p50 {chosen.latency['p50_ms']:.3f} ms vs fp32 {fp32.latency['p50_ms']:.3f} ms"
+        if chosen.latency and fp32.latency
+        else ""
+    )
+    if prefer:
+        order = " > ".join(prefer)
+        return (
+            f"kept by the target's precision order ({order}) among in-budget variants: TensorRT decides on the "
+            f"device; host CPU timings do not rank GPU variants ({host}); the device times every shipped variant"
+        )
+    if optimize_for == "size":
+        return f"smallest in-budget variant ({chosen.size_bytes / 1024:.1f} KiB; {host})"
+    return f"fastest in-budget variant on this host ({host}; ties within {LATENCY_TIE:.0%} go to the smaller file)"
 
 
 def measure_candidate(
@@ -293,38 +336,39 @@ def partial_candidates(
         name = "int8-partial" if family == "static" else "int8-dynamic-partial"
         candidate = Candidate(name, "mixed", workdir / f"{name}.onnx")
         settings = {**best.metrics["settings"], "nodes_to_exclude": []}
-        try:
-            if family == "static":
-                result = partial.partial_quantize(
-                    fp32_path,
-                    candidate.path,
-                    calibration,
-                    q.StaticInt8Config(**settings),
-                    validate,
-                    budget,
-                    ranking_feed,
-                    progress=progress,
-                )
-            else:
-                settings.pop("weight_type", None)
-                result = partial.partial_quantize_dynamic(
-                    fp32_path,
-                    candidate.path,
-                    q.DynamicInt8Config(**settings),
-                    validate,
-                    budget,
-                    ranking_feed,
-                    progress=progress,
-                )
-        except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
-            candidate.error = f"partial quantization failed: {exc}"
-            built.append(candidate)
-            continue
-        if result is None:
-            candidate.error = "budget not met even with half of the compute nodes in float"
-        else:
+        result = None
+        with captured_library_output() as said:
+            try:
+                if family == "static":
+                    result = partial.partial_quantize(
+                        fp32_path,
+                        candidate.path,
+                        calibration,
+                        q.StaticInt8Config(**settings),
+                        validate,
+                        budget,
+                        ranking_feed,
+                        progress=progress,
+                    )
+                else:
+                    settings.pop("weight_type", None)
+                    result = partial.partial_quantize_dynamic(
+                        fp32_path,
+                        candidate.path,
+                        q.DynamicInt8Config(**settings),
+                        validate,
+                        budget,
+                        ranking_feed,
+                        progress=progress,
+                    )
+            except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
+                candidate.error = f"partial quantization failed: {exc}"
+        if result is not None:
             candidate.metrics = result.metrics
             candidate.refresh_size()
             measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+        elif candidate.error is None:
+            candidate.error = "budget not met even with half of the compute nodes in float"
+        _record_library_output(candidate, said, progress)
         built.append(candidate)
     return built

@@ -110,7 +110,7 @@ def check_serves(bundle_dir: Path) -> str:
     self-benchmark, a throw-away cache) and golden-check every other shipped variant the same way.
 
     Raises ``ServeCheckError`` naming the variant and edgerun's reason when any would be refused.
-    Returns edgerun's one-line verdict for the progress output.
+    Returns a one-line verdict for the progress output.
     """
     from edgerun.errors import EdgerunError
     from edgerun.golden import check_golden, load_golden
@@ -132,12 +132,13 @@ def check_serves(bundle_dir: Path) -> str:
             if manifest.golden
             else None
         )
-        verdicts = [f"{manifest.model.path}: {served.parameters['golden']['reason']}"]
+        worst = served.parameters["golden"].get("max_abs_diff") or 0.0
+        checked, skipped = [manifest.model.path], []
         providers = list(served.session.providers)
         for variant in manifest.variants:
             chain = [ProviderSpec(name=p) for p in providers if not variant.providers or p in variant.providers]
             if not chain:
-                verdicts.append(f"{variant.path}: not checked here (runs only on {', '.join(variant.providers)})")
+                skipped.append(variant.path)
                 continue
             try:
                 session = create_model_session(
@@ -152,5 +153,10 @@ def check_serves(bundle_dir: Path) -> str:
                 raise ServeCheckError(
                     f"edgerun on this host would drop variant {variant.path}: golden check failed: {result.reason}; {hint}"
                 )
-            verdicts.append(f"{variant.path}: {result.reason}")
-    return "; ".join(verdicts)
+            checked.append(variant.path)
+            worst = max(worst, result.max_abs_diff or 0.0)
+    line = (
+        f"edgerun on this host serves it: {len(checked)} of {len(manifest.all_models())} variant(s) pass the golden "
+        f"check (worst max |diff| {worst:.3g})"
+    )
+    return line + (f"; not checked here (providers this host lacks): {', '.join(skipped)}" if skipped else "")

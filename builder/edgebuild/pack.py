@@ -27,6 +27,8 @@ from edgebuild.candidates import (
     Candidate,
     apply_budget,
     build_candidate,
+    choice_reason,
+    int8_skipped,
     measure_candidate,
     partial_candidates,
     plan_candidates,
@@ -323,9 +325,12 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
 
         fp32 = Candidate("fp32", "fp32", exported.path, metrics={"recipe": "fp32 (graph-optimised by ORT)"})
         candidates = [fp32] if options.quantize in ("auto", "none") else []
+        skipped = int8_skipped(options, target, calibration)
+        if skipped:
+            progress(skipped)
         for plan in plan_candidates(options, target, calibration, exported.path):
             progress(f"quantize: building {plan.name} ...")
-            candidates.append(build_candidate(plan, exported.path, workdir))
+            candidates.append(build_candidate(plan, exported.path, workdir, progress))
         capped = " (the --val-samples cap)" if validated and len(val) >= options.val_samples else ""
         progress(
             f"validate + benchmark {len(candidates)} candidate(s) on {len(val)} samples{capped} ({metric.name}) ..."
@@ -385,9 +390,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
                 f"no variant within --max-accuracy-drop {options.max_accuracy_drop} ({detail}); report: {report_path}",
                 report_path,
             )
-        progress(
-            f"chosen: {chosen.name} (p50 {chosen.latency['p50_ms']:.3f} ms vs fp32 {fp32.latency['p50_ms']:.3f} ms)"
-        )
+        choice = choice_reason(chosen, fp32, _gpu_preference(target), options.optimize_for)
+        progress(f"chosen: {chosen.name}: {choice}")
 
         ship_variants = options.ship_variants if options.ship_variants is not None else target.device == "gpu"
         shipped = [chosen] + ([c for c in candidates if c is not chosen and c.within_budget] if ship_variants else [])
@@ -439,6 +443,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
         report_md, report_png = write_report(
             workdir / "report.md",
+            choice=choice,
             name=name,
             target=target,
             candidates=candidates,
@@ -455,7 +460,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         progress(f"writing bundle {dest} ...")
 
         def serves(staged: Path) -> None:  # pack => serve: edgerun's own loader accepts the staged bundle
-            progress(f"edgerun check on this host: {check_serves(staged)}")
+            progress(check_serves(staged))
 
         write_bundle(
             dest, manifest, files, force=options.force, sign_key=options.sign_key, archive=options.archive, check=serves

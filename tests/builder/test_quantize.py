@@ -280,3 +280,19 @@ def test_forcing_int8_on_a_model_it_cannot_quantize_says_so_instead_of_blaming_t
     assert result.exit_code == 1, result.output
     assert "no candidate could be built" in result.stderr and "quantized 0 compute ops" in result.stderr
     assert not (tmp_path / "out" / "if-x86").exists()
+
+
+def test_quantization_preprocessing_leaves_no_file_in_the_working_directory(tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    def leaky(src, dst, **kwargs):  # what symbolic shape inference does on some models
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"")
+        Path(dst).write_bytes(Path(src).read_bytes())
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", leaky)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    src = tiny_cnn(tmp_path / "cnn.onnx")
+    assert q.preprocess(src, tmp_path / "prepared.onnx") == "symbolic"
+    assert list(workdir.iterdir()) == [] and (tmp_path / "prepared.onnx").is_file()

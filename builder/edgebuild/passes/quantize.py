@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,14 @@ from edgebuild.errors import EdgebuildError, first_line
 from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage
 
 log = logging.getLogger(__name__)
+
+
+# Why a TensorRT-style QDQ file is not smaller than FP32 (recorded and shown in the report).
+WEIGHTS_BEHIND_QDQ = (
+    "weights stay float32 behind QuantizeLinear/DequantizeLinear pairs (AddQDQPairToWeight, the layout "
+    "TensorRT's parser fuses): TensorRT folds them into int8 weights when it builds the engine on the device, "
+    "so the file is about FP32's size while the engine is not"
+)
 
 
 @dataclass
@@ -72,6 +81,17 @@ def _quant_types(config: StaticInt8Config):
     )
 
 
+@contextlib.contextmanager
+def _working_dir(path: Path) -> Iterator[None]:
+    """``contextlib.chdir`` for Python 3.10: pack is single-threaded while it quantizes."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def preprocess(src: Path, dst: Path) -> str:
     """ORT's quantization pre-processing, retrying the paths that work on awkward real models.
 
@@ -88,7 +108,9 @@ def preprocess(src: Path, dst: Path) -> str:
     errors = []
     for label, kwargs in attempts:
         try:
-            quant_pre_process(str(src), str(dst), **kwargs)
+            # Symbolic shape inference can leave sym_shape_infer_temp.onnx in the working directory.
+            with tempfile.TemporaryDirectory(prefix="edgebuild-preprocess-") as scratch, _working_dir(Path(scratch)):
+                quant_pre_process(str(Path(src).resolve()), str(Path(dst).resolve()), **kwargs)
             return label
         except Exception as exc:  # noqa: BLE001 - shape inference raises assorted errors
             errors.append(f"{label}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
@@ -111,30 +133,33 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
         }
         # CalibMaxIntermediateOutputs is deliberately left unset: it discards collected ranges.
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # calibrators print progress; stdout is the bundle path
-                quantize_static(
-                    str(prepared),
-                    str(dst),
-                    CalibrationReader(calibration, fixed_batch(src)),
-                    quant_format=fmt,
-                    activation_type=act,
-                    weight_type=wt,
-                    per_channel=config.per_channel,
-                    reduce_range=config.reduce_range,
-                    calibrate_method=method,
-                    nodes_to_exclude=list(config.nodes_to_exclude),
-                    extra_options=extra,
-                )
+            # Calibrators print progress to stdout; callers capture it (edgebuild.quiet): stdout is the bundle path.
+            quantize_static(
+                str(prepared),
+                str(dst),
+                CalibrationReader(calibration, fixed_batch(src)),
+                quant_format=fmt,
+                activation_type=act,
+                weight_type=wt,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                calibrate_method=method,
+                nodes_to_exclude=list(config.nodes_to_exclude),
+                extra_options=extra,
+            )
         except Exception as exc:  # noqa: BLE001
             raise EdgebuildError(f"static INT8 quantization failed: {first_line(exc)}") from None
     check_model(dst)
-    return {
+    metrics = {
         "settings": asdict(config),
         "recipe": config.describe(),
         "preprocess": pre,
         "calibration_data": calibration.description,
         "coverage": quantization_coverage(src, dst),
     }
+    if extra.get("AddQDQPairToWeight"):
+        metrics["weight_storage"] = WEIGHTS_BEHIND_QDQ
+    return metrics
 
 
 @dataclass
