@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,6 +56,20 @@ class Candidate:
     @property
     def usable(self) -> bool:
         return self.error is None and self.path is not None
+
+    @property
+    def file(self) -> Path:
+        """The built ONNX file (only asked of usable candidates)."""
+        if self.path is None:
+            raise ValueError(f"candidate {self.name} has no file ({self.error})")
+        return self.path
+
+    @property
+    def p50(self) -> float:
+        """Host p50 latency in ms (only asked of measured candidates)."""
+        if self.latency is None:
+            raise ValueError(f"candidate {self.name} was not timed")
+        return float(self.latency["p50_ms"])
 
     def row(self) -> dict:
         """One line of the candidate table (manifest and report)."""
@@ -113,13 +127,13 @@ def select(
         return None
     if prefer:
         rank = {p: i for i, p in enumerate(prefer)}
-        return min(eligible, key=lambda c: (rank.get(c.precision, len(rank)), c.latency["p50_ms"]))
+        return min(eligible, key=lambda c: (rank.get(c.precision, len(rank)), c.p50))
     if optimize_for == "size":
-        return min(eligible, key=lambda c: (c.size_bytes, c.latency["p50_ms"]))
-    fastest = min(c.latency["p50_ms"] for c in eligible)
+        return min(eligible, key=lambda c: (c.size_bytes, c.p50))
+    fastest = min(c.p50 for c in eligible)
     # Within the timing noise of a shared host, candidates tie on speed; the smaller file wins.
-    tied = [c for c in eligible if c.latency["p50_ms"] <= fastest * (1 + LATENCY_TIE)]
-    return min(tied, key=lambda c: (c.size_bytes, c.latency["p50_ms"]))
+    tied = [c for c in eligible if c.p50 <= fastest * (1 + LATENCY_TIE)]
+    return min(tied, key=lambda c: (c.size_bytes, c.p50))
 
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -132,7 +146,7 @@ def static_variants(options: PackOptions, target: TargetProfile) -> list[q.Stati
     preset = q.StaticInt8Config.from_profile(
         target.quantization, extra_options=dict(target.notes.get("quantize_extra_options", {}))
     )
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if options.calib_method:
         overrides["calibration_method"] = options.calib_method
     if options.per_channel is not None:
@@ -177,15 +191,13 @@ def plan_candidates(
     """Which candidates to build besides FP32."""
     plans: list[CandidatePlan] = []
 
-    def static(config: q.StaticInt8Config) -> CandidatePlan:
+    def static(config: q.StaticInt8Config, data: DataSource) -> CandidatePlan:
         suffix = config.describe().lower().replace(" ", "-")
-        return CandidatePlan(
-            f"int8-{suffix}", "int8", lambda src, dst: q.quantize_static_int8(src, dst, calibration, config)
-        )
+        return CandidatePlan(f"int8-{suffix}", "int8", lambda src, dst: q.quantize_static_int8(src, dst, data, config))
 
     mode = options.quantize
     if mode in ("int8", "auto") and "int8" in target.precisions and calibration is not None:
-        plans.extend(static(config) for config in static_variants(options, target))
+        plans.extend(static(config, calibration) for config in static_variants(options, target))
     dynamic_wanted = mode == "int8-dynamic" or (
         mode == "auto" and "int8-dynamic" in target.precisions and fp32_path is not None and matmul_heavy(fp32_path)
     )
@@ -202,10 +214,11 @@ def plan_candidates(
 def build_candidate(
     plan: CandidatePlan, src: Path, workdir: Path, progress: Callable[[str], None] | None = None
 ) -> Candidate:
-    candidate = Candidate(plan.name, plan.precision, workdir / f"{plan.name}.onnx")
+    path = workdir / f"{plan.name}.onnx"
+    candidate = Candidate(plan.name, plan.precision, path)
     with captured_library_output() as said:
         try:
-            candidate.metrics = plan.build(src, candidate.path)
+            candidate.metrics = plan.build(src, path)
         except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
             candidate.error = str(exc)
             log.warning("candidate %s failed: %s", plan.name, exc)
@@ -265,7 +278,7 @@ def measure_candidate(
 ) -> None:
     if not candidate.usable:
         return
-    session = make_session(candidate.path, target.session.graph_optimization_level, config=target.session.config)
+    session = make_session(candidate.file, target.session.graph_optimization_level, config=target.session.config)
     packed = run_session(session, val.inputs)[0]
     candidate.validation = evaluate(metric, ref, packed, val.labels)
     candidate.latency = session_latency(session, feed1, max_seconds=seconds)
@@ -284,11 +297,11 @@ def time_interleaved(
     if len(timed) < 2:
         return
     sessions = {
-        id(c): make_session(c.path, target.session.graph_optimization_level, config=target.session.config)
+        id(c): make_session(c.file, target.session.graph_optimization_level, config=target.session.config)
         for c in timed
     }
-    rounds_p50 = {id(c): [c.latency["p50_ms"]] for c in timed}
-    runs = {id(c): c.latency["runs"] for c in timed}
+    rounds_p50 = {id(c): [c.p50] for c in timed}
+    runs = {id(c): (c.latency or {})["runs"] for c in timed}
     for _ in range(rounds - 1):
         for c in timed:
             result = session_latency(sessions[id(c)], feed1, max_seconds=seconds / rounds, warmup=2, min_runs=5)
@@ -296,7 +309,7 @@ def time_interleaved(
             runs[id(c)] += result["runs"]
     for c in timed:
         c.latency = {
-            **c.latency,
+            **(c.latency or {}),
             "p50_ms": round(float(np.median(rounds_p50[id(c)])), 4),
             "runs": runs[id(c)],
             "rounds": rounds,
@@ -334,7 +347,8 @@ def partial_candidates(
             f"{best.validation['drop']:.4f}); trying partial quantization ..."
         )
         name = "int8-partial" if family == "static" else "int8-dynamic-partial"
-        candidate = Candidate(name, "mixed", workdir / f"{name}.onnx")
+        path = workdir / f"{name}.onnx"
+        candidate = Candidate(name, "mixed", path)
         settings = {**best.metrics["settings"], "nodes_to_exclude": []}
         result = None
         with captured_library_output() as said:
@@ -342,7 +356,7 @@ def partial_candidates(
                 if family == "static":
                     result = partial.partial_quantize(
                         fp32_path,
-                        candidate.path,
+                        path,
                         calibration,
                         q.StaticInt8Config(**settings),
                         validate,
@@ -354,7 +368,7 @@ def partial_candidates(
                     settings.pop("weight_type", None)
                     result = partial.partial_quantize_dynamic(
                         fp32_path,
-                        candidate.path,
+                        path,
                         q.DynamicInt8Config(**settings),
                         validate,
                         budget,

@@ -339,13 +339,13 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
         if fp32 not in candidates:
             measure_candidate(fp32, target, ref, val, metric, feed1, options.bench_seconds)
-        apply_budget(candidates, options.max_accuracy_drop)
+        apply_budget(candidates, float(options.max_accuracy_drop))
         mixed = partial_candidates(
             options, target, candidates, calibration, exported.path, workdir, ref, val, metric, feed1, progress
         )
         if mixed:
             candidates.extend(mixed)
-            apply_budget(candidates, options.max_accuracy_drop)
+            apply_budget(candidates, float(options.max_accuracy_drop))
         time_interleaved(candidates + ([fp32] if fp32 not in candidates else []), target, feed1, options.bench_seconds)
         if options.recipe:
             passes.insert(0, PassRecord(name="recipe", params=options.recipe, metrics={}))
@@ -468,9 +468,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     return PackResult(dest, manifest, chosen, candidates)
 
 
-def _metric_details(metric: str, validation: dict) -> dict:
+def _metric_details(metric: str, validation: dict | None) -> dict:
     """Cosine is judged on its mean; the worst sample is recorded next to it."""
-    if metric != "cosine":
+    if metric != "cosine" or validation is None:
         return {}
     return {"cosine_mean": validation.get("cosine"), "cosine_worst": validation.get("cosine_min")}
 

@@ -56,7 +56,7 @@ def _nsr(reference: np.ndarray, value: np.ndarray) -> float:
     """Noise-to-signal ratio ||value - reference||² / ||reference||²."""
     ref = reference.astype(np.float64).ravel()
     diff = value.astype(np.float64).ravel() - ref
-    return float((diff @ diff) / max(ref @ ref, 1e-30))
+    return float(diff @ diff) / max(float(ref @ ref), 1e-30)
 
 
 def _with_outputs(path: Path, names: list[str], dst: Path) -> None:
