@@ -28,6 +28,7 @@ from edgerun.manifest import GoldenSpec, GoldenThresholds, ProviderSpec
 log = logging.getLogger(__name__)
 
 GOLDEN_SAMPLES = 8
+CPU = "CPUExecutionProvider"
 # atol = ATOL_FACTOR x the deviation measured on the host + ATOL_FLOOR x the output scale.
 ATOL_FACTOR = 2.0
 ATOL_FLOOR = 1e-3
@@ -106,8 +107,9 @@ class ServeCheckError(EdgebuildError):
 
 
 def check_serves(bundle_dir: Path) -> str:
-    """Load the staged bundle with edgerun's own loader (verify -> session -> golden check, no
-    self-benchmark, a throw-away cache) and golden-check every other shipped variant the same way.
+    """Load the staged bundle with edgerun's own loader (verify -> session -> golden check on the
+    CPU provider, no self-benchmark, a throw-away cache) and golden-check every other shipped
+    variant the same way.
 
     Raises ``ServeCheckError`` naming the variant and edgerun's reason when any would be refused.
     Returns a one-line verdict for the progress output.
@@ -120,7 +122,10 @@ def check_serves(bundle_dir: Path) -> str:
     hint = "nothing was written; rerun with --debug to see edgerun's log"
     with tempfile.TemporaryDirectory(prefix="edgebuild-servecheck-") as cache:
         try:
-            served = load_model(bundle_dir, LoadOptions(bench=False, cache_dir=Path(cache)))
+            # On the CPU provider: every host has it, the host's validation numbers (and so the golden
+            # tolerances) were measured on it, and a TensorRT engine build would take minutes here.
+            options = LoadOptions(bench=False, cache_dir=Path(cache), providers=[CPU])
+            served = load_model(bundle_dir, options)
         except EdgerunError as exc:
             raise ServeCheckError(f"edgerun on this host refuses the bundle: {exc}; {hint}") from None
         manifest = served.manifest
@@ -157,6 +162,6 @@ def check_serves(bundle_dir: Path) -> str:
             worst = max(worst, result.max_abs_diff or 0.0)
     line = (
         f"edgerun on this host serves it: {len(checked)} of {len(manifest.all_models())} variant(s) pass the golden "
-        f"check (worst max |diff| {worst:.3g})"
+        f"check on {CPU} (worst max |diff| {worst:.3g})"
     )
     return line + (f"; not checked here (providers this host lacks): {', '.join(skipped)}" if skipped else "")

@@ -43,7 +43,10 @@ def test_near_uniform_classifier_packed_as_int8_serves_on_the_same_host(tmp_path
 
     result = _pack(tmp_path, *NEAR_UNIFORM_INT8)
     assert result.exit_code == 0, result.stderr
-    assert "edgerun on this host serves it: 1 of 1 variant(s) pass the golden check" in result.stderr
+    assert (
+        "edgerun on this host serves it: 1 of 1 variant(s) pass the golden check on CPUExecutionProvider"
+        in result.stderr
+    )
     manifest = _manifest(result)
     assert manifest["model"]["precision"] == "int8"
     own = manifest["golden"]["variants"]["model.onnx"]
