@@ -250,8 +250,8 @@ def int8_skipped(options: PackOptions, target: TargetProfile, calibration: DataS
     if options.quantize != "auto" or "int8" not in target.precisions or calibration is not None:
         return None
     return (
-        "INT8 skipped: static INT8 needs calibration data; add --calib-data DATA (an image folder, .npz or "
-        "module:callable of real samples) to measure INT8 variants too"
+        "static INT8 skipped: it needs calibration data; add --calib-data DATA (an image folder, .npz or "
+        "module:callable of real samples) to measure static INT8 variants too"
     )
 
 
