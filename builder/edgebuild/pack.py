@@ -403,7 +403,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             ref,
             val,
             target,
-            classifier=metric.name in ("accuracy", "agreement"),
+            classifier=metric.is_classification,
         )
         providers, serving = _providers(target, chosen, inputs, val, options, passes, exported.path, progress)
         files: dict[str, Path | bytes] = {"model.onnx": chosen.path, "golden.npz": golden_bytes}
