@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 
 GOLDEN_SAMPLES = 8
 CPU = "CPUExecutionProvider"
-# atol = ATOL_FACTOR x the deviation measured on the host + ATOL_FLOOR x the output scale.
+# atol = ATOL_FACTOR x the deviation measured on the host + ATOL_FLOOR x the output scale. The
+# floor covers kernels the host CPU does not run: TensorRT computes "fp32" layers in TF32 on
+# Ampere GPUs (a 10-bit mantissa); broken outputs (overflow, NaN, garbage) are far beyond it.
 ATOL_FACTOR = 2.0
-ATOL_FLOOR = 1e-3
+ATOL_FLOOR = 1e-2
 # A device may flip this many more golden top-1 decisions than the host did (near-tied
 # outputs flip on any kernel change) before the variant is refused.
 AGREEMENT_MARGIN_SAMPLES = 2
