@@ -46,8 +46,9 @@ class Embedder(nn.Module):
 
 
 class OutlierMLP(nn.Module):
-    """Six MatMul layers; one has a weight matrix with a few huge entries, so per-tensor INT8 of
-    its weights rounds every ordinary weight to zero while the rest quantize fine."""
+    """Six MatMul layers; the second writes one channel 1000x larger than the rest (the third
+    reads it scaled back), as transformer activations do. Quantizing that activation to 8 bits
+    per tensor rounds every other channel away; the other layers quantize fine."""
 
     example_inputs = (torch.zeros(1, 32),)
 
@@ -56,12 +57,13 @@ class OutlierMLP(nn.Module):
         torch.manual_seed(3)
         self.layers = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(6))
         with torch.no_grad():
-            self.layers[3].weight[0, :4] = 400.0  # outliers: the scale of this layer's int8 grid
+            self.layers[1].weight[0, :] = self.layers[1].weight[0, :].abs() * 1000.0
+            self.layers[2].weight[:, 0] /= 1000.0
 
     def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
 
 
 def near_uniform():
@@ -111,3 +113,26 @@ def wrong_labels(n=32, seed=0):
         top1 = NearUniform()(torch.from_numpy(x)).argmax(1).numpy()
     labels = [[k for k in (0, 1, 2) if k != t][i % 2] for i, t in enumerate(top1)]
     return [(x, np.array(labels))]
+
+
+class TinyWeights(nn.Module):
+    """Weights below float16's smallest subnormal in several layers: fp16 conversion warns about each."""
+
+    example_inputs = (torch.zeros(1, 16),)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.weight[0, 0] = 1e-9
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def tiny_weights():
+    return TinyWeights().eval()

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from edgebuild.data import Batch, DataSource
 from edgebuild.onnx_utils import make_session, op_counts
 from edgebuild.passes import partial
 from edgebuild.passes import quantize as q
+from edgebuild.quiet import Captured, captured_library_output
 from edgebuild.targets import TargetProfile
 from edgebuild.validate import evaluate, run_session
 
@@ -55,6 +56,20 @@ class Candidate:
     @property
     def usable(self) -> bool:
         return self.error is None and self.path is not None
+
+    @property
+    def file(self) -> Path:
+        """The built ONNX file (only asked of usable candidates)."""
+        if self.path is None:
+            raise ValueError(f"candidate {self.name} has no file ({self.error})")
+        return self.path
+
+    @property
+    def p50(self) -> float:
+        """Host p50 latency in ms (only asked of measured candidates)."""
+        if self.latency is None:
+            raise ValueError(f"candidate {self.name} was not timed")
+        return float(self.latency["p50_ms"])
 
     def row(self) -> dict:
         """One line of the candidate table (manifest and report)."""
@@ -112,13 +127,13 @@ def select(
         return None
     if prefer:
         rank = {p: i for i, p in enumerate(prefer)}
-        return min(eligible, key=lambda c: (rank.get(c.precision, len(rank)), c.latency["p50_ms"]))
+        return min(eligible, key=lambda c: (rank.get(c.precision, len(rank)), c.p50))
     if optimize_for == "size":
-        return min(eligible, key=lambda c: (c.size_bytes, c.latency["p50_ms"]))
-    fastest = min(c.latency["p50_ms"] for c in eligible)
+        return min(eligible, key=lambda c: (c.size_bytes, c.p50))
+    fastest = min(c.p50 for c in eligible)
     # Within the timing noise of a shared host, candidates tie on speed; the smaller file wins.
-    tied = [c for c in eligible if c.latency["p50_ms"] <= fastest * (1 + LATENCY_TIE)]
-    return min(tied, key=lambda c: (c.size_bytes, c.latency["p50_ms"]))
+    tied = [c for c in eligible if c.p50 <= fastest * (1 + LATENCY_TIE)]
+    return min(tied, key=lambda c: (c.size_bytes, c.p50))
 
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -131,7 +146,7 @@ def static_variants(options: PackOptions, target: TargetProfile) -> list[q.Stati
     preset = q.StaticInt8Config.from_profile(
         target.quantization, extra_options=dict(target.notes.get("quantize_extra_options", {}))
     )
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if options.calib_method:
         overrides["calibration_method"] = options.calib_method
     if options.per_channel is not None:
@@ -176,38 +191,38 @@ def plan_candidates(
     """Which candidates to build besides FP32."""
     plans: list[CandidatePlan] = []
 
-    def static(config: q.StaticInt8Config) -> CandidatePlan:
+    def static(config: q.StaticInt8Config, data: DataSource) -> CandidatePlan:
         suffix = config.describe().lower().replace(" ", "-")
-        return CandidatePlan(
-            f"int8-{suffix}", "int8", lambda src, dst: q.quantize_static_int8(src, dst, calibration, config)
-        )
+        return CandidatePlan(f"int8-{suffix}", "int8", lambda src, dst: q.quantize_static_int8(src, dst, data, config))
 
     mode = options.quantize
     if mode in ("int8", "auto") and "int8" in target.precisions and calibration is not None:
-        plans.extend(static(config) for config in static_variants(options, target))
+        plans.extend(static(config, calibration) for config in static_variants(options, target))
     dynamic_wanted = mode == "int8-dynamic" or (
         mode == "auto" and "int8-dynamic" in target.precisions and fp32_path is not None and matmul_heavy(fp32_path)
     )
     if dynamic_wanted:
         per_channel = True if options.per_channel is None else options.per_channel
         name = "int8-dynamic" if per_channel else "int8-dynamic-per-tensor"
-        plans.append(
-            CandidatePlan(
-                name, "int8-dynamic", lambda src, dst: q.quantize_dynamic_int8(src, dst, per_channel=per_channel)
-            )
-        )
+        config = q.DynamicInt8Config(per_channel=per_channel)
+        plans.append(CandidatePlan(name, "int8-dynamic", lambda src, dst: q.quantize_dynamic_int8(src, dst, config)))
     if (mode == "fp16") or (mode == "auto" and "fp16" in target.precisions):
         plans.append(CandidatePlan("fp16", "fp16", q.convert_fp16))
     return plans
 
 
-def build_candidate(plan: CandidatePlan, src: Path, workdir: Path) -> Candidate:
-    candidate = Candidate(plan.name, plan.precision, workdir / f"{plan.name}.onnx")
-    try:
-        candidate.metrics = plan.build(src, candidate.path)
-    except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
-        candidate.error = str(exc)
-        log.warning("candidate %s failed: %s", plan.name, exc)
+def build_candidate(
+    plan: CandidatePlan, src: Path, workdir: Path, progress: Callable[[str], None] | None = None
+) -> Candidate:
+    path = workdir / f"{plan.name}.onnx"
+    candidate = Candidate(plan.name, plan.precision, path)
+    with captured_library_output() as said:
+        try:
+            candidate.metrics = plan.build(src, path)
+        except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
+            candidate.error = str(exc)
+            log.warning("candidate %s failed: %s", plan.name, exc)
+    _record_library_output(candidate, said, progress)
     candidate.refresh_size()
     coverage = candidate.metrics.get("coverage")
     # Static and dynamic INT8 alike: ORT's tools "succeed" without quantizing weights inside If/Loop bodies.
@@ -220,12 +235,50 @@ def build_candidate(plan: CandidatePlan, src: Path, workdir: Path) -> Candidate:
     return candidate
 
 
+def _record_library_output(candidate: Candidate, said: Captured, progress: Callable[[str], None] | None) -> None:
+    summary = said.summary()
+    if summary is None:
+        return
+    candidate.metrics["library_messages"] = summary
+    line = said.line(f"quantize: {candidate.name}")
+    if progress is not None and line:
+        progress(line)
+
+
+def int8_skipped(options: PackOptions, target: TargetProfile, calibration: DataSource | None) -> str | None:
+    """One line when ``auto`` builds no static INT8 although the target allows it, with the flag to add."""
+    if options.quantize != "auto" or "int8" not in target.precisions or calibration is not None:
+        return None
+    return (
+        "static INT8 skipped: it needs calibration data; add --calib-data DATA (an image folder, .npz or "
+        "module:callable of real samples) to measure static INT8 variants too"
+    )
+
+
+def choice_reason(chosen: Candidate, fp32: Candidate, prefer: list[str] | None, optimize_for: str) -> str:
+    """Why ``chosen`` was kept, in one clause (for progress and the report)."""
+    host = (
+        f"host p50 {chosen.latency['p50_ms']:.3f} ms vs fp32 {fp32.latency['p50_ms']:.3f} ms"
+        if chosen.latency and fp32.latency
+        else ""
+    )
+    if prefer:
+        order = " > ".join(prefer)
+        return (
+            f"kept by the target's precision order ({order}) among in-budget variants: TensorRT decides on the "
+            f"device; host CPU timings do not rank GPU variants ({host}); the device times every shipped variant"
+        )
+    if optimize_for == "size":
+        return f"smallest in-budget variant ({chosen.size_bytes / 1024:.1f} KiB; {host})"
+    return f"fastest in-budget variant on this host ({host}; ties within {LATENCY_TIE:.0%} go to the smaller file)"
+
+
 def measure_candidate(
     candidate: Candidate, target: TargetProfile, ref: np.ndarray, val: Batch, metric, feed1, seconds: float
 ) -> None:
     if not candidate.usable:
         return
-    session = make_session(candidate.path, target.session.graph_optimization_level, config=target.session.config)
+    session = make_session(candidate.file, target.session.graph_optimization_level, config=target.session.config)
     packed = run_session(session, val.inputs)[0]
     candidate.validation = evaluate(metric, ref, packed, val.labels)
     candidate.latency = session_latency(session, feed1, max_seconds=seconds)
@@ -244,11 +297,11 @@ def time_interleaved(
     if len(timed) < 2:
         return
     sessions = {
-        id(c): make_session(c.path, target.session.graph_optimization_level, config=target.session.config)
+        id(c): make_session(c.file, target.session.graph_optimization_level, config=target.session.config)
         for c in timed
     }
-    rounds_p50 = {id(c): [c.latency["p50_ms"]] for c in timed}
-    runs = {id(c): c.latency["runs"] for c in timed}
+    rounds_p50 = {id(c): [c.p50] for c in timed}
+    runs = {id(c): (c.latency or {})["runs"] for c in timed}
     for _ in range(rounds - 1):
         for c in timed:
             result = session_latency(sessions[id(c)], feed1, max_seconds=seconds / rounds, warmup=2, min_runs=5)
@@ -256,50 +309,80 @@ def time_interleaved(
             runs[id(c)] += result["runs"]
     for c in timed:
         c.latency = {
-            **c.latency,
+            **(c.latency or {}),
             "p50_ms": round(float(np.median(rounds_p50[id(c)])), 4),
             "runs": runs[id(c)],
             "rounds": rounds,
         }
 
 
-def partial_candidate(
+def _is_dynamic(candidate: Candidate) -> bool:
+    return candidate.name.startswith("int8-dynamic")
+
+
+def partial_candidates(
     options, target, candidates, calibration, fp32_path, workdir, ref, val, metric, feed1, progress
-) -> Candidate | None:
-    """When every full static INT8 candidate breaks the budget, keep the worst nodes in float (precision "mixed")."""
-    static = [c for c in candidates if c.usable and c.validation and c.metrics.get("settings", {}).get("format")]
-    if not options.partial_quantization or calibration is None or not static or any(c.within_budget for c in static):
-        return None
-    best = min(static, key=lambda c: c.validation["drop"])
-    progress(
-        f"every full INT8 candidate breaks the budget (best {best.name}: drop {best.validation['drop']:.4f}); "
-        "trying partial quantization ..."
-    )
+) -> list[Candidate]:
+    """For each INT8 family (static, dynamic) whose every full candidate breaks the budget, keep
+    the worst nodes in float (precision "mixed")."""
+    if not options.partial_quantization:
+        return []
 
     def validate(path: Path) -> dict:
         session = make_session(path, target.session.graph_optimization_level, config=target.session.config)
         return evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
 
-    candidate = Candidate("int8-partial", "mixed", workdir / "int8-partial.onnx")
-    base = q.StaticInt8Config(**{**best.metrics["settings"], "nodes_to_exclude": []})
-    try:
-        result = partial.partial_quantize(
-            fp32_path,
-            candidate.path,
-            calibration,
-            base,
-            validate,
-            options.max_accuracy_drop,
-            {k: v[:32] for k, v in val.inputs.items()},
-            progress=progress,
+    ranking_feed = {k: v[: partial.PartialConfig().ranking_samples] for k, v in val.inputs.items()}
+    budget = float(options.max_accuracy_drop)
+    measured = [c for c in candidates if c.usable and c.validation]
+    static = [c for c in measured if c.metrics.get("settings", {}).get("format")]
+    dynamic = [c for c in measured if _is_dynamic(c)]
+    built = []
+    for family, members in (("static", static), ("dynamic", dynamic)):
+        if not members or any(c.within_budget for c in members) or (family == "static" and calibration is None):
+            continue
+        best = min(members, key=lambda c: c.validation["drop"])
+        progress(
+            f"every full {family} INT8 candidate breaks the budget (best {best.name}: drop "
+            f"{best.validation['drop']:.4f}); trying partial quantization ..."
         )
-    except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
-        candidate.error = f"partial quantization failed: {exc}"
-        return candidate
-    if result is None:
-        candidate.error = "budget not met even with half of the compute nodes in float"
-        return candidate
-    candidate.metrics = result.metrics
-    candidate.refresh_size()
-    measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
-    return candidate
+        name = "int8-partial" if family == "static" else "int8-dynamic-partial"
+        path = workdir / f"{name}.onnx"
+        candidate = Candidate(name, "mixed", path)
+        settings = {**best.metrics["settings"], "nodes_to_exclude": []}
+        result = None
+        with captured_library_output() as said:
+            try:
+                if family == "static":
+                    result = partial.partial_quantize(
+                        fp32_path,
+                        path,
+                        calibration,
+                        q.StaticInt8Config(**settings),
+                        validate,
+                        budget,
+                        ranking_feed,
+                        progress=progress,
+                    )
+                else:
+                    settings.pop("weight_type", None)
+                    result = partial.partial_quantize_dynamic(
+                        fp32_path,
+                        path,
+                        q.DynamicInt8Config(**settings),
+                        validate,
+                        budget,
+                        ranking_feed,
+                        progress=progress,
+                    )
+            except Exception as exc:  # noqa: BLE001 - a failed candidate is recorded, not fatal
+                candidate.error = f"partial quantization failed: {exc}"
+        if result is not None:
+            candidate.metrics = result.metrics
+            candidate.refresh_size()
+            measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+        elif candidate.error is None:
+            candidate.error = "budget not met even with half of the compute nodes in float"
+        _record_library_output(candidate, said, progress)
+        built.append(candidate)
+    return built

@@ -25,8 +25,10 @@ from edgebuild.candidates import (
     Candidate,
     apply_budget,
     build_candidate,
+    choice_reason,
+    int8_skipped,
     measure_candidate,
-    partial_candidate,
+    partial_candidates,
     plan_candidates,
     select,
     time_interleaved,
@@ -310,9 +312,12 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
 
         fp32 = Candidate("fp32", "fp32", exported.path, metrics={"recipe": "fp32 (graph-optimised by ORT)"})
         candidates = [fp32] if options.quantize in ("auto", "none") else []
+        skipped = int8_skipped(options, target, calibration)
+        if skipped:
+            progress(skipped)
         for plan in plan_candidates(options, target, calibration, exported.path):
             progress(f"quantize: building {plan.name} ...")
-            candidates.append(build_candidate(plan, exported.path, workdir))
+            candidates.append(build_candidate(plan, exported.path, workdir, progress))
         capped = " (the --val-samples cap)" if validated and len(val) >= options.val_samples else ""
         progress(
             f"validate + benchmark {len(candidates)} candidate(s) on {len(val)} samples{capped} ({metric.name}) ..."
@@ -321,13 +326,13 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
         if fp32 not in candidates:
             measure_candidate(fp32, target, ref, val, metric, feed1, options.bench_seconds)
-        apply_budget(candidates, options.max_accuracy_drop)
-        mixed = partial_candidate(
+        apply_budget(candidates, float(options.max_accuracy_drop))
+        mixed = partial_candidates(
             options, target, candidates, calibration, exported.path, workdir, ref, val, metric, feed1, progress
         )
-        if mixed is not None:
-            candidates.append(mixed)
-            apply_budget(candidates, options.max_accuracy_drop)
+        if mixed:
+            candidates.extend(mixed)
+            apply_budget(candidates, float(options.max_accuracy_drop))
         time_interleaved(candidates + ([fp32] if fp32 not in candidates else []), target, feed1, options.bench_seconds)
         if options.recipe:
             passes.insert(0, PassRecord(name="recipe", params=options.recipe, metrics={}))
@@ -372,9 +377,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
                 f"no variant within --max-accuracy-drop {options.max_accuracy_drop} ({detail}); report: {report_path}",
                 report_path,
             )
-        progress(
-            f"chosen: {chosen.name} (p50 {chosen.latency['p50_ms']:.3f} ms vs fp32 {fp32.latency['p50_ms']:.3f} ms)"
-        )
+        choice = choice_reason(chosen, fp32, _gpu_preference(target), options.optimize_for)
+        progress(f"chosen: {chosen.name}: {choice}")
 
         ship_variants = options.ship_variants if options.ship_variants is not None else target.device == "gpu"
         shipped = [chosen] + ([c for c in candidates if c is not chosen and c.within_budget] if ship_variants else [])
@@ -386,7 +390,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             ref,
             val,
             target,
-            classifier=metric.name in ("accuracy", "agreement"),
+            classifier=metric.is_classification,
         )
         providers, serving = _providers(target, chosen, inputs, val, options, passes, exported.path, progress)
         files: dict[str, Path | bytes] = {"model.onnx": chosen.path, "golden.npz": golden_bytes}
@@ -426,6 +430,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
         report_md, report_png = write_report(
             workdir / "report.md",
+            choice=choice,
             name=name,
             target=target,
             candidates=candidates,
@@ -442,7 +447,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         progress(f"writing bundle {dest} ...")
 
         def serves(staged: Path) -> None:  # pack => serve: edgerun's own loader accepts the staged bundle
-            progress(f"edgerun check on this host: {check_serves(staged)}")
+            progress(check_serves(staged))
 
         write_bundle(
             dest, manifest, files, force=options.force, sign_key=options.sign_key, archive=options.archive, check=serves
@@ -450,9 +455,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     return PackResult(dest, manifest, chosen, candidates)
 
 
-def _metric_details(metric: str, validation: dict) -> dict:
+def _metric_details(metric: str, validation: dict | None) -> dict:
     """Cosine is judged on its mean; the worst sample is recorded next to it."""
-    if metric != "cosine":
+    if metric != "cosine" or validation is None:
         return {}
     return {"cosine_mean": validation.get("cosine"), "cosine_worst": validation.get("cosine_min")}
 

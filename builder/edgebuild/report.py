@@ -38,43 +38,88 @@ def candidate_table(candidates, chosen) -> list[str]:
     return lines
 
 
+_CHOSEN, _IN_BUDGET, _OVER = "tab:red", "tab:blue", "tab:gray"
+
+
 def write_plot(path: Path, candidates, chosen, metric: str) -> Path | None:
-    """Latency vs metric, marker area ~ file size, chosen variant highlighted."""
+    """One row per candidate: p50 latency and file size side by side as bars, the metric written
+    at the end of each latency bar. Rows never overlap, however close the candidates measure."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:  # matplotlib is optional for the report
         return None
     usable = [c for c in candidates if c.latency and c.validation]
     if not usable:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    biggest = max(c.size_bytes for c in usable) or 1
-    for c in usable:
-        color = "tab:red" if c is chosen else ("tab:blue" if c.within_budget else "tab:gray")
-        ax.scatter(
-            c.latency["p50_ms"], c.validation["packed"], s=40 + 400 * c.size_bytes / biggest, color=color, alpha=0.7
-        )
-        ax.annotate(
-            f"{c.name} ({c.precision})" if c.precision not in c.name else c.name,
-            (c.latency["p50_ms"], c.validation["packed"]),
+    usable.sort(key=lambda c: c.latency["p50_ms"], reverse=True)  # fastest at the top
+    names = [c.name for c in usable]
+    colors = [_CHOSEN if c is chosen else (_IN_BUDGET if c.within_budget else _OVER) for c in usable]
+    rows = range(len(usable))
+    fig, (lat, size) = plt.subplots(
+        1, 2, figsize=(9, 1.4 + 0.42 * len(usable)), dpi=100, sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
+    latencies = [c.latency["p50_ms"] for c in usable]
+    lat.barh(rows, latencies, color=colors, alpha=0.85)
+    lat.set_yticks(list(rows), names, fontsize=8)
+    lat.set_xlabel("p50 latency, batch 1 (ms, this host)", fontsize=8)
+    lat.set_xlim(0, max(latencies) * 2.0)  # room for the metric text
+    lat.set_title(f"at each bar's end: p50 ms | {metric} (drop)", fontsize=8)
+    for row, c in zip(rows, usable):
+        v = c.validation
+        lat.text(
+            c.latency["p50_ms"],
+            row,
+            f"  {c.latency['p50_ms']:.3f} | {v['packed']:.4f} ({v['drop']:+.4f})",
+            va="center",
             fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
         )
-    ax.set_xlabel("p50 latency, batch 1 (ms, this host)")
-    ax.set_ylabel(metric)
-    ax.set_title("candidates: red = chosen, gray = over budget; area = file size", fontsize=9)
-    fig.tight_layout()
+    size.barh(rows, [c.size_bytes / 1024 for c in usable], color=colors, alpha=0.85)
+    size.set_xlabel("file size (KiB)", fontsize=8)
+    for axis in (lat, size):
+        axis.tick_params(axis="x", labelsize=7)
+        axis.grid(axis="x", alpha=0.3)
+    fig.legend(
+        handles=[
+            Patch(color=_CHOSEN, label="chosen"),
+            Patch(color=_IN_BUDGET, label="within budget"),
+            Patch(color=_OVER, label="over budget"),
+        ],
+        loc="upper center",
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
+def notes(candidates, fp32) -> list[str]:
+    """What a reader would otherwise misread: quantized files not smaller than FP32, library chatter."""
+    lines = []
+    for c in candidates:
+        if c.error or c is fp32:
+            continue
+        if c.precision != "fp16" and c.metrics.get("coverage") and fp32.size_bytes and c.size_bytes >= fp32.size_bytes:
+            why = c.metrics.get("weight_storage") or "the quantization tool added more than the int8 weights saved"
+            lines.append(
+                f"- `{c.name}` is {c.size_bytes / 1024:.1f} KiB, not smaller than FP32 ({fp32.size_bytes / 1024:.1f} KiB): {why}."
+            )
+        said = c.metrics.get("library_messages")
+        if said:
+            lines.append(
+                f"- `{c.name}`: {said['count']} library message(s) captured while building; first: {said['first']}"
+            )
+    return lines
+
+
 def write_report(
-    path: Path, *, name, target, candidates, chosen, validation: dict, fp32, passes
+    path: Path, *, name, target, candidates, chosen, validation: dict, fp32, passes, choice: str | None = None
 ) -> tuple[Path, Path | None]:
     lines = [f"# {name} for {target.name}", "", target.description, ""]
     if chosen is None:
@@ -82,7 +127,7 @@ def write_report(
     else:
         speedup = fp32.latency["p50_ms"] / chosen.latency["p50_ms"] if fp32.latency else None
         lines += [
-            f"Chosen variant: **{chosen.name}** ({chosen.recipe}).",
+            f"Chosen variant: **{chosen.name}** ({chosen.recipe}){': ' + choice if choice else ''}.",
             f"- latency p50 at batch 1 on the build host: {chosen.latency['p50_ms']:.3f} ms "
             f"(FP32 {fp32.latency['p50_ms']:.3f} ms, {speedup:.2f}× )"
             if speedup
@@ -98,7 +143,13 @@ def write_report(
     ]
     if not validation.get("validated", True):
         lines.append("- **WARNING: accuracy not validated on real data** (outputs compared on random inputs only)")
-    lines += ["", "## Candidates", "", *candidate_table(candidates, chosen), "", "## Passes", ""]
+    if validation.get("metric_reason"):
+        lines.append(f"- why this metric: {validation['metric_reason']}")
+    lines += ["", "## Candidates", "", *candidate_table(candidates, chosen), ""]
+    extra = notes(candidates, fp32)
+    if extra:
+        lines += ["## Notes", "", *extra, ""]
+    lines += ["## Passes", ""]
     for record in passes:
         if not record.name.startswith("candidate:"):
             lines.append(f"- `{record.name}` {record.params} → {record.metrics}")

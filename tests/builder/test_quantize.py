@@ -12,7 +12,7 @@ from edgebuild.data import open_data
 from edgebuild.onnx_utils import make_session
 from edgebuild.pack import PackOptions
 from edgebuild.passes import quantize as q
-from edgebuild.passes.partial import exclusion_order, partial_quantize, rank_nodes
+from edgebuild.passes.partial import exclusion_order, partial_quantize, partial_quantize_dynamic, rank_nodes
 from edgebuild.sources import load_model
 from edgebuild.targets import load_target
 from edgebuild.validate import Metric, evaluate
@@ -231,6 +231,30 @@ def test_partial_quantization_keeps_the_outlier_nodes_float_until_the_budget_hol
     )
 
 
+def test_partial_dynamic_quantization_keeps_the_layer_reading_the_outlier_float(tmp_path):
+    src = outlier_mlp(tmp_path / "mlp.onnx")
+    x = RNG.random((64, 16), dtype=np.float32)
+    ref = _outputs(src, x)
+
+    def validate(path):
+        return evaluate(Metric("cosine"), ref, _outputs(path, x), None)
+
+    full = tmp_path / "full.onnx"
+    q.quantize_dynamic_int8(src, full)
+    budget = 0.002
+    assert validate(full)["drop"] > budget  # run-time per-tensor activation quantization loses the small channels
+    result = partial_quantize_dynamic(
+        src, tmp_path / "mixed.onnx", q.DynamicInt8Config(), validate, budget, {"x": x[:16]}
+    )
+    assert result is not None and result.validation["drop"] <= budget
+    assert "fc2" in result.config.nodes_to_exclude and len(result.config.nodes_to_exclude) <= 2
+    assert result.metrics["partial"]["ranking"][0]["node"] == "fc2"
+    coverage = result.metrics["coverage"]
+    assert 0 < coverage["quantized_compute_ops"] < coverage["compute_ops"]
+    assert result.metrics["recipe"].startswith("dynamic S8 per-channel") and "nodes float" in result.metrics["recipe"]
+    assert validate(tmp_path / "mixed.onnx")["drop"] <= budget
+
+
 def test_forcing_int8_on_a_model_it_cannot_quantize_says_so_instead_of_blaming_the_budget(tmp_path):
     from click.testing import CliRunner
 
@@ -256,3 +280,19 @@ def test_forcing_int8_on_a_model_it_cannot_quantize_says_so_instead_of_blaming_t
     assert result.exit_code == 1, result.output
     assert "no candidate could be built" in result.stderr and "quantized 0 compute ops" in result.stderr
     assert not (tmp_path / "out" / "if-x86").exists()
+
+
+def test_quantization_preprocessing_leaves_no_file_in_the_working_directory(tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    def leaky(src, dst, **kwargs):  # what symbolic shape inference does on some models
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"")
+        Path(dst).write_bytes(Path(src).read_bytes())
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", leaky)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    src = tiny_cnn(tmp_path / "cnn.onnx")
+    assert q.preprocess(src, tmp_path / "prepared.onnx") == "symbolic"
+    assert list(workdir.iterdir()) == [] and (tmp_path / "prepared.onnx").is_file()

@@ -43,7 +43,10 @@ def test_near_uniform_classifier_packed_as_int8_serves_on_the_same_host(tmp_path
 
     result = _pack(tmp_path, *NEAR_UNIFORM_INT8)
     assert result.exit_code == 0, result.stderr
-    assert "edgerun check on this host: model.onnx: 8 golden samples match" in result.stderr
+    assert (
+        "edgerun on this host serves it: 1 of 1 variant(s) pass the golden check on CPUExecutionProvider"
+        in result.stderr
+    )
     manifest = _manifest(result)
     assert manifest["model"]["precision"] == "int8"
     own = manifest["golden"]["variants"]["model.onnx"]
@@ -173,3 +176,107 @@ def test_val_samples_caps_validation_and_says_so(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "on 20 samples (the --val-samples cap)" in result.stderr
     assert _manifest(result)["validation"]["samples"] == 20
+
+
+@pytest.mark.slow
+def test_dynamic_int8_that_misses_the_budget_gets_a_mixed_variant_that_meets_it(tmp_path):
+    result = _pack(
+        tmp_path,
+        "validation_models:outlier_mlp",
+        "--val-data",
+        "validation_models:vectors32",
+        "--quantize",
+        "int8-dynamic",
+        "--max-accuracy-drop",
+        "0.01",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "every full dynamic INT8 candidate breaks the budget" in result.stderr
+    manifest = _manifest(result)
+    assert manifest["model"]["precision"] == "mixed" and manifest["validation"]["drop"] <= 0.01
+    quantization = manifest["model"]["quantization"]
+    assert quantization["recipe"].startswith("dynamic S8") and quantization["nodes_to_exclude"]
+    rows = {r["name"]: r for r in manifest["benchmark"]["candidates"]}
+    assert not rows["int8-dynamic"]["within_budget"] and rows["int8-dynamic-partial"]["within_budget"]
+
+
+def test_int8_skipped_without_calibration_data_is_said_once_with_the_flag(tmp_path):
+    result = _pack(tmp_path, "tinymodels:tiny_cnn", "--val-data", "tinymodels:tiny_images")
+    assert result.exit_code == 0, result.stderr
+    skipped = [line for line in result.stderr.splitlines() if "INT8 skipped" in line]
+    assert len(skipped) == 1 and "--calib-data" in skipped[0]
+
+
+@pytest.mark.slow
+def test_library_warnings_are_summarised_and_a_gpu_choice_says_why(tmp_path):
+    result = _pack(
+        tmp_path,
+        "validation_models:tiny_weights",
+        "--target",
+        "jetson",
+        "--quantize",
+        "fp16",
+        "--val-data",
+        "validation_models:vectors16",
+    )
+    assert result.exit_code == 0, result.stderr
+    # Four truncated fp16 weights: one summary line, no raw warnings.
+    mentions = [line for line in result.stderr.splitlines() if "truncated" in line]
+    assert len(mentions) == 1 and "4 library message(s) captured" in mentions[0]
+    assert "warnings.warn" not in result.stderr
+    assert "TensorRT decides on the device; host CPU timings do not rank GPU variants" in result.stderr
+    manifest = _manifest(result)
+    assert next(p for p in manifest["passes"] if p["name"] == "candidate:fp16")
+
+
+@pytest.mark.slow
+def test_tensorrt_int8_file_size_is_explained_and_the_working_directory_stays_clean(tmp_path):
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=tmp_path) as cwd:
+        result = runner.invoke(
+            main,
+            [
+                "pack",
+                "tinymodels:tiny_cnn",
+                "--target",
+                "jetson",
+                "--calib-data",
+                "tinymodels:tiny_images",
+                "--val-data",
+                "tinymodels:tiny_images",
+                "--max-accuracy-drop",
+                "0.2",
+                "-o",
+                "out",
+                *FAST,
+            ],
+        )
+        assert result.exit_code == 0, result.stderr
+        from pathlib import Path
+
+        assert sorted(p.name for p in Path(cwd).iterdir()) == ["out"]
+        assert "edgerun on this host serves it: 3 of 3 variant(s) pass the golden check" in result.stderr
+        report = (Path(cwd) / "out" / "tiny-cnn-jetson" / "report.md").read_text()
+        rows = {r["name"]: r for r in _manifest(result)["benchmark"]["candidates"]}
+    int8 = next(name for name in rows if name.startswith("int8-qdq"))
+    assert rows[int8]["size_bytes"] >= rows["fp32"]["size_bytes"]
+    assert f"`{int8}` is" in report and "not smaller than FP32" in report and "AddQDQPairToWeight" in report
+    assert "TensorRT decides on the device" in report
+
+
+def test_golden_tolerances_follow_what_the_host_measured_with_a_margin():
+    import numpy as np
+
+    from edgebuild.golden import variant_thresholds
+
+    expected = np.eye(8, 4, dtype=np.float32)  # 8 samples whose top-1 is class 0..3, then ties
+    expected[4:, 0] = 1.0
+    out = expected.copy()
+    out[:4] = out[:4, ::-1]  # half of the top-1 decisions flip on this host
+    out += 0.01
+    limits = variant_thresholds(out, expected, classifier=True)
+    assert limits.measured["top1_agreement"] == 0.5 and limits.measured["max_abs"] == pytest.approx(1.01, abs=1e-6)
+    assert limits.min_top1_agreement == 0.25  # two more of eight may flip on the device
+    assert limits.atol >= 2 * limits.measured["max_abs"]
+    dense = variant_thresholds(out, expected, classifier=False)
+    assert dense.min_top1_agreement is None and "top1_agreement" not in dense.measured

@@ -47,7 +47,7 @@ class PartialConfig:
 
 @dataclass
 class PartialResult:
-    config: q.StaticInt8Config  # with nodes_to_exclude set
+    config: q.StaticInt8Config | q.DynamicInt8Config  # with nodes_to_exclude set
     metrics: dict  # what quantize_static_int8 recorded, plus the ranking and the trials
     validation: dict  # of the kept model, full validation set
 
@@ -56,7 +56,7 @@ def _nsr(reference: np.ndarray, value: np.ndarray) -> float:
     """Noise-to-signal ratio ||value - reference||² / ||reference||²."""
     ref = reference.astype(np.float64).ravel()
     diff = value.astype(np.float64).ravel() - ref
-    return float((diff @ diff) / max(ref @ ref, 1e-30))
+    return float(diff @ diff) / max(float(ref @ ref), 1e-30)
 
 
 def _with_outputs(path: Path, names: list[str], dst: Path) -> None:
@@ -82,7 +82,9 @@ def _tensors(path: Path, names: list[str], feed: dict[str, np.ndarray], workdir:
     return dict(zip(wanted, values))
 
 
-def rank_nodes(qdq: Path, prepared: Path, feed: dict[str, np.ndarray], workdir: Path) -> list[tuple[str, float]]:
+def rank_nodes(
+    qdq: Path, prepared: Path, feed: dict[str, np.ndarray], workdir: Path, *, by_tensor: bool = False
+) -> list[tuple[str, float]]:
     """Compute nodes, worst first, by the output error each one *adds* in the fully quantized QDQ model.
 
     For every compute node (matched by name; quantize_static keeps node names), compare its
@@ -91,6 +93,10 @@ def rank_nodes(qdq: Path, prepared: Path, feed: dict[str, np.ndarray], workdir: 
     node's input activation and its weights destroyed, *as seen after the layer*, so a tensor
     whose few huge channels hide the loss of all the others (a small error relative to the
     tensor) still shows up at the layer that needed those channels.
+
+    ``by_tensor`` (dynamic INT8, which renames the nodes it quantizes but keeps every float
+    tensor's name) pairs each float node with the same-named tensors in the quantized model: the
+    node's output error includes its own run-time input quantization and int8 weights.
     """
     import onnx
 
@@ -99,11 +105,19 @@ def rank_nodes(qdq: Path, prepared: Path, feed: dict[str, np.ndarray], workdir: 
     float_nodes = {n.name: n for n in float_graph.node if n.name}
     quant_nodes = {n.name: n for n in quant_graph.node if n.name}
     graph_inputs = {i.name for i in float_graph.input}
-    pairs = [
-        (name, float_nodes[name], quant_nodes[name])
-        for name in float_nodes
-        if float_nodes[name].op_type in COMPUTE_OPS and name in quant_nodes
-    ]
+    if by_tensor:
+        quant_tensors = {t for n in quant_graph.node for t in n.output}
+        pairs = [
+            (name, node, node)
+            for name, node in float_nodes.items()
+            if node.op_type in COMPUTE_OPS and node.output[0] in quant_tensors
+        ]
+    else:
+        pairs = [
+            (name, float_nodes[name], quant_nodes[name])
+            for name in float_nodes
+            if float_nodes[name].op_type in COMPUTE_OPS and name in quant_nodes
+        ]
     float_names = sorted({t for _, f, _ in pairs for t in (f.input[0], f.output[0]) if t not in graph_inputs})
     quant_names = sorted({t for _, _, qn in pairs for t in (qn.input[0], qn.output[0]) if t not in graph_inputs})
     float_values = {**feed, **_tensors(prepared, float_names, feed, workdir)}
@@ -153,6 +167,93 @@ def exclusion_order(ranking: list[tuple[str, float]], prepared: Path) -> list[st
     return order
 
 
+def _search(limit: int, trial: Callable[[int], bool]) -> int | None:
+    """Fewest worst-ranked nodes in float for which ``trial`` passes: 1, 2, 4, ... up to ``limit``,
+    then bisection; ``None`` when even ``limit`` nodes do not pass."""
+    passing, failing, k, tried = None, 0, 1, set()
+    while k <= limit:
+        tried.add(k)
+        if trial(k):
+            passing = k
+            break
+        failing, k = k, k * 2
+    if passing is None and limit > failing and limit not in tried and trial(limit):
+        passing = limit
+    if passing is None:
+        return None
+    while passing - failing > 1:  # bisect to the fewest float nodes that still pass
+        middle = (passing + failing) // 2
+        if trial(middle):
+            passing = middle
+        else:
+            failing = middle
+    return passing
+
+
+def _partial(
+    src: Path,
+    dst: Path,
+    quantize: Callable[[Path, Path, list[str]], dict],
+    twin: Callable[[Path, Path], object],
+    dynamic: bool,
+    validate: Callable[[Path], dict],
+    max_drop: float,
+    ranking_feed: dict[str, np.ndarray],
+    config: PartialConfig,
+    progress: Callable[[str], None],
+) -> tuple[list[str], dict, dict] | None:
+    """The search shared by static and dynamic INT8: rank the nodes on a fully quantized ``twin``,
+    then ``quantize(src, dst, nodes_to_exclude)`` with more and more of the worst nodes in float."""
+    with tempfile.TemporaryDirectory(prefix="edgebuild-partial-") as tmp:
+        work = Path(tmp)
+        prepared = work / "prepared.onnx"
+        q.preprocess(src, prepared)  # the quantizers repeat this exactly; node names match
+        if dynamic:  # quantize_dynamic also splits Gemm into MatMul (+ Add) and names the parts
+            q.gemm_as_matmul(prepared)
+        quantized = work / "twin.onnx"
+        twin(src, quantized)
+        ranking = rank_nodes(quantized, prepared, ranking_feed, work, by_tensor=dynamic)
+        order = exclusion_order(ranking, prepared)
+        limit = int(np.floor(config.max_float_fraction * len(order)))
+        trials: list[dict] = []
+        results: dict[int, tuple[dict, dict, Path]] = {}
+
+        def trial(k: int) -> bool:
+            path = work / f"partial-{k}.onnx"
+            metrics = quantize(src, path, order[:k])
+            validation = validate(path)
+            ok = bool(validation.get("finite", True) and validation["drop"] <= max_drop + 1e-12)
+            trials.append({"float_nodes": k, "drop": round(float(validation["drop"]), 6), "within_budget": ok})
+            progress(
+                f"partial quantization: {k} node(s) in float -> {validation['metric']} drop {validation['drop']:.4f}"
+                f"{' (within budget)' if ok else ''}"
+            )
+            results[k] = (metrics, validation, path)
+            return ok
+
+        passing = _search(limit, trial)
+        if passing is None:
+            progress(
+                f"partial quantization: budget not met with up to {limit} of {len(order)} compute nodes in float; giving up"
+            )
+            return None
+        metrics, validation, path = results[passing]
+        dst.write_bytes(path.read_bytes())
+    metrics = {
+        **metrics,
+        "partial": {
+            "float_nodes": order[:passing],
+            "compute_nodes": len(order),
+            "trials": trials,
+            "ranking": [{"node": n, "added_nsr": (None if np.isnan(s) else round(s, 8))} for n, s in ranking[:10]],
+            "ranking_samples": len(next(iter(ranking_feed.values()))),
+            "method": "rank nodes by the output noise-to-signal ratio each adds (FP32 vs quantized activations); keep "
+            "the worst (and their input producers) in float: doubling, then bisection, each trial validated",
+        },
+    }
+    return order[:passing], metrics, validation
+
+
 def partial_quantize(
     src: Path,
     dst: Path,
@@ -164,71 +265,58 @@ def partial_quantize(
     config: PartialConfig | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> PartialResult | None:
-    """Smallest set of worst-ranked nodes kept in float for which ``validate(model)['drop'] <= max_drop``.
+    """Static INT8 with the fewest worst-ranked nodes in float for which ``validate(model)['drop'] <= max_drop``.
 
     ``validate`` runs a model file on the full validation set (as the pack gate does). Returns
     ``None`` when the budget needs more than ``max_float_fraction`` of the compute nodes in float.
     """
-    config = config or PartialConfig()
-    with tempfile.TemporaryDirectory(prefix="edgebuild-partial-") as tmp:
-        work = Path(tmp)
-        prepared = work / "prepared.onnx"
-        q.preprocess(src, prepared)  # quantize_static repeats this exactly; node names match
-        qdq = work / "qdq.onnx"
-        q.quantize_static_int8(src, qdq, calibration, replace(base, format="qdq", nodes_to_exclude=[]))
-        ranking = rank_nodes(qdq, prepared, ranking_feed, work)
-        order = exclusion_order(ranking, prepared)
-        limit = int(np.floor(config.max_float_fraction * len(order)))
-        trials: list[dict] = []
-        results: dict[int, tuple[dict, dict, Path]] = {}
+    found = _partial(
+        src,
+        dst,
+        lambda s, d, exclude: q.quantize_static_int8(s, d, calibration, replace(base, nodes_to_exclude=exclude)),
+        # Ranked on QDQ whatever the format: QOperator renames the nodes it quantizes.
+        lambda s, d: q.quantize_static_int8(s, d, calibration, replace(base, format="qdq", nodes_to_exclude=[])),
+        False,
+        validate,
+        max_drop,
+        ranking_feed,
+        config or PartialConfig(),
+        progress,
+    )
+    if found is None:
+        return None
+    excluded, metrics, validation = found
+    kept = replace(base, nodes_to_exclude=excluded)
+    return PartialResult(kept, {**metrics, "settings": asdict(kept), "recipe": kept.describe()}, validation)
 
-        def trial(k: int) -> bool:
-            path = work / f"partial-{k}.onnx"
-            metrics = q.quantize_static_int8(src, path, calibration, replace(base, nodes_to_exclude=order[:k]))
-            validation = validate(path)
-            ok = bool(validation.get("finite", True) and validation["drop"] <= max_drop + 1e-12)
-            trials.append({"float_nodes": k, "drop": round(float(validation["drop"]), 6), "within_budget": ok})
-            progress(
-                f"partial quantization: {k} node(s) in float -> {validation['metric']} drop {validation['drop']:.4f}"
-                f"{' (within budget)' if ok else ''}"
-            )
-            results[k] = (metrics, validation, path)
-            return ok
 
-        passing, failing, k = None, 0, 1
-        while k <= limit:
-            if trial(k):
-                passing = k
-                break
-            failing, k = k, k * 2
-        if passing is None and limit > failing and limit not in results and trial(limit):
-            passing = limit
-        if passing is None:
-            progress(
-                f"partial quantization: budget not met with up to {limit} of {len(order)} compute nodes in float; giving up"
-            )
-            return None
-        while passing - failing > 1:  # bisect to the fewest float nodes that still pass
-            middle = (passing + failing) // 2
-            if trial(middle):
-                passing = middle
-            else:
-                failing = middle
-        metrics, validation, path = results[passing]
-        dst.write_bytes(path.read_bytes())
-    kept = replace(base, nodes_to_exclude=order[:passing])
-    metrics = {
-        **metrics,
-        "settings": asdict(kept),
-        "recipe": kept.describe(),
-        "partial": {
-            "float_nodes": order[:passing],
-            "compute_nodes": len(order),
-            "trials": trials,
-            "ranking": [{"node": n, "added_nsr": (None if np.isnan(s) else round(s, 8))} for n, s in ranking[:10]],
-            "ranking_samples": len(next(iter(ranking_feed.values()))),
-            "method": "rank nodes by the output noise-to-signal ratio each adds (FP32 vs QDQ activations); keep the "
-            "worst (and their input producers) in float: doubling, then bisection, each trial validated",
-        },
-    }
-    return PartialResult(kept, metrics, validation)
+def partial_quantize_dynamic(
+    src: Path,
+    dst: Path,
+    base: q.DynamicInt8Config,
+    validate: Callable[[Path], dict],
+    max_drop: float,
+    ranking_feed: dict[str, np.ndarray],
+    config: PartialConfig | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> PartialResult | None:
+    """Dynamic INT8 (no calibration) with the fewest worst-ranked nodes in float: how a transformer
+    whose full dynamic INT8 misses a tight budget keeps most of its speed-up (FIELD-NOTES)."""
+    found = _partial(
+        src,
+        dst,
+        lambda s, d, exclude: q.quantize_dynamic_int8(s, d, replace(base, nodes_to_exclude=exclude)),
+        lambda s, d: q.quantize_dynamic_int8(s, d, replace(base, nodes_to_exclude=[])),
+        # Dynamic quantization renames the nodes it replaces but keeps every float tensor's name.
+        True,
+        validate,
+        max_drop,
+        ranking_feed,
+        config or PartialConfig(),
+        progress,
+    )
+    if found is None:
+        return None
+    excluded, metrics, validation = found
+    kept = replace(base, nodes_to_exclude=excluded)
+    return PartialResult(kept, {**metrics, "settings": asdict(kept), "recipe": kept.describe()}, validation)

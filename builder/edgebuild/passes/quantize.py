@@ -7,9 +7,7 @@ worked, and how many compute ops really ended up quantized.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,14 @@ from edgebuild.errors import EdgebuildError, first_line
 from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage, scratch_cwd
 
 log = logging.getLogger(__name__)
+
+
+# Why a TensorRT-style QDQ file is not smaller than FP32 (recorded and shown in the report).
+WEIGHTS_BEHIND_QDQ = (
+    "weights stay float32 behind QuantizeLinear/DequantizeLinear pairs (AddQDQPairToWeight, the layout "
+    "TensorRT's parser fuses): TensorRT folds them into int8 weights when it builds the engine on the device, "
+    "so the file is about FP32's size while the engine is not"
+)
 
 
 @dataclass
@@ -113,49 +119,91 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
         }
         # CalibMaxIntermediateOutputs is deliberately left unset: it discards collected ranges.
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # calibrators print progress; stdout is the bundle path
-                quantize_static(
-                    str(prepared),
-                    str(dst),
-                    CalibrationReader(calibration, fixed_batch(src)),
-                    quant_format=fmt,
-                    activation_type=act,
-                    weight_type=wt,
-                    per_channel=config.per_channel,
-                    reduce_range=config.reduce_range,
-                    calibrate_method=method,
-                    nodes_to_exclude=list(config.nodes_to_exclude),
-                    extra_options=extra,
-                )
+            # Calibrators print progress to stdout; callers capture it (edgebuild.quiet): stdout is the bundle path.
+            quantize_static(
+                str(prepared),
+                str(dst),
+                CalibrationReader(calibration, fixed_batch(src)),
+                quant_format=fmt,
+                activation_type=act,
+                weight_type=wt,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                calibrate_method=method,
+                nodes_to_exclude=list(config.nodes_to_exclude),
+                extra_options=extra,
+            )
         except Exception as exc:  # noqa: BLE001
             raise EdgebuildError(f"static INT8 quantization failed: {first_line(exc)}") from None
     check_model(dst)
-    return {
+    metrics = {
         "settings": asdict(config),
         "recipe": config.describe(),
         "preprocess": pre,
         "calibration_data": calibration.description,
         "coverage": quantization_coverage(src, dst),
     }
+    if extra.get("AddQDQPairToWeight"):
+        metrics["weight_storage"] = WEIGHTS_BEHIND_QDQ
+    return metrics
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool = True, reduce_range: bool = False) -> dict:
+@dataclass
+class DynamicInt8Config:
+    """Dynamic INT8: int8 weights, activations quantized at run time (no calibration)."""
+
+    per_channel: bool = True  # per-tensor wrecked a MiniLM's worst-case cosine (FIELD-NOTES)
+    reduce_range: bool = False
+    nodes_to_exclude: list[str] = field(default_factory=list)  # kept in float (partial quantization)
+
+    def describe(self) -> str:
+        parts = ["dynamic S8", "per-channel" if self.per_channel else "per-tensor"]
+        if self.reduce_range:
+            parts.append("reduce-range")
+        if self.nodes_to_exclude:
+            parts.append(f"{len(self.nodes_to_exclude)} nodes float")
+        return " ".join(parts)
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, config: DynamicInt8Config | None = None) -> dict:
     """Dynamic INT8 (weights int8, activations quantized at run time): for MatMul/RNN-heavy models."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    config = config or DynamicInt8Config()
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         pre = preprocess(src, prepared)
         try:
             quantize_dynamic(
-                str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range
+                str(prepared),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                nodes_to_exclude=list(config.nodes_to_exclude),
             )
         except Exception as exc:  # noqa: BLE001
             raise EdgebuildError(f"dynamic INT8 quantization failed: {first_line(exc)}") from None
     check_model(dst)
-    settings = {"weight_type": "int8", "per_channel": per_channel, "reduce_range": reduce_range}
-    recipe = "dynamic S8 " + ("per-channel" if per_channel else "per-tensor")
-    return {"settings": settings, "recipe": recipe, "preprocess": pre, "coverage": quantization_coverage(src, dst)}
+    settings = {"weight_type": "int8", **asdict(config)}
+    return {
+        "settings": settings,
+        "recipe": config.describe(),
+        "preprocess": pre,
+        "coverage": quantization_coverage(src, dst),
+    }
+
+
+def gemm_as_matmul(path: Path) -> None:
+    """Rewrite Gemm as MatMul (+ Add) in place, exactly as ``quantize_dynamic`` does before it
+    quantizes: the node names it then reports and accepts in ``nodes_to_exclude`` are these."""
+    import onnx
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    model = ONNXModel(onnx.load(str(path)))
+    model.replace_gemm_with_matmul()
+    model.remove_unused_constant()  # the Gemm weights it transposed into new initializers
+    onnx.save(model.model, str(path), save_as_external_data=False)
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:
