@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -49,7 +50,9 @@ from edgerun.manifest import (
     Manifest,
     ModelFile,
     PassRecord,
+    Precision,
     ProviderSpec,
+    SessionOptionsSpec,
     TensorSpec,
     Validation,
 )
@@ -186,12 +189,9 @@ def _model_file(candidate: Candidate, path: str, target: TargetProfile, provider
         path=path,
         sha256="",
         size_bytes=0,
-        precision=candidate.precision,
-        opset=model_opset(candidate.path),
-        session_options={
-            "graph_optimization_level": target.session.graph_optimization_level,
-            "config": target.session.config,
-        },
+        precision=cast(Precision, candidate.precision),
+        opset=model_opset(candidate.file),
+        session_options=SessionOptionsSpec.model_validate(target.session.model_dump()),
         quantization=(
             {**quant, "recipe": candidate.recipe, "coverage": candidate.metrics.get("coverage")} if quant else None
         ),
@@ -254,7 +254,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     validated = val_spec is not None
     validation_source = (
         open_data(val_spec, source.inputs, purpose="validation", limit=options.val_samples, preprocess=preprocess)
-        if validated
+        if val_spec is not None
         else open_data("random", source.inputs, purpose="validation", allow_random=True, limit=64)
     )
     if not validated:
@@ -344,7 +344,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             )
 
         chosen = select(candidates, options.optimize_for, prefer=_gpu_preference(target))
-        validation_info = dict(
+        validation_info: dict[str, Any] = dict(
             metric=metric.name,
             metric_reason=metric.reason,
             data=validation_source.description,
@@ -367,12 +367,11 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
                 fp32=fp32,
                 passes=passes,
             )
-            closest = min((c for c in candidates if c.validation), key=lambda c: c.validation["drop"], default=None)
-            detail = (
-                f"best {closest.name}: {metric.name} drop {closest.validation['drop']:.4f}"
-                if closest
-                else "no candidate could be built"
-            )
+            drops = [(float(c.validation["drop"]), c.name) for c in candidates if c.validation]
+            detail = "no candidate could be built"
+            if drops:
+                drop, closest = min(drops)
+                detail = f"best {closest}: {metric.name} drop {drop:.4f}"
             raise AccuracyBudgetError(
                 f"no variant within --max-accuracy-drop {options.max_accuracy_drop} ({detail}); report: {report_path}",
                 report_path,
@@ -382,7 +381,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
 
         ship_variants = options.ship_variants if options.ship_variants is not None else target.device == "gpu"
         shipped = [chosen] + ([c for c in candidates if c is not chosen and c.within_budget] if ship_variants else [])
-        inputs, outputs = _tensor_specs(chosen.path)
+        inputs, outputs = _tensor_specs(chosen.file)
         relative = {id(c): "model.onnx" if c is chosen else f"variants/{c.name}.onnx" for c in shipped}
         golden_bytes, golden = make_golden(
             outputs[0].name,
@@ -393,14 +392,16 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             classifier=metric.is_classification,
         )
         providers, serving = _providers(target, chosen, inputs, val, options, passes, exported.path, progress)
-        files: dict[str, Path | bytes] = {"model.onnx": chosen.path, "golden.npz": golden_bytes}
+        files: dict[str, Path | bytes] = {"model.onnx": chosen.file, "golden.npz": golden_bytes}
         variants = []
         for candidate in shipped[1:]:
-            files[relative[id(candidate)]] = candidate.path
+            files[relative[id(candidate)]] = candidate.file
             variants.append(_model_file(candidate, relative[id(candidate)], target, providers))
         if labels:
             files["labels.txt"] = ("\n".join(labels) + "\n").encode()
 
+        chosen_validation = chosen.validation
+        assert chosen_validation is not None  # only validated candidates are chosen
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             name=name,
@@ -417,10 +418,10 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             serving=serving,
             passes=passes,
             validation=Validation(
-                reference=chosen.validation["reference"],
-                packed=chosen.validation["packed"],
-                drop=chosen.validation["drop"],
-                **_metric_details(metric.name, chosen.validation),
+                reference=chosen_validation["reference"],
+                packed=chosen_validation["packed"],
+                drop=chosen_validation["drop"],
+                **_metric_details(metric.name, chosen_validation),
                 **validation_info,
             ),
             benchmark=_benchmark_summary(fp32, chosen, candidates),
@@ -455,7 +456,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     return PackResult(dest, manifest, chosen, candidates)
 
 
-def _metric_details(metric: str, validation: dict | None) -> dict:
+def _metric_details(metric: str, validation: dict | None) -> dict[str, Any]:
     """Cosine is judged on its mean; the worst sample is recorded next to it."""
     if metric != "cosine" or validation is None:
         return {}
