@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +109,6 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=_MAX_WORKERS, thread_name_prefix="edgerun-infer")
         self._closing = False
         self._in_flight: dict[int, int] = {}  # id(session) -> runs in flight
-        self._runs: set[asyncio.Task] = set()
         self.running = 0
 
     @property
@@ -154,8 +153,16 @@ class Batcher:
                 )
         rows = _rows(feeds)
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(session, feeds, rows, _batch_key(session, feeds), future, nbytes))
-        self._wake()
+        job = _Job(session, feeds, rows, _batch_key(session, feeds), future, nbytes)
+        if (
+            not self._pending
+            and self._has_free_instance(session)
+            and (job.key is None or self._batch_limit(session) == 1)
+        ):
+            self._dispatch(session, [job])  # nothing queued ahead and nothing to stack: run it now
+        else:
+            self._pending.append(job)
+            self._wake()
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         try:
             result = await asyncio.wait_for(future, timeout)
@@ -224,30 +231,32 @@ class Batcher:
             batch = [job for job in batch if not job.future.done()]
             if not batch:
                 continue
-            session = first.session
-            self._in_flight[id(session)] = self._in_flight.get(id(session), 0) + 1
-            self.running += len(batch)
-            task = loop.create_task(self._run(session, batch, sum(job.rows for job in batch)))
-            self._runs.add(task)
-            task.add_done_callback(self._runs.discard)
+            self._dispatch(first.session, batch)
 
-    async def _run(self, session, batch: list[_Job], rows: int) -> None:
+    def _dispatch(self, session, batch: list[_Job]) -> None:
+        """Start one run of ``batch`` on a worker thread; ``_complete`` hands the results back."""
         loop = asyncio.get_running_loop()
+        self._in_flight[id(session)] = self._in_flight.get(id(session), 0) + 1
+        self.running += len(batch)
+        work = self._executor.submit(run_stacked, session, [job.feeds for job in batch])
+        # Straight from the worker to the loop: no task or wrapper future per run.
+        work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._complete, session, batch, done))
+
+    def _complete(self, session, batch: list[_Job], done: Future) -> None:
+        self.running -= len(batch)
+        left = self._in_flight.get(id(session), 1) - 1
+        if left:
+            self._in_flight[id(session)] = left
+        else:
+            self._in_flight.pop(id(session), None)
+        self._wake()
         try:
-            results = await loop.run_in_executor(self._executor, run_stacked, session, [job.feeds for job in batch])
+            results = done.result()
             if self.on_batch is not None:
-                self.on_batch(rows)
+                self.on_batch(sum(job.rows for job in batch))
         except Exception as exc:  # a bug here must fail this batch, not every later request
             log.exception("batcher: unexpected error running a batch of %d", len(batch))
             results = [exc] * len(batch)
-        finally:
-            self.running -= len(batch)
-            left = self._in_flight.get(id(session), 1) - 1
-            if left:
-                self._in_flight[id(session)] = left
-            else:
-                self._in_flight.pop(id(session), None)
-            self._wake()
         for job, result in zip(batch, results):
             if job.future.done():
                 continue
@@ -273,5 +282,5 @@ class Batcher:
     async def _drain(self) -> None:
         assert self._task is not None
         await self._task
-        while self._runs:
-            await asyncio.gather(*list(self._runs), return_exceptions=True)
+        while self.running:  # runs started before closing hand their results back first
+            await asyncio.sleep(0.005)
