@@ -246,7 +246,8 @@ def decode_infer_request(
 
 
 def _datatype(array: np.ndarray) -> str:
-    return KSERVE_DATATYPES.get(array.dtype.name, array.dtype.name.upper())
+    name = array.dtype.name
+    return KSERVE_DATATYPES.get(name) or name.upper()
 
 
 def encode_infer_response(
