@@ -6,7 +6,8 @@ Without a model it builds one: torchvision ``mobilenet_v2`` (weights=None) packe
 ``edgebuild pack ... --quantize none`` (FP32, golden data included). Then, batch 1, client
 ``tritonclient.http`` binary tensors in this process:
 
-- edgerun (default flags: the self-benchmark picks the layout) with N concurrent clients;
+- edgerun (default flags: the self-benchmark picks the layout; and ``--optimize throughput`` when
+  that picks another layout) with N concurrent clients;
 - the box's limit: the best in-process layout (edgerun's own candidates: N sessions x T threads,
   spinning, each session run back to back from its own thread, no HTTP) and the transport floor
   (the same clients against a bare ASGI app on uvicorn that reads the body and answers a canned
@@ -282,6 +283,15 @@ def main() -> int:
     startup_bench_s = edgerun.ready_s
     client = httpclient.InferenceServerClient(url=edgerun.url)
     served_layout = client.get_model_metadata(name)["parameters"]["layout"]
+    # The same measurements chosen for throughput (shared cache: nothing is measured again).
+    port = _free_port()
+    tput_server: Server | None = Server(
+        edgerun_command(bundle, port, work / "cache", "--optimize", "throughput"), f"127.0.0.1:{port}"
+    )
+    tput_layout = httpclient.InferenceServerClient(url=tput_server.url).get_model_metadata(name)["parameters"]["layout"]
+    if tput_layout["label"] == served_layout["label"]:
+        tput_server.stop()
+        tput_server = None
 
     feeds = example_inputs(template.session.inputs)
     names = template.session.output_names
@@ -354,7 +364,7 @@ def main() -> int:
         # 2. Concurrent: edgerun vs the limit's two parts, in alternating rounds.
         per_client = max(1, args.requests // args.clients // ROUNDS)
         total = per_client * args.clients
-        edgerun_s = bare_s = 0.0
+        edgerun_s = bare_s = tput_s = 0.0
         inproc_s = {layout.label: 0.0 for layout in layouts}
         for _ in range(ROUNDS):
             for layout in layouts:
@@ -364,8 +374,11 @@ def main() -> int:
                 inproc_s[layout.label] += seconds * total / (per_instance * layout.instances)
             bare_s += parallel_seconds([lambda: http_call(bare.url)] * args.clients, per_client)
             edgerun_s += parallel_seconds([lambda: http_call(edgerun.url)] * args.clients, per_client)
+            if tput_server is not None:
+                tput_s += parallel_seconds([lambda: http_call(tput_server.url)] * args.clients, per_client)
             served_requests += (per_client + 1) * args.clients
         edgerun_tput = ROUNDS * total / edgerun_s
+        throughput_tput = ROUNDS * total / tput_s if tput_server is not None else edgerun_tput
         floor_tput = ROUNDS * total / bare_s
         inproc_tput = {label: ROUNDS * total / seconds for label, seconds in inproc_s.items()}
         best_label = max(inproc_tput, key=lambda label: inproc_tput[label])
@@ -406,6 +419,8 @@ def main() -> int:
     finally:
         edgerun.stop()
         bare.stop()
+        if tput_server is not None:
+            tput_server.stop()
 
     # 5. Cold start without the self-benchmark, fresh cache.
     port = _free_port()
@@ -425,6 +440,9 @@ def main() -> int:
         f"transport_floor_{args.clients}_clients_per_s": round(floor_tput, 1),
         "box_limit_per_s": round(limit, 1),
         "edgerun_vs_limit": round(edgerun_tput / limit, 3),
+        "optimize_throughput_layout": tput_layout["label"],
+        f"optimize_throughput_{args.clients}_clients_per_s": round(throughput_tput, 1),
+        "optimize_throughput_vs_limit": round(throughput_tput / limit, 3),
         "single_client_p50_ms": round(edgerun_p50, 3),
         "inprocess_p50_ms": round(inproc_p50, 3),
         "transport_floor_p50_ms": round(floor_p50, 3),
@@ -436,7 +454,10 @@ def main() -> int:
         "requests_served": served_requests,
     }
     checks = {
-        f"{args.clients}-client throughput >= 0.9x the box's limit": numbers["edgerun_vs_limit"] >= 0.9,
+        f"{args.clients}-client throughput >= 0.9x the box's limit (default flags)": numbers["edgerun_vs_limit"] >= 0.9,
+        f"{args.clients}-client throughput >= 0.9x the box's limit (--optimize throughput)": (
+            numbers["optimize_throughput_vs_limit"] >= 0.9
+        ),
         "edgerun's own single-client overhead <= 0.5 ms": own_ms <= 0.5,
         "cold start (--no-bench) <= 1 s": cold.ready_s <= 1.0,
         "start-up with the self-benchmark <= 5 s": startup_bench_s <= 5.0,
@@ -449,10 +470,18 @@ def main() -> int:
     print(f"  edgerun layout: {served_layout['label']} ({served_layout['source']})")
     print(f"  {args.clients} clients:")
     for label, value in inproc_tput.items():
-        print(f"    in-process {label:<22} {value:8.1f}/s{'  <- best' if label == best_label else ''}")
-    print(f"    transport floor (bare ASGI)      {floor_tput:8.1f}/s")
-    print(f"    box's limit 1/(1/a + 1/b)        {limit:8.1f}/s")
-    print(f"    edgerun                          {edgerun_tput:8.1f}/s  ({numbers['edgerun_vs_limit']:.2f}x the limit)")
+        print(f"    {'in-process ' + label:<44} {value:8.1f}/s{'  <- best' if label == best_label else ''}")
+    print(f"    {'transport floor (bare ASGI app)':<44} {floor_tput:8.1f}/s")
+    print(f"    {'box limit 1/(1/a + 1/b)':<44} {limit:8.1f}/s")
+    for label, value, ratio in [
+        (f"edgerun default ({served_layout['label']})", edgerun_tput, numbers["edgerun_vs_limit"]),
+        (
+            f"edgerun --optimize throughput ({tput_layout['label']})",
+            throughput_tput,
+            numbers["optimize_throughput_vs_limit"],
+        ),
+    ]:
+        print(f"    {label:<44} {value:8.1f}/s  ({ratio:.2f}x the limit)")
     print("  one client, p50:")
     print(f"    edgerun {edgerun_p50:.3f} ms = in-process {inproc_p50:.3f} + floor {floor_p50:.3f} + own {own_ms:.3f}")
     print(f"    JSON {json_p50:.3f} ms (reference)")

@@ -146,8 +146,9 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
     if options.bench:
         results = []
         for session, _ in passing:
-            # With one variant there is nothing to compare: half the time, for the numbers alone.
-            budget_s = options.bench_budget_s if len(passing) > 1 else options.bench_budget_s / 2
+            # With one variant there is nothing to compare: a quarter of the time, for the numbers
+            # alone (the layout step measures this session again, in every layout).
+            budget_s = options.bench_budget_s if len(passing) > 1 else options.bench_budget_s / 4
             numbers = self_benchmark(session, options.max_batch, golden_inputs, budget_s=budget_s)
             log.info("benchmark %s on %s: %s", session.variant.path, session.providers[0], numbers)
             results.append(numbers)
