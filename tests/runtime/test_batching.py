@@ -174,3 +174,35 @@ def test_an_unexpected_collector_error_fails_its_batch_not_the_server():
         return after
 
     assert asyncio.run(scenario())["y"].shape == (1, 2)
+
+
+def test_a_worker_takes_the_next_queued_request_itself():
+    """Queued requests for a busy instance run on the worker that frees it, without a round trip
+    through the event loop: one worker start for the whole queue."""
+    gate = threading.Event()
+    session = CountingSession(gate)
+    session.batchable = False
+
+    async def scenario():
+        batcher = Batcher(max_batch=1)
+        starts = []
+        real_submit = batcher._executor.submit
+
+        def counting_submit(fn, *args):
+            starts.append(fn)
+            return real_submit(fn, *args)
+
+        batcher._executor.submit = counting_submit
+        futures = [
+            asyncio.ensure_future(batcher.submit(session, {"x": np.full((1, 1), i, np.float32)})) for i in range(5)
+        ]
+        while len(batcher._pending) < 4:
+            await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*futures)
+        await batcher.close()
+        return starts, results
+
+    starts, results = asyncio.run(scenario())
+    assert len(starts) == 1 and session.runs == [1] * 5
+    assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(5)]
