@@ -518,7 +518,7 @@ def plan_layout(
             measurements = []
         if measurements:
             write_decision(cache_dir, key, {"measurements": [m.as_dict() for m in measurements]})
-        source = "--instances/--threads" if fixed else "self-benchmark"
+        source = "self-benchmark within --instances/--threads" if fixed else "self-benchmark"
     else:
         source = "--instances/--threads" if fixed else "default (no self-benchmark)"
 

@@ -351,6 +351,7 @@ def test_overrides_fix_the_layout_without_measuring(tmp_path, cache_dir, monkeyp
     # Fixing one dimension leaves the other to the benchmark, within the budget.
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, threads=1))
     assert no_timing == [Layout(1, 1), PAIR] and served.parameters["layout"]["threads"] == 1
+    assert served.parameters["layout"]["source"] == "self-benchmark within --instances/--threads"
     # Without a benchmark, the default is one instance using the budget.
     served = load_model(bundle, LoadOptions(cache_dir=tmp_path / "fresh", bench=False))
     assert served.parameters["layout"]["label"] == "1x2" and len(served.session.instances) == 1
