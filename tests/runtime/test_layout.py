@@ -412,3 +412,27 @@ def test_a_layout_failing_its_golden_check_falls_back_to_the_checked_session(tmp
     assert checked == [2, 1]
     assert len(served.session.instances) == 1 and served.session.instances[0].threads == 2
     assert served.parameters["layout"]["source"].startswith("fallback")
+
+
+def test_an_accelerator_keeps_one_instance_per_device(tmp_path, cache_dir, no_timing):
+    bundle = build_classifier_bundle(tmp_path / "b")
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, threads=4))
+    session = served.session.instances[0]
+
+    def plan(providers):
+        session.providers = providers
+        return layout_module.plan_layout(
+            session,
+            bundle=served.bundle,
+            providers=[],
+            budget=4,
+            request=LayoutRequest(),
+            bench=True,
+            cache_dir=tmp_path / f"cache-{providers[0]}",
+            bundle_id=served.bundle.sha256,
+        )
+
+    pool, decision = plan(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert no_timing == [] and pool.instances == [session] and decision.layout == Layout(1, 4)
+    pool, decision = plan(["CPUExecutionProvider"])  # the same session on a CPU: layouts are measured
+    assert len(no_timing) == 4 and {c.instances for c in no_timing} == {1, 2, 4}
