@@ -309,6 +309,10 @@ def create_instance(
     options = make_session_options(spec, threads)
     chain = provider_chain(providers, template.variant, model_path, cache_dir)
     session = ort.InferenceSession(model_bytes, sess_options=options, providers=chain)
+    # onnxruntime's wrapper keeps the bytes for re-creating the session on a provider reset, which
+    # edgerun never asks for: holding them would cost one more copy of the model in RSS.
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
     return ModelSession(session, template.manifest, template.variant, threads)
 
 
