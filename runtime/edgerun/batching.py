@@ -290,7 +290,9 @@ class Batcher:
         """On the loop: hand each caller its result."""
         with self._lock:
             self.running -= len(batch)
-        self._wake()
+            waiting = bool(self._pending)
+        if waiting or self._closing:  # an instance may be free for the queue (or the drain)
+            self._wake()
         if isinstance(results, BaseException):
             results = [results] * len(batch)
         elif self.on_batch is not None:
