@@ -206,3 +206,25 @@ def test_a_worker_takes_the_next_queued_request_itself():
     starts, results = asyncio.run(scenario())
     assert len(starts) == 1 and session.runs == [1] * 5
     assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(5)]
+
+
+def test_a_layout_that_batches_stacks_beyond_the_server_wide_setting():
+    """A model whose measured layout batches (``batch_size``) is stacked even with --max-batch left
+    at 1; a TensorRT-style ``max_batch`` still caps it."""
+    session = CountingSession()
+    session.batch_size = 4
+    capped = CountingSession()
+    capped.batch_size, capped.max_batch = 4, 2
+
+    async def scenario(target):
+        batcher = Batcher(max_batch=1, max_delay_ms=200)
+        xs = [np.full((1, 2), i, np.float32) for i in range(4)]
+        results = await asyncio.gather(*(batcher.submit(target, {"x": x}, timeout_s=5) for x in xs))
+        await batcher.close()
+        return xs, results
+
+    for target, most in [(session, 4), (capped, 2)]:
+        xs, results = asyncio.run(scenario(target))
+        assert max(target.runs) == most and sum(target.runs) == 4
+        for x, result in zip(xs, results):
+            np.testing.assert_array_equal(result["y"], x * 2)
