@@ -2,7 +2,9 @@
 
 Inference runs on worker threads, off the event loop, with at most one run in flight per
 session instance (a model served with an N-instance layout runs up to N requests at once; a
-plain session runs one at a time: concurrent runs of one session only fight for cores).
+plain session runs one at a time: concurrent runs of one session only fight for cores). Each
+model's requests run in arrival order; a model with a free instance never waits behind another
+model's backlog.
 Requests that arrive within ``max_delay_ms`` of each other and agree on every non-batch
 dimension are stacked into one run (only when the model's batch dimension is dynamic) and the
 rows are split back, so each caller gets exactly its own rows. The queue is bounded in
@@ -183,6 +185,23 @@ class Batcher:
             ) from None
         return result
 
+    def _pop_first(self, wanted: Callable[[_Job], bool], only: Callable[[_Job], bool] | None = None) -> _Job | None:
+        """Under _lock: remove and return the oldest live job that is ``wanted`` (and passes ``only``).
+
+        Requests of one session keep their order; a model with a free instance does not wait
+        behind another model's backlog.
+        """
+        if any(job.future.done() for job in self._pending):  # timed-out or cancelled callers
+            self._pending = deque(job for job in self._pending if not job.future.done())
+        for index, job in enumerate(self._pending):
+            if not wanted(job):
+                continue
+            if only is not None and not only(job):
+                return None
+            del self._pending[index]
+            return job
+        return None
+
     def _alone(self, job: _Job) -> bool:
         """Whether ``job`` runs by itself (never waits for others to stack with)."""
         return job.key is None or self._batch_limit(job.session) == 1
@@ -222,10 +241,7 @@ class Batcher:
         assert self._wakeup is not None
         while True:
             with self._lock:
-                while self._pending and self._pending[0].future.done():
-                    self._pending.popleft()
-                ready = bool(self._pending) and self._has_free_instance(self._pending[0].session)
-                first = self._pending.popleft() if ready else None
+                first = self._pop_first(lambda job: self._has_free_instance(job.session))
                 finished = not self._pending and self._closing
             if first is None:
                 if finished:
@@ -259,8 +275,8 @@ class Batcher:
             self._executor.submit(self._work, loop, first.session, batch)
 
     def _work(self, loop: asyncio.AbstractEventLoop, session, batch: list[_Job]) -> None:
-        """Worker thread: run ``batch``, then keep taking the queue's head while it is this
-        session's and runs alone; each result goes back to the loop as soon as it is ready."""
+        """Worker thread: run ``batch``, then keep taking this session's oldest queued request while
+        it runs alone; each result goes back to the loop as soon as it is ready."""
         while True:
             try:
                 results: list[Any] | BaseException = run_stacked(session, [job.feeds for job in batch])
@@ -268,12 +284,9 @@ class Batcher:
                 log.exception("batcher: unexpected error running a batch of %d", len(batch))
                 results = exc
             with self._lock:
-                follow = None
-                while self._pending and self._pending[0].future.done():
-                    self._pending.popleft()
-                head = self._pending[0] if self._pending else None
-                if head is not None and head.session is session and self._alone(head):
-                    follow = self._pending.popleft()
+                # This session's oldest request, unless it waits to be stacked (the collector's job).
+                follow = self._pop_first(lambda job: job.session is session, only=self._alone)
+                if follow is not None:
                     self.running += 1
                 else:
                     left = self._in_flight.get(id(session), 1) - 1

@@ -228,3 +228,25 @@ def test_a_layout_that_batches_stacks_beyond_the_server_wide_setting():
         assert max(target.runs) == most and sum(target.runs) == 4
         for x, result in zip(xs, results):
             np.testing.assert_array_equal(result["y"], x * 2)
+
+
+def test_a_model_with_a_free_instance_does_not_wait_behind_another_models_backlog():
+    gate = threading.Event()
+    busy, idle = CountingSession(gate), CountingSession()
+    busy.batchable = idle.batchable = False
+
+    async def scenario():
+        batcher = Batcher(max_batch=1)
+        x = {"x": np.ones((1, 2), np.float32)}
+        held = [asyncio.ensure_future(batcher.submit(busy, x, timeout_s=10)) for _ in range(3)]
+        while len(batcher._pending) < 2:
+            await asyncio.sleep(0.01)
+        other = await batcher.submit(idle, x, timeout_s=5)  # answered while busy's queue waits
+        waiting = len(batcher._pending)
+        gate.set()
+        await asyncio.gather(*held)
+        await batcher.close()
+        return other, waiting
+
+    other, waiting = asyncio.run(scenario())
+    assert other["y"].shape == (1, 2) and waiting == 2 and busy.runs == [1, 1, 1]
