@@ -114,7 +114,7 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
         golden_inputs = load_golden(bundle.root, manifest.golden, manifest)[0]
 
     variants = manifest.all_models()
-    key = decision_key(bundle_id, [p.name for p in candidates])
+    key = decision_key(bundle_id, [p.name for p in candidates], threads=thread_choice.threads)
     decision = read_decision(cache_dir, key) if options.bench and len(variants) > 1 else None
     if decision:
         decided = [v for v in variants if v.path == decision.get("variant")]

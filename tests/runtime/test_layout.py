@@ -436,3 +436,13 @@ def test_an_accelerator_keeps_one_instance_per_device(tmp_path, cache_dir, no_ti
     assert no_timing == [] and pool.instances == [session] and decision.layout == Layout(1, 4)
     pool, decision = plan(["CPUExecutionProvider"])  # the same session on a CPU: layouts are measured
     assert len(no_timing) == 4 and {c.instances for c in no_timing} == {1, 2, 4}
+
+
+def test_the_variant_decision_is_also_keyed_by_threads():
+    from edgerun.bench import decision_key
+
+    assert decision_key("b" * 64, [CPU_NAME], "cpu", threads=2) == decision_key("b" * 64, [CPU_NAME], "cpu", threads=2)
+    assert decision_key("b" * 64, [CPU_NAME], "cpu", threads=2) != decision_key("b" * 64, [CPU_NAME], "cpu", threads=1)
+
+
+CPU_NAME = "CPUExecutionProvider"
