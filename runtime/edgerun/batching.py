@@ -2,7 +2,9 @@
 
 Inference runs on worker threads, off the event loop, with at most one run in flight per
 session instance (a model served with an N-instance layout runs up to N requests at once; a
-plain session runs one at a time: concurrent runs of one session only fight for cores).
+plain session runs one at a time: concurrent runs of one session only fight for cores). Each
+model's requests run in arrival order; a model with a free instance never waits behind another
+model's backlog.
 Requests that arrive within ``max_delay_ms`` of each other and agree on every non-batch
 dimension are stacked into one run (only when the model's batch dimension is dynamic) and the
 rows are split back, so each caller gets exactly its own rows. The queue is bounded in
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -81,7 +84,12 @@ _MAX_WORKERS = 64
 
 
 class Batcher:
-    """Queue + collector task + worker threads. Create and use inside a running event loop."""
+    """Queue + collector task + worker threads. Create and use inside a running event loop.
+
+    A worker that finishes a run takes the next queued request for the same instance itself
+    (when there is nothing to stack), so a busy event loop never leaves an instance idle; the
+    collector task handles the rest (stacking, other models, a freed instance).
+    """
 
     def __init__(
         self,
@@ -103,14 +111,15 @@ class Batcher:
         self.max_queue_bytes = max_queue_bytes
         self.timeout_s = timeout_s
         self.on_batch = on_batch
+        # The queue and the counters are shared with the worker threads: always under _lock.
+        self._lock = threading.Lock()
         self._pending: deque[_Job] = deque()
+        self._in_flight: dict[int, int] = {}  # id(session) -> runs in flight
+        self.running = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=_MAX_WORKERS, thread_name_prefix="edgerun-infer")
         self._closing = False
-        self._in_flight: dict[int, int] = {}  # id(session) -> runs in flight
-        self._runs: set[asyncio.Task] = set()
-        self.running = 0
 
     @property
     def depth(self) -> int:
@@ -120,7 +129,8 @@ class Batcher:
     @property
     def queued_bytes(self) -> int:
         """Bytes of input tensors waiting for a run."""
-        return sum(job.nbytes for job in self._pending if not job.future.done())
+        with self._lock:
+            return sum(job.nbytes for job in self._pending if not job.future.done())
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -135,27 +145,36 @@ class Batcher:
             self.start()
         if self._closing:
             raise OverloadedError("server is shutting down; retry on another instance", retry_after_s=5)
-        if len(self._pending) >= self.max_queue:
-            # Timed-out or cancelled callers leave their jobs behind; they must not hold queue slots.
-            self._pending = deque(job for job in self._pending if not job.future.done())
-        if len(self._pending) >= self.max_queue:
-            raise OverloadedError(
-                f"inference queue is full ({self.max_queue} requests waiting); retry shortly or raise --max-queue",
-                retry_after_s=1,
-            )
         nbytes = sum(int(value.nbytes) for value in feeds.values())
-        if self.max_queue_bytes is not None and self._pending:
-            queued = self.queued_bytes
-            if queued + nbytes > self.max_queue_bytes:
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(session, feeds, _rows(feeds), _batch_key(session, feeds), future, nbytes)
+        with self._lock:
+            if len(self._pending) >= self.max_queue:
+                # Timed-out or cancelled callers leave their jobs behind; they must not hold queue slots.
+                self._pending = deque(job for job in self._pending if not job.future.done())
+            if len(self._pending) >= self.max_queue:
                 raise OverloadedError(
-                    f"inference queue holds {queued} bytes of inputs and this request adds {nbytes}, over the "
-                    f"{self.max_queue_bytes} byte limit; retry shortly or raise --max-queue-bytes",
+                    f"inference queue is full ({self.max_queue} requests waiting); retry shortly or raise --max-queue",
                     retry_after_s=1,
                 )
-        rows = _rows(feeds)
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(session, feeds, rows, _batch_key(session, feeds), future, nbytes))
-        self._wake()
+            if self.max_queue_bytes is not None and self._pending:
+                queued = sum(job.nbytes for job in self._pending if not job.future.done())
+                if queued + nbytes > self.max_queue_bytes:
+                    raise OverloadedError(
+                        f"inference queue holds {queued} bytes of inputs and this request adds {nbytes}, over the "
+                        f"{self.max_queue_bytes} byte limit; retry shortly or raise --max-queue-bytes",
+                        retry_after_s=1,
+                    )
+            # Nothing queued ahead and nothing to stack: straight to a free instance.
+            now = not self._pending and self._has_free_instance(session) and self._alone(job)
+            if now:
+                self._claim(session, 1)
+            else:
+                self._pending.append(job)
+        if now:
+            self._executor.submit(self._work, asyncio.get_running_loop(), session, [job])
+        else:
+            self._wake()
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         try:
             result = await asyncio.wait_for(future, timeout)
@@ -166,23 +185,50 @@ class Batcher:
             ) from None
         return result
 
+    def _pop_first(self, wanted: Callable[[_Job], bool], only: Callable[[_Job], bool] | None = None) -> _Job | None:
+        """Under _lock: remove and return the oldest live job that is ``wanted`` (and passes ``only``).
+
+        Requests of one session keep their order; a model with a free instance does not wait
+        behind another model's backlog.
+        """
+        if any(job.future.done() for job in self._pending):  # timed-out or cancelled callers
+            self._pending = deque(job for job in self._pending if not job.future.done())
+        for index, job in enumerate(self._pending):
+            if not wanted(job):
+                continue
+            if only is not None and not only(job):
+                return None
+            del self._pending[index]
+            return job
+        return None
+
+    def _alone(self, job: _Job) -> bool:
+        """Whether ``job`` runs by itself (never waits for others to stack with)."""
+        return job.key is None or self._batch_limit(job.session) == 1
+
     def _take(self, key: tuple, room: int) -> list[_Job]:
         taken: list[_Job] = []
         kept: deque[_Job] = deque()
-        while self._pending:
-            job = self._pending.popleft()
-            if job.future.done():
-                continue
-            if job.key == key and job.rows <= room:
-                taken.append(job)
-                room -= job.rows
-            else:
-                kept.append(job)
-        self._pending = kept
+        with self._lock:
+            while self._pending:
+                job = self._pending.popleft()
+                if job.future.done():
+                    continue
+                if job.key == key and job.rows <= room:
+                    taken.append(job)
+                    room -= job.rows
+                else:
+                    kept.append(job)
+            self._pending = kept
         return taken
 
     def _has_free_instance(self, session) -> bool:
         return self._in_flight.get(id(session), 0) < _concurrency(session)
+
+    def _claim(self, session, jobs: int) -> None:
+        """Under _lock: one more run of ``session`` in flight, holding ``jobs`` requests."""
+        self._in_flight[id(session)] = self._in_flight.get(id(session), 0) + 1
+        self.running += jobs
 
     def _batch_limit(self, session) -> int:
         # The layout may stack more than the server-wide setting; a session built for a bounded
@@ -194,16 +240,16 @@ class Batcher:
         loop = asyncio.get_running_loop()
         assert self._wakeup is not None
         while True:
-            while self._pending and self._pending[0].future.done():
-                self._pending.popleft()
-            if not self._pending or not self._has_free_instance(self._pending[0].session):
-                # Woken by a new request or by a run that finished (and freed an instance).
-                if not self._pending and self._closing:
+            with self._lock:
+                first = self._pop_first(lambda job: self._has_free_instance(job.session))
+                finished = not self._pending and self._closing
+            if first is None:
+                if finished:
                     return
+                # Woken by a new request or by a run that finished (and freed an instance).
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            first = self._pending.popleft()
             batch = [first]
             rows = first.rows
             limit = self._batch_limit(first.session)
@@ -224,30 +270,50 @@ class Batcher:
             batch = [job for job in batch if not job.future.done()]
             if not batch:
                 continue
-            session = first.session
-            self._in_flight[id(session)] = self._in_flight.get(id(session), 0) + 1
-            self.running += len(batch)
-            task = loop.create_task(self._run(session, batch, sum(job.rows for job in batch)))
-            self._runs.add(task)
-            task.add_done_callback(self._runs.discard)
+            with self._lock:
+                self._claim(first.session, len(batch))
+            self._executor.submit(self._work, loop, first.session, batch)
 
-    async def _run(self, session, batch: list[_Job], rows: int) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            results = await loop.run_in_executor(self._executor, run_stacked, session, [job.feeds for job in batch])
-            if self.on_batch is not None:
-                self.on_batch(rows)
-        except Exception as exc:  # a bug here must fail this batch, not every later request
-            log.exception("batcher: unexpected error running a batch of %d", len(batch))
-            results = [exc] * len(batch)
-        finally:
+    def _work(self, loop: asyncio.AbstractEventLoop, session, batch: list[_Job]) -> None:
+        """Worker thread: run ``batch``, then keep taking this session's oldest queued request while
+        it runs alone; each result goes back to the loop as soon as it is ready."""
+        while True:
+            try:
+                results: list[Any] | BaseException = run_stacked(session, [job.feeds for job in batch])
+            except Exception as exc:  # a bug here must fail this batch, not every later request
+                log.exception("batcher: unexpected error running a batch of %d", len(batch))
+                results = exc
+            with self._lock:
+                # This session's oldest request, unless it waits to be stacked (the collector's job).
+                follow = self._pop_first(lambda job: job.session is session, only=self._alone)
+                if follow is not None:
+                    self.running += 1
+                else:
+                    left = self._in_flight.get(id(session), 1) - 1
+                    if left:
+                        self._in_flight[id(session)] = left
+                    else:
+                        self._in_flight.pop(id(session), None)
+            loop.call_soon_threadsafe(self._complete, batch, results)
+            if follow is None:
+                return
+            batch = [follow]
+
+    def _complete(self, batch: list[_Job], results: list[Any] | BaseException) -> None:
+        """On the loop: hand each caller its result."""
+        with self._lock:
             self.running -= len(batch)
-            left = self._in_flight.get(id(session), 1) - 1
-            if left:
-                self._in_flight[id(session)] = left
-            else:
-                self._in_flight.pop(id(session), None)
+            waiting = bool(self._pending)
+        if waiting or self._closing:  # an instance may be free for the queue (or the drain)
             self._wake()
+        if isinstance(results, BaseException):
+            results = [results] * len(batch)
+        elif self.on_batch is not None:
+            try:
+                self.on_batch(sum(job.rows for job in batch))
+            except Exception as exc:  # a bug here must fail this batch, not every later request
+                log.exception("batcher: unexpected error after a batch of %d", len(batch))
+                results = [exc] * len(batch)
         for job, result in zip(batch, results):
             if job.future.done():
                 continue
@@ -273,5 +339,5 @@ class Batcher:
     async def _drain(self) -> None:
         assert self._task is not None
         await self._task
-        while self._runs:
-            await asyncio.gather(*list(self._runs), return_exceptions=True)
+        while self.running:  # runs started before closing hand their results back first
+            await asyncio.sleep(0.005)

@@ -100,9 +100,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def decision_key(bundle_sha256: str, providers: list[str], cpu: str | None = None) -> str:
-    """A variant choice is valid for one bundle, one provider list and one CPU model."""
-    text = json.dumps([bundle_sha256, providers, cpu if cpu is not None else cpu_model()])
+def decision_key(bundle_sha256: str, providers: list[str], cpu: str | None = None, threads: int | None = None) -> str:
+    """A variant choice is valid for one bundle, one provider list, one CPU model and one thread
+    count (a variant that wins on 4 threads may lose on 1)."""
+    text = json.dumps([bundle_sha256, providers, cpu if cpu is not None else cpu_model(), threads])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -162,7 +162,7 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     golden_inputs = golden_data.inputs if golden_data else None
 
     variants = manifest.all_models()
-    key = decision_key(bundle_id, [p.name for p in candidates])
+    key = decision_key(bundle_id, [p.name for p in candidates], threads=thread_choice.threads)
     decision = read_decision(cache_dir, key) if options.bench and len(variants) > 1 else None
     if decision:
         decided = [v for v in variants if v.path == decision.get("variant")]
@@ -194,8 +194,9 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     if options.bench:
         results = []
         for session, _ in passing:
-            # With one variant there is nothing to compare: half the time, for the numbers alone.
-            budget_s = options.bench_budget_s if len(passing) > 1 else options.bench_budget_s / 2
+            # With one variant there is nothing to compare: a quarter of the time, for the numbers
+            # alone (the layout step measures this session again, in every layout).
+            budget_s = options.bench_budget_s if len(passing) > 1 else options.bench_budget_s / 4
             numbers = self_benchmark(session, options.max_batch, golden_inputs, budget_s=budget_s)
             log.info("benchmark %s on %s: %s", session.variant.path, session.providers[0], numbers)
             results.append(numbers)

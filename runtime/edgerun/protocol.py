@@ -250,7 +250,8 @@ def decode_infer_request(
 
 
 def _datatype(array: np.ndarray) -> str:
-    return KSERVE_DATATYPES.get(array.dtype.name, array.dtype.name.upper())
+    name = array.dtype.name
+    return KSERVE_DATATYPES.get(name) or name.upper()
 
 
 def encode_infer_response(
@@ -262,14 +263,14 @@ def encode_infer_response(
 ) -> tuple[bytes, dict[str, str], str]:
     """Return (body, extra headers, media type); binary outputs go after the JSON header."""
     described = []
-    blobs = []
+    blobs: list[Any] = []
     for name, binary in outputs:
         array = np.ascontiguousarray(results[name])
         entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": _datatype(array)}
         if binary:
-            blob = array.tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
+            # A view of the output: its bytes are copied once, into the response body.
+            entry["parameters"] = {"binary_data_size": array.nbytes}
+            blobs.append(array.reshape(-1).data.cast("B") if array.size else b"")
         else:
             flat = array.reshape(-1)
             entry["data"] = flat if flat.dtype.name in _ORJSON_NUMPY else flat.tolist()

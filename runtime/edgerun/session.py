@@ -166,7 +166,12 @@ def _create_inference_session(model: VerifiedFile, options, providers: list[tupl
     """
     import onnxruntime as ort
 
-    return ort.InferenceSession(model.data, sess_options=options, providers=providers)
+    session = ort.InferenceSession(model.data, sess_options=options, providers=providers)
+    # onnxruntime's wrapper keeps the bytes for re-creating the session on a provider reset, which
+    # edgerun never asks for: holding them would cost one more copy of the model in RSS.
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
+    return session
 
 
 class ModelSession:

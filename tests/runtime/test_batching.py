@@ -174,3 +174,79 @@ def test_an_unexpected_collector_error_fails_its_batch_not_the_server():
         return after
 
     assert asyncio.run(scenario())["y"].shape == (1, 2)
+
+
+def test_a_worker_takes_the_next_queued_request_itself():
+    """Queued requests for a busy instance run on the worker that frees it, without a round trip
+    through the event loop: one worker start for the whole queue."""
+    gate = threading.Event()
+    session = CountingSession(gate)
+    session.batchable = False
+
+    async def scenario():
+        batcher = Batcher(max_batch=1)
+        starts = []
+        real_submit = batcher._executor.submit
+
+        def counting_submit(fn, *args):
+            starts.append(fn)
+            return real_submit(fn, *args)
+
+        batcher._executor.submit = counting_submit
+        futures = [
+            asyncio.ensure_future(batcher.submit(session, {"x": np.full((1, 1), i, np.float32)})) for i in range(5)
+        ]
+        while len(batcher._pending) < 4:
+            await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*futures)
+        await batcher.close()
+        return starts, results
+
+    starts, results = asyncio.run(scenario())
+    assert len(starts) == 1 and session.runs == [1] * 5
+    assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(5)]
+
+
+def test_a_layout_that_batches_stacks_beyond_the_server_wide_setting():
+    """A model whose measured layout batches (``batch_size``) is stacked even with --max-batch left
+    at 1; a TensorRT-style ``max_batch`` still caps it."""
+    session = CountingSession()
+    session.batch_size = 4
+    capped = CountingSession()
+    capped.batch_size, capped.max_batch = 4, 2
+
+    async def scenario(target):
+        batcher = Batcher(max_batch=1, max_delay_ms=200)
+        xs = [np.full((1, 2), i, np.float32) for i in range(4)]
+        results = await asyncio.gather(*(batcher.submit(target, {"x": x}, timeout_s=5) for x in xs))
+        await batcher.close()
+        return xs, results
+
+    for target, most in [(session, 4), (capped, 2)]:
+        xs, results = asyncio.run(scenario(target))
+        assert max(target.runs) == most and sum(target.runs) == 4
+        for x, result in zip(xs, results):
+            np.testing.assert_array_equal(result["y"], x * 2)
+
+
+def test_a_model_with_a_free_instance_does_not_wait_behind_another_models_backlog():
+    gate = threading.Event()
+    busy, idle = CountingSession(gate), CountingSession()
+    busy.batchable = idle.batchable = False
+
+    async def scenario():
+        batcher = Batcher(max_batch=1)
+        x = {"x": np.ones((1, 2), np.float32)}
+        held = [asyncio.ensure_future(batcher.submit(busy, x, timeout_s=10)) for _ in range(3)]
+        while len(batcher._pending) < 2:
+            await asyncio.sleep(0.01)
+        other = await batcher.submit(idle, x, timeout_s=5)  # answered while busy's queue waits
+        waiting = len(batcher._pending)
+        gate.set()
+        await asyncio.gather(*held)
+        await batcher.close()
+        return other, waiting
+
+    other, waiting = asyncio.run(scenario())
+    assert other["y"].shape == (1, 2) and waiting == 2 and busy.runs == [1, 1, 1]

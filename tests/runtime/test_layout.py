@@ -353,6 +353,7 @@ def test_overrides_fix_the_layout_without_measuring(tmp_path, cache_dir, monkeyp
     # Fixing one dimension leaves the other to the benchmark, within the budget.
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, threads=1))
     assert no_timing == [Layout(1, 1), PAIR] and served.parameters["layout"]["threads"] == 1
+    assert served.parameters["layout"]["source"] == "self-benchmark within --instances/--threads"
     # Without a benchmark, the default is one instance using the budget.
     served = load_model(bundle, LoadOptions(cache_dir=tmp_path / "fresh", bench=False))
     assert served.parameters["layout"]["label"] == "1x2" and len(served.session.instances) == 1
@@ -413,3 +414,37 @@ def test_a_layout_failing_its_golden_check_falls_back_to_the_checked_session(tmp
     assert checked == [2, 1]
     assert len(served.session.instances) == 1 and served.session.instances[0].threads == 2
     assert served.parameters["layout"]["source"].startswith("fallback")
+
+
+def test_an_accelerator_keeps_one_instance_per_device(tmp_path, cache_dir, no_timing):
+    bundle = build_classifier_bundle(tmp_path / "b")
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, threads=4))
+    session = served.session.instances[0]
+
+    def plan(providers):
+        session.providers = providers
+        return layout_module.plan_layout(
+            session,
+            bundle=served.bundle,
+            providers=[],
+            budget=4,
+            request=LayoutRequest(),
+            bench=True,
+            cache_dir=tmp_path / f"cache-{providers[0]}",
+            bundle_id=served.bundle.sha256,
+        )
+
+    pool, decision = plan(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert no_timing == [] and pool.instances == [session] and decision.layout == Layout(1, 4)
+    pool, decision = plan(["CPUExecutionProvider"])  # the same session on a CPU: layouts are measured
+    assert len(no_timing) == 4 and {c.instances for c in no_timing} == {1, 2, 4}
+
+
+def test_the_variant_decision_is_also_keyed_by_threads():
+    from edgerun.bench import decision_key
+
+    assert decision_key("b" * 64, [CPU_NAME], "cpu", threads=2) == decision_key("b" * 64, [CPU_NAME], "cpu", threads=2)
+    assert decision_key("b" * 64, [CPU_NAME], "cpu", threads=2) != decision_key("b" * 64, [CPU_NAME], "cpu", threads=1)
+
+
+CPU_NAME = "CPUExecutionProvider"
