@@ -87,6 +87,24 @@ def main(debug: bool) -> None:
     """Serve edgebuild bundles on the device (KServe v2 REST)."""
 
 
+def _load_once(bundle, providers, threads, cache_dir, trusted_key, bench: bool, max_batch: int = 8):
+    """Load BUNDLE as the server would (verify, sessions, golden check), for a one-off command."""
+    _setup_logging("warning")
+    from edgerun.loader import LoadOptions, load_model
+
+    options = LoadOptions(
+        providers=_providers(providers),
+        threads=threads,
+        cache_dir=Path(cache_dir),
+        bench=bench,
+        max_batch=max_batch,
+        trusted_key=_read_key(trusted_key),
+    )
+    served = load_model(bundle, options)
+    served.close()  # the numbers are kept; an archive's extracted copy is not
+    return served
+
+
 common_load = [
     click.option("--providers", help="Comma-separated execution providers to try in order (default: the manifest's)."),
     click.option(
@@ -355,20 +373,7 @@ def info(bundle, trusted_key, as_json):
 @_handle_errors
 def verify(bundle, providers, threads, cache_dir, trusted_key):
     """Verify checksums (and signature), load BUNDLE and run its golden check."""
-    _setup_logging("warning")
-    from edgerun.loader import LoadOptions, load_model
-
-    served = load_model(
-        bundle,
-        LoadOptions(
-            providers=_providers(providers),
-            threads=threads,
-            cache_dir=Path(cache_dir),
-            bench=False,
-            trusted_key=_read_key(trusted_key),
-        ),
-    )
-    served.close()
+    served = _load_once(bundle, providers, threads, cache_dir, trusted_key, bench=False)
     status = served.status
     signed = "signature ok" if trusted_key else ("signed, not checked" if served.manifest.signature else "unsigned")
     click.echo(
@@ -392,21 +397,7 @@ def verify(bundle, providers, threads, cache_dir, trusted_key):
 @_handle_errors
 def bench(bundle, providers, threads, cache_dir, trusted_key, max_batch, as_json):
     """Golden-check and benchmark BUNDLE on this device (every passing variant)."""
-    _setup_logging("warning")
-    from edgerun.loader import LoadOptions, load_model
-
-    served = load_model(
-        bundle,
-        LoadOptions(
-            providers=_providers(providers),
-            threads=threads,
-            cache_dir=Path(cache_dir),
-            bench=True,
-            max_batch=max_batch,
-            trusted_key=_read_key(trusted_key),
-        ),
-    )
-    served.close()
+    served = _load_once(bundle, providers, threads, cache_dir, trusted_key, bench=True, max_batch=max_batch)
     status = served.status
     report: dict[str, Any] = {
         "name": served.name,

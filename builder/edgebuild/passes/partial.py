@@ -190,6 +190,17 @@ def _search(limit: int, trial: Callable[[int], bool]) -> int | None:
     return passing
 
 
+def _result(
+    base: q.StaticInt8Config | q.DynamicInt8Config, found: tuple[list[str], dict, dict] | None
+) -> PartialResult | None:
+    """The base config with the excluded nodes kept in float, and what the search measured."""
+    if found is None:
+        return None
+    excluded, metrics, validation = found
+    kept = replace(base, nodes_to_exclude=excluded)
+    return PartialResult(kept, {**metrics, "settings": asdict(kept), "recipe": kept.describe()}, validation)
+
+
 def _partial(
     src: Path,
     dst: Path,
@@ -283,11 +294,7 @@ def partial_quantize(
         config or PartialConfig(),
         progress,
     )
-    if found is None:
-        return None
-    excluded, metrics, validation = found
-    kept = replace(base, nodes_to_exclude=excluded)
-    return PartialResult(kept, {**metrics, "settings": asdict(kept), "recipe": kept.describe()}, validation)
+    return _result(base, found)
 
 
 def partial_quantize_dynamic(
@@ -315,8 +322,4 @@ def partial_quantize_dynamic(
         config or PartialConfig(),
         progress,
     )
-    if found is None:
-        return None
-    excluded, metrics, validation = found
-    kept = replace(base, nodes_to_exclude=excluded)
-    return PartialResult(kept, {**metrics, "settings": asdict(kept), "recipe": kept.describe()}, validation)
+    return _result(base, found)
