@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from runtime_fixtures import classifier_reference, free_port
+from server_process import wait_ready
 
 from edgerun.cli import main
 
@@ -66,22 +66,6 @@ def test_bad_bundle_is_one_line_no_traceback(tmp_path, bundles):
     assert result.exit_code != 0 and result.exception is not None
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become ready")
-
-
 @pytest.fixture()
 def served(bundles, cache_dir):
     port = free_port()
@@ -105,7 +89,7 @@ def served(bundles, cache_dir):
         text=True,
     )
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_ready(f"http://127.0.0.1:{port}", proc)
         yield port
     finally:
         proc.terminate()
