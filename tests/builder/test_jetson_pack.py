@@ -143,6 +143,8 @@ def test_tensorrt_int8_variant_stores_int8_weights_and_is_a_fraction_of_fp32(con
     assert files["int8"].stat().st_size < 0.6 * files["fp32"].stat().st_size
     quant = next(v for v in m.all_models() if v.precision == "int8").quantization
     assert quant["extra_options"] == {"DedicatedQDQPair": True, "QuantizeBias": False}
+    row = next(r for r in m.benchmark["candidates"] if r["precision"] == "int8")
+    assert row["weights"] == {"int8": 3, "float_behind_qdq": 0}
 
 
 def test_tensorrt_int8_variant_runs_on_the_host_cpu_and_the_report_claims_no_float_weights(conv_heavy_bundle):
