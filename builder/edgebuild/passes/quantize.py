@@ -133,6 +133,10 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         pre = preprocess(src, prepared)
+        # Profiles add layout options: TensorRT's (targets/jetson.toml, sources cited there) keeps biases float
+        # (its parser dequantizes int8 only: github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md) and
+        # leaves the default int8 weight initializer -> DequantizeLinear, the pre-quantized weights TensorRT documents:
+        # docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html
         extra = {
             **config.extra_options,
             "ActivationSymmetric": config.activation_symmetric,
