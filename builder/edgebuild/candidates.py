@@ -88,6 +88,8 @@ class Candidate:
                     row[key] = self.validation[key]
         if "coverage" in self.metrics:
             row["quantized_fraction"] = self.metrics["coverage"]["fraction"]
+        if "weights" in self.metrics:  # static INT8: int8 weights shipped vs float weights behind Q/DQ
+            row["weights"] = self.metrics["weights"]
         if self.error:
             row["error"] = self.error
         return row

@@ -141,6 +141,85 @@ def test_static_int8_variants_load_and_stay_close_to_fp32(tmp_path, config):
     assert evaluate(Metric("cosine"), ref, out, None)["cosine_min"] > 0.98
 
 
+def dense_net(path: Path) -> Path:
+    """Weights dominate the file: Conv -> Relu -> pool -> Gemm (transB=1) -> Gemm (transB=0) -> MatMul, biases non-zero."""
+    inits = {
+        "w": RNG.standard_normal((96, 3, 3, 3)).astype(np.float32) * 0.3,
+        "b": RNG.standard_normal(96).astype(np.float32) * 0.1,
+        "g1": RNG.standard_normal((64, 96)).astype(np.float32) * 0.1,  # [N, K], transB=1
+        "g1b": RNG.standard_normal(64).astype(np.float32) * 0.1,
+        "g2": RNG.standard_normal((64, 48)).astype(np.float32) * 0.1,  # [K, N], transB=0
+        "g2b": RNG.standard_normal(48).astype(np.float32) * 0.1,
+        "m": RNG.standard_normal((48, 10)).astype(np.float32) * 0.1,  # [K, N]
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "g1", "g1b"], ["h1"], transB=1, name="fc_t"),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        helper.make_node("Gemm", ["a1", "g2", "g2b"], ["h2"], name="fc"),
+        helper.make_node("MatMul", ["h2", "m"], ["y"], name="mm"),
+    ]
+    return _save(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+        path,
+    )
+
+
+def weight_dequantizers(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, int | None]]:
+    """Weight initializer name -> (stored values, zero point, DequantizeLinear axis) for every weight fed to a DQ."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), None)
+            found[node.input[0]] = (inits[node.input[0]], inits[node.input[2]], axis)
+    return found
+
+
+def test_tensorrt_preset_ships_int8_weights_per_output_channel_with_float_biases(tmp_path):
+    src = dense_net(tmp_path / "dense.onnx")
+    calibration, x = _calibration(src)
+    preset = static_variants(PackOptions(quantize="int8"), load_target("jetson"))[0]
+    dst = tmp_path / "q.onnx"
+    metrics = q.quantize_static_int8(src, dst, calibration, preset)
+    weights = weight_dequantizers(dst)
+    # One int8 initializer per weight, zero point 0, symmetric range, scale per output channel.
+    by_source = {name.removesuffix("_quantized"): value for name, value in weights.items()}
+    assert set(by_source) == {"w", "g1", "g2", "m"}
+    for values, zero_point, _ in by_source.values():
+        assert values.dtype == np.int8 and zero_point.dtype == np.int8 and not zero_point.any()
+        assert values.min() >= -127
+    assert {name: axis for name, (_, _, axis) in by_source.items()} == {"w": 0, "g1": 0, "g2": 1, "m": 1}
+    assert [len(zp) for _, zp, _ in (by_source[n] for n in ("w", "g1", "g2", "m"))] == [96, 64, 48, 10]
+    # Biases stay float (TensorRT dequantizes only int8); no float weight waits behind a QuantizeLinear.
+    graph = onnx.load(str(dst)).graph
+    float_inits = {i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT}
+    assert {"b", "g1b", "g2b"} <= float_inits and not {"w", "g1", "g2", "m"} & float_inits
+    assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in float_inits]
+    assert metrics["weights"] == {"int8": 4, "float_behind_qdq": 0} and "weight_storage" not in metrics
+    # Activations: symmetric int8 (zero point 0), per tensor.
+    act_zps = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_zero_point")]
+    assert act_zps and all(zp.dtype == np.int8 and not zp.any() for zp in act_zps)
+    assert dst.stat().st_size < 0.4 * src.stat().st_size
+    assert evaluate(Metric("cosine"), _outputs(src, x), _outputs(dst, x), None)["cosine_min"] > 0.98
+
+
+def test_float_weights_behind_qdq_are_counted_and_explained(tmp_path):
+    src = dense_net(tmp_path / "dense.onnx")
+    calibration, _ = _calibration(src)
+    config = q.StaticInt8Config(extra_options={"AddQDQPairToWeight": True})
+    metrics = q.quantize_static_int8(src, tmp_path / "q.onnx", calibration, config)
+    assert metrics["weights"] == {"int8": 0, "float_behind_qdq": 4}
+    assert metrics["weight_storage"] == q.WEIGHTS_BEHIND_QDQ
+
+
 def test_dynamic_int8_and_fp16_load_and_stay_close_to_fp32(tmp_path):
     src = outlier_mlp(tmp_path / "mlp.onnx", layers=2)
     _, x = _calibration(src)

@@ -19,12 +19,33 @@ from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage
 log = logging.getLogger(__name__)
 
 
-# Why a TensorRT-style QDQ file is not smaller than FP32 (recorded and shown in the report).
+# Why a QDQ file whose weights stayed float is not smaller than FP32 (recorded and shown in the report).
 WEIGHTS_BEHIND_QDQ = (
-    "weights stay float32 behind QuantizeLinear/DequantizeLinear pairs (AddQDQPairToWeight, the layout "
-    "TensorRT's parser fuses): TensorRT folds them into int8 weights when it builds the engine on the device, "
-    "so the file is about FP32's size while the engine is not"
+    "weights stay float32 behind QuantizeLinear/DequantizeLinear pairs (AddQDQPairToWeight): a runtime "
+    "folds them into int8 when it loads the model, so the file is about FP32's size"
 )
+
+
+def weight_storage(path: Path) -> dict[str, int]:
+    """How the quantized file stores its weights, counted from the file itself.
+
+    ``int8``: integer initializers read by a DequantizeLinear (what ships as 8-bit weights);
+    ``float_behind_qdq``: float initializers read by a QuantizeLinear (quantized only at load time).
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name: i.data_type for i in graph.initializer}
+    integer = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    counts = {"int8": 0, "float_behind_qdq": 0}
+    for node in graph.node:
+        kind = initializers.get(node.input[0]) if node.input else None
+        if node.op_type == "DequantizeLinear" and kind in integer:
+            counts["int8"] += 1
+        elif node.op_type == "QuantizeLinear" and kind in floating:
+            counts["float_behind_qdq"] += 1
+    return counts
 
 
 @dataclass
@@ -112,6 +133,10 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         pre = preprocess(src, prepared)
+        # Profiles add layout options: TensorRT's (targets/jetson.toml, sources cited there) keeps biases float
+        # (its parser dequantizes int8 only: github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md) and
+        # leaves the default int8 weight initializer -> DequantizeLinear, the pre-quantized weights TensorRT documents:
+        # docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html
         extra = {
             **config.extra_options,
             "ActivationSymmetric": config.activation_symmetric,
@@ -136,14 +161,16 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
         except Exception as exc:  # noqa: BLE001
             raise EdgebuildError(f"static INT8 quantization failed: {first_line(exc)}") from None
     check_model(dst)
+    weights = weight_storage(dst)
     metrics = {
         "settings": asdict(config),
         "recipe": config.describe(),
         "preprocess": pre,
         "calibration_data": calibration.description,
         "coverage": quantization_coverage(src, dst),
+        "weights": weights,
     }
-    if extra.get("AddQDQPairToWeight"):
+    if weights["float_behind_qdq"]:
         metrics["weight_storage"] = WEIGHTS_BEHIND_QDQ
     return metrics
 
