@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_p50, replace_section  # noqa: E402
+from common import interleaved_p50, replace_section
 
 COMMAND = "python benchmarks/compression_bench.py"
 THREADS = 2

@@ -11,11 +11,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_p50, replace_section  # noqa: E402
+from common import interleaved_p50, replace_section
 
-from edgebuild.examples.digits import pretrained, validation_data  # noqa: E402
-from edgebuild.onnx_utils import make_session  # noqa: E402
-from edgebuild.pack import PackOptions, pack  # noqa: E402
+from edgebuild.examples.digits import pretrained, validation_data
+from edgebuild.onnx_utils import make_session
+from edgebuild.pack import PackOptions, pack
 
 COMMAND = "python benchmarks/pack_digits.py"
 

@@ -188,7 +188,7 @@ def parallel_seconds(factories: list, per_worker: int) -> float:
         try:
             for _ in range(per_worker):
                 call()
-        except BaseException as exc:  # reported below, not swallowed
+        except BaseException as exc:  # noqa: BLE001 - reported below, not swallowed
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(factory,)) for factory in factories]
@@ -226,7 +226,7 @@ class Server:
             try:
                 if client.is_server_ready():
                     break
-            except Exception:
+            except Exception:  # noqa: BLE001 - readiness polling: any failure means not ready yet
                 time.sleep(0.005)
         self.ready_s = time.perf_counter() - started
 

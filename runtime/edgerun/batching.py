@@ -51,7 +51,7 @@ def run_stacked(session, feeds_list: list[dict[str, np.ndarray]]) -> list[Any]:
     if len(feeds_list) == 1:
         try:
             return [session.run(feeds_list[0])]
-        except Exception as exc:  # handed back to the caller's future
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller's future
             return [exc]
     rows = [_rows(f) for f in feeds_list]
     try:
@@ -60,7 +60,7 @@ def run_stacked(session, feeds_list: list[dict[str, np.ndarray]]) -> list[Any]:
         # Splitting is only safe when every output really has one row per stacked row.
         if any(np.ndim(value) == 0 or len(value) != sum(rows) for value in outputs.values()):
             raise ValueError("outputs do not keep the stacked rows")
-    except Exception:
+    except Exception:  # noqa: BLE001
         # One bad request (or a model whose batch dim is not really per row) must not fail or
         # mix up its neighbours: run each on its own.
         return [run_stacked(session, [f])[0] for f in feeds_list]

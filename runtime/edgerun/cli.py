@@ -300,7 +300,7 @@ def serve(
                         repo.load(location)
                     except EdgerunError as exc:
                         logging.getLogger("edgerun").error("watch: skipped %s: %s", location, exc)
-        except BaseException as exc:  # re-raised on the main thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
             failure.append(exc)
 
     # Session creation runs in native code without the GIL, so it overlaps with importing the web stack.

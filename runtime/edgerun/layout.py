@@ -496,7 +496,7 @@ def plan_layout(
                 measurements.append(
                     LayoutMeasurement(batched, round(numbers.p50_ms + batch_delay_ms, 3), numbers.throughput_per_s)
                 )
-        except Exception as exc:  # a layout that cannot be measured must not stop serving
+        except Exception as exc:  # noqa: BLE001 - a layout that cannot be measured must not stop serving
             log.warning("layout benchmark stopped (%s); serving the default layout", exc)
             measurements = []
         if measurements:
@@ -518,7 +518,7 @@ def plan_layout(
             result = check(instances[0])
             if not getattr(result, "passed", True):
                 raise EdgerunError(f"golden check failed with {chosen.label}: {result.reason}")
-    except Exception as exc:  # the golden-checked session alone still serves
+    except Exception as exc:  # noqa: BLE001 - the golden-checked session alone still serves
         log.warning("layout %s not used (%s); serving one instance with %d threads", chosen.label, exc, session.threads)
         fallback = Layout(1, session.threads, is_spinning(session), chosen.max_batch)
         decision = LayoutDecision(

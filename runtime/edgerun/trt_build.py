@@ -121,7 +121,7 @@ def _run(repo, served, build: TensorrtBuild, previous: threading.Thread | None) 
             golden_data = _golden_data(build)
             golden_inputs = golden_data.inputs if golden_data else None
             benchmark = self_benchmark(session, build.max_batch, golden_inputs, budget_s=build.bench_budget_s)
-    except Exception as exc:  # noqa: BLE001 - whatever happens, the fallback keeps serving
+    except Exception as exc:  # whatever happens, the fallback keeps serving
         seconds = round(time.perf_counter() - started, 3)
         if build.cancelled.is_set():
             log.info("%s: TensorRT build for version %s superseded after %.1f s", served.name, served.version, seconds)

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runtime_fixtures import build_classifier_bundle, build_image_bundle, build_two_input_bundle  # noqa: E402
+from runtime_fixtures import build_classifier_bundle, build_image_bundle, build_two_input_bundle
 
 
 @pytest.fixture(scope="session")
