@@ -17,6 +17,7 @@ import numpy as np
 
 from edgerun.bundle import VerifiedFile
 from edgerun.errors import RequestError, SessionError
+from edgerun.external_data import check_self_contained
 from edgerun.manifest import Manifest, ModelFile, ProviderSpec, SessionOptionsSpec, TensorSpec
 from edgerun.provider_options import cache_path_keys, confined_cache_path
 from edgerun.tensorrt import relocate_cache_paths, serving_batch_limit
@@ -219,6 +220,7 @@ def create_model_session(
     cache_dir: Path | None = None,
 ) -> ModelSession:
     """Create a session from verified model bytes with the provider chain ``providers`` (first = preferred)."""
+    check_self_contained(model.data, variant.path)  # nothing but the verified bytes goes into the session
     options = make_session_options(variant.session_options, threads)
     chain = provider_chain(providers, variant, model, cache_dir)
     try:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from runtime_fixtures import build_classifier_bundle
+from runtime_fixtures import CLASSIFIER_IO, build_classifier_bundle, make_manifest, model_file
 
+from edgebuild.bundle import write_bundle
+from edgerun.manifest import SessionOptionsSpec
 from edgerun.reload import ModelRepository, VersionStore
 from edgerun.server import ServerConfig, create_app
 
@@ -60,3 +63,72 @@ def test_model_control_names_the_file_system_refuses_are_a_4xx_not_a_500(
         assert "not a bundle name" in error and "internal error" not in error
         assert not [r for r in caplog.records if r.exc_info], "a refused name must not be logged as a server bug"
         assert client.get("/v2/models/clf").json()["versions"] == before
+
+
+# ---- a hostile bundle: an ONNX model whose weights live in files outside the bundle ----
+
+
+def external_data_onnx(location: str, nested: bool = False) -> bytes:
+    """x [-1,4] -> probs [-1,3] = x @ 0 + b, with b's 12 bytes read from ``location`` (ONNX external data):
+    whatever file that names comes back out of every inference as three floats."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    bias = TensorProto(name="b", data_type=TensorProto.FLOAT, dims=[3], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "12")):
+        bias.external_data.add(key=key, value=value)
+    zeros = numpy_helper.from_array(np.zeros((4, 3), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"])]
+    initializers = [zeros]
+    if nested:  # hidden in a node attribute (Constant) inside an If branch, not among the initializers
+        branch = helper.make_graph(
+            [helper.make_node("Constant", [], ["b_in"], value=bias)],
+            "then",
+            [],
+            [helper.make_tensor_value_info("b_in", TensorProto.FLOAT, [3])],
+        )
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        initializers.append(cond)
+        nodes.append(helper.make_node("If", ["cond"], ["b"], then_branch=branch, else_branch=branch))
+    else:
+        initializers.append(bias)
+    nodes.append(helper.make_node("Add", ["xw", "b"], ["probs"]))
+    graph = helper.make_graph(
+        nodes,
+        "leak",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 3])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_model_reading_weights_from_files_outside_the_bundle_is_refused(tmp_path, load_options, monkeypatch, nested):
+    """ONNX external data resolves against the server's working directory when a session is made from
+    bytes: a dropped bundle could read any file there and hand it out through inference."""
+    secret = np.array([1.25, -2.5, 42.0], np.float32)
+    workdir = tmp_path / "server-cwd"
+    workdir.mkdir()
+    (workdir / "secret.bin").write_bytes(secret.tobytes())
+    monkeypatch.chdir(workdir)
+    repo_dir = tmp_path / "repo"
+    build_classifier_bundle(repo_dir / "clf")
+    # Without graph optimizations ORT reads the file when the session is made, not while folding constants.
+    unoptimized = model_file(session_options=SessionOptionsSpec(graph_optimization_level="disable_all"))
+    manifest = make_manifest("clf", **CLASSIFIER_IO, model=unoptimized)
+    write_bundle(repo_dir / "leak", manifest, {"model.onnx": external_data_onnx("secret.bin", nested)}, force=True)
+    with control_client(repo_dir, load_options) as client:
+        before = client.get("/v2/models/clf").json()["versions"]
+        refused = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": "leak"}})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert "external data" in error and "secret.bin" in error and "previous version keeps serving" in error
+        served = client.post(
+            "/v2/models/clf/infer",
+            json={"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.0] * 4}]},
+        )
+        assert served.status_code == 200
+        assert client.get("/v2/models/clf").json()["versions"] == before
+        assert not np.allclose(served.json()["outputs"][0]["data"], secret)
