@@ -132,3 +132,35 @@ def test_a_model_reading_weights_from_files_outside_the_bundle_is_refused(tmp_pa
         assert served.status_code == 200
         assert client.get("/v2/models/clf").json()["versions"] == before
         assert not np.allclose(served.json()["outputs"][0]["data"], secret)
+
+
+# ---- a hostile manifest: tuning options that are file names ----
+
+
+@pytest.mark.parametrize("prefix", ["../../../../tmp/planted", "/etc/cron.d/planted", "engines/x", "..", ".hidden"])
+def test_an_engine_cache_prefix_that_is_not_a_plain_name_refuses_the_bundle(tmp_path, load_options, prefix):
+    """TensorRT joins the prefix onto the (confined) cache path with std::filesystem::path::append: an
+    absolute prefix replaces it and '..' leaves it, so engines would be written and loaded anywhere."""
+    from edgerun.errors import BundleError
+    from edgerun.loader import load_model
+    from edgerun.manifest import ProviderSpec
+
+    options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": "cache", "trt_engine_cache_prefix": prefix}
+    bundle = build_classifier_bundle(
+        tmp_path / "b",
+        providers=[ProviderSpec(name="TensorrtExecutionProvider", options=options), "CPUExecutionProvider"],
+    )
+    with pytest.raises(BundleError, match="'trt_engine_cache_prefix' of TensorrtExecutionProvider must be a plain"):
+        load_model(bundle, load_options)
+
+
+def test_a_plain_engine_cache_prefix_passes(tmp_path, load_options):
+    from edgerun.loader import load_model
+    from edgerun.manifest import ProviderSpec
+
+    options = {"trt_engine_cache_enable": True, "trt_engine_cache_prefix": "clf_v2-fp16.a"}
+    bundle = build_classifier_bundle(
+        tmp_path / "b",
+        providers=[ProviderSpec(name="TensorrtExecutionProvider", options=options), "CPUExecutionProvider"],
+    )
+    assert load_model(bundle, load_options).session.providers == ["CPUExecutionProvider"]
