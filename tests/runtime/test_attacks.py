@@ -164,3 +164,84 @@ def test_a_plain_engine_cache_prefix_passes(tmp_path, load_options):
         providers=[ProviderSpec(name="TensorrtExecutionProvider", options=options), "CPUExecutionProvider"],
     )
     assert load_model(bundle, load_options).session.providers == ["CPUExecutionProvider"]
+
+
+# ---- a hostile archive: header records tarfile reads whole into memory ----
+
+
+def _header(name: str, kind: bytes, size: int, extended: bool = False) -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    buf = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    if extended:  # old GNU sparse: more sparse map blocks follow the header
+        buf[482] = 1
+    buf[148:156] = b" " * 8
+    buf[148:156] = b"%06o\0 " % sum(buf)
+    return bytes(buf)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def _hostile_prefix(kind: str, size: int) -> bytes:
+    """A header record of about ``size`` bytes that tarfile would read (or parse) whole, before any member."""
+    import tarfile
+
+    if kind == "pax":
+        body = b" comment=" + b"a" * size + b"\n"
+        record = b"%d%s" % (len(body) + len(str(len(body) + 8)), body)
+        record = b"%d%s" % (len(body) + len(str(len(record))), body)
+        return _header("././@PaxHeader", tarfile.XHDTYPE, len(record)) + _padded(record)
+    if kind == "gnu-longname":
+        return _header("././@LongLink", tarfile.GNUTYPE_LONGNAME, size) + _padded(b"a" * size)
+    if kind == "pax-sparse":  # GNU sparse 1.0: the member's data starts with a map of any length
+        record = b"".join(
+            b"%d %s\n" % (len(b" %s\n" % kv) + 2, kv) for kv in (b"GNU.sparse.major=1", b"GNU.sparse.minor=0")
+        )
+        sparse_map = b"%d\n" % (size // 2) + b"1\n" * (size // 2)
+        return (
+            _header("././@PaxHeader", tarfile.XHDTYPE, len(record))
+            + _padded(record)
+            + _header("sparse.bin", tarfile.REGTYPE, len(sparse_map))
+            + _padded(sparse_map)
+        )
+    # old GNU sparse: a chain of extension blocks, each adding 21 map entries to a Python list
+    block = b"00000000001\x0000000000001\x00" * 21 + b"\x01" + b"\0" * 7
+    blocks = size // 512
+    chain = block * (blocks - 1) + block[:504] + b"\0" * 8
+    return _header("sparse.bin", tarfile.GNUTYPE_SPARSE, 0, extended=True) + chain
+
+
+@pytest.mark.parametrize("kind", ["pax", "gnu-longname", "gnu-sparse", "pax-sparse"])
+def test_archive_header_records_are_bounded_before_they_are_read(tmp_path, kind):
+    """A few megabytes of gzip can declare a header record of gigabytes; tarfile reads such records
+    into memory whole. The archive must be refused before that, whatever follows the record."""
+    import gzip
+    import tarfile
+    import tracemalloc
+
+    from edgerun.bundle import extract_archive
+    from edgerun.errors import BundleError
+
+    bundle = build_classifier_bundle(tmp_path / "bundle")
+    members = b"".join(
+        _header(f"bundle/{p.name}", tarfile.REGTYPE, p.stat().st_size) + _padded(p.read_bytes())
+        for p in sorted(bundle.iterdir())
+    )
+    archive = tmp_path / "hostile.tar.gz"
+    archive.write_bytes(gzip.compress(_hostile_prefix(kind, 16 << 20) + members + b"\0" * 1024, compresslevel=1))
+    assert archive.stat().st_size < 1 << 20
+    dest = tmp_path / "out"
+    dest.mkdir()
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match="header record|sparse file"):
+            extract_archive(archive, dest)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.0f} MiB held while refusing a {archive.stat().st_size} byte archive"
+    assert not any(dest.rglob("*"))
