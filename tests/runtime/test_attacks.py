@@ -245,3 +245,30 @@ def test_archive_header_records_are_bounded_before_they_are_read(tmp_path, kind)
         tracemalloc.stop()
     assert peak < 4 << 20, f"{peak / 2**20:.0f} MiB held while refusing a {archive.stat().st_size} byte archive"
     assert not any(dest.rglob("*"))
+
+
+# ---- /v1/predict: an image format whose decoder is another program ----
+
+
+def test_an_eps_image_is_never_handed_to_ghostscript(bundles, load_options, monkeypatch):
+    """Pillow decodes EPS by running Ghostscript on the bytes: a PostScript program from the network."""
+    from PIL import EpsImagePlugin
+
+    ran = []
+
+    def ghostscript(*args, **kwargs):
+        ran.append(args)
+        raise OSError("Ghostscript stand-in")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    repo = ModelRepository(load_options)
+    repo.load(bundles["image"])
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n%%EndComments\n(/etc/passwd) (r) file\nshowpage\n"
+    with TestClient(create_app(repo, ServerConfig()), base_url="http://127.0.0.1") as client:
+        for headers in ({"Content-Type": "image/eps"}, {"Content-Type": "image/png"}, {}):
+            refused = client.post("/v1/predict", content=eps, headers=headers)
+            assert refused.status_code == 415, refused.text
+            assert "EPS" in refused.json()["error"] and "PNG" in refused.json()["error"]
+        files = {"file": ("a.png", eps, "image/png")}
+        assert client.post("/v1/predict", files=files).status_code == 415
+    assert ran == []
