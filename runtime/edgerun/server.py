@@ -208,6 +208,49 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
     return app
 
 
+# Request line plus headers. uvicorn's h11 protocol stops at 16 KiB; its httptools protocol keeps
+# whatever a client sends before the blank line, without limit, so it gets this one.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+
+
+def _http_protocol() -> Any:
+    """httptools (about 2x the protocol ceiling of h11) with a bound on the request head, or h11."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "h11"
+
+    class BoundedHeadProtocol(HttpToolsProtocol):
+        _head_bytes: int | None = None  # bytes received while a request head is incomplete
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+
+        def on_headers_complete(self) -> None:
+            self._head_bytes = None
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            # Counted from the second piece of a head on, so the end of a pipelined body never counts.
+            inside_head = self._head_bytes is not None
+            super().data_received(data)
+            if not inside_head or self._head_bytes is None or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                body = error_body(
+                    f"request line and headers are over {MAX_REQUEST_HEAD_BYTES} bytes; refusing the request"
+                )
+                self.transport.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+                )
+                self.transport.close()
+
+    return BoundedHeadProtocol
+
+
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling)."""
     import signal
@@ -228,7 +271,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         host=host,
         port=port,
         loop="auto",
-        http="auto",
+        http=_http_protocol(),
         log_level=log_level,
         timeout_graceful_shutdown=30,
         access_log=False,

@@ -272,3 +272,44 @@ def test_an_eps_image_is_never_handed_to_ghostscript(bundles, load_options, monk
         files = {"file": ("a.png", eps, "image/png")}
         assert client.post("/v1/predict", files=files).status_code == 415
     assert ran == []
+
+
+# ---- the HTTP layer of a real server: request heads without end ----
+
+
+@pytest.mark.parametrize("shape", ["many headers", "one endless header", "endless URL"])
+def test_a_request_head_without_end_is_refused_not_buffered(tmp_path, cache_dir, shape):
+    """Without a limit the HTTP parser keeps every header byte in memory for as long as the client sends
+    them (hundreds of MB per connection, before the token is even looked at)."""
+    import json
+    import socket
+
+    from server_process import start_server, stop_server
+
+    bundle = build_classifier_bundle(tmp_path / "clf")
+    proc, url = start_server([str(bundle), "--token", "t0k"], cache_dir)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        head, chunk = {
+            "many headers": (b"GET /v2 HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"X-Pad: " + b"a" * 1000 + b"\r\n"),
+            "one endless header": (b"GET /v2 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ", b"a" * 1024),
+            "endless URL": (b"GET /v2?", b"a" * 1024),
+        }[shape]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head)
+            try:
+                for _ in range(16 * 1024):  # up to 16 MiB; the server answers and closes long before
+                    sock.sendall(chunk)
+            except OSError:  # closed by the server while sending: the refusal is waiting to be read
+                pass
+            answer = b""
+            while data := sock.recv(65536):
+                answer += data
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 431"), answer[:200]
+        assert "header" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # still serving
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        stop_server(proc)
