@@ -313,3 +313,33 @@ def test_a_request_head_without_end_is_refused_not_buffered(tmp_path, cache_dir,
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     finally:
         stop_server(proc)
+
+
+# ---- a hostile bundle: golden data that inflate ----
+
+
+def test_golden_data_that_inflate_far_beyond_their_file_are_refused(tmp_path, load_options):
+    """golden.npz is a zip: one deflated member of zeros unpacks a thousandfold (here 2 MiB -> 256 MiB;
+    the same trick reaches any size), and every array was read into memory."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+    from runtime_fixtures import classifier_golden, classifier_onnx
+
+    from edgerun.errors import BundleError
+    from edgerun.loader import load_model
+    from edgerun.manifest import GoldenSpec
+
+    buffer = io.BytesIO(classifier_golden())
+    with zipfile.ZipFile(buffer, "a", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("padding.npy", "w", force_zip64=True) as member:
+            npy.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (64 << 20,)})
+            for _ in range(16):
+                member.write(bytes(16 << 20))
+    golden = buffer.getvalue()
+    assert len(golden) < 2 << 20
+    manifest = make_manifest("clf", **CLASSIFIER_IO, golden=GoldenSpec(path="golden.npz", atol=1e-4))
+    bundle = write_bundle(tmp_path / "b", manifest, {"model.onnx": classifier_onnx(), "golden.npz": golden})
+    with pytest.raises(BundleError, match="golden file 'golden.npz' unpacks to 268435"):
+        load_model(bundle, load_options)
