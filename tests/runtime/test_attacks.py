@@ -343,3 +343,70 @@ def test_golden_data_that_inflate_far_beyond_their_file_are_refused(tmp_path, lo
     bundle = write_bundle(tmp_path / "b", manifest, {"model.onnx": classifier_onnx(), "golden.npz": golden})
     with pytest.raises(BundleError, match="golden file 'golden.npz' unpacks to 268435"):
         load_model(bundle, load_options)
+
+
+# ---- a hostile manifest: preprocessing that scales every image up to gigapixels ----
+
+
+def _any_size_image_bundle(dest: Path, **preprocess) -> Path:
+    """image [-1,1,H,W] (any H, W) -> mean brightness [-1,1], with ``preprocess`` written into its
+    manifest as is (a hostile manifest, not one the builder would write)."""
+    import json
+
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["mean"], axis=1),
+        ],
+        "mean",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["N", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    manifest = make_manifest(
+        "big",
+        inputs=[{"name": "image", "dtype": "float32", "shape": [-1, 1, -1, -1]}],
+        outputs=[{"name": "mean", "dtype": "float32", "shape": [-1, 1]}],
+        preprocess={"color": "L", "size": [4, 4]},
+        postprocess={"type": "classification", "top_k": 1},
+    )
+    write_bundle(dest, manifest, {"model.onnx": model.SerializeToString()}, force=True)
+    path = dest / "manifest.json"  # not covered by 'files': editable without breaking a checksum
+    document = json.loads(path.read_text())
+    document["preprocess"].update(preprocess)
+    path.write_text(json.dumps(document))
+    return dest
+
+
+def test_a_model_input_size_over_the_pixel_limit_refuses_the_bundle(tmp_path, load_options):
+    from edgerun.errors import BundleError
+    from edgerun.loader import load_model
+
+    with pytest.raises(BundleError, match="size .*over the 40000000 pixel limit"):
+        load_model(_any_size_image_bundle(tmp_path / "b", size=[8000, 8000]), load_options)
+    with pytest.raises(BundleError, match="resize_shorter .*over the 40000000 pixel limit"):
+        load_model(_any_size_image_bundle(tmp_path / "c", resize="center-crop", resize_shorter=7000), load_options)
+
+
+def test_a_center_crop_that_would_scale_an_image_past_the_pixel_limit_is_413(tmp_path, load_options):
+    """A 1x320 model input lets a 1280x1 image through the aspect check; scaling its shorter side to
+    320 first makes a 409600x320 (131 Mpx) intermediate, and the ratios reach terapixels."""
+    import io
+
+    from PIL import Image
+
+    repo = ModelRepository(load_options)
+    repo.load(_any_size_image_bundle(tmp_path / "b", size=[1, 320], resize="center-crop"))
+    wide = io.BytesIO()
+    Image.new("L", (1280, 1), 200).save(wide, "PNG")
+    fits = io.BytesIO()
+    Image.new("L", (640, 2), 200).save(fits, "PNG")
+    with TestClient(create_app(repo, ServerConfig()), base_url="http://127.0.0.1") as client:
+        refused = client.post("/v1/predict", content=wide.getvalue(), headers={"Content-Type": "image/png"})
+        assert refused.status_code == 413, refused.text
+        assert "409600x320" in refused.json()["error"]
+        ok = client.post("/v1/predict", content=fits.getvalue(), headers={"Content-Type": "image/png"})
+        assert ok.status_code == 200, ok.text
