@@ -270,8 +270,8 @@ def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
         data = json.loads(raw)
     except OSError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # also: nesting too deep, a number past the digit limit
+        raise BundleError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
     manifest = parse_manifest(data, str(path))
     verify_files(root, manifest)
     if trusted_public_key is not None:

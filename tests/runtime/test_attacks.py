@@ -410,3 +410,20 @@ def test_a_center_crop_that_would_scale_an_image_past_the_pixel_limit_is_413(tmp
         assert "409600x320" in refused.json()["error"]
         ok = client.post("/v1/predict", content=fits.getvalue(), headers={"Content-Type": "image/png"})
         assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ["[" * 100_000 + "]" * 100_000, '{"a": ' * 5000 + "1" + "}" * 5000, '{"format_version": 1' + "0" * 5000 + "}"],
+    ids=["deep array", "deep object", "5000-digit number"],
+)
+def test_a_manifest_json_cannot_parse_is_a_400_not_a_500(repo_dir, load_options, manifest, caplog):
+    hostile = repo_dir / "hostile"
+    hostile.mkdir()
+    (hostile / "manifest.json").write_text(manifest)
+    with control_client(repo_dir, load_options) as client:
+        with caplog.at_level(logging.ERROR, logger="edgerun"):
+            refused = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": "hostile"}})
+        assert refused.status_code == 400, refused.text
+        assert "manifest.json: not valid JSON" in refused.json()["error"]
+        assert not [r for r in caplog.records if r.exc_info]
