@@ -427,3 +427,30 @@ def test_a_manifest_json_cannot_parse_is_a_400_not_a_500(repo_dir, load_options,
         assert refused.status_code == 400, refused.text
         assert "manifest.json: not valid JSON" in refused.json()["error"]
         assert not [r for r in caplog.records if r.exc_info]
+
+
+# ---- /v2 infer: JSON whose parsed form dwarfs the body ----
+
+
+@pytest.mark.parametrize("value", [b"0.5", b"[]", b"{}"])
+def test_json_tensors_are_bounded_in_values_before_they_are_parsed(bundles, load_options, value):
+    """Every JSON value becomes a Python object of 30-70 bytes: a 63 MB body of '[],' held 2.5 GB once
+    parsed, five times the memory limit the deployment sets, with one request."""
+    from edgerun.protocol import MAX_JSON_VALUES
+
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    count = MAX_JSON_VALUES + 8
+    body = (
+        b'{"inputs":[{"name":"x","shape":[%d,4],"datatype":"FP32","data":[' % (count // 4)
+        + b",".join([value] * count)
+        + b"]}]}"
+    )
+    with TestClient(create_app(repo, ServerConfig()), base_url="http://127.0.0.1") as client:
+        refused = client.post("/v2/models/clf/infer", content=body, headers=JSON)
+        assert refused.status_code == 413, refused.text[:300]
+        error = refused.json()["error"]
+        assert f"over the {MAX_JSON_VALUES}" in error and "binary" in error
+        rows = MAX_JSON_VALUES // 8  # half the limit, as JSON numbers: still served
+        fits = {"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32", "data": [0.5] * (rows * 4)}]}
+        assert client.post("/v2/models/clf/infer", json=fits).status_code == 200
