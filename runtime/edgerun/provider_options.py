@@ -30,6 +30,11 @@ CACHE_PATH_KEYS = {
     OPENVINO: frozenset({"cache_dir"}),
 }
 
+# Cache switches whose location defaults to the working directory when the path option is absent.
+CACHE_ENABLE_KEYS = {
+    TENSORRT: {"trt_engine_cache_enable": "trt_engine_cache_path", "trt_timing_cache_enable": "trt_timing_cache_path"},
+}
+
 # Tuning options that become part of a file name: TensorRT appends the prefix to the cache path with
 # std::filesystem's append, where an absolute prefix replaces the path and '..' leaves it.
 FILE_NAME_KEYS = {TENSORRT: frozenset({"trt_engine_cache_prefix"})}

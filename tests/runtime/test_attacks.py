@@ -454,3 +454,22 @@ def test_json_tensors_are_bounded_in_values_before_they_are_parsed(bundles, load
         rows = MAX_JSON_VALUES // 8  # half the limit, as JSON numbers: still served
         fits = {"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32", "data": [0.5] * (rows * 4)}]}
         assert client.post("/v2/models/clf/infer", json=fits).status_code == 200
+
+
+@pytest.mark.parametrize("enabled", [True, "1", "True"])
+def test_an_enabled_engine_cache_without_a_path_stays_under_the_cache_dir(tmp_path, enabled):
+    """TensorRT writes (and later loads) engines and timing caches in the working directory when a cache
+    is enabled without a path: a bundle would put files outside --cache-dir, and read them back."""
+    from edgerun.bundle import VerifiedFile
+    from edgerun.manifest import ProviderSpec
+    from edgerun.session import provider_chain
+
+    trt = "TensorrtExecutionProvider"
+    spec = ProviderSpec(name=trt, options={"trt_engine_cache_enable": enabled, "trt_timing_cache_enable": enabled})
+    model = VerifiedFile("model.onnx", b"onnx", "ab" * 32)
+    cache = tmp_path / "cache"
+    options = dict(provider_chain([spec], model_file(), model, cache))[trt]
+    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        assert Path(options[key]).is_relative_to(cache), (key, options)
+    without_cache_dir = dict(provider_chain([spec], model_file(), model, None))[trt]
+    assert not {k: v for k, v in without_cache_dir.items() if "cache" in k}, without_cache_dir
