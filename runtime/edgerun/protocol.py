@@ -241,10 +241,12 @@ def decode_infer_request(
     params = request.parameters or {}
     default_binary = _as_bool(params.get("binary_data_output", False))
     if request.outputs:
-        outputs = []
+        outputs: list[tuple[str, bool]] = []
         for out in request.outputs:
             if out.name not in output_names:
                 raise RequestError(f"unknown output '{out.name}'; the model's outputs are {output_names}")
+            if any(out.name == name for name, _ in outputs):  # each entry is encoded into the response
+                raise RequestError(f"output '{out.name}' is requested twice; name each output once")
             outputs.append((out.name, _as_bool((out.parameters or {}).get("binary_data", default_binary))))
     else:
         outputs = [(name, default_binary) for name in output_names]

@@ -473,3 +473,28 @@ def test_an_enabled_engine_cache_without_a_path_stays_under_the_cache_dir(tmp_pa
         assert Path(options[key]).is_relative_to(cache), (key, options)
     without_cache_dir = dict(provider_chain([spec], model_file(), model, None))[trt]
     assert not {k: v for k, v in without_cache_dir.items() if "cache" in k}, without_cache_dir
+
+
+def test_an_output_requested_twice_is_refused_not_encoded_twice(bundles, load_options):
+    """Each entry of 'outputs' was encoded into the response: naming the output a thousand times turned
+    a 1.6 MB request into a 1.2 GB response held in memory (and a 64 MB one into terabytes)."""
+    import orjson
+
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    rows = 100_000
+    x = np.zeros((rows, 4), np.float32).tobytes()
+    inputs = [{"name": "x", "shape": [rows, 4], "datatype": "FP32", "parameters": {"binary_data_size": len(x)}}]
+    with TestClient(create_app(repo, ServerConfig()), base_url="http://127.0.0.1") as client:
+        for outputs in (
+            [{"name": "probs"}, {"name": "probs"}],
+            [{"name": "probs", "parameters": {"binary_data": True}}] * 1000,
+        ):
+            header = orjson.dumps({"inputs": inputs, "outputs": outputs})
+            refused = client.post(
+                "/v2/models/clf/infer",
+                content=header + x,
+                headers={"Inference-Header-Content-Length": str(len(header))},
+            )
+            assert refused.status_code == 400, (len(refused.content), refused.text[:200])
+            assert "output 'probs' is requested twice" in refused.json()["error"]
