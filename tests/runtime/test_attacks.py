@@ -498,3 +498,28 @@ def test_an_output_requested_twice_is_refused_not_encoded_twice(bundles, load_op
             )
             assert refused.status_code == 400, (len(refused.content), refused.text[:200])
             assert "output 'probs' is requested twice" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /v2 HTTP/1.1\r\nHost: 127.0.0.1\r\n"], ids=["nothing", "half a head"])
+def test_a_connection_that_never_finishes_its_request_head_is_closed(tmp_path, cache_dir, sent):
+    """Connections that send nothing, or half a request head, were kept open for ever: a few hundred of
+    them use up the process's file descriptors and nobody else gets in (slowloris)."""
+    import json
+    import socket
+
+    from server_process import start_server, stop_server
+
+    bundle = build_classifier_bundle(tmp_path / "clf")
+    proc, url = start_server([str(bundle), "--body-timeout", "1"], cache_dir)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(sent)
+            answer = b""
+            while data := sock.recv(65536):
+                answer += data
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert "request head" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    finally:
+        stop_server(proc)
