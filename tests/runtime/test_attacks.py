@@ -523,3 +523,68 @@ def test_a_connection_that_never_finishes_its_request_head_is_closed(tmp_path, c
         assert "request head" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     finally:
         stop_server(proc)
+
+
+# ---- attacks the server already stood up to (kept as regression tests) ----
+
+
+def _infer_body(shape, data=None, binary: bytes | None = None):
+    import json
+
+    item: dict = {"name": "x", "shape": shape, "datatype": "FP32"}
+    if binary is None:
+        item["data"] = data
+        return json.dumps({"inputs": [item]}).encode(), {}
+    item["parameters"] = {"binary_data_size": len(binary)}
+    header = json.dumps({"inputs": [item]}).encode()
+    return header + binary, {"Inference-Header-Content-Length": str(len(header))}
+
+
+@pytest.mark.parametrize(
+    "body, headers, status",
+    [
+        (b"[" * 100_000, JSON, 400),  # nesting: orjson's depth limit
+        (*_infer_body([2**62, 2**62], [0.5] * 4), 400),  # shape product overflowing int64
+        (*_infer_body([2**70, 4], [0.5] * 4), 400),  # a dimension past int64
+        (*_infer_body([-1, 4], [0.5] * 4), 400),  # negative dimension
+        (*_infer_body([2**61, 4], binary=bytes(16)), 400),  # binary size disagrees with the shape
+        (*_infer_body([1, 4], binary=bytes(15)), 400),
+        (*_infer_body([1, 4], [1e39] * 4), 400),  # overflows float32 to Inf
+    ],
+    ids=["deep", "shape-overflow", "huge-dim", "negative-dim", "binary-size", "binary-short", "fp32-inf"],
+)
+def test_hostile_tensors_are_4xx(bundles, load_options, body, headers, status):
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    with TestClient(create_app(repo, ServerConfig()), base_url="http://127.0.0.1") as client:
+        answer = client.post("/v2/models/clf/infer", content=body, headers=headers)
+        assert answer.status_code == status, answer.text[:300]
+        assert answer.json()["error"]
+
+
+def test_a_gzip_bomb_stops_at_the_body_limit(bundles, load_options):
+    import gzip
+
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    bomb = gzip.compress(b" " * (256 << 20), compresslevel=9)  # 256 MiB of spaces in ~250 KB
+    with TestClient(create_app(repo, ServerConfig(max_body_mb=1)), base_url="http://127.0.0.1") as client:
+        answer = client.post("/v2/models/clf/infer", content=bomb, headers={**JSON, "Content-Encoding": "gzip"})
+        assert answer.status_code == 413 and "decompressed body" in answer.json()["error"]
+
+
+def test_cross_site_pages_get_no_cors_grant_and_tokens_only_count_in_the_header(bundles, load_options):
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    config = ServerConfig(token="s3cret-token")
+    with TestClient(create_app(repo, config), base_url="http://127.0.0.1") as client:
+        origin = {"Origin": "http://evil.example"}
+        preflight = client.options("/v2/models/clf/infer", headers={**origin, "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code in (401, 405) and preflight.json()["error"]
+        for answer in (preflight, client.get("/v2/health/live", headers=origin)):
+            assert not [h for h in answer.headers if h.lower().startswith("access-control-")]
+        for params in ({"token": "s3cret-token"}, {"access_token": "s3cret-token"}):
+            assert client.get("/v2/models/clf", params=params).status_code == 401
+        for wrong in ("Bearer s3cret-toke", "Bearer s3cret-token2", "Basic s3cret-token", "s3cret-token"):
+            assert client.get("/v2/models/clf", headers={"Authorization": wrong}).status_code == 401
+        assert client.get("/v2/models/clf", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
