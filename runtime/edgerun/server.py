@@ -218,7 +218,7 @@ def _http_protocol(head_timeout_s: float) -> Any:
 
     The head must end within ``MAX_REQUEST_HEAD_BYTES`` (431) and within ``head_timeout_s`` of the
     connection or of its first byte (408): a connection that sends nothing, or half a head, would
-    otherwise hold a file descriptor for ever (slowloris).
+    otherwise hold a file descriptor for ever (slowloris). Every refusal has the ErrorResponse body.
     """
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -280,6 +280,10 @@ def _http_protocol(head_timeout_s: float) -> Any:
                 b"408 Request Timeout",
                 f"request head not received within {head_timeout_s:g} s (--body-timeout); send it in one piece",
             )
+
+        def send_400_response(self, msg: str) -> None:
+            # What the HTTP parser refuses gets the ErrorResponse body too, not uvicorn's plain text.
+            self._refuse(b"400 Bad Request", "request is not valid HTTP/1.1; refusing it")
 
         def _refuse(self, status: bytes, message: str) -> None:
             body = error_body(message)

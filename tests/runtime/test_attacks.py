@@ -588,3 +588,29 @@ def test_cross_site_pages_get_no_cors_grant_and_tokens_only_count_in_the_header(
         for wrong in ("Bearer s3cret-toke", "Bearer s3cret-token2", "Basic s3cret-token", "s3cret-token"):
             assert client.get("/v2/models/clf", headers={"Authorization": wrong}).status_code == 401
         assert client.get("/v2/models/clf", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GET /v2 HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", b"GET /v 2 HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00"],
+    ids=["header without colon", "space in target", "TLS hello"],
+)
+def test_requests_the_http_parser_refuses_get_the_error_body_too(tmp_path, cache_dir, request_bytes):
+    import json
+    import socket
+
+    from server_process import start_server, stop_server
+
+    bundle = build_classifier_bundle(tmp_path / "clf")
+    proc, url = start_server([str(bundle)], cache_dir)
+    try:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(request_bytes)
+            answer = b""
+            while data := sock.recv(65536):
+                answer += data
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+        assert "not valid HTTP" in json.loads(body)["error"]
+    finally:
+        stop_server(proc)
