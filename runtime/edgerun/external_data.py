@@ -1,10 +1,11 @@
-"""Refuse ONNX models that read tensor data from other files ("external data").
+"""Refuse ONNX models that read data from other files: "external data" tensors, EPContext nodes.
 
 An ONNX tensor may keep its bytes in a file the model names. ONNX Runtime resolves that name
 against the working directory when a session is made from bytes, as the runtime does, and that
 file is covered by no checksum of the bundle: a model naming ``secret.key`` would read it and
 hand it out through inference. Bundles hold single-file models, so a model naming external data
-is refused before ONNX Runtime sees it.
+is refused before ONNX Runtime sees it; so is a model with an EPContext node, which hands an
+execution provider a precompiled engine (by file path when its embed_mode is 0).
 
 The runtime does not depend on the ``onnx`` package, so this walks the protobuf wire format
 through every place a tensor can sit (initializers, sparse initializers, node attributes,
@@ -29,6 +30,9 @@ _CHILDREN: dict[int, dict[int, int]] = {
 }
 _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+_NODE_OP_TYPE = 4
+# A node that hands a provider a precompiled engine, by file path when its embed_mode is 0.
+_EP_CONTEXT = b"EPContext"
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -76,7 +80,7 @@ def _location(data: bytes, start: int, end: int) -> str:
 
 def external_data_references(data: bytes) -> list[str]:
     """Each tensor of the serialized ModelProto ``data`` that keeps its bytes outside it, as
-    ``'name' -> location``; raises ValueError when ``data`` is not protobuf."""
+    ``'name' -> location``, and each EPContext node; raises ValueError when ``data`` is not protobuf."""
     found = []
     stack = [(_MODEL, 0, len(data))]
     while stack:
@@ -91,6 +95,9 @@ def external_data_references(data: bytes) -> list[str]:
                     locations.append(_location(data, *value))
                 elif number == _TENSOR_NAME and isinstance(value, tuple):
                     name = data[value[0] : value[1]].decode("utf-8", "replace")
+            elif kind == _NODE and number == _NODE_OP_TYPE and isinstance(value, tuple):
+                if data[value[0] : value[1]] == _EP_CONTEXT:
+                    found.append("an EPContext node (a precompiled provider engine, possibly read from a file)")
             elif wire == 2 and number in _CHILDREN[kind] and isinstance(value, tuple):
                 stack.append((_CHILDREN[kind][number], *value))
         if external:
@@ -106,7 +113,7 @@ def check_self_contained(data: bytes, relpath: str) -> None:
         raise SessionError(f"'{relpath}' is not a valid ONNX model ({exc})") from None
     if references:
         raise BundleError(
-            f"'{relpath}' keeps tensor data outside the model file (ONNX external data: "
-            f"{'; '.join(references[:3])}{' ...' if len(references) > 3 else ''}), which no checksum of the "
-            f"bundle covers; a bundle's models must be self-contained, rebuild it without external data"
+            f"'{relpath}' reads data from outside the model file ({'; '.join(references[:3])}"
+            f"{' ...' if len(references) > 3 else ''}), which no checksum of the bundle covers; a bundle's "
+            f"models must be self-contained: rebuild it without ONNX external data or EPContext nodes"
         )

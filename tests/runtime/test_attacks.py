@@ -614,3 +614,31 @@ def test_requests_the_http_parser_refuses_get_the_error_body_too(tmp_path, cache
         assert "not valid HTTP" in json.loads(body)["error"]
     finally:
         stop_server(proc)
+
+
+def test_a_model_with_an_ep_context_node_naming_an_engine_file_is_refused(tmp_path, load_options):
+    """An EPContext node (embed_mode 0) makes TensorRT or QNN deserialize a precompiled engine from the
+    path it names, relative to the working directory for a model made from bytes: code-like data that
+    no checksum covers."""
+    from onnx import TensorProto, helper
+
+    from edgerun.errors import BundleError
+    from edgerun.loader import load_model
+
+    node = helper.make_node(
+        "EPContext", ["x"], ["probs"], domain="com.microsoft", embed_mode=0, ep_cache_context="engine.bin"
+    )
+    graph = helper.make_graph(
+        [node],
+        "ctx",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 3])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8
+    manifest = make_manifest("clf", **CLASSIFIER_IO)
+    bundle = write_bundle(tmp_path / "b", manifest, {"model.onnx": model.SerializeToString()}, force=True)
+    with pytest.raises(BundleError, match="EPContext"):
+        load_model(bundle, load_options)
