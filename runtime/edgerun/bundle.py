@@ -115,6 +115,37 @@ MAX_ARCHIVE_BYTES = 8 << 30
 MAX_ARCHIVE_MEMBERS = 1000
 # What a damaged or truncated archive raises while being read.
 _ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+# Header records that tarfile reads whole into memory (pax records, GNU long names) are a few hundred
+# bytes in a bundle; a few megabytes of gzip can declare gigabytes of them.
+MAX_ARCHIVE_HEADER_BYTES = 1 << 20
+_HEADER_RECORDS = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header checked before tarfile acts on it: header records over the limit and GNU sparse
+    files (whose map, of any length, tarfile keeps as a list) are refused."""
+
+    def _proc_member(self, tarfile_):
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise BundleError(f"archive member '{self.name}' is a sparse file; bundles hold only regular files")
+        if self.type in _HEADER_RECORDS and self.size > MAX_ARCHIVE_HEADER_BYTES:
+            raise BundleError(
+                f"archive header record of {self.size} bytes (pax or GNU long name) is over the "
+                f"{MAX_ARCHIVE_HEADER_BYTES} byte limit; a bundle's are a few hundred bytes, refusing the archive"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc]  # private in typeshed, stable in CPython
+
+    def _refuse_pax_sparse(self, next_, *_):
+        # GNU sparse maps in pax form; version 1.0 reads its map, of any length, from the member's data.
+        raise BundleError(f"archive member '{next_.name}' is a sparse file; bundles hold only regular files")
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_pax_sparse
 
 
 def extract_archive(
@@ -126,7 +157,7 @@ def extract_archive(
     turns a truncated or corrupt archive into one ``BundleError``.
     """
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo)
     except _ARCHIVE_ERRORS as exc:
         raise BundleError(f"{archive}: not a readable tar archive ({exc})") from None
     with tar:
@@ -239,8 +270,8 @@ def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
         data = json.loads(raw)
     except OSError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # also: nesting too deep, a number past the digit limit
+        raise BundleError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
     manifest = parse_manifest(data, str(path))
     verify_files(root, manifest)
     if trusted_public_key is not None:

@@ -213,7 +213,7 @@ def _with(options):
     default=60.0,
     show_default=True,
     type=_POSITIVE,
-    help="Seconds a client may take to send its request body (408 after).",
+    help="Seconds a client may take to send its request head, and its body (408 after).",
 )
 @click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Load bundles dropped into DIR.")
 @click.option(

@@ -38,8 +38,19 @@ class ModelControl:
         kept = f"kept versions under {self.versions_dir}"
         return f"model control loads only bundles in {where} or {kept}" if where else f"model control loads only {kept}"
 
+    def _real(self, path: Path, requested: str) -> tuple[Path, bool]:
+        """``realpath`` of ``path`` and whether it exists; a name no file system takes (a NUL, a
+        component over NAME_MAX) is refused here instead of failing deeper as a server error."""
+        try:
+            real = Path(os.path.realpath(path))
+            return real, real.exists()
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            shown = requested if len(requested) <= 80 else requested[:80] + "..."
+            raise ForbiddenError(f"{self._rule()}; {shown!r} is not a bundle name ({reason})") from None
+
     def confine(self, path: Path, requested: str) -> Path:
-        real = Path(os.path.realpath(path))
+        real, _ = self._real(path, requested)
         for _, root in self._roots():
             if real.is_relative_to(root) and real != root:
                 return real
@@ -53,7 +64,7 @@ class ModelControl:
             if self.repository_dir is not None:
                 for candidate in (name, *(name + suffix for suffix in ARCHIVE_SUFFIXES)):
                     path = self.repository_dir / candidate
-                    if path.exists():
+                    if self._real(path, candidate)[1]:
                         return self.confine(path, candidate)
             raise ModelNotFoundError(
                 f"model '{name}' is not loaded and "

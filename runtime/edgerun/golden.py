@@ -11,6 +11,7 @@ that packs passes it on the host that packed it.
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -48,12 +49,33 @@ class GoldenResult:
         return out
 
 
+# golden.npz is a zip the builder writes uncompressed (np.savez); a deflated member can unpack a
+# thousandfold, so what the arrays unpack to is bounded before any is read.
+MAX_GOLDEN_EXPANSION = 4
+MIN_GOLDEN_UNPACKED_BYTES = 64 << 20
+
+
+def _check_unpacked_size(data: bytes, relpath: str) -> None:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())  # zipfile never reads past these
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip: np.load says what it is
+    limit = max(MIN_GOLDEN_UNPACKED_BYTES, MAX_GOLDEN_EXPANSION * len(data))
+    if unpacked > limit:
+        raise BundleError(
+            f"golden file '{relpath}' unpacks to {unpacked} bytes from {len(data)}, over the {limit} byte limit "
+            f"for golden data; rebuild the bundle"
+        )
+
+
 def load_golden(data: bytes, spec: GoldenSpec, manifest: Manifest) -> GoldenData:
     """Parse ``golden.npz`` bytes (keys ``input:<name>`` / ``output:<name>``) for ``manifest``'s tensors."""
+    _check_unpacked_size(data, spec.path)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, MemoryError) as exc:  # MemoryError: a header declaring a huge array
         raise BundleError(f"golden file '{spec.path}' cannot be read ({exc}); rebuild the bundle") from None
     inputs = {s.name: arrays.get(f"input:{s.name}") for s in manifest.inputs}
     outputs = {s.name: arrays[f"output:{s.name}"] for s in manifest.outputs if f"output:{s.name}" in arrays}

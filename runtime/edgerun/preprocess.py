@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgerun.errors import BundleError, RequestError
+from edgerun.errors import BundleError, PayloadTooLargeError, RequestError
 
 # Refuse images that would decode to more than this many pixels (decompression bombs).
 MAX_PIXELS = 40_000_000
@@ -83,6 +83,8 @@ class PreprocessSpec(BaseModel):
     def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
         if value is not None and min(value) <= 0:
             raise ValueError(f"size must be [height, width] with positive sides, got {list(value)}")
+        if value is not None and value[0] * value[1] > MAX_PIXELS:  # every image is scaled to it
+            raise ValueError(f"size {list(value)} is over the {MAX_PIXELS} pixel limit")
         return value
 
     @model_validator(mode="after")
@@ -94,6 +96,8 @@ class PreprocessSpec(BaseModel):
                 raise ValueError(f"{key} has {len(values)} values; color {self.color} has {channels} channel(s)")
         if self.std is not None and any(v == 0 for v in self.std):
             raise ValueError("std must not contain 0")
+        if self.resize_shorter is not None and self.resize_shorter**2 > MAX_PIXELS:
+            raise ValueError(f"resize_shorter {self.resize_shorter} squared is over the {MAX_PIXELS} pixel limit")
         if self.resize_shorter is not None and self.size is not None and self.resize_shorter < max(self.size):
             raise ValueError(f"resize_shorter {self.resize_shorter} is smaller than the crop {list(self.size)}")
         return self
@@ -186,6 +190,12 @@ def _resize(image: Any, spec: PreprocessSpec) -> Any:
             scaled = (shorter, int(shorter * image.height / image.width))
         else:
             scaled = (int(shorter * image.width / image.height), shorter)
+        if scaled[0] * scaled[1] > MAX_PIXELS:  # a long thin image scales up by its aspect ratio
+            raise PayloadTooLargeError(
+                f"image is {image.width}x{image.height}: its center crop would first scale it to "
+                f"{scaled[0]}x{scaled[1]}, over the {MAX_PIXELS} pixel limit; crop it closer to the model's "
+                f"aspect ratio first"
+            )
         image = image.resize(scaled, method)
         left, top = int(round((scaled[0] - width) / 2.0)), int(round((scaled[1] - height) / 2.0))
         return image.crop((left, top, left + width, top + height))

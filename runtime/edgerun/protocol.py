@@ -15,10 +15,14 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgerun.errors import RequestError
+from edgerun.errors import PayloadTooLargeError, RequestError
 from edgerun.manifest import KSERVE_DATATYPES, TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Each JSON value becomes a Python object of 30-70 bytes once parsed ('[],' is 3 bytes of body and
+# 64 of memory), so the count of values is bounded before parsing; tensors larger than this go as
+# binary data. 4 Mi values: a batch of 26 images of 3x224x224.
+MAX_JSON_VALUES = 4 * 1024 * 1024
 NUMPY_BY_KSERVE = {v: k for k, v in KSERVE_DATATYPES.items()}
 
 
@@ -164,6 +168,13 @@ def decode_infer_request(
         if not 0 < size <= len(body):
             raise RequestError(f"{HEADER_LENGTH} is {size} but the body has {len(body)} bytes")
         body, binary = body[:size], memoryview(body)[size:]
+    # Commas and opening brackets bound the number of values from above (commas in strings count too).
+    values = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if values > MAX_JSON_VALUES:
+        raise PayloadTooLargeError(
+            f"JSON request holds up to {values} values, over the {MAX_JSON_VALUES} this server parses; send "
+            f"large tensors as binary data (Triton's binary tensor extension, {HEADER_LENGTH})"
+        )
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -230,10 +241,12 @@ def decode_infer_request(
     params = request.parameters or {}
     default_binary = _as_bool(params.get("binary_data_output", False))
     if request.outputs:
-        outputs = []
+        outputs: list[tuple[str, bool]] = []
         for out in request.outputs:
             if out.name not in output_names:
                 raise RequestError(f"unknown output '{out.name}'; the model's outputs are {output_names}")
+            if any(out.name == name for name, _ in outputs):  # each entry is encoded into the response
+                raise RequestError(f"output '{out.name}' is requested twice; name each output once")
             outputs.append((out.name, _as_bool((out.parameters or {}).get("binary_data", default_binary))))
     else:
         outputs = [(name, default_binary) for name in output_names]

@@ -12,6 +12,7 @@ the bundle naming the key. Session config entries pass the same kind of list.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,16 @@ CACHE_PATH_KEYS = {
     TENSORRT: frozenset({"trt_engine_cache_path", "trt_timing_cache_path"}),
     OPENVINO: frozenset({"cache_dir"}),
 }
+
+# Cache switches whose location defaults to the working directory when the path option is absent.
+CACHE_ENABLE_KEYS = {
+    TENSORRT: {"trt_engine_cache_enable": "trt_engine_cache_path", "trt_timing_cache_enable": "trt_timing_cache_path"},
+}
+
+# Tuning options that become part of a file name: TensorRT appends the prefix to the cache path with
+# std::filesystem's append, where an absolute prefix replaces the path and '..' leaves it.
+FILE_NAME_KEYS = {TENSORRT: frozenset({"trt_engine_cache_prefix"})}
+_PLAIN_NAME = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._-]*)?")  # empty: no prefix
 
 TUNING_KEYS: dict[str, frozenset[str]] = {
     TENSORRT: frozenset(
@@ -135,6 +146,11 @@ def check_provider_options(provider: str, options: Mapping[str, Any], where: str
             raise BundleError(
                 f"{where}: provider option '{key}' of {provider} is not allowed in a bundle (a bundle may set "
                 f"only tuning options{'' if allowed else '; this provider takes none'}); rebuild the bundle without it"
+            )
+        if key in FILE_NAME_KEYS.get(provider, ()) and not _PLAIN_NAME.fullmatch(str(options[key])):
+            raise BundleError(
+                f"{where}: provider option '{key}' of {provider} must be a plain name (letters, digits, '.', '_', "
+                f"'-'; no path), got {str(options[key])!r}; rebuild the bundle with a plain name"
             )
 
 

@@ -208,11 +208,101 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
     return app
 
 
+# Request line plus headers. uvicorn's h11 protocol stops at 16 KiB; its httptools protocol keeps
+# whatever a client sends before the blank line, without limit, so it gets this one.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+
+
+def _http_protocol(head_timeout_s: float) -> Any:
+    """httptools (about 2x the protocol ceiling of h11) with bounds on the request head, or h11.
+
+    The head must end within ``MAX_REQUEST_HEAD_BYTES`` (431) and within ``head_timeout_s`` of the
+    connection or of its first byte (408): a connection that sends nothing, or half a head, would
+    otherwise hold a file descriptor for ever (slowloris). Every refusal has the ErrorResponse body.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "h11"
+
+    class BoundedHeadProtocol(HttpToolsProtocol):
+        _head_bytes: int | None = None  # bytes received while a request head is incomplete
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+            if self._head_timer is None:  # the next request on a kept-alive connection
+                self._arm_head_timer()
+
+        def on_headers_complete(self) -> None:
+            self._head_bytes = None
+            self._disarm_head_timer()
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            # Counted from the second piece of a head on, so the end of a pipelined body never counts.
+            inside_head = self._head_bytes is not None
+            super().data_received(data)
+            if not inside_head or self._head_bytes is None or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                self._refuse(
+                    b"431 Request Header Fields Too Large",
+                    f"request line and headers are over {MAX_REQUEST_HEAD_BYTES} bytes; refusing the request",
+                )
+
+        def _arm_head_timer(self) -> None:
+            self._head_timer = self.loop.call_later(head_timeout_s, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._arm_head_timer()  # a request is being answered; a pipelined head waits its turn
+                return
+            self._refuse(
+                b"408 Request Timeout",
+                f"request head not received within {head_timeout_s:g} s (--body-timeout); send it in one piece",
+            )
+
+        def send_400_response(self, msg: str) -> None:
+            # What the HTTP parser refuses gets the ErrorResponse body too, not uvicorn's plain text.
+            self._refuse(b"400 Bad Request", "request is not valid HTTP/1.1; refusing it")
+
+        def _refuse(self, status: bytes, message: str) -> None:
+            body = error_body(message)
+            self.transport.write(
+                b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, len(body), body)
+            )
+            self.transport.close()
+
+    return BoundedHeadProtocol
+
+
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling)."""
     import signal
 
     import uvicorn
+
+    config = getattr(app.state, "config", None)
 
     def _drained(signum, frame):
         raise SystemExit(0)
@@ -228,7 +318,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         host=host,
         port=port,
         loop="auto",
-        http="auto",
+        http=_http_protocol(config.body_timeout_s if isinstance(config, ServerConfig) else 60.0),
         log_level=log_level,
         timeout_graceful_shutdown=30,
         access_log=False,

@@ -17,8 +17,9 @@ import numpy as np
 
 from edgerun.bundle import VerifiedFile
 from edgerun.errors import RequestError, SessionError
+from edgerun.external_data import check_self_contained
 from edgerun.manifest import Manifest, ModelFile, ProviderSpec, SessionOptionsSpec, TensorSpec
-from edgerun.provider_options import cache_path_keys, confined_cache_path
+from edgerun.provider_options import CACHE_ENABLE_KEYS, cache_path_keys, confined_cache_path
 from edgerun.tensorrt import relocate_cache_paths, serving_batch_limit
 
 log = logging.getLogger("edgerun")
@@ -150,11 +151,15 @@ def provider_chain(
     chain = []
     for spec in providers:
         options = {**spec.options, **variant.provider_options.get(spec.name, {})}
+        switches = CACHE_ENABLE_KEYS.get(spec.name, {})
+        for enable, path_key in switches.items():
+            if str(options.get(enable, "")).lower() not in ("", "0", "false") and path_key not in options:
+                options[path_key] = "cache"  # not the working directory, TensorRT's default: moved below
         paths = cache_path_keys(spec.name, options)
         if paths and cache_dir is not None:
             options = relocate_cache_paths(spec.name, options, cache_dir, model.sha256, paths)
         elif paths:  # no cache dir: caches stay off rather than land where the manifest says
-            options = {k: v for k, v in options.items() if k not in paths}
+            options = {k: v for k, v in options.items() if k not in paths and k not in switches}
         chain.append((spec.name, options))
     return chain
 
@@ -224,6 +229,7 @@ def create_model_session(
     cache_dir: Path | None = None,
 ) -> ModelSession:
     """Create a session from verified model bytes with the provider chain ``providers`` (first = preferred)."""
+    check_self_contained(model.data, variant.path)  # nothing but the verified bytes goes into the session
     options = make_session_options(variant.session_options, threads)
     chain = provider_chain(providers, variant, model, cache_dir)
     try:

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from edgerun.errors import PayloadTooLargeError, RequestError
+from edgerun.guard import UnsupportedMediaTypeError
 from edgerun.loader import ServedModel
 from edgerun.preprocess import classify, preprocess_image
 from edgerun.protocol import PredictResponse
@@ -27,6 +28,9 @@ router = APIRouter()
 MIN_IMAGE_PIXELS = 16_000_000
 MAX_IMAGE_PIXELS = 20_000_000
 PIXELS_PER_INPUT_PIXEL = 16
+# Formats Pillow decodes by running another program on the bytes (EPS: Ghostscript, a PostScript
+# interpreter): a request body is never handed to one.
+EXTERNAL_DECODERS = frozenset({"EPS"})
 # Without a recorded resize policy, an image whose aspect ratio is further than this from the
 # model's is refused rather than squashed.
 MAX_ASPECT_DISTORTION = 4.0
@@ -59,6 +63,11 @@ def image_size(data: bytes) -> tuple[int, int]:
         raise RequestError("empty image; send the image bytes as the body or as a multipart file field")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.format in EXTERNAL_DECODERS:
+                raise UnsupportedMediaTypeError(
+                    f"{image.format} images are not decoded here (that would run an external interpreter on "
+                    f"the request); send PNG, JPEG, BMP or another raster format"
+                )
             return image.size
     except Image.DecompressionBombError:
         raise PayloadTooLargeError("image header declares far more pixels than any model takes; refusing it") from None
