@@ -67,11 +67,12 @@ def test_pixel_budget_follows_the_model_input_within_bounds():
     assert pixel_budget({"size": [4000, 4000]}) == MAX_IMAGE_PIXELS
 
 
-def test_extreme_aspect_ratios_are_refused_unless_a_resize_policy_is_recorded():
+def test_extreme_aspect_ratios_are_refused_unless_the_resize_policy_keeps_the_aspect():
     spec = {"size": [224, 224]}
-    with pytest.raises(RequestError, match=r"37x5000 .* 135\.1x off .* preprocess.resize_policy"):
+    with pytest.raises(RequestError, match=r"37x5000 .* 135\.1x off .* preprocess.resize is 'stretch'"):
         check_image(37, 5000, spec, "m")
-    check_image(37, 5000, {**spec, "resize_policy": "letterbox"}, "m")
+    check_image(37, 5000, {**spec, "resize": "letterbox"}, "m")
+    check_image(37, 5000, {**spec, "resize": "center-crop"}, "m")
     check_image(400, 224, spec, "m")  # 1.8x: resized as the manifest says
     check_image(5000, 37, {"size": [37, 5000]}, "m")  # the model's own shape
     with pytest.raises(PayloadTooLargeError, match="6300x6300"):

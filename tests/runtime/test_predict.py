@@ -93,7 +93,7 @@ def test_predict_errors(client):
 def test_predict_refuses_extreme_aspect_ratios_and_names_problems_plainly(client):
     tall = client.post("/v1/predict?model=img", content=png(np.zeros((5000, 37))))
     assert tall.status_code == 400
-    assert "37x5000" in tall.json()["error"] and "resize_policy" in tall.json()["error"]
+    assert "37x5000" in tall.json()["error"] and "preprocess.resize" in tall.json()["error"]
     not_image = client.post("/v1/predict?model=img", content=b"not an image")
     assert "not a readable image" in not_image.json()["error"]
     assert "object at 0x" not in not_image.json()["error"] and "BytesIO" not in not_image.json()["error"]

@@ -86,16 +86,19 @@ def check_image(width: int, height: int, spec: dict[str, Any], model: str) -> No
             f"this server decodes for model '{model}'; downscale it first"
         )
     size = spec.get("size")
-    if spec.get("resize_policy") or not (isinstance(size, (list, tuple)) and len(size) == 2) or not width * height:
-        return  # the manifest says how to fit any aspect ratio (stretch, center-crop, letterbox)
+    if spec.get("resize") in ("center-crop", "letterbox"):
+        return  # the recorded resize policy fits any aspect ratio without distorting it
+    if not (isinstance(size, (list, tuple)) and len(size) == 2) or not width * height:
+        return
     model_h, model_w = int(size[0]), int(size[1])
     distortion = (width / height) / (model_w / model_h)
     distortion = max(distortion, 1 / distortion)
     if distortion > MAX_ASPECT_DISTORTION:
         raise RequestError(
             f"image is {width}x{height} but model '{model}' takes {model_w}x{model_h}: the aspect ratio is "
-            f"{distortion:.1f}x off (more than {MAX_ASPECT_DISTORTION:g}x) and the bundle records no "
-            f"preprocess.resize_policy; crop or pad the image to about {model_w}:{model_h} first"
+            f"{distortion:.1f}x off (more than {MAX_ASPECT_DISTORTION:g}x) and the bundle's preprocess.resize is "
+            f"'stretch'; crop or pad the image to about {model_w}:{model_h} first, or pack with a center-crop "
+            f"or letterbox resize"
         )
 
 
