@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,9 @@ import numpy as np
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
-def interleaved_p50(runs: dict[str, Callable[[], object]], rounds: int = 5, per_round: int = 100) -> dict[str, float]:
+def interleaved_p50(
+    runs: Mapping[str, Callable[[], object]], rounds: int = 5, per_round: int = 100
+) -> dict[str, float]:
     """p50 latency (ms) of each callable, timed in alternating rounds so drift hits all alike.
 
     The order rotates every round and each block starts with a few untimed calls: whichever

@@ -16,7 +16,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +88,7 @@ def bench_model(
             fp32, path, calibration, q.StaticInt8Config(format=fmt.lower(), reduce_range=reduce_range)
         )
         files[f"{fmt}{' reduce_range' if reduce_range else ''}"] = path
-    packs = {"edgebuild auto": {}}
+    packs: dict[str, dict[str, Any]] = {"edgebuild auto": {}}
     packs.update(extra_packs or {})
     chosen = {}
     for name, extra in packs.items():
@@ -108,7 +111,7 @@ def bench_model(
         files[name] = result.bundle / "model.onnx"
         chosen[name] = result
     sessions = {name: make_session(path, threads=THREADS) for name, path in files.items()}
-    runs = {name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}
+    runs: dict[str, Callable[[], object]] = {name: partial(s.run, None, feed) for name, s in sessions.items()}
     args = [torch.from_numpy(feed[n]) for n in source.input_names]
     runs["PyTorch eager"] = lambda: module(*args)
     torch.set_num_threads(THREADS)
@@ -121,7 +124,7 @@ def bench_model(
         p50 = interleaved_p50(runs, rounds=10, per_round=max(5, min(30, int(0.1 / max(per_call, 1e-5)))))
     rows = {}
     for name in ["PyTorch eager", *files]:
-        row = {"p50_ms": p50[name]}
+        row: dict[str, Any] = {"p50_ms": p50[name]}
         if name in files:
             row["size"] = files[name].stat().st_size
         if name in chosen:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,7 +35,9 @@ def main() -> None:
         models = {m.path: m for m in manifest.all_models()}
         x = next(validation_data(batch_size=1))[0]
         sessions = {path: make_session(result.bundle / path, threads=2) for path in models}
-        runs = {path: (lambda s=s: s.run(None, {"input": x})) for path, s in sessions.items()}
+        runs: dict[str, Callable[[], object]] = {
+            path: partial(s.run, None, {"input": x}) for path, s in sessions.items()
+        }
         module = pretrained()
         tx = torch.from_numpy(x)
         runs["torch-eager"] = lambda: module(tx)
@@ -46,7 +50,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for path, m in models.items():
-        v = m.validation
+        v = m.validation or {}
         rows.append(
             f"| {path}{' (chosen)' if path == 'model.onnx' else ''} | {m.precision} | {p50[path]:.4f} | "
             f"{p50[path] / p50[fp32_path]:.2f}× | {m.size_bytes / 1024:.1f} | {m.size_bytes / fp32.size_bytes:.2f}× | "

@@ -222,7 +222,8 @@ class Server:
         client = httpclient.InferenceServerClient(url=url)
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                stderr = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise SystemExit(f"server exited: {stderr[-2000:]}")
             try:
                 if client.is_server_ready():
                     break
@@ -263,7 +264,7 @@ def main() -> int:
 
     import tritonclient.http as httpclient
 
-    from edgerun.layout import LayoutRequest, candidate_layouts, create_instance, read_model_bytes
+    from edgerun.layout import LayoutRequest, candidate_layouts, create_instance
     from edgerun.loader import LoadOptions, load_model
     from edgerun.manifest import ProviderSpec
     from edgerun.protocol import encode_infer_response
@@ -285,12 +286,11 @@ def main() -> int:
     served_layout = client.get_model_metadata(name)["parameters"]["layout"]
     # The same measurements chosen for throughput (shared cache: nothing is measured again).
     port = _free_port()
-    tput_server: Server | None = Server(
-        edgerun_command(bundle, port, work / "cache", "--optimize", "throughput"), f"127.0.0.1:{port}"
-    )
-    tput_layout = httpclient.InferenceServerClient(url=tput_server.url).get_model_metadata(name)["parameters"]["layout"]
+    started = Server(edgerun_command(bundle, port, work / "cache", "--optimize", "throughput"), f"127.0.0.1:{port}")
+    tput_layout = httpclient.InferenceServerClient(url=started.url).get_model_metadata(name)["parameters"]["layout"]
+    tput_server: Server | None = started
     if tput_layout["label"] == served_layout["label"]:
-        tput_server.stop()
+        started.stop()
         tput_server = None
 
     feeds = example_inputs(template.session.inputs)
@@ -315,7 +315,7 @@ def main() -> int:
     )
 
     # In-process sessions: every candidate layout edgerun considers, built the way edgerun builds them.
-    model_bytes = read_model_bytes(template.bundle, template.session.variant.path, template.session.variant.sha256)
+    model = template.bundle.verified_file(template.session.variant.path)  # read and hashed once
     budget = choose_threads().threads
     layouts = candidate_layouts(budget, LayoutRequest())
     sessions: dict[tuple[int, bool], list] = {}
@@ -324,13 +324,12 @@ def main() -> int:
         while len(have) < layout.instances:
             have.append(
                 create_instance(
-                    model_bytes,
+                    model,
                     template.session,
                     [ProviderSpec(name="CPUExecutionProvider")],
                     layout.threads,
                     layout.spinning,
                     None,
-                    template.bundle.path(template.session.variant.path),
                 )
             )
 
@@ -389,13 +388,12 @@ def main() -> int:
         if single is None:
             single = [
                 create_instance(
-                    model_bytes,
+                    model,
                     template.session,
                     [ProviderSpec(name="CPUExecutionProvider")],
                     served_layout["threads"],
                     served_layout["spinning"],
                     None,
-                    template.bundle.path(template.session.variant.path),
                 )
             ]
         one_inproc, one_bare, one_edgerun = inproc_call(single[0]), http_call(bare.url), http_call(edgerun.url)
