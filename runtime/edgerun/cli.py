@@ -54,11 +54,12 @@ def _secret(value: str | None, path: str | None, option: str, envvar: str) -> st
             raise click.UsageError(f"{option}-file '{path}' cannot be read ({exc})") from None
         if not value:
             raise click.UsageError(f"{option}-file '{path}' is empty; put the token in it")
-        return value
-    if value is None and os.environ.get(envvar) is not None:
+    elif value is None and os.environ.get(envvar) is not None:
         value = os.environ[envvar]  # click treats an empty variable as unset; an empty token is an error here
     if value is not None and not value.strip():
         raise click.UsageError(f"{option} (or {envvar}) is empty; set a token, or unset it to serve without one")
+    if value is not None and not (value.strip().isascii() and value.strip().isprintable()):
+        raise click.UsageError(f"{option} must be printable ASCII: an HTTP Authorization header carries nothing else")
     return value.strip() if value is not None else None
 
 
@@ -320,6 +321,7 @@ def serve(
         model_control=model_control,
         admin_token=admin_token,
         allowed_hosts=list(allowed_hosts) or None,
+        loopback_hosts_only=is_loopback(host),  # against DNS rebinding; --allowed-host names others
         max_body_mb=max_body_mb,
         body_timeout_s=body_timeout_s,
         max_batch=max_batch or 1,  # the layout may stack more (see edgerun.layout)

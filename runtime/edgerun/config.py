@@ -13,6 +13,7 @@ class ServerConfig:
     model_control: bool = False
     admin_token: str | None = None
     allowed_hosts: list[str] | None = None  # Host header allow-list (DNS rebinding); None = any
+    loopback_hosts_only: bool = False  # answer loopback Host names only (set by the CLI on a loopback bind)
     max_body_mb: float = 64.0
     body_timeout_s: float = 60.0  # the whole request body must arrive within this
     max_batch: int = 1

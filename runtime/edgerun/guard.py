@@ -82,6 +82,7 @@ class GuardMiddleware:
         max_body: int,
         body_timeout_s: float = 60.0,
         allowed_hosts: Iterable[str] | None = None,
+        loopback_hosts_only: bool = False,
     ):
         self.app = app
         self.token = token
@@ -89,6 +90,9 @@ class GuardMiddleware:
         self.body_timeout_s = body_timeout_s
         # Entries may be written with a port or brackets ('device.local:8000', '[::1]'): compare names only.
         self.allowed_hosts = frozenset(host_name(h) for h in allowed_hosts) if allowed_hosts else None
+        # A server bound to loopback is reached by loopback names only; any other Host header is a
+        # page whose DNS name was rebound to 127.0.0.1 trying to use the device's model.
+        self.loopback_hosts_only = loopback_hosts_only and self.allowed_hosts is None
 
     @staticmethod
     async def _reject(send, status: int, message: str, headers=()) -> None:
@@ -112,6 +116,15 @@ class GuardMiddleware:
             if host not in self.allowed_hosts:
                 return await self._reject(
                     send, 400, f"Host '{host}' is not one this server answers to (--allowed-host); refusing the request"
+                )
+        if self.loopback_hosts_only and not health:
+            host = host_name(headers.get(b"host"))
+            if not is_loopback(host):
+                return await self._reject(
+                    send,
+                    400,
+                    f"Host '{host}' is not a loopback name and this server listens on loopback only; "
+                    "name it with --allowed-host to answer it",
                 )
         if self.token is not None and not health and not MODEL_CONTROL_PATH.match(path):
             if not bearer_matches(headers.get(b"authorization"), self.token):

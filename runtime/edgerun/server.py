@@ -204,6 +204,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
         max_body=config.max_body_bytes,
         body_timeout_s=config.body_timeout_s,
         allowed_hosts=config.allowed_hosts,
+        loopback_hosts_only=config.loopback_hosts_only,
     )
     return app
 

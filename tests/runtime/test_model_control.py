@@ -149,6 +149,29 @@ def test_allowed_hosts_refuse_other_host_headers(bundles, load_options):
         assert client.get("/v2/health/live", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # probes
 
 
+def test_a_loopback_server_answers_loopback_host_names_only(bundles, load_options):
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 sends its own name as Host."""
+    with app_client(None, load_options, bundles["classifier"], loopback_hosts_only=True) as client:
+        refused = client.get("/v2/models/clf", headers={"Host": "rebound.example:8000"})
+        assert refused.status_code == 400 and "loopback" in refused.json()["error"]
+        for host in ("127.0.0.1:8000", "localhost", "[::1]:8000", "127.0.0.2"):
+            assert client.get("/v2/models/clf", headers={"Host": host}).status_code == 200, host
+        assert client.get("/v2/health/ready", headers={"Host": "rebound.example"}).status_code == 200
+    named = {"loopback_hosts_only": True, "allowed_hosts": ["device.local"]}
+    with app_client(None, load_options, bundles["classifier"], **named) as client:  # --allowed-host decides
+        assert client.get("/v2/models/clf", headers={"Host": "device.local"}).status_code == 200
+
+
+def test_serve_sets_the_loopback_host_rule_from_its_bind(bundles, cache_dir, monkeypatch):
+    bundle = str(bundles["classifier"])
+    result, started = _serve([bundle], monkeypatch, cache_dir)
+    assert result.exit_code == 0, result.output
+    assert started["app"].state.config.loopback_hosts_only is True
+    result, started = _serve([bundle, "--host", "0.0.0.0", "--token", "t"], monkeypatch, cache_dir)
+    assert result.exit_code == 0, result.output
+    assert started["app"].state.config.loopback_hosts_only is False
+
+
 def test_unload_stops_serving(layout, load_options):
     repo_dir, _ = layout
     with app_client(repo_dir, load_options, repo_dir / "clf", model_control=True) as client:
@@ -207,6 +230,8 @@ def test_tokens_from_files_and_empty_tokens_refused(bundles, cache_dir, monkeypa
     assert started["app"].state.config.token == "from-file"
     result, _ = _serve([bundle, "--token", "same", "--admin-token", "same"], monkeypatch, cache_dir)
     assert result.exit_code == 2 and "must differ" in result.output
+    result, _ = _serve([bundle, "--token", "pässwort"], monkeypatch, cache_dir)
+    assert result.exit_code == 2 and "printable ASCII" in result.output
 
 
 # ---- a real server process, as a client on the network sees it ----
