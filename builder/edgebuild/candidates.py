@@ -276,13 +276,22 @@ def choice_reason(chosen: Candidate, fp32: Candidate, prefer: list[str] | None, 
 
 
 def measure_candidate(
-    candidate: Candidate, target: TargetProfile, ref: np.ndarray, val: Batch, metric, feed1, seconds: float
+    candidate: Candidate,
+    target: TargetProfile,
+    ref: np.ndarray,
+    val: Batch,
+    metric,
+    feed1,
+    seconds: float,
+    validation: dict | None = None,
 ) -> None:
+    """Validate (unless ``validation`` already holds this file's result on ``val``) and time a candidate."""
     if not candidate.usable:
         return
     session = make_session(candidate.file, target.session.graph_optimization_level, config=target.session.config)
-    packed = run_session(session, val.inputs)[0]
-    candidate.validation = evaluate(metric, ref, packed, val.labels)
+    if validation is None:
+        validation = evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
+    candidate.validation = validation
     candidate.latency = session_latency(session, feed1, max_seconds=seconds)
 
 
@@ -382,7 +391,8 @@ def partial_candidates(
         if result is not None:
             candidate.metrics = result.metrics
             candidate.refresh_size()
-            measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+            # The search already validated the kept file on the whole validation set: only time it.
+            measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds, result.validation)
         elif candidate.error is None:
             candidate.error = "budget not met even with half of the compute nodes in float"
         _record_library_output(candidate, said, progress)

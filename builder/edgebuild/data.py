@@ -8,6 +8,7 @@ recorded as "accuracy not validated"). Every form becomes batches of named numpy
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -454,14 +455,11 @@ class CalibrationReader:
         if first is None:
             return
         if first.calls:  # each entry is one whole call, whatever batch the model pins
-            for batch in (first, *batches):
+            for batch in itertools.chain((first,), batches):  # one call at a time, not all in memory
                 yield from call_feeds(batch.inputs)
             return
-        chained = (b for part in ((first,), batches) for b in part)
+        chained = itertools.chain((first,), batches)
         if self._batch_size:
             yield from fixed_size_feeds(chained, self._batch_size)
         else:
             yield from (b.inputs for b in chained)
-
-    def rewind(self) -> None:
-        self._iter = None

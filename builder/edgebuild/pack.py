@@ -216,7 +216,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     )
     if not source.resolved:
         source.inputs = resolve_inputs(
-            source.inputs, real_data[0], "calibration" if options.calib_data else "validation"
+            source.inputs, real_data[0], "calibration" if real_data[0] == options.calib_data else "validation"
         )
         require_shapes(source.inputs)
         progress(f"inputs from the data: {', '.join(f'{s.name} {list(s.shape)} {s.dtype}' for s in source.inputs)}")

@@ -374,6 +374,11 @@ def _load(
     spec: str, weights: str | None, input_shape: InputShapes | None, input_names: list[str] | None
 ) -> ModelSource:
     path = Path(spec)
+    if weights and spec.endswith((".onnx", ".pt2")):
+        raise UsageError(
+            f"--weights applies to a package.module:callable model; '{spec}' carries its own weights "
+            "(export it again with the weights loaded)"
+        )
     if spec.endswith(".onnx"):
         if not path.is_file():
             raise UsageError(f"model file '{spec}' does not exist")

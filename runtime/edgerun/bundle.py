@@ -273,7 +273,7 @@ def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
     except (ValueError, RecursionError) as exc:  # also: nesting too deep, a number past the digit limit
         raise BundleError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
     manifest = parse_manifest(data, str(path))
-    verify_files(root, manifest)
-    if trusted_public_key is not None:
+    if trusted_public_key is not None:  # authenticate the manifest before trusting its hashes
         verify_signature(manifest, trusted_public_key)
+    verify_files(root, manifest)
     return Bundle(root=Path(os.path.realpath(root)), manifest=manifest, sha256=hashlib.sha256(raw).hexdigest())

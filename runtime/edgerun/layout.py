@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +34,6 @@ from edgerun.session import ModelSession, create_model_session
 
 log = logging.getLogger("edgerun")
 
-Optimize = Literal["latency", "throughput", "balanced"]
 OPTIMIZE_CHOICES: tuple[str, ...] = ("latency", "throughput", "balanced")
 SPINNING_KEY = "session.intra_op.allow_spinning"
 CPU = "CPUExecutionProvider"

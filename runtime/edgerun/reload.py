@@ -21,7 +21,7 @@ from typing import Any
 
 from edgerun.errors import BundleError, EdgerunError, ModelNotFoundError
 from edgerun.loader import LoadOptions, ServedModel, load_model
-from edgerun.manifest import MANIFEST_NAME
+from edgerun.manifest import MANIFEST_NAME, is_one_path_component
 from edgerun.trt_build import start_background_build
 
 log = logging.getLogger("edgerun")
@@ -31,7 +31,7 @@ MAX_HISTORY = 20  # activations remembered per model and target
 
 
 def _component(value: str, fallback: str) -> str:
-    return value if value and value not in (".", "..") and not any(c in value for c in "/\\\0") else fallback
+    return value if is_one_path_component(value) else fallback
 
 
 class VersionStore:
@@ -52,7 +52,8 @@ class VersionStore:
 
     def targets(self, name: str) -> list[str]:
         try:
-            return sorted(p.name for p in (self.root / name).iterdir() if (p / "history.json").is_file())
+            folder = self.root / _component(name, "_")  # the folder _dir() writes into
+            return sorted(p.name for p in folder.iterdir() if (p / "history.json").is_file())
         except OSError:
             return []
 
@@ -296,11 +297,13 @@ async def watch_directory(repo: ModelRepository, directory: Path, interval_s: fl
     served yet. A fingerprint must hold still for one interval before loading, so a bundle still
     being copied is not read half-way; one refused mid-copy is tried again once its files change."""
     served_from = {Path(m.source) for m in repo.models.values()}
-    seen = {path: fp for path, fp in bundle_entries(directory).items() if path in served_from}
-    candidates: dict[Path, tuple] = {}
     loop = asyncio.get_running_loop()
+    # Walking and stat-ing every bundle file runs off the event loop: requests keep flowing meanwhile.
+    initial = await loop.run_in_executor(None, bundle_entries, directory)
+    seen = {path: fp for path, fp in initial.items() if path in served_from}
+    candidates: dict[Path, tuple] = {}
     while True:
-        current = bundle_entries(directory)
+        current = await loop.run_in_executor(None, bundle_entries, directory)
         for path, fingerprint in current.items():
             if seen.get(path) == fingerprint:
                 continue

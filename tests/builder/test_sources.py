@@ -55,6 +55,17 @@ def test_weights_are_loaded_safely(tmp_path):
         load_model("tinymodels:tiny_cnn", weights=str(tmp_path / "bad.pt"))
 
 
+def test_weights_with_a_model_file_that_carries_its_own_are_refused(tmp_path):
+    from tinymodels import write_fixed_batch_onnx
+
+    onnx_path = tmp_path / "m.onnx"
+    write_fixed_batch_onnx(onnx_path)
+    torch.save({}, tmp_path / "w.pt")
+    assert load_model(str(onnx_path)).kind == "onnx"
+    with pytest.raises(UsageError, match="--weights applies to a package.module:callable model"):
+        load_model(str(onnx_path), weights=str(tmp_path / "w.pt"))
+
+
 def test_pt2_source(tmp_path):
     model = load_model("tinymodels:tiny_cnn").module
     program = torch.export.export(model, (torch.zeros(1, 3, 8, 8),))
