@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from runtime_fixtures import classifier_reference, free_port
-from server_process import wait_ready
+from server_process import start_server, stop_server
 
 from edgerun.cli import main
 
@@ -68,39 +68,18 @@ def test_bad_bundle_is_one_line_no_traceback(tmp_path, bundles):
 
 @pytest.fixture()
 def served(bundles, cache_dir):
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgerun.cli",
-            "serve",
-            str(bundles["classifier"]),
-            "--port",
-            str(port),
-            "--no-bench",
-            "--cache-dir",
-            str(cache_dir),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, url = start_server([str(bundles["classifier"])], cache_dir)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
-        yield port
+        yield url.removeprefix("http://")
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0  # SIGTERM drains and exits cleanly
+        stop_server(proc)  # SIGTERM drains and exits cleanly
 
 
 def test_real_server_with_tritonclient_json_and_binary(served):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{served}")
+    client = httpclient.InferenceServerClient(url=served)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("clf")
     meta = client.get_model_metadata("clf")
     assert meta["inputs"][0]["name"] == "x"
