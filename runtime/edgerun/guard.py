@@ -11,7 +11,9 @@ import asyncio
 import hmac
 import ipaddress
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
 
 import orjson
 
@@ -20,6 +22,16 @@ from edgerun.errors import PayloadTooLargeError, RequestError
 # Routes guarded by the admin credential instead of the inference token.
 MODEL_CONTROL_PATH = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+T = TypeVar("T")
+
+
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
+    """``asyncio.wait_for`` without the task it wraps a coroutine in (one event-loop turn per body
+    message) where ``asyncio.timeout`` exists (Python 3.11+)."""
+    if sys.version_info < (3, 11):
+        return await asyncio.wait_for(awaitable, seconds)
+    async with asyncio.timeout(seconds):
+        return await awaitable
 
 
 class RequestTimeoutError(RequestError):
@@ -165,7 +177,7 @@ class GuardMiddleware:
             if deadline is None:
                 deadline = loop.time() + timeout
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                message = await _within(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 raise RequestTimeoutError(
                     f"request body not received within {timeout:g} s; send it faster or in one piece"

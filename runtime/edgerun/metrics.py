@@ -39,15 +39,25 @@ class Metrics:
         self.model_info = Info(
             "edgerun_model", "Model served: variant, providers, threads, layout", ["model"], registry=self.registry
         )
+        self._children: dict[tuple[str, str, int], tuple[Counter, Counter | None, Histogram]] = {}
         self.reloads = Counter(
             "edgerun_reloads", "Model (re)loads by outcome", ["model", "outcome"], registry=self.registry
         )
 
     def observe(self, model: str, endpoint: str, code: int, seconds: float) -> None:
-        self.requests.labels(model, endpoint, str(code)).inc()
-        if code >= 400:
-            self.errors.labels(model, endpoint, str(code)).inc()
-        self.latency.labels(model, endpoint).observe(seconds)
+        key = (model, endpoint, code)
+        children = self._children.get(key)
+        if children is None:
+            # Looked up once per label set (labels() costs more than the increments it serves); the
+            # registry keeps every child anyway, so this holds no series it would not.
+            errors = self.errors.labels(model, endpoint, str(code)) if code >= 400 else None
+            children = (self.requests.labels(model, endpoint, str(code)), errors, self.latency.labels(model, endpoint))
+            self._children[key] = children
+        requests, errors, latency = children
+        requests.inc()
+        if errors is not None:
+            errors.inc()
+        latency.observe(seconds)
 
     def describe_model(self, name: str, version: str, status: ModelStatus) -> None:
         self.model_info.labels(name).info(

@@ -3,8 +3,10 @@
 ``create_app`` assembles the pieces: the guard middleware (Host, token, body limits), one
 router per concern (``edgerun.routes``: health and metadata, inference, repository and model
 control, predict) and the error handlers that give every error the published ``ErrorResponse``
-body. Handlers validate and decode, then hand tensors to the Batcher, whose single worker
-thread is the only place inference runs. A user mistake is a 4xx with a message; a 500 means a
+body. ``POST`` on the infer routes is answered by ``InferFastPath`` (behind the guard) without
+FastAPI's routing and dependency solving; the route stays registered for the OpenAPI document.
+Handlers validate and decode, then hand tensors to the Batcher, whose single worker thread is the
+only place inference runs. A user mistake is a 4xx with a message; a 500 means a
 bug in edgerun and is logged with its traceback.
 """
 
@@ -34,6 +36,7 @@ from edgerun.protocol import InferRequest
 from edgerun.reload import ModelRepository, watch_directory
 from edgerun.routes import health, inference, predict, repository
 from edgerun.routes.deps import CLIENT_CLOSED, ServerState
+from edgerun.routes.inference import InferFastPath
 from edgerun.routes.repository import LoadRequest
 
 log = logging.getLogger("edgerun")
@@ -80,6 +83,23 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def _handled_by(app: FastAPI):
+    """Answer an exception with the app's handler for its nearest class, as Starlette's exception
+    middleware picks it; anything else (the 500 handler) is left to the server-error middleware."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                break
+            handler = app.exception_handlers.get(cls)
+            if handler is not None:
+                response = handler(request, exc)
+                return response if isinstance(response, Response) else await response
+        raise exc
+
+    return handle
 
 
 ERROR_SCHEMA = {
@@ -198,6 +218,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
     for router in (health.router, inference.router, predict.router, repository.router):
         app.include_router(router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
+    app.add_middleware(InferFastPath, state=state, on_error=_handled_by(app))  # inside the guard
     app.add_middleware(
         GuardMiddleware,
         token=config.token,

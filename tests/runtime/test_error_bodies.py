@@ -141,3 +141,24 @@ def test_readme_endpoint_table_matches_the_routes(app):
         (method.upper(), path) for path, operations in app.openapi()["paths"].items() for method in operations
     }
     assert _readme_routes() == documented
+
+
+def test_infer_answers_a_bug_with_the_500_body_and_counts_it(app, caplog, monkeypatch):
+    """The infer route's errors and metrics are the app's, whichever path answers it."""
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        monkeypatch.setattr(app.state.edgerun.batcher, "submit", broken)
+        version = client.get("/v2/models/clf").json()["versions"][0]
+        tensor = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.0, 0.0, 0.0, 0.0]}
+        with caplog.at_level(logging.ERROR, logger="edgerun"):
+            failed = client.post(f"/v2/models/clf/versions/{version}/infer", json={"inputs": [tensor]})
+        refused = client.post("/v2/models/clf/infer", content=b"{}", headers={"Content-Type": "text/plain"})
+        metrics = client.get("/metrics").text
+    assert failed.status_code == 500 and failed.json() == {"error": "internal error (RuntimeError); see the server log"}
+    assert f"internal error on POST /v2/models/clf/versions/{version}/infer" in caplog.text
+    assert 'edgerun_requests_total{code="500",endpoint="infer",model="clf"} 1.0' in metrics
+    # A refused Content-Type is answered before the request is timed, as by a route dependency.
+    assert refused.status_code == 415 and 'code="415"' not in metrics

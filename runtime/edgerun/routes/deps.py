@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,9 @@ class ServerState:
         return self.batcher
 
 
-def server_state(request: Request) -> ServerState:
+# Dependencies are ``async def`` even when they never await: FastAPI runs a plain ``def`` dependency on
+# a worker thread, a thread hand-off per dependency per request.
+async def server_state(request: Request) -> ServerState:
     return request.app.state.edgerun
 
 
@@ -90,14 +92,14 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-def accepts(*types: str, missing_ok: bool) -> Callable[[Request], None]:
+def accepts(*types: str, missing_ok: bool) -> Callable[[Request], Awaitable[None]]:
     """A dependency refusing (415) a body whose Content-Type is not one of ``types`` (``image/*`` style allowed).
 
     Refusing form and text types matters: a web page can send those cross-site without asking.
     """
     listed = ", ".join(types)
 
-    def dependency(request: Request) -> None:
+    async def dependency(request: Request) -> None:
         seen = media_type(request)
         if not seen:
             if missing_ok:
@@ -113,7 +115,7 @@ def accepts(*types: str, missing_ok: bool) -> Callable[[Request], None]:
     return dependency
 
 
-def model_control(request: Request, state: ServerState = Depends(server_state)) -> ModelControl:
+async def model_control(request: Request, state: ServerState = Depends(server_state)) -> ModelControl:
     """Model control is on only with --model-control, and then needs the admin token (or, without one, a
     loopback bind and a loopback Host)."""
     config = state.config
