@@ -20,6 +20,7 @@ from edgerun.bundle import Bundle
 from edgerun.errors import EdgerunError, OverloadedError
 from edgerun.layout import (
     BALANCED_MARGIN,
+    SPIN_GAIN,
     InstancePool,
     Layout,
     LayoutMeasurement,
@@ -71,6 +72,17 @@ def test_batching_only_when_it_is_cheaper_per_request():
     assert select_layout(marginal, "throughput").layout == PAIR
     real_gain = [m(PAIR, 7.9, 442.0), m(batched, 9.9, 900.0)]
     assert select_layout(real_gain, "throughput").layout == batched
+
+
+def test_spinning_must_clearly_beat_the_same_layout_without_it_for_throughput():
+    # Under HTTP the spinning threads compete with the event loop, so a small in-process edge is not enough.
+    marginal = [m(SPIN, 4.0, 260.0), m(PLAIN, 4.6, 250.0)]  # +4 %
+    assert select_layout(marginal, "balanced").layout == PLAIN
+    assert select_layout(marginal, "throughput").layout == PLAIN
+    assert select_layout(marginal, "latency").layout == SPIN  # one client: nothing else wants the cores
+    clear = [m(SPIN, 4.0, 250.0 * SPIN_GAIN + 1), m(PLAIN, 4.6, 250.0)]
+    assert select_layout(clear, "balanced").layout == SPIN
+    assert select_layout([m(SPIN, 4.0, 100.0)], "throughput").layout == SPIN  # nothing to compare with
 
 
 def test_ties_go_to_the_frugal_layout_and_bad_input_is_refused():
