@@ -221,6 +221,9 @@ def test_gzip_body_is_accepted(client):
     body = gzip.compress(orjson.dumps(infer_json(np.ones((1, 4), np.float32))))
     response = client.post("/v2/models/clf/infer", content=body, headers={"Content-Encoding": "gzip"})
     assert response.status_code == 200, response.text
+    for broken in (body[:-9], body + b"trailing"):  # cut short; bytes after the stream
+        response = client.post("/v2/models/clf/infer", content=broken, headers={"Content-Encoding": "gzip"})
+        assert response.status_code == 400 and "complete gzip stream" in response.json()["error"]
 
 
 def test_a_model_with_a_scalar_input_is_served(tmp_path, load_options):

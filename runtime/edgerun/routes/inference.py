@@ -60,6 +60,8 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise RequestError(f"body is not valid {encoding} data ({exc})") from None
     if len(out) > limit:
         raise PayloadTooLargeError(f"decompressed body is over the {limit} byte limit (--max-body-mb)")
+    if not decoder.eof or decoder.unused_data:
+        raise RequestError(f"body is not one complete {encoding} stream (cut short, or bytes after its end)")
     return out
 
 
