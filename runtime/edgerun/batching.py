@@ -334,7 +334,12 @@ class Batcher:
                     "shutdown: %d requests still queued after %.0f s; dropping them", self.depth, drain_timeout_s
                 )
                 self._task.cancel()
-        self._executor.shutdown(wait=True)
+                for job in self._pending:  # answered now (503) rather than left to their own timeout
+                    if not job.future.done():
+                        job.future.set_exception(OverloadedError("server is shutting down; retry on another"))
+                self._pending.clear()
+        # Runs in progress finish on their worker threads; waiting for them must not block the event loop.
+        await asyncio.to_thread(self._executor.shutdown, True)
 
     async def _drain(self) -> None:
         assert self._task is not None

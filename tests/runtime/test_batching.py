@@ -121,6 +121,33 @@ def test_close_drains_queued_requests():
     assert len(asyncio.run(scenario())) == 5 and session.runs == [1] * 5
 
 
+def test_requests_still_queued_after_the_drain_timeout_get_an_answer_at_once():
+    gate = threading.Event()
+    session = CountingSession(gate)
+
+    async def scenario():
+        batcher = Batcher(max_batch=1, timeout_s=30)
+        feeds = {"x": np.ones((1, 1), np.float32)}
+        running = asyncio.ensure_future(batcher.submit(session, feeds))
+        while batcher.running == 0:
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(batcher.submit(session, feeds))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(batcher.close(drain_timeout_s=0.1))
+        with pytest.raises(OverloadedError, match="shutting down"):
+            await asyncio.wait_for(queued, 5)  # not left to its own 30 s timeout
+        ticks = 0
+        while not closing.done():  # the event loop keeps turning while the running job finishes
+            ticks += 1
+            if ticks == 3:
+                gate.set()
+            await asyncio.sleep(0.01)
+        return await running, ticks
+
+    result, ticks = asyncio.run(scenario())
+    assert result["y"].tolist() == [[2.0]] and ticks >= 3
+
+
 class RowLosingSession:
     """Claims a dynamic batch dim but, when stacked, answers with the wrong number of rows."""
 
