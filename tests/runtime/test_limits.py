@@ -91,20 +91,20 @@ def test_decoding_runs_few_at_a_time(bundles, load_options, monkeypatch):
     active, most = [0], [0]
     lock = threading.Lock()
     gate = threading.Event()
-    real = predict_module.decode
+    real = predict_module.preprocess_image
 
-    def slow(data, spec, max_pixels):
+    def slow(data, spec, *, max_pixels):
         with lock:
             active[0] += 1
             most[0] = max(most[0], active[0])
         gate.wait(0.2)
         try:
-            return real(data, spec, max_pixels)
+            return real(data, spec, max_pixels=max_pixels)
         finally:
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(predict_module, "decode", slow)
+    monkeypatch.setattr(predict_module, "preprocess_image", slow)
     repo = ModelRepository(load_options)
     repo.load(bundles["image"])
     with TestClient(create_app(repo, ServerConfig(image_decodes=2))) as client, ThreadPoolExecutor(6) as pool:
