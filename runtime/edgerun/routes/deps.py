@@ -4,6 +4,7 @@ the model-control guard and the error responses each route documents."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -67,23 +68,30 @@ class RequestTimer:
     code: int = 500
 
 
+@contextlib.asynccontextmanager
+async def timing(metrics: Metrics, endpoint: str) -> AsyncIterator[RequestTimer]:
+    """Time what runs inside into ``edgerun_requests``/``errors``/``latency`` for ``endpoint``."""
+    started = time.perf_counter()
+    timer = RequestTimer()
+    try:
+        yield timer
+        timer.code = 200
+    except EdgerunError as exc:
+        timer.code = exc.http_status
+        raise
+    except ClientDisconnect:
+        timer.code = CLIENT_CLOSED
+        raise
+    finally:
+        metrics.observe(timer.label, endpoint, timer.code, time.perf_counter() - started)
+
+
 def timed(endpoint: str) -> Callable[..., AsyncIterator[RequestTimer]]:
-    """A dependency timing the request into ``edgerun_requests``/``errors``/``latency`` for ``endpoint``."""
+    """A dependency timing the request (see :func:`timing`)."""
 
     async def dependency(state: ServerState = Depends(server_state)) -> AsyncIterator[RequestTimer]:
-        started = time.perf_counter()
-        timer = RequestTimer()
-        try:
+        async with timing(state.metrics, endpoint) as timer:
             yield timer
-            timer.code = 200
-        except EdgerunError as exc:
-            timer.code = exc.http_status
-            raise
-        except ClientDisconnect:
-            timer.code = CLIENT_CLOSED
-            raise
-        finally:
-            state.metrics.observe(timer.label, endpoint, timer.code, time.perf_counter() - started)
 
     return dependency
 

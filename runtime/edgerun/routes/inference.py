@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import re
-import time
 import zlib
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
-from edgerun.errors import EdgerunError, PayloadTooLargeError, RequestError
+from edgerun.errors import PayloadTooLargeError, RequestError
 from edgerun.memory import release_free_memory
 from edgerun.protocol import HEADER_LENGTH, InferResponse, decode_infer_request, encode_infer_response
 from edgerun.routes.deps import (
-    CLIENT_CLOSED,
     RequestTimer,
     ServerState,
     accepts,
     error_responses,
     server_state,
     timed,
+    timing,
 )
 from edgerun.tensorrt import check_batch
 
@@ -154,17 +152,5 @@ class InferFastPath:
         await response(scope, receive, send)
 
     async def _timed(self, request: Request, name: str, version: str | None) -> Response:
-        started = time.perf_counter()
-        timer = RequestTimer()
-        try:
-            response = await answer_infer(self.state, request, name, version, timer)
-            timer.code = 200
-            return response
-        except EdgerunError as exc:
-            timer.code = exc.http_status
-            raise
-        except ClientDisconnect:
-            timer.code = CLIENT_CLOSED
-            raise
-        finally:
-            self.state.metrics.observe(timer.label, "infer", timer.code, time.perf_counter() - started)
+        async with timing(self.state.metrics, "infer") as timer:
+            return await answer_infer(self.state, request, name, version, timer)
