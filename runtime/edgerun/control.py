@@ -14,8 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerun.errors import ModelNotFoundError
-from edgerun.guard import ForbiddenError
+from edgerun.errors import ForbiddenError, ModelNotFoundError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 

@@ -38,6 +38,24 @@ class RequestError(EdgerunError):
     http_status = 400
 
 
+class RequestTimeoutError(RequestError):
+    """The client did not send its body in time (HTTP 408)."""
+
+    http_status = 408
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """The body's Content-Type is not one the route reads (HTTP 415)."""
+
+    http_status = 415
+
+
+class ForbiddenError(RequestError):
+    """The request is understood and refused by a rule (HTTP 403); the message names the rule."""
+
+    http_status = 403
+
+
 class SessionError(EdgerunError):
     """No variant/provider produced a working, golden-checked session (exit code 3, HTTP 503)."""
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import orjson
 
-from edgerun.errors import PayloadTooLargeError, RequestError
+from edgerun.errors import PayloadTooLargeError, RequestTimeoutError
 
 # Routes guarded by the admin credential instead of the inference token.
 MODEL_CONTROL_PATH = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
@@ -32,24 +32,6 @@ async def _within(awaitable: Awaitable[T], seconds: float) -> T:
         return await asyncio.wait_for(awaitable, seconds)
     async with asyncio.timeout(seconds):
         return await awaitable
-
-
-class RequestTimeoutError(RequestError):
-    """The client did not send its body in time (HTTP 408)."""
-
-    http_status = 408
-
-
-class UnsupportedMediaTypeError(RequestError):
-    """The body's Content-Type is not one the route reads (HTTP 415)."""
-
-    http_status = 415
-
-
-class ForbiddenError(RequestError):
-    """The request is understood and refused by a rule (HTTP 403); the message names the rule."""
-
-    http_status = 403
 
 
 def error_body(message: str) -> bytes:

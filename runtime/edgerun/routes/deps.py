@@ -17,8 +17,15 @@ from starlette.requests import ClientDisconnect
 from edgerun.batching import Batcher
 from edgerun.config import ServerConfig
 from edgerun.control import ModelControl
-from edgerun.errors import EdgerunError, ModelNotFoundError, OverloadedError, UnauthorizedError
-from edgerun.guard import ForbiddenError, UnsupportedMediaTypeError, bearer_matches, host_name, is_loopback
+from edgerun.errors import (
+    EdgerunError,
+    ForbiddenError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
+from edgerun.guard import bearer_matches, host_name, is_loopback
 from edgerun.loader import ServedModel
 from edgerun.metrics import Metrics
 from edgerun.protocol import ErrorResponse

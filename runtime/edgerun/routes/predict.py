@@ -15,8 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from edgerun.errors import PayloadTooLargeError, RequestError
-from edgerun.guard import UnsupportedMediaTypeError
+from edgerun.errors import PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
 from edgerun.loader import ServedModel
 from edgerun.preprocess import classify, preprocess_image
 from edgerun.protocol import PredictResponse
