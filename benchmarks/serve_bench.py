@@ -9,7 +9,7 @@ Without a model it builds one: torchvision ``mobilenet_v2`` (weights=None) packe
 - edgerun (default flags: the self-benchmark picks the layout; and ``--optimize throughput`` when
   that picks another layout) with N concurrent clients;
 - the box's limit: the best in-process layout (edgerun's own candidates: N sessions x T threads,
-  spinning, each session run back to back from its own thread, no HTTP) and the transport floor
+  R runs at once per session, spinning; each run slot back to back from its own thread, no HTTP) and the transport floor
   (the same clients against a bare ASGI app on uvicorn that reads the body and answers a canned
   reply of the same size), combined as 1 / (1/a + 1/b) since both share the same cores;
 - one client: edgerun's p50 split into in-process p50 (a session with the served layout's threads
@@ -264,7 +264,7 @@ def main() -> int:
 
     import tritonclient.http as httpclient
 
-    from edgerun.layout import LayoutRequest, candidate_layouts, create_instance
+    from edgerun.layout import LayoutRequest, candidate_layouts, create_instance, run_slots
     from edgerun.loader import LoadOptions, load_model
     from edgerun.manifest import ProviderSpec
     from edgerun.protocol import encode_infer_response
@@ -367,10 +367,10 @@ def main() -> int:
         inproc_s = {layout.label: 0.0 for layout in layouts}
         for _ in range(ROUNDS):
             for layout in layouts:
-                own = sessions[(layout.threads, layout.spinning)][: layout.instances]
-                per_instance = max(1, total // layout.instances)
-                seconds = parallel_seconds([lambda s=s: inproc_call(s) for s in own], per_instance)
-                inproc_s[layout.label] += seconds * total / (per_instance * layout.instances)
+                own = run_slots(sessions[(layout.threads, layout.spinning)][: layout.instances], layout.runs)
+                per_slot = max(1, total // len(own))
+                seconds = parallel_seconds([lambda s=s: inproc_call(s) for s in own], per_slot)
+                inproc_s[layout.label] += seconds * total / (per_slot * len(own))
             bare_s += parallel_seconds([lambda: http_call(bare.url)] * args.clients, per_client)
             edgerun_s += parallel_seconds([lambda: http_call(edgerun.url)] * args.clients, per_client)
             if tput_server is not None:

@@ -94,6 +94,10 @@ class Bundle:
             )
         return VerifiedFile(relpath, data, actual)
 
+    def forget_cached(self) -> None:
+        """Drop the small files kept since their first read (a later read reads and checks them again)."""
+        self._cache.clear()
+
     def close(self) -> None:
         """Remove the directory this bundle was extracted into, if any."""
         self._cache.clear()

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from edgerun.errors import EdgerunError, report_errors
+from edgerun.memory import tune_malloc
 
 DEFAULT_CACHE_DIR = "~/.cache/edgerun"
 
@@ -61,17 +62,6 @@ def _secret(value: str | None, path: str | None, option: str, envvar: str) -> st
     if value is not None and not (value.strip().isascii() and value.strip().isprintable()):
         raise click.UsageError(f"{option} must be printable ASCII: an HTTP Authorization header carries nothing else")
     return value.strip() if value is not None else None
-
-
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each thread (event loop, inference worker, ORT pool) its own malloc arena;
-    capping them keeps the server's RSS close to what the model needs."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 _POSITIVE = click.FloatRange(min=0, min_open=True)
@@ -150,7 +140,14 @@ def _with(options):
 @click.option(
     "--instances",
     type=click.IntRange(min=1),
-    help="Session instances serving in parallel (default: chosen by the self-benchmark within the thread budget).",
+    help="Session instances (copies of the model in memory) serving in parallel (default: chosen by the "
+    "self-benchmark within the thread budget).",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    help="Requests one instance runs at once (default: chosen by the self-benchmark; a lone request still "
+    "gets every thread).",
 )
 @click.option(
     "--optimize",
@@ -232,6 +229,7 @@ def serve(
     no_bench,
     no_trt_background,
     instances,
+    runs,
     optimize,
     max_batch,
     max_delay_ms,
@@ -266,7 +264,7 @@ def serve(
             "--admin-token must differ from --token: the inference token must not unlock model control"
         )
     _setup_logging(log_level)
-    _limit_malloc_arenas()
+    tune_malloc()
     import threading
 
     from edgerun.errors import EdgerunError
@@ -281,6 +279,7 @@ def serve(
         trusted_key=_read_key(trusted_key),
         trt_background=not no_trt_background,
         instances=instances,
+        runs=runs,
         optimize=optimize,
         fixed_batch=max_batch,
         batch_delay_ms=max_delay_ms,
@@ -304,11 +303,14 @@ def serve(
         except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
             failure.append(exc)
 
-    # Session creation runs in native code without the GIL, so it overlaps with importing the web stack.
     loader = threading.Thread(target=load_all, name="edgerun-load")
-    loader.start()
+    if no_bench:  # session creation runs in native code without the GIL: it overlaps with the imports
+        loader.start()
     from edgerun.server import ServerConfig, create_app
     from edgerun.server import serve as run_server
+
+    if not no_bench:  # the self-benchmark times every core: importing next to it would skew it
+        loader.start()
 
     loader.join()
     if failure:

@@ -1,11 +1,16 @@
 """Execution layouts: how many session instances serve a model, and how each one runs.
 
-A layout is N instances x T intra-op threads each (Triton's instance groups), whether ORT's
-worker threads spin between runs, and the batch the server may stack into one run. Which one
-is fastest depends on the model and the device (on a 2-core CPU, two 1-thread sessions beat one
-2-thread session for one model and lose for another), so the self-benchmark measures the
-candidates that fit the real thread budget and picks one; the choice is a pure function of
-those measurements, cached like the variant decision and shown in metadata and /metrics.
+A layout is N instances x T intra-op threads each (Triton's instance groups), how many requests
+one instance runs at once (an ONNX Runtime session takes concurrent runs), whether ORT's worker
+threads spin between runs, and the batch the server may stack into one run. Which one is fastest
+depends on the model and the device (on a 2-core CPU, two 1-thread runs beat one 2-thread run
+for one model and lose for another), so the self-benchmark measures the candidates that fit the
+real thread budget and picks one; the choice is a pure function of those measurements, cached
+like the variant decision and shown in metadata and /metrics.
+
+Concurrent runs of one session are what keep memory flat: N one-thread runs of one session do
+the work of N one-thread sessions with one copy of the weights, and a T-thread session taking T
+runs at once gives a lone request all T threads while queued requests share them.
 
 All instances are created from one verified copy of the model bytes, with the options the
 bundle was validated with; only threads and spinning differ, and each distinct setting is
@@ -21,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +59,24 @@ _MAX_SHAPES = 4
 
 @dataclass(frozen=True)
 class Layout:
-    """N instances x T threads each, spinning, and the batch one run may stack."""
+    """N instances x T threads each, R runs at once per instance, spinning, and the batch one run may stack."""
 
     instances: int = 1
     threads: int = 1
     spinning: bool = False
     max_batch: int = 1
+    runs: int = 1  # requests one instance runs at once
+
+    @property
+    def concurrency(self) -> int:
+        """Runs in flight at once across the layout."""
+        return self.instances * self.runs
 
     @property
     def label(self) -> str:
         text = f"{self.instances}x{self.threads}"
+        if self.runs > 1:
+            text += f" runs {self.runs}"
         if self.spinning:
             text += " spinning"
         if self.max_batch > 1:
@@ -123,11 +136,12 @@ class LayoutRequest:
     spinning: bool | None = None  # pinned by the bundle's session config
     max_batch: int | None = None  # --max-batch given explicitly
     optimize: str = "balanced"
+    runs: int | None = None  # --runs: requests one instance runs at once
 
     def __post_init__(self) -> None:
         if self.optimize not in OPTIMIZE_CHOICES:
             raise EdgerunError(f"--optimize must be one of {', '.join(OPTIMIZE_CHOICES)}, got {self.optimize!r}")
-        for name in ("instances", "threads", "max_batch"):
+        for name in ("instances", "threads", "max_batch", "runs"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EdgerunError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -159,36 +173,48 @@ def _counts(limit: int) -> list[int]:
 def candidate_layouts(budget: int, request: LayoutRequest, *, accelerator: bool = False) -> list[Layout]:
     """Unbatched layouts worth measuring within ``budget`` CPU threads.
 
-    An accelerator (CUDA, TensorRT, ...) keeps one instance per device: its sessions already
-    run asynchronously on the device, and a second instance would double device memory.
-    Spinning is tried only for a single multi-threaded instance: several spinning pools on the
-    same cores fight each other.
+    N one-thread instances become one session taking N runs at once (the same work, the weights
+    once); a single multi-threaded instance is also tried taking as many runs at once as it has
+    threads (a lone request gets every thread, queued ones share them). What the operator fixes
+    (``--instances``, ``--threads``, ``--runs``) is taken literally.
+
+    An accelerator (CUDA, TensorRT, ...) keeps one instance and one run per device: its sessions
+    already run asynchronously on the device, and a second instance would double device memory.
+    Spinning is tried only for a single multi-threaded instance running one request at a time:
+    spinning threads fight anything else that wants the same cores.
     """
     budget = max(1, budget)
-    if accelerator:
-        shapes = [(request.instances or 1, request.threads or budget)]
-    else:
-        shapes = _shapes(budget, request.instances, request.threads)
     batch = request.max_batch or 1
+    if accelerator:
+        return [Layout(request.instances or 1, request.threads or budget, bool(request.spinning), batch, request.runs or 1)]
     layouts = []
-    for instances, threads in shapes:
-        if request.spinning is not None:
-            spins = [request.spinning]
-        elif instances == 1 and threads > 1 and not accelerator:
-            # Spinning last: its busy-waiting threads linger after a run and would slow whatever
-            # is measured next (measured: a plain 1x2 at 92/s right after the spinning one, 147/s alone).
-            spins = [False, True]
+    for instances, threads in _shapes(budget, request.instances, request.threads):
+        if request.runs is not None:
+            shapes = [(instances, request.runs)]
+        elif threads == 1 and instances > 1 and request.instances is None:
+            instances, shapes = 1, [(1, instances)]
+        elif threads > 1 and instances == 1:
+            shapes = [(1, 1), (1, threads)]
         else:
-            spins = [False]
-        layouts += [Layout(instances, threads, spin, batch) for spin in spins]
-    return layouts
+            shapes = [(instances, 1)]
+        for count, runs in shapes:
+            if request.spinning is not None:
+                spins = [request.spinning]
+            elif count == 1 and threads > 1 and runs == 1:
+                # Spinning last: its busy-waiting threads linger after a run and would slow whatever
+                # is measured next (measured: a plain 1x2 at 92/s right after the spinning one, 147/s alone).
+                spins = [False, True]
+            else:
+                spins = [False]
+            layouts += [Layout(count, threads, spin, batch, runs) for spin in spins]
+    return sorted(layouts, key=lambda layout: layout.spinning)  # every spinning one last
 
 
 def default_layout(budget: int, request: LayoutRequest) -> Layout:
     """The layout served without a self-benchmark: one instance using the whole budget, unless fixed."""
     instances = request.instances or 1
     threads = request.threads or max(1, budget // instances)
-    return Layout(instances, threads, bool(request.spinning), request.max_batch or 1)
+    return Layout(instances, threads, bool(request.spinning), request.max_batch or 1, request.runs or 1)
 
 
 def select_layout(
@@ -203,9 +229,8 @@ def select_layout(
     latency: lowest single-client p50. throughput: highest rows/s. balanced: highest rows/s
     among layouts whose p50 is within ``margin`` of the lowest p50. A batched layout is only
     eligible when it beats the same layout unbatched by ``batch_gain`` in rows/s; for throughput
-    and balanced, a spinning layout only when it beats the same layout without spinning by
-    ``SPIN_GAIN``. Ties go to the
-    fewer instances and threads (less memory, fewer threads).
+    and balanced, a spinning layout only when it beats every layout without spinning by
+    ``SPIN_GAIN``. Ties go to the fewer instances, threads and runs (less memory, fewer threads).
     """
     if not measurements:
         raise ValueError("no layout measurements to choose from")
@@ -219,15 +244,11 @@ def select_layout(
     ]
 
     if optimize != "latency":
-        calm = {_calm(m.layout): m.throughput_per_s for m in measurements if not m.layout.spinning}
-        eligible = [
-            m
-            for m in eligible
-            if not m.layout.spinning or m.throughput_per_s >= SPIN_GAIN * calm.get(_calm(m.layout), 0.0)
-        ]
+        calm = max((m.throughput_per_s for m in eligible if not m.layout.spinning), default=0.0)
+        eligible = [m for m in eligible if not m.layout.spinning or m.throughput_per_s >= SPIN_GAIN * calm]
 
-    def frugal(m: LayoutMeasurement) -> tuple[int, int, bool]:
-        return (m.layout.instances * m.layout.threads, m.layout.instances, m.layout.spinning)
+    def frugal(m: LayoutMeasurement) -> tuple[int, int, int, bool]:
+        return (m.layout.instances * m.layout.threads, m.layout.instances, m.layout.runs, m.layout.spinning)
 
     if optimize == "latency":
         return min(eligible, key=lambda m: (m.p50_ms, -m.throughput_per_s, frugal(m)))
@@ -238,11 +259,7 @@ def select_layout(
 
 
 def _unbatched(layout: Layout) -> Layout:
-    return Layout(layout.instances, layout.threads, layout.spinning, 1)
-
-
-def _calm(layout: Layout) -> Layout:
-    return Layout(layout.instances, layout.threads, False, layout.max_batch)
+    return Layout(layout.instances, layout.threads, layout.spinning, 1, layout.runs)
 
 
 def layout_key(
@@ -251,19 +268,25 @@ def layout_key(
     """A layout measurement is valid for one bundle, variant, provider list, CPU model and thread
     budget, under the same fixed flags; ``--optimize`` is not part of it (the choice is re-made
     from the cached measurements)."""
-    fixed = [request.instances, request.threads, request.spinning, request.max_batch]
-    text = json.dumps(["layout", bundle_sha256, providers, cpu, budget, variant, fixed])
+    fixed = [request.instances, request.threads, request.spinning, request.max_batch, request.runs]
+    # "layout-2": measurements from before runs per instance existed lack those candidates.
+    text = json.dumps(["layout-2", bundle_sha256, providers, cpu, budget, variant, fixed])
     return "layout-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 # ---- serving with several instances ----
 
 
-class InstancePool(ModelSession):
-    """N sessions of one model behind the ``ModelSession`` interface.
+def run_slots(instances: Sequence[ModelSession], runs: int) -> list[ModelSession]:
+    """One entry per run that may be in flight: each instance ``runs`` times."""
+    return [instance for instance in instances for _ in range(runs)]
 
-    ``run`` takes a free instance (waiting for one when all are busy); the batcher keeps at
-    most ``concurrency`` runs in flight, so from the server a run never waits here.
+
+class InstancePool(ModelSession):
+    """N sessions of one model, each taking ``layout.runs`` runs at once, behind the ``ModelSession`` interface.
+
+    ``run`` takes a free slot (waiting for one when all are busy); the batcher keeps at most
+    ``concurrency`` runs in flight, so from the server a run never waits here.
     """
 
     def __init__(self, instances: Sequence[ModelSession], layout: Layout):
@@ -274,15 +297,15 @@ class InstancePool(ModelSession):
         self.instances = list(instances)
         self.layout = layout
         self.max_batch = first.max_batch
+        self._slots = run_slots(self.instances, layout.runs)
         self._free: queue.SimpleQueue[ModelSession] = queue.SimpleQueue()
-        for instance in self.instances:
-            self._free.put(instance)
-        self._count_lock = threading.Lock()
+        for slot in self._slots:
+            self._free.put(slot)
 
     @property
     def concurrency(self) -> int:
-        """Runs that may be in flight at once (one per instance)."""
-        return len(self.instances)
+        """Runs that may be in flight at once (``runs`` per instance)."""
+        return len(self._slots)
 
     @property
     def batch_size(self) -> int:
@@ -292,7 +315,7 @@ class InstancePool(ModelSession):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._count_lock:
             self.run_count += 1
-        if len(self.instances) == 1:
+        if len(self._slots) == 1:
             return self.instances[0].run(feeds)
         instance = self._free.get()
         try:
@@ -333,21 +356,26 @@ def measure_layout(
     *,
     budget_s: float = 0.25,
     iters: int = 20,
+    p50_ms: float | None = None,
 ) -> LayoutMeasurement:
-    """Single-client p50 (batch 1, one instance) and rows/s with every instance busy, each for
-    about ``budget_s``."""
-    for instance in instances:  # first runs allocate
+    """Single-client p50 (batch 1, one instance) and rows/s with every run slot busy, each for
+    about ``budget_s``. ``instances`` are the layout's sessions, each listed once per run it takes
+    at once (``run_slots``). ``p50_ms``: already measured on a session of the same setting (a lone
+    request runs the same way whatever the layout's runs or batch), so not timed again."""
+    for instance in {id(instance): instance for instance in instances}.values():  # first runs allocate
         instance.run(single_feeds)
         if batch_feeds is not None:
             instance.run(batch_feeds)
-    instances[0].run(single_feeds)
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < iters and (len(times) < 5 or time.perf_counter() < deadline):
-        start = time.perf_counter()
+    if p50_ms is None:
         instances[0].run(single_feeds)
-        times.append(time.perf_counter() - start)
-    p50 = float(np.percentile(np.array(times) * 1000.0, 50))
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < iters and (len(times) < 5 or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            instances[0].run(single_feeds)
+            times.append(time.perf_counter() - start)
+        p50_ms = float(np.percentile(np.array(times) * 1000.0, 50))
+    p50 = p50_ms
     throughput = _concurrent_rows_per_s(instances, batch_feeds if batch_feeds is not None else single_feeds, budget_s)
     return LayoutMeasurement(layout, round(p50, 3), round(throughput, 1))
 
@@ -417,7 +445,7 @@ def _release_arenas(instances: Sequence[ModelSession], feeds: dict[str, np.ndarr
 
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    for instance in instances:
+    for instance in {id(instance): instance for instance in instances}.values():
         casts = getattr(instance, "_feed_casts", {})
         try:
             instance.session.run(
@@ -466,9 +494,7 @@ def plan_layout(
 
     pinned = session.variant.session_options.config.get(SPINNING_KEY)
     if pinned is not None and request.spinning is None:
-        request = LayoutRequest(
-            request.instances, request.threads, str(pinned) == "1", request.max_batch, request.optimize
-        )
+        request = replace(request, spinning=str(pinned) == "1")
     accelerator = bool(session.providers) and session.providers[0] != CPU
     candidates = candidate_layouts(budget, request, accelerator=accelerator)
     key = layout_key(bundle_id, [p.name for p in providers], cpu_model(), budget, session.variant.path, request)
@@ -498,18 +524,24 @@ def plan_layout(
         source = "cached self-benchmark"
     elif bench and (len(candidates) > 1 or try_batching):
         single = example_feeds(session, 1, golden_inputs)
+        lone: dict[tuple[int, bool], float] = {}  # one request's p50 per (threads, spinning)
         try:
             for layout in candidates:
-                measurements.append(measure_layout(factory.get(layout), layout, single, budget_s=budget_s))
+                slots = run_slots(factory.get(layout), layout.runs)
+                setting = (layout.threads, layout.spinning)
+                measured = measure_layout(slots, layout, single, budget_s=budget_s, p50_ms=lone.get(setting))
+                lone[setting] = measured.p50_ms
+                measurements.append(measured)
             if try_batching:
                 best = max(measurements, key=lambda m: m.throughput_per_s).layout
-                batched = Layout(best.instances, best.threads, best.spinning, batch_limit)
+                batched = Layout(best.instances, best.threads, best.spinning, batch_limit, best.runs)
                 numbers = measure_layout(
-                    factory.get(batched),
+                    run_slots(factory.get(batched), batched.runs),
                     batched,
                     single,
                     example_feeds(session, batch_limit, golden_inputs),
                     budget_s=budget_s,
+                    p50_ms=lone.get((batched.threads, batched.spinning)),
                 )
                 # A lone request waits out the batching window before it runs.
                 measurements.append(
@@ -539,7 +571,7 @@ def plan_layout(
                 raise EdgerunError(f"golden check failed with {chosen.label}: {result.reason}")
     except Exception as exc:  # noqa: BLE001 - the golden-checked session alone still serves
         log.warning("layout %s not used (%s); serving one instance with %d threads", chosen.label, exc, session.threads)
-        fallback = Layout(1, session.threads, is_spinning(session), chosen.max_batch)
+        fallback = Layout(1, session.threads, is_spinning(session), chosen.max_batch, chosen.runs)
         decision = LayoutDecision(
             fallback, f"fallback ({exc})", request.optimize, budget, BALANCED_MARGIN, measurements
         )
@@ -568,5 +600,6 @@ __all__ = [
     "default_layout",
     "plan_layout",
     "layout_key",
+    "run_slots",
     "select_layout",
 ]

@@ -45,6 +45,7 @@ class LoadOptions:
     trt_background: bool = False
     # Execution layout (see edgerun.layout): None = chosen by the self-benchmark.
     instances: int | None = None
+    runs: int | None = None
     optimize: str = "balanced"
     fixed_batch: int | None = None  # --max-batch given explicitly: every layout stacks this many rows
     batch_delay_ms: float = 2.0  # the server's batching window, added to a batched layout's latency
@@ -238,13 +239,15 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
             )
             tensorrt = TensorrtState("failed", reason=reason)
 
-    # Execution layout: instances x threads, spinning, batching (measured, cached or fixed).
+    # Execution layout: instances x threads, runs at once, spinning, batching (measured, cached or fixed).
     session, layout = plan_layout(
         session,
         bundle=bundle,
         providers=[p for p in allowed if p.name in session.providers] or allowed,
         budget=(thread_choice if options.threads is None else choose_threads()).threads,
-        request=LayoutRequest(options.instances, options.threads, None, options.fixed_batch, options.optimize),
+        request=LayoutRequest(
+            options.instances, options.threads, None, options.fixed_batch, options.optimize, options.runs
+        ),
         bench=options.bench and build is None,  # a pending TensorRT engine replaces this session anyway
         cache_dir=cache_dir,
         bundle_id=bundle_id,
@@ -279,6 +282,9 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
         layout.thread_budget,
         thread_choice.source,
     )
+    labels = parse_labels(bundle.read_verified(manifest.labels), manifest.labels) if manifest.labels else None
+    if build is None:  # only a pending TensorRT build reads the golden data again: no need to hold its bytes
+        bundle.forget_cached()
     return ServedModel(
         name=manifest.name,
         version=bundle_id[:12],
@@ -286,7 +292,7 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
         session=session,
         source=location,
         status=status,
-        labels=parse_labels(bundle.read_verified(manifest.labels), manifest.labels) if manifest.labels else None,
+        labels=labels,
         tensorrt_build=build,
     )
 

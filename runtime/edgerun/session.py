@@ -198,7 +198,7 @@ class ModelSession:
             spec = self.input_by_name.get(node.name)
             if wanted is not None and spec is not None and np.dtype(spec.dtype) != np.dtype(wanted):
                 self._feed_casts[node.name] = np.dtype(wanted)
-        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self.run_count = 0
         # Largest batch one run may have (the TensorRT profile's), or None for no limit.
         self.max_batch: int | None = serving_batch_limit(manifest.serving)
@@ -210,13 +210,14 @@ class ModelSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: (v.astype(self._feed_casts[k]) if k in self._feed_casts else v) for k, v in feeds.items()}
-        # One inference at a time per session: concurrent runs fight for a small CPU.
-        with self._lock:
+        # ONNX Runtime sessions take concurrent runs; how many run at once is the layout's choice,
+        # enforced by the batcher (edgerun.layout, edgerun.batching).
+        with self._count_lock:
             self.run_count += 1
-            try:
-                results = self.session.run(self.output_names, feeds)
-            except Exception as exc:  # ORT raises its own classes for bad feeds
-                raise RequestError(f"the model rejected the inputs: {str(exc).splitlines()[0][:300]}") from exc
+        try:
+            results = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # ORT raises its own classes for bad feeds
+            raise RequestError(f"the model rejected the inputs: {str(exc).splitlines()[0][:300]}") from exc
         return {name: np.asarray(value) for name, value in zip(self.output_names, results)}
 
 

@@ -375,7 +375,7 @@ def test_no_background_flag_builds_before_serving(tmp_path, cache_dir, fake_gpu,
         lambda self, location: seen.setdefault("background", self.options.trt_background),
     )
     monkeypatch.setattr("edgerun.server.serve", lambda *a, **k: None)
-    monkeypatch.setattr("edgerun.cli._limit_malloc_arenas", lambda: None)
+    monkeypatch.setattr("edgerun.cli.tune_malloc", lambda: None)
     for flags, expected in (([], True), (["--no-trt-background"], False)):
         seen.clear()
         result = CliRunner().invoke(main, ["serve", str(tmp_path / "b"), "--cache-dir", str(cache_dir), *flags])

@@ -27,6 +27,7 @@ from edgerun.layout import (
     LayoutRequest,
     candidate_layouts,
     default_layout,
+    run_slots,
     select_layout,
 )
 from edgerun.loader import LoadOptions, load_model
@@ -38,14 +39,16 @@ from edgerun.threads import ThreadChoice
 
 SPIN = Layout(1, 2, True)
 PLAIN = Layout(1, 2, False)
-PAIR = Layout(2, 1, False)
+HYBRID = Layout(1, 2, False, 1, 2)  # one 2-thread session taking two runs at once
+SHARED = Layout(1, 1, False, 1, 2)  # one 1-thread session taking two runs at once
+PAIR = Layout(2, 1, False)  # two 1-thread sessions (only when --instances asks for them)
 
 
 def m(layout: Layout, p50: float, tput: float) -> LayoutMeasurement:
     return LayoutMeasurement(layout, p50, tput)
 
 
-RECORDED = [m(SPIN, 4.0, 337.0), m(PLAIN, 5.2, 250.0), m(PAIR, 7.9, 442.0)]
+RECORDED = [m(SPIN, 4.0, 337.0), m(PLAIN, 5.2, 250.0), m(HYBRID, 5.3, 400.0), m(SHARED, 7.9, 442.0)]
 
 
 def test_latency_picks_the_lowest_single_client_p50():
@@ -53,28 +56,29 @@ def test_latency_picks_the_lowest_single_client_p50():
 
 
 def test_throughput_picks_the_most_requests_per_second():
-    assert select_layout(RECORDED, "throughput").layout == PAIR
+    assert select_layout(RECORDED, "throughput").layout == SHARED
 
 
 def test_balanced_keeps_to_the_margin_of_the_best_latency():
-    # 2x1 is 98% slower for one client: outside the margin, so balanced stays with the spinning session.
-    assert select_layout(RECORDED, "balanced").layout == SPIN
-    within = [m(SPIN, 4.0, 337.0), m(PAIR, 4.0 * (1 + BALANCED_MARGIN) - 0.01, 442.0)]
-    assert select_layout(within, "balanced").layout == PAIR
-    outside = [m(SPIN, 4.0, 337.0), m(PAIR, 4.0 * (1 + BALANCED_MARGIN) + 0.01, 442.0)]
-    assert select_layout(outside, "balanced").layout == SPIN
-    assert select_layout(outside, "balanced", margin=1.0).layout == PAIR
+    # The 2-thread session taking two runs keeps one client's p50 and gains most of the throughput;
+    # 1x1 runs 2 is 52% slower for one client, outside the margin.
+    assert select_layout(RECORDED, "balanced").layout == HYBRID
+    within = [m(PLAIN, 4.0, 337.0), m(SHARED, 4.0 * (1 + BALANCED_MARGIN) - 0.01, 442.0)]
+    assert select_layout(within, "balanced").layout == SHARED
+    outside = [m(PLAIN, 4.0, 337.0), m(SHARED, 4.0 * (1 + BALANCED_MARGIN) + 0.01, 442.0)]
+    assert select_layout(outside, "balanced").layout == PLAIN
+    assert select_layout(outside, "balanced", margin=1.0).layout == SHARED
 
 
 def test_batching_only_when_it_is_cheaper_per_request():
-    batched = Layout(2, 1, False, 8)
-    marginal = [m(PAIR, 7.9, 442.0), m(batched, 9.9, 450.0)]  # +2 %: noise, not a gain
-    assert select_layout(marginal, "throughput").layout == PAIR
-    real_gain = [m(PAIR, 7.9, 442.0), m(batched, 9.9, 900.0)]
+    batched = Layout(1, 1, False, 8, 2)
+    marginal = [m(SHARED, 7.9, 442.0), m(batched, 9.9, 450.0)]  # +2 %: noise, not a gain
+    assert select_layout(marginal, "throughput").layout == SHARED
+    real_gain = [m(SHARED, 7.9, 442.0), m(batched, 9.9, 900.0)]
     assert select_layout(real_gain, "throughput").layout == batched
 
 
-def test_spinning_must_clearly_beat_the_same_layout_without_it_for_throughput():
+def test_spinning_must_clearly_beat_every_layout_without_it_for_throughput():
     # Under HTTP the spinning threads compete with the event loop, so a small in-process edge is not enough.
     marginal = [m(SPIN, 4.0, 260.0), m(PLAIN, 4.6, 250.0)]  # +4 %
     assert select_layout(marginal, "balanced").layout == PLAIN
@@ -82,12 +86,19 @@ def test_spinning_must_clearly_beat_the_same_layout_without_it_for_throughput():
     assert select_layout(marginal, "latency").layout == SPIN  # one client: nothing else wants the cores
     clear = [m(SPIN, 4.0, 250.0 * SPIN_GAIN + 1), m(PLAIN, 4.6, 250.0)]
     assert select_layout(clear, "balanced").layout == SPIN
+    # Clearly ahead of its plain twin, but not of the same session taking two runs at once.
+    behind = [*clear, m(HYBRID, 4.7, 250.0)]
+    assert select_layout(behind, "balanced").layout == SPIN
+    behind = [*clear, m(HYBRID, 4.7, 260.0)]
+    assert select_layout(behind, "balanced").layout == HYBRID
     assert select_layout([m(SPIN, 4.0, 100.0)], "throughput").layout == SPIN  # nothing to compare with
 
 
 def test_ties_go_to_the_frugal_layout_and_bad_input_is_refused():
     tie = [m(Layout(4, 1), 5.0, 100.0), m(Layout(1, 4), 5.0, 100.0), m(Layout(1, 4, True), 5.0, 100.0)]
     assert select_layout(tie, "throughput").layout == Layout(1, 4)
+    runs_tie = [m(Layout(1, 4, False, 1, 4), 5.0, 100.0), m(Layout(1, 4), 5.0, 100.0)]
+    assert select_layout(runs_tie, "throughput").layout == Layout(1, 4)
     with pytest.raises(ValueError, match="no layout measurements"):
         select_layout([], "balanced")
     with pytest.raises(ValueError, match="optimize must be one of"):
@@ -99,21 +110,22 @@ def test_ties_go_to_the_frugal_layout_and_bad_input_is_refused():
 
 
 def test_candidates_fit_the_thread_budget():
-    assert candidate_layouts(2, LayoutRequest()) == [
-        PLAIN,
-        SPIN,
-        PAIR,
-    ]  # spinning after the plain session it would slow down
+    # One-thread runs share one session; spinning last, after the plain sessions it would slow down.
+    assert candidate_layouts(2, LayoutRequest()) == [PLAIN, HYBRID, SHARED, SPIN]
     assert candidate_layouts(1, LayoutRequest()) == [Layout(1, 1)]
     eight = candidate_layouts(8, LayoutRequest())
-    assert all(c.instances * c.threads == 8 for c in eight) and len({(c.instances, c.threads) for c in eight}) == 4
-    assert candidate_layouts(12, LayoutRequest())[-1] == Layout(12, 1)  # extremes kept, middle thinned
-    # What the operator fixes is kept; the rest fills the budget.
+    assert all(max(c.instances * c.threads, c.concurrency) == 8 for c in eight)
+    assert len({(c.instances, c.threads) for c in eight}) == 4 and len(eight) == 6
+    twelve = candidate_layouts(12, LayoutRequest())  # extremes kept, middle thinned
+    assert Layout(1, 1, False, 1, 12) in twelve and Layout(1, 12, False, 1, 12) in twelve
+    # What the operator fixes is taken literally; the rest fills the budget.
     assert candidate_layouts(4, LayoutRequest(instances=2)) == [Layout(2, 2)]
-    assert candidate_layouts(4, LayoutRequest(threads=1)) == [Layout(n, 1) for n in (1, 2, 4)]
+    assert candidate_layouts(4, LayoutRequest(threads=1)) == [Layout(1, 1, False, 1, n) for n in (1, 2, 4)]
     assert candidate_layouts(4, LayoutRequest(instances=3, threads=3)) == [Layout(3, 3)]
+    assert candidate_layouts(2, LayoutRequest(runs=1)) == [PLAIN, PAIR, SPIN]
+    assert candidate_layouts(2, LayoutRequest(instances=1, runs=2)) == [HYBRID]
     # A bundle that pins spinning is not second-guessed; an accelerator keeps one instance.
-    assert candidate_layouts(2, LayoutRequest(spinning=False)) == [PLAIN, PAIR]
+    assert candidate_layouts(2, LayoutRequest(spinning=False)) == [PLAIN, HYBRID, SHARED]
     assert candidate_layouts(2, LayoutRequest(), accelerator=True) == [PLAIN]
     assert candidate_layouts(2, LayoutRequest(max_batch=4), accelerator=True) == [Layout(1, 2, False, 4)]
     assert default_layout(2, LayoutRequest()) == PLAIN
@@ -140,18 +152,19 @@ class GatedInstance:
         return {"y": feeds["x"] * 2}
 
 
-def fake_pool(instances) -> InstancePool:
+def fake_pool(instances, runs: int = 1) -> InstancePool:
     pool = InstancePool.__new__(InstancePool)  # no ORT session needed to test dispatch
     pool.instances = list(instances)
-    pool.layout = Layout(len(instances), 1)
+    pool.layout = Layout(len(instances), 1, False, 1, runs)
+    pool._slots = run_slots(pool.instances, runs)
     pool.max_batch = None
     pool.run_count = 0
     pool.inputs, pool.outputs = [], []
     import queue
 
     pool._free = queue.SimpleQueue()
-    for instance in pool.instances:
-        pool._free.put(instance)
+    for slot in pool._slots:
+        pool._free.put(slot)
     pool._count_lock = threading.Lock()
     return pool
 
@@ -176,6 +189,41 @@ def test_instances_run_in_parallel_and_each_request_is_answered_once():
     assert sorted(seen) == values  # every request ran exactly once, on one instance
     assert pool.instances[0].seen and pool.instances[1].seen
     assert pool.run_count == len(values)
+
+
+def test_one_instance_taking_two_runs_serves_two_requests_at_once():
+    shared = GatedInstance(threading.Barrier(2))  # each run waits for a second one on the same session
+    pool = fake_pool([shared], runs=2)
+    assert pool.concurrency == 2
+    values = [float(i) for i in range(8)]
+
+    async def scenario():
+        batcher = Batcher(max_batch=1)
+        results = await asyncio.gather(
+            *(batcher.submit(pool, {"x": np.full((1, 2), v, np.float32)}, timeout_s=20) for v in values)
+        )
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [float(r["y"][0, 0]) for r in results] == [2 * v for v in values]
+    assert sorted(shared.seen) == values
+
+
+def test_a_session_does_not_serialise_its_runs(tmp_path, cache_dir):
+    """ONNX Runtime sessions take concurrent runs; only the layout decides how many."""
+    served = load_model(build_classifier_bundle(tmp_path / "b"), LoadOptions(cache_dir=cache_dir, bench=False))
+    session = served.session.instances[0]
+    meet = threading.Barrier(2)
+    real_run = session.session.run
+    session.session.run = lambda names, feeds: (meet.wait(10), real_run(names, feeds))[1]
+    x = np.full((1, 4), 0.5, np.float32)
+    before = session.run_count
+    with ThreadPoolExecutor(2) as workers:  # a BrokenBarrierError here means the runs took turns
+        results = list(workers.map(lambda _: session.run({"x": x}), range(2)))
+    for result in results:
+        np.testing.assert_allclose(result[session.output_names[0]], classifier_reference(x), rtol=1e-5)
+    assert session.run_count == before + 2
 
 
 def test_a_single_instance_runs_one_request_at_a_time():
@@ -307,12 +355,19 @@ def test_instances_share_one_verified_model_and_serve_correct_rows(tmp_path, cac
 
 
 def fake_measure(calls):
-    """Recorded numbers in which 2x1 has the best throughput and the spinning session the best latency."""
-    numbers = {(1, 2, True): (4.0, 300.0), (1, 2, False): (5.0, 250.0), (2, 1, False): (7.0, 400.0)}
+    """Recorded numbers in which 1x1 runs 2 has the best throughput, the spinning session the best
+    latency and 1x2 runs 2 the best throughput within the balanced margin."""
+    numbers = {
+        (1, 2, True, 1): (4.0, 300.0),
+        (1, 2, False, 1): (5.0, 250.0),
+        (1, 2, False, 2): (5.1, 380.0),
+        (1, 1, False, 2): (7.0, 400.0),
+    }
 
     def measure(instances, layout, single, batch_feeds=None, **kwargs):
         calls.append(layout)
-        p50, tput = numbers.get((layout.instances, layout.threads, layout.spinning), (4.5, 100.0 * layout.instances))
+        key = (layout.instances, layout.threads, layout.spinning, layout.runs)
+        p50, tput = numbers.get(key, (4.5, 100.0 * layout.concurrency))
         return LayoutMeasurement(layout, p50, tput)
 
     return measure
@@ -340,10 +395,11 @@ def test_decision_is_cached_per_thread_budget_and_reselected_per_optimize(tmp_pa
     bundle = build_classifier_bundle(tmp_path / "b")
     monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, optimize="throughput"))
-    assert no_timing == [PLAIN, SPIN, PAIR]
-    assert served.parameters["layout"]["label"] == "2x1" and served.parameters["layout"]["source"] == "self-benchmark"
-    assert set(served.parameters["layout"]["measurements"]) == {"1x2 spinning", "1x2", "2x1"}
-    assert len(served.session.instances) == 2
+    assert no_timing == [PLAIN, HYBRID, SHARED, SPIN]
+    layout = served.parameters["layout"]
+    assert layout["label"] == "1x1 runs 2" and layout["source"] == "self-benchmark"
+    assert set(layout["measurements"]) == {"1x2 spinning", "1x2", "1x2 runs 2", "1x1 runs 2"}
+    assert len(served.session.instances) == 1 and served.session.concurrency == 2  # one copy of the model
 
     no_timing.clear()
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, optimize="latency"))
@@ -351,11 +407,13 @@ def test_decision_is_cached_per_thread_budget_and_reselected_per_optimize(tmp_pa
     assert served.parameters["layout"]["label"] == "1x2 spinning"
     assert served.parameters["layout"]["source"] == "cached self-benchmark"
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=False, optimize="throughput"))
-    assert no_timing == [] and served.parameters["layout"]["label"] == "2x1"  # --no-bench reuses the measurement
+    assert no_timing == [] and served.parameters["layout"]["label"] == "1x1 runs 2"  # --no-bench reuses it
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir, optimize="balanced"))
+    assert no_timing == [] and served.parameters["layout"]["label"] == "1x2 runs 2"
 
     monkeypatch.setattr(loader_module, "choose_threads", budget_of(4))
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir))
-    assert no_timing and all(c.instances * c.threads == 4 for c in no_timing)  # a new budget is measured anew
+    assert no_timing and all(max(c.instances * c.threads, c.concurrency) == 4 for c in no_timing)  # measured anew
     assert served.parameters["layout"]["thread_budget"] == 4
 
 
@@ -368,7 +426,7 @@ def test_overrides_fix_the_layout_without_measuring(tmp_path, cache_dir, monkeyp
     assert served.parameters["layout"]["source"] == "--instances/--threads"
     # Fixing one dimension leaves the other to the benchmark, within the budget.
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, threads=1))
-    assert no_timing == [Layout(1, 1), PAIR] and served.parameters["layout"]["threads"] == 1
+    assert no_timing == [Layout(1, 1), SHARED] and served.parameters["layout"]["threads"] == 1
     assert served.parameters["layout"]["source"] == "self-benchmark within --instances/--threads"
     # Without a benchmark, the default is one instance using the budget.
     served = load_model(bundle, LoadOptions(cache_dir=tmp_path / "fresh", bench=False))
@@ -453,7 +511,7 @@ def test_an_accelerator_keeps_one_instance_per_device(tmp_path, cache_dir, no_ti
     pool, decision = plan(["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert no_timing == [] and pool.instances == [session] and decision.layout == Layout(1, 4)
     pool, decision = plan(["CPUExecutionProvider"])  # the same session on a CPU: layouts are measured
-    assert len(no_timing) == 4 and {c.instances for c in no_timing} == {1, 2, 4}
+    assert len(no_timing) == 5 and {(c.instances, c.threads) for c in no_timing} == {(1, 4), (2, 2), (1, 1)}
 
 
 def test_the_variant_decision_is_also_keyed_by_threads():
