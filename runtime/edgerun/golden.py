@@ -98,8 +98,7 @@ def thresholds_for(spec: GoldenSpec, variant_path: str) -> GoldenThresholds:
 
 
 def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run all rows at once when the batch dim is dynamic (up to the profile's max batch), else in
-    model-sized chunks. Per-call golden data (every array one axis more than its input: the first
+    """Run the rows one at a time when the batch dim is dynamic, else in model-sized chunks. Per-call golden data (every array one axis more than its input: the first
     counts calls) runs one call at a time, each output gaining that calls axis."""
     ranks = {s.name: len(s.shape) for s in model.inputs}
     if feeds and all(k in ranks and v.ndim == ranks[k] + 1 for k, v in feeds.items()):
@@ -109,7 +108,9 @@ def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str
         return {name: np.stack([c[name] for c in calls]) for name in model.output_names}
     rows = len(next(iter(feeds.values())))
     fixed = [s.shape[0] for s in model.inputs if s.shape and s.shape[0] > 0]
-    step = fixed[0] if fixed else min(rows, getattr(model, "max_batch", None) or rows)
+    # One row at a time unless the model pins its batch: ONNX Runtime's memory arena keeps the
+    # size of the largest run, and the checked session goes on to serve single requests.
+    step = fixed[0] if fixed else 1
     parts = [model.run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, rows, max(step, 1))]
     return {name: np.concatenate([p[name] for p in parts]) for name in model.output_names}
 

@@ -437,31 +437,6 @@ class InstanceFactory:
         return have[: layout.instances]
 
 
-def _release_arenas(instances: Sequence[ModelSession], feeds: dict[str, np.ndarray]) -> None:
-    """Give back what the golden check and the benchmark grew: large batches leave ORT's arena (and
-    glibc's heap) holding their peak, ~100 MB for mobilenet_v2 at batch 8, which serving at the
-    usual batch never needs again. One run with arena shrinkage per instance, then malloc_trim."""
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
-    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    for instance in {id(instance): instance for instance in instances}.values():
-        casts = getattr(instance, "_feed_casts", {})
-        try:
-            instance.session.run(
-                instance.output_names, {k: v.astype(casts[k]) if k in casts else v for k, v in feeds.items()}, options
-            )
-        except Exception as exc:  # noqa: BLE001 - memory housekeeping must never stop serving
-            log.debug("arena shrinkage skipped: %s", exc)
-            return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 # ---- the self-benchmark's layout step ----
 
 
@@ -481,6 +456,7 @@ def plan_layout(
     batch_delay_ms: float = 2.0,
     batch_gain: float | None = None,
     check: Callable[[ModelSession], Any] | None = None,
+    fresh: bool = False,
 ) -> tuple[InstancePool, LayoutDecision]:
     """Choose the layout for a golden-checked ``session`` and build its instances.
 
@@ -488,7 +464,9 @@ def plan_layout(
     with ``bench`` off, the default layout) is used without timing anything. ``check`` is the
     golden check, run once for every thread/spinning setting that differs from ``session``'s.
     ``batch_gain`` is rows/s at ``bench_batch`` over rows/s at batch 1, from the variant
-    benchmark: a batched layout is only measured when that already shows a gain.
+    benchmark: a batched layout is only measured when that already shows a gain. ``fresh``: serve
+    from new sessions rather than ``session`` or the measured ones, whose memory arenas grew to
+    the benchmark's batches and keep that size (measured: 20 MB more resident for mobilenet_v2).
     """
     from edgerun.bench import cpu_model, example_feeds, read_decision, write_decision
 
@@ -523,6 +501,7 @@ def plan_layout(
         measurements = [LayoutMeasurement.from_dict(m) for m in cached["measurements"]]
         source = "cached self-benchmark"
     elif bench and (len(candidates) > 1 or try_batching):
+        fresh = True  # the measured sessions' arenas grow with what they ran
         single = example_feeds(session, 1, golden_inputs)
         lone: dict[tuple[int, bool], float] = {}  # one request's p50 per (threads, spinning)
         try:
@@ -563,6 +542,9 @@ def plan_layout(
     else:
         chosen = default_layout(budget, request)
     decision = LayoutDecision(chosen, source, request.optimize, budget, BALANCED_MARGIN, measurements)
+    if fresh:
+        factory.kept.clear()  # before the new sessions: one layout in memory at a time
+        factory = InstanceFactory(make)
     try:
         instances = factory.get(chosen)
         if check is not None and instances[0] is not session:
@@ -576,7 +558,6 @@ def plan_layout(
             fallback, f"fallback ({exc})", request.optimize, budget, BALANCED_MARGIN, measurements
         )
         return InstancePool([session], fallback), decision
-    _release_arenas(instances, example_feeds(session, 1, golden_inputs))
     log.info(
         "%s: serving with %s (%s, optimize %s, thread budget %d)",
         session.manifest.name,
