@@ -98,8 +98,9 @@ def thresholds_for(spec: GoldenSpec, variant_path: str) -> GoldenThresholds:
 
 
 def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the rows one at a time when the batch dim is dynamic, else in model-sized chunks. Per-call golden data (every array one axis more than its input: the first
-    counts calls) runs one call at a time, each output gaining that calls axis."""
+    """Run the rows one at a time when the batch dim is dynamic, else in model-sized chunks.
+    Per-call golden data (every array one axis more than its input: the first counts calls) runs
+    one call at a time, each output gaining that calls axis."""
     ranks = {s.name: len(s.shape) for s in model.inputs}
     if feeds and all(k in ranks and v.ndim == ranks[k] + 1 for k, v in feeds.items()):
         calls = [

@@ -186,7 +186,9 @@ def candidate_layouts(budget: int, request: LayoutRequest, *, accelerator: bool 
     budget = max(1, budget)
     batch = request.max_batch or 1
     if accelerator:
-        return [Layout(request.instances or 1, request.threads or budget, bool(request.spinning), batch, request.runs or 1)]
+        return [
+            Layout(request.instances or 1, request.threads or budget, bool(request.spinning), batch, request.runs or 1)
+        ]
     layouts = []
     for instances, threads in _shapes(budget, request.instances, request.threads):
         if request.runs is not None:
