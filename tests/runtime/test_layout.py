@@ -453,6 +453,8 @@ def test_serve_flags_reach_the_layout(tmp_path, cache_dir, monkeypatch):
             "2",
             "--threads",
             "1",
+            "--runs",
+            "2",
             "--optimize",
             "throughput",
             "--max-queue-bytes",
@@ -462,7 +464,8 @@ def test_serve_flags_reach_the_layout(tmp_path, cache_dir, monkeypatch):
     assert result.exit_code == 0, result.output
     app = started["app"]
     layout = app.state.repo.get("clf").parameters["layout"]
-    assert (layout["instances"], layout["threads"], layout["optimize"]) == (2, 1, "throughput")
+    assert (layout["instances"], layout["threads"], layout["runs"], layout["optimize"]) == (2, 1, 2, "throughput")
+    assert app.state.repo.get("clf").session.concurrency == 4
     assert app.state.config.max_queue_bytes == 4096
     bad = CliRunner().invoke(main, ["serve", str(bundle), "--optimize", "fastest"])
     assert bad.exit_code == 2 and "fastest" in bad.output
