@@ -65,10 +65,66 @@ def test_model_control_names_the_file_system_refuses_are_a_4xx_not_a_500(
         assert client.get("/v2/models/clf").json()["versions"] == before
 
 
+def test_encoded_and_full_width_dots_never_reach_outside_the_repository_directory(tmp_path, load_options):
+    """'%2e%2e' and full-width dots ('．．', U+FF0E) are '..' to a server that decodes a name twice or
+    NFKC-normalizes it. Valid bundles wait at every place such a decoding would lead to (the watch
+    dir's parent and '../../etc' from it): a load that reached one would answer 200 and serve it.
+    Guards: ModelControl.confine for the one decoding the URL router does ('%2e%2e' -> '..'), and
+    no further decoding of a bundle name than the file system's own for the rest."""
+    outside = build_classifier_bundle(tmp_path / "outside", golden=False)  # the watch dir's '..'
+    build_classifier_bundle(tmp_path / "etc", golden=False)  # the watch dir's '../../etc'
+    repo_dir = outside / "repo"
+    build_classifier_bundle(repo_dir / "clf")
+    with control_client(repo_dir, load_options) as client:
+        before = client.post("/v2/repository/index").json()
+        for url_name, status, said in [
+            ("%2e%2e", 403, "'..' resolves to"),  # decoded once by the router, then refused by the confinement
+            ("%2E%2E", 403, "'..' resolves to"),
+            ("．．", 404, "has no bundle named '．．'"),
+            ("．．%2F．．%2Fetc", 404, "no route"),
+        ]:
+            refused = client.post(f"/v2/repository/models/{url_name}/load", json={})
+            assert refused.status_code == status, (url_name, refused.text)
+            assert said in refused.json()["error"], (url_name, refused.text)
+        for bundle in ("%2e%2e", "%2e%2e/%2e%2e/etc", "．．", "．．/．．/etc", "..／..／etc"):
+            refused = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": bundle}})
+            assert refused.status_code == 400, (bundle, refused.text)
+            assert f"bundle '{repo_dir / bundle}' does not exist" in refused.json()["error"], refused.text
+        assert client.post("/v2/repository/index").json() == before
+
+
+@pytest.mark.parametrize(
+    "host, answered",
+    [
+        ("127.0.0.1:8000", True),
+        ("localhost", True),
+        ("127.0.0.1.evil.com", False),  # a prefix match on '127.' or '127.0.0.1' would take it
+        ("127.0.0.1.evil.com:8000", False),
+        ("localhost.evil.com", False),
+        ("127.1", False),  # inet_aton's short form of 127.0.0.1: a name a page's DNS can hold, not an address
+        ("2130706433", False),  # 127.0.0.1 as one decimal number
+        ("0x7f000001", False),
+    ],
+)
+def test_host_names_that_only_look_like_loopback_are_refused(bundles, load_options, host, answered):
+    """DNS rebinding on a loopback-only server: the page's own name is the Host header, and a name can
+    look like a loopback address. Guards GuardMiddleware's loopback_hosts_only rule (is_loopback takes
+    exact loopback names and addresses only)."""
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    with TestClient(create_app(repo, ServerConfig(loopback_hosts_only=True)), base_url="http://127.0.0.1") as client:
+        answer = client.get("/v2/models/clf", headers={"Host": host})
+        if answered:
+            assert answer.status_code == 200, answer.text
+        else:
+            assert answer.status_code == 400, answer.text
+            assert "not a loopback name" in answer.json()["error"]
+
+
 # ---- a hostile bundle: an ONNX model whose weights live in files outside the bundle ----
 
 
-def external_data_onnx(location: str, nested: bool = False) -> bytes:
+def external_data_onnx(location: str, where: str = "initializer") -> bytes:
     """x [-1,4] -> probs [-1,3] = x @ 0 + b, with b's 12 bytes read from ``location`` (ONNX external data):
     whatever file that names comes back out of every inference as three floats."""
     from onnx import TensorProto, helper, numpy_helper
@@ -79,12 +135,18 @@ def external_data_onnx(location: str, nested: bool = False) -> bytes:
     zeros = numpy_helper.from_array(np.zeros((4, 3), np.float32), "w")
     nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"])]
     initializers = [zeros]
-    if nested:  # hidden in a node attribute (Constant) inside an If branch, not among the initializers
+    if where != "initializer":  # hidden inside an If branch, not among the main graph's initializers
+        if where == "branch constant":  # in a node attribute (Constant)
+            branch_nodes, branch_initializers = [helper.make_node("Constant", [], ["b_in"], value=bias)], []
+        else:  # "branch initializer": among the subgraph's own initializers
+            bias.name = "b_branch"
+            branch_nodes, branch_initializers = [helper.make_node("Identity", ["b_branch"], ["b_in"])], [bias]
         branch = helper.make_graph(
-            [helper.make_node("Constant", [], ["b_in"], value=bias)],
+            branch_nodes,
             "then",
             [],
             [helper.make_tensor_value_info("b_in", TensorProto.FLOAT, [3])],
+            branch_initializers,
         )
         cond = numpy_helper.from_array(np.array(True), "cond")
         initializers.append(cond)
@@ -104,8 +166,9 @@ def external_data_onnx(location: str, nested: bool = False) -> bytes:
     return model.SerializeToString()
 
 
-@pytest.mark.parametrize("nested", [False, True])
-def test_a_model_reading_weights_from_files_outside_the_bundle_is_refused(tmp_path, load_options, monkeypatch, nested):
+# Guards external_data.check_self_contained, which walks subgraphs' initializers and node attributes too.
+@pytest.mark.parametrize("where", ["initializer", "branch constant", "branch initializer"])
+def test_a_model_reading_weights_from_files_outside_the_bundle_is_refused(tmp_path, load_options, monkeypatch, where):
     """ONNX external data resolves against the server's working directory when a session is made from
     bytes: a dropped bundle could read any file there and hand it out through inference."""
     secret = np.array([1.25, -2.5, 42.0], np.float32)
@@ -118,7 +181,7 @@ def test_a_model_reading_weights_from_files_outside_the_bundle_is_refused(tmp_pa
     # Without graph optimizations ORT reads the file when the session is made, not while folding constants.
     unoptimized = model_file(session_options=SessionOptionsSpec(graph_optimization_level="disable_all"))
     manifest = make_manifest("clf", **CLASSIFIER_IO, model=unoptimized)
-    write_bundle(repo_dir / "leak", manifest, {"model.onnx": external_data_onnx("secret.bin", nested)}, force=True)
+    write_bundle(repo_dir / "leak", manifest, {"model.onnx": external_data_onnx("secret.bin", where)}, force=True)
     with control_client(repo_dir, load_options) as client:
         before = client.get("/v2/models/clf").json()["versions"]
         refused = client.post("/v2/repository/models/clf/load", json={"parameters": {"bundle": "leak"}})
@@ -247,6 +310,70 @@ def test_archive_header_records_are_bounded_before_they_are_read(tmp_path, kind)
     assert not any(dest.rglob("*"))
 
 
+def _mutated(data: bytes, rng, headers: list[tuple[int, int]] | None = None) -> bytes:
+    """``data`` with a few bytes flipped (mostly inside ``headers`` ranges when given), cut short, or with
+    a chunk of itself copied in elsewhere."""
+    out = bytearray(data)
+    kind = rng.choice(["flip", "truncate", "duplicate"])
+    if kind == "flip":
+        for _ in range(rng.randint(1, 8)):
+            start, end = rng.choice(headers) if headers and rng.random() < 0.7 else (0, len(out))
+            out[rng.randrange(start, end)] ^= rng.randrange(1, 256)
+    elif kind == "truncate":
+        del out[rng.randrange(len(out)) :]
+    else:
+        start, at = rng.randrange(len(out)), rng.randrange(len(out) + 1)
+        out[at:at] = out[start : start + rng.randint(1, 2048)]
+    return bytes(out)
+
+
+def test_damaged_archives_are_a_bundle_error_and_write_nowhere_else(tmp_path, load_options, monkeypatch):
+    """Bytes flipped, cut or repeated in a bundle archive, in its gzip stream or in the tar inside it:
+    each either still loads or is refused with a BundleError (a 400, previous version serving), never
+    another exception (a 500, a crashed watcher), and nothing lands outside the extraction directory.
+    Past the checksums only manifest.json can differ: load_model may then refuse with its SessionError.
+    Guards extract_archive's error mapping (_ARCHIVE_ERRORS), its member checks and the 'data' filter."""
+    import gzip
+    import io
+    import random
+    import tarfile
+
+    from edgerun.bundle import open_bundle
+    from edgerun.errors import BundleError, SessionError
+    from edgerun.loader import load_model
+
+    archive = build_classifier_bundle(tmp_path / "packed", archive=True).with_suffix(".tar.gz")
+    packed = archive.read_bytes()
+    tar = gzip.decompress(packed)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as reader:  # pax and ustar header blocks of each member
+        headers = [(m.offset, m.offset_data) for m in reader.getmembers()]
+    cwd = tmp_path / "cwd"  # a relative path written outside the extraction directory would land here
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rng = random.Random(0)
+    outcomes = {"loaded": 0, "refused": 0}
+    for case in range(200):
+        on_tar = case % 2 == 1
+        data = gzip.compress(_mutated(tar, rng, headers), mtime=0) if on_tar else _mutated(packed, rng)
+        sandbox = tmp_path / f"case{case}"
+        (sandbox / "out").mkdir(parents=True)
+        (sandbox / "b.tar.gz").write_bytes(data)
+        try:
+            bundle = open_bundle(sandbox / "b.tar.gz", workdir=sandbox / "out")
+        except BundleError:
+            outcomes["refused"] += 1
+        else:
+            try:  # checksums passed: what load_model refuses now is a manifest field the mutation changed
+                load_model(bundle.root, load_options)
+                outcomes["loaded"] += 1
+            except (BundleError, SessionError):
+                outcomes["refused"] += 1
+        written = {p.relative_to(sandbox) for p in sandbox.rglob("*")} - {Path("b.tar.gz"), Path("out")}
+        assert all(p.parts[0] == "out" for p in written), (case, sorted(written))
+        assert not any(cwd.iterdir()), case
+    assert outcomes["refused"] > 100 and outcomes["loaded"] > 0, outcomes  # the mutations hit both ways
+
+
 # ---- /v1/predict: an image format whose decoder is another program ----
 
 
@@ -343,6 +470,60 @@ def test_golden_data_that_inflate_far_beyond_their_file_are_refused(tmp_path, lo
     bundle = write_bundle(tmp_path / "b", manifest, {"model.onnx": classifier_onnx(), "golden.npz": golden})
     with pytest.raises(BundleError, match="golden file 'golden.npz' unpacks to 268435"):
         load_model(bundle, load_options)
+
+
+def _golden_over_16_mib(stored: int, deflated: int) -> bytes:
+    """The classifier's golden data plus two arrays of zeros: ``stored`` bytes kept as they are (the file
+    passes 16 MiB, where the limit turns from the 64 MiB floor to 4x the file) and ``deflated`` bytes
+    that compress a thousandfold."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+    from runtime_fixtures import classifier_golden
+
+    buffer = io.BytesIO(classifier_golden())
+    for name, size, method in (
+        ("stored.npy", stored, zipfile.ZIP_STORED),
+        ("deflated.npy", deflated, zipfile.ZIP_DEFLATED),
+    ):
+        with zipfile.ZipFile(buffer, "a", method) as archive, archive.open(name, "w", force_zip64=True) as member:
+            npy.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (size,)})
+            for offset in range(0, size, 8 << 20):
+                member.write(bytes(min(8 << 20, size - offset)))
+    return buffer.getvalue()
+
+
+def test_golden_data_over_16_mib_may_unpack_to_4x_their_file_and_no_more(tmp_path, load_options):
+    """Past 16 MiB a golden file's limit is 4x its size, not the 64 MiB floor: a 16.5 MiB file (limit
+    about 66 MiB) unpacking to 65.5 MiB loads, which the floor alone would refuse, and one unpacking to
+    67.5 MiB does not. Guards golden._check_unpacked_size's MAX_GOLDEN_EXPANSION rule."""
+    import io
+    import zipfile
+
+    from runtime_fixtures import classifier_onnx
+
+    from edgerun.errors import BundleError
+    from edgerun.golden import MIN_GOLDEN_UNPACKED_BYTES
+    from edgerun.loader import load_model
+    from edgerun.manifest import GoldenSpec
+
+    manifest = make_manifest("clf", **CLASSIFIER_IO, golden=GoldenSpec(path="golden.npz", atol=1e-4))
+    outcome: dict[str, object] = {}
+    for name, deflated in (("fits", 49 << 20), ("over", 51 << 20)):
+        golden = _golden_over_16_mib(stored=(16 << 20) + (512 << 10), deflated=deflated)
+        with zipfile.ZipFile(io.BytesIO(golden)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+        limit = 4 * len(golden)  # the rule itself, not the constant: raising it must fail here
+        assert 16 << 20 < len(golden) < 17 << 20 and unpacked > MIN_GOLDEN_UNPACKED_BYTES
+        assert (unpacked <= limit) == (name == "fits"), (name, unpacked, limit)
+        bundle = write_bundle(tmp_path / name, manifest, {"model.onnx": classifier_onnx(), "golden.npz": golden})
+        try:
+            outcome[name] = load_model(bundle, load_options).status.golden.passed
+        except BundleError as exc:
+            outcome[name] = str(exc)
+    assert outcome["fits"] is True, outcome["fits"]
+    assert f"unpacks to {unpacked} bytes from {len(golden)}, over the {limit} byte limit" in str(outcome["over"])
 
 
 # ---- a hostile manifest: preprocessing that scales every image up to gigapixels ----
@@ -454,6 +635,36 @@ def test_json_tensors_are_bounded_in_values_before_they_are_parsed(bundles, load
         rows = MAX_JSON_VALUES // 8  # half the limit, as JSON numbers: still served
         fits = {"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32", "data": [0.5] * (rows * 4)}]}
         assert client.post("/v2/models/clf/infer", json=fits).status_code == 200
+
+
+def test_a_json_body_over_the_value_limit_never_reaches_the_json_parser(bundles, load_options, monkeypatch):
+    """The value bound is only worth something if it is checked on the raw bytes: once orjson has parsed
+    the body, the memory is spent. Guards the count in protocol.decode_infer_request before orjson.loads."""
+    import orjson
+
+    from edgerun import protocol
+    from edgerun.protocol import MAX_JSON_VALUES
+
+    parsed: list[int] = []
+    loads = orjson.loads
+
+    def recording_loads(data):
+        parsed.append(len(data))
+        return loads(data)
+
+    monkeypatch.setattr(protocol.orjson, "loads", recording_loads)
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    small = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[0.5,0.5,0.5,0.5]}]}'
+    # Commas inside a string count too: 4 MiB of body, well under --max-body-mb, past the value limit.
+    over = small[:-1] + b',"padding":"' + b"," * MAX_JSON_VALUES + b'"}'
+    with TestClient(create_app(repo, ServerConfig()), base_url="http://127.0.0.1") as client:
+        refused = client.post("/v2/models/clf/infer", content=over, headers=JSON)
+        assert refused.status_code == 413, refused.text[:300]
+        assert f"over the {MAX_JSON_VALUES}" in refused.json()["error"]
+        assert parsed == []
+        assert client.post("/v2/models/clf/infer", content=small, headers=JSON).status_code == 200
+        assert parsed == [len(small)]
 
 
 @pytest.mark.parametrize("enabled", [True, "1", "True"])
@@ -588,6 +799,37 @@ def test_cross_site_pages_get_no_cors_grant_and_tokens_only_count_in_the_header(
         for wrong in ("Bearer s3cret-toke", "Bearer s3cret-token2", "Basic s3cret-token", "s3cret-token"):
             assert client.get("/v2/models/clf", headers={"Authorization": wrong}).status_code == 401
         assert client.get("/v2/models/clf", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+
+
+def test_inference_and_admin_tokens_are_compared_in_constant_time(repo_dir, load_options, monkeypatch):
+    """A comparison that stops at the first wrong byte lets a client on the network find a token byte by
+    byte from response times. Guards guard.bearer_matches's hmac.compare_digest, which both the inference
+    token (GuardMiddleware) and the admin token (routes.deps.model_control) go through."""
+    import hmac
+    import types
+
+    from edgerun import guard
+
+    compared: list[tuple[bytes, bytes]] = []
+
+    def recording_compare(a, b):
+        compared.append((a, b))
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(guard, "hmac", types.SimpleNamespace(compare_digest=recording_compare))
+    with control_client(repo_dir, load_options, token="infer-tok", admin_token="admin-tok") as client:
+        for sent, status in (("infer-tok", 200), ("infer-tik", 401)):
+            answer = client.get("/v2/models/clf", headers={"Authorization": f"Bearer {sent}"})
+            assert answer.status_code == status, answer.text
+        for sent, status in (("admin-tok", 200), ("admin-tik", 401)):
+            answer = client.post("/v2/repository/models/clf/load", json={}, headers={"Authorization": f"Bearer {sent}"})
+            assert answer.status_code == status, answer.text
+    assert compared == [
+        (b"infer-tok", b"infer-tok"),
+        (b"infer-tik", b"infer-tok"),
+        (b"admin-tok", b"admin-tok"),
+        (b"admin-tik", b"admin-tok"),
+    ]
 
 
 @pytest.mark.parametrize(
