@@ -169,10 +169,8 @@ def fake_pool(instances, runs: int = 1) -> InstancePool:
     return pool
 
 
-def test_instances_run_in_parallel_and_each_request_is_answered_once():
-    meet = threading.Barrier(2)
-    pool = fake_pool([GatedInstance(meet), GatedInstance(meet)])
-    values = [float(i) for i in range(12)]
+def serve_all(pool: InstancePool, values: list[float]) -> list[dict]:
+    """Submit one request per value at once through a batcher; the results in request order."""
 
     async def scenario():
         batcher = Batcher(max_batch=1)
@@ -182,7 +180,14 @@ def test_instances_run_in_parallel_and_each_request_is_answered_once():
         await batcher.close()
         return results
 
-    results = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_instances_run_in_parallel_and_each_request_is_answered_once():
+    meet = threading.Barrier(2)
+    pool = fake_pool([GatedInstance(meet), GatedInstance(meet)])
+    values = [float(i) for i in range(12)]
+    results = serve_all(pool, values)
     for value, result in zip(values, results):
         np.testing.assert_array_equal(result["y"], np.full((1, 2), 2 * value, np.float32))
     seen = pool.instances[0].seen + pool.instances[1].seen
@@ -196,16 +201,7 @@ def test_one_instance_taking_two_runs_serves_two_requests_at_once():
     pool = fake_pool([shared], runs=2)
     assert pool.concurrency == 2
     values = [float(i) for i in range(8)]
-
-    async def scenario():
-        batcher = Batcher(max_batch=1)
-        results = await asyncio.gather(
-            *(batcher.submit(pool, {"x": np.full((1, 2), v, np.float32)}, timeout_s=20) for v in values)
-        )
-        await batcher.close()
-        return results
-
-    results = asyncio.run(scenario())
+    results = serve_all(pool, values)
     assert [float(r["y"][0, 0]) for r in results] == [2 * v for v in values]
     assert sorted(shared.seen) == values
 
