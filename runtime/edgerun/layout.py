@@ -516,7 +516,7 @@ def plan_layout(
         single = example_feeds(session, 1, golden_inputs)
         lone: dict[tuple[int, bool], float] = {}  # one request's p50 per (threads, spinning)
         try:
-            best: dict[Layout, LayoutMeasurement] = {}
+            kept: dict[Layout, LayoutMeasurement] = {}  # each layout's best round
             for _ in range(rounds):
                 for layout in candidates:
                     slots = run_slots(factory.get(layout), layout.runs)
@@ -524,9 +524,9 @@ def plan_layout(
                     window = budget_s * 1.2 / rounds
                     measured = measure_layout(slots, layout, single, budget_s=window, p50_ms=lone.get(setting))
                     lone[setting] = measured.p50_ms
-                    if layout not in best or measured.throughput_per_s > best[layout].throughput_per_s:
-                        best[layout] = measured
-            measurements = [best[layout] for layout in candidates]
+                    if layout not in kept or measured.throughput_per_s > kept[layout].throughput_per_s:
+                        kept[layout] = measured
+            measurements = [kept[layout] for layout in candidates]
             if try_batching:
                 best = max(measurements, key=lambda m: m.throughput_per_s).layout
                 batched = Layout(best.instances, best.threads, best.spinning, batch_limit, best.runs)
