@@ -196,25 +196,28 @@ def candidate_layouts(budget: int, request: LayoutRequest, *, accelerator: bool 
         ]
     layouts = []
     for instances, threads in _shapes(budget, request.instances, request.threads):
-        if request.runs is not None:
-            shapes = [(instances, request.runs)]
-        elif threads == 1 and instances > 1 and request.instances is None:
-            instances, shapes = 1, [(1, instances)]
-        elif threads > 1 and instances == 1:
-            shapes = [(1, 1), (1, threads)]
-        else:
-            shapes = [(instances, 1)]
-        for count, runs in shapes:
+        for count, runs in _run_choices(instances, threads, request):
             if request.spinning is not None:
                 spins = [request.spinning]
             elif count == 1 and threads > 1 and runs == 1:
-                # Spinning last: its busy-waiting threads linger after a run and would slow whatever
-                # is measured next (measured: a plain 1x2 at 92/s right after the spinning one, 147/s alone).
                 spins = [False, True]
             else:
                 spins = [False]
             layouts += [Layout(count, threads, spin, batch, runs) for spin in spins]
-    return sorted(layouts, key=lambda layout: layout.spinning)  # every spinning one last
+    # Spinning last: its busy-waiting threads linger after a run and would slow whatever is
+    # measured next (measured: a plain 1x2 at 92/s right after the spinning one, 147/s alone).
+    return sorted(layouts, key=lambda layout: layout.spinning)
+
+
+def _run_choices(instances: int, threads: int, request: LayoutRequest) -> list[tuple[int, int]]:
+    """(instances, runs at once per instance) worth measuring for one (instances, threads) shape."""
+    if request.runs is not None:
+        return [(instances, request.runs)]
+    if threads == 1 and instances > 1 and request.instances is None:
+        return [(1, instances)]  # N sessions' work from one session, the weights in memory once
+    if threads > 1 and instances == 1:
+        return [(1, 1), (1, threads)]  # also: a lone request gets every thread, queued ones share them
+    return [(instances, 1)]
 
 
 def default_layout(budget: int, request: LayoutRequest) -> Layout:
