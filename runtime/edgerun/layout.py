@@ -385,9 +385,8 @@ def measure_layout(
             instances[0].run(single_feeds)
             times.append(time.perf_counter() - start)
         p50_ms = float(np.percentile(np.array(times) * 1000.0, 50))
-    p50 = p50_ms
     throughput = _concurrent_rows_per_s(instances, batch_feeds if batch_feeds is not None else single_feeds, budget_s)
-    return LayoutMeasurement(layout, round(p50, 3), round(throughput, 1))
+    return LayoutMeasurement(layout, round(p50_ms, 3), round(throughput, 1))
 
 
 def _rows(feeds: dict[str, np.ndarray]) -> int:
