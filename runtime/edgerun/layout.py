@@ -476,8 +476,8 @@ def plan_layout(
     golden check, run once for every thread/spinning setting that differs from ``session``'s.
     ``batch_gain`` is rows/s at ``bench_batch`` over rows/s at batch 1, from the variant
     benchmark: a batched layout is only measured when that already shows a gain. ``fresh``: serve
-    from new sessions rather than ``session`` or the measured ones, whose memory arenas grew to
-    the benchmark's batches and keep that size (measured: 20 MB more resident for mobilenet_v2).
+    from new CPU sessions rather than ``session`` or the measured ones, whose memory arenas grew
+    to the benchmark's batches and keep that size (measured: 20 MB more resident for mobilenet_v2).
     """
     from edgerun.bench import cpu_model, example_feeds, read_decision, write_decision
 
@@ -560,7 +560,8 @@ def plan_layout(
     else:
         chosen = default_layout(budget, request)
     decision = LayoutDecision(chosen, source, request.optimize, budget, BALANCED_MARGIN, measurements)
-    if fresh:
+    # Not for an accelerator: its arena is device memory, and a new CUDA/TensorRT session costs seconds.
+    if fresh and not accelerator:
         factory.kept.clear()  # before the new sessions: one layout in memory at a time
         factory = InstanceFactory(make)
     try:

@@ -433,6 +433,24 @@ def test_layouts_are_measured_in_rounds_and_keep_their_best(tmp_path, cache_dir,
     assert served.parameters["layout"]["label"] == "1x2"  # ties at 300/s go to the frugal layout
 
 
+def test_served_sessions_are_created_after_the_self_benchmark(tmp_path, cache_dir, monkeypatch, no_timing):
+    """The measured sessions' memory arenas keep the size of the benchmark's batches: serving uses new ones."""
+    bundle = build_classifier_bundle(tmp_path / "b")
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
+    seeds, made = [], []
+    real_seed, real_make = loader_module.create_model_session, layout_module.create_instance
+    monkeypatch.setattr(
+        loader_module, "create_model_session", lambda *a, **k: seeds.append(real_seed(*a, **k)) or seeds[-1]
+    )
+    monkeypatch.setattr(layout_module, "create_instance", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir))
+    assert served.parameters["layout"]["label"] == "1x2 runs 2"  # the 2-thread setting the seed has
+    assert served.session.instances == [made[-1]] and made[-1] is not seeds[0]
+    made.clear()
+    served = load_model(bundle, LoadOptions(cache_dir=tmp_path / "other", bench=False, threads=2))
+    assert made == [] and served.session.instances == [seeds[-1]]  # nothing measured: the checked session serves
+
+
 def test_overrides_fix_the_layout_without_measuring(tmp_path, cache_dir, monkeypatch, no_timing):
     bundle = build_classifier_bundle(tmp_path / "b")
     monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
