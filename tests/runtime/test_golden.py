@@ -99,3 +99,18 @@ def test_loader_applies_per_variant_tolerances(tmp_path, load_options):
     loose = tight.model_copy(update={"variants": {"model.onnx": GoldenThresholds(atol=1.0)}})
     served = load_model(_bundle(tmp_path / "b", drifted, loose), load_options)
     assert served.parameters["golden"]["passed"] is True
+
+
+def test_the_golden_check_runs_one_row_at_a_time(tmp_path):
+    """A batch-sized run would grow the session's memory arena to that batch for good, and the
+    checked session goes on to serve single requests."""
+    spec = GoldenSpec(atol=1e-4)
+    golden = load_golden(classifier_golden(), spec, _manifest(spec))
+    session = _session(tmp_path, classifier_onnx(), spec)
+    real_run = session.session.run
+    batches = []
+    session.session.run = lambda names, feeds: (batches.append(len(feeds["x"])), real_run(names, feeds))[1]
+    result = check_golden(session, golden)
+    rows = len(golden.inputs["x"])
+    assert result.passed and rows > 1
+    assert batches == [1] * rows
