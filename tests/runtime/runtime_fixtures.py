@@ -204,6 +204,19 @@ def build_image_bundle(dest: Path) -> Path:
     return write_bundle(dest, manifest, files, force=True)
 
 
+def infer_json(x: np.ndarray, **extra) -> dict:
+    """A KServe v2 JSON request for the classifier's input ``x``."""
+    return {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}], **extra}
+
+
+def post_concurrently(client, rows: list[np.ndarray], model: str = "clf") -> list:
+    """POST one JSON infer request per row, all at once from a thread each; responses in row order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(rows)) as workers:
+        return list(workers.map(lambda x: client.post(f"/v2/models/{model}/infer", json=infer_json(x)), rows))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runtime_fixtures import build_classifier_bundle
+from runtime_fixtures import build_classifier_bundle, post_concurrently
 
 from edgerun.bundle import extract_archive, open_bundle
 from edgerun.errors import BundleError
@@ -108,18 +108,7 @@ def test_server_batches_concurrent_requests_and_returns_own_rows(bundles, load_o
         session = client.app.state.repo.get("clf").session
         before = session.run_count
         rows = [np.full((1, 4), i / 10, dtype=np.float32) for i in range(6)]
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(
-                pool.map(
-                    lambda x: client.post(
-                        "/v2/models/clf/infer",
-                        json={
-                            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]
-                        },
-                    ),
-                    rows,
-                )
-            )
+        responses = post_concurrently(client, rows)
         direct = [session.session.run(None, {"x": x})[0] for x in rows]
         assert session.run_count - before < len(rows)
         for response, want in zip(responses, direct):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from runtime_fixtures import build_classifier_bundle, classifier_reference
+from runtime_fixtures import build_classifier_bundle, classifier_reference, post_concurrently
 
 import edgerun.layout as layout_module
 import edgerun.loader as loader_module
@@ -328,18 +328,7 @@ def test_instances_share_one_verified_model_and_serve_correct_rows(tmp_path, cac
     repo.add(served)
     rows = [np.full((1, 4), i / 10, np.float32) for i in range(12)]
     with TestClient(create_app(repo)) as client:
-        with ThreadPoolExecutor(6) as workers:
-            responses = list(
-                workers.map(
-                    lambda x: client.post(
-                        "/v2/models/clf/infer",
-                        json={
-                            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]
-                        },
-                    ),
-                    rows,
-                )
-            )
+        responses = post_concurrently(client, rows)
         for x, response in zip(rows, responses):
             assert response.status_code == 200, response.text
             got = np.array(response.json()["outputs"][0]["data"], np.float32).reshape(1, 3)

@@ -6,7 +6,7 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from runtime_fixtures import classifier_reference
+from runtime_fixtures import classifier_reference, infer_json
 
 from edgerun.reload import ModelRepository
 from edgerun.server import ServerConfig, create_app
@@ -23,10 +23,6 @@ def make_client(locations, load_options, **config) -> TestClient:
 def client(bundles, load_options):
     with make_client([bundles["classifier"], bundles["pair"]], load_options) as c:
         yield c
-
-
-def infer_json(x: np.ndarray, **extra) -> dict:
-    return {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}], **extra}
 
 
 def test_health_and_server_metadata(client):
