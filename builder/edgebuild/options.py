@@ -24,6 +24,7 @@ from edgebuild.passes import TorchPass
 from edgebuild.passes.distill import DistillConfig
 from edgebuild.passes.prune import METHODS as PRUNE_METHODS
 from edgebuild.passes.prune import PruneConfig
+from edgebuild.shipping import VARIANT_MODES
 from edgebuild.sources import InputShapes
 
 QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
@@ -159,6 +160,13 @@ class PackOptions:
         None,
         "Also ship every in-budget variant for the device to choose from (default: on for GPU targets).",
         flags=("--ship-variants/--no-ship-variants",),
+    )
+    variants: str = option(
+        "auto",
+        "Variants the device's self-benchmark chooses among: one (model.onnx only), contenders (the best float "
+        "variant + the best INT8 variant of up to 2 recipe families, about 1.5x FP32's size), all (every in-budget "
+        "variant); auto: all on GPU targets, contenders on CPUs (--ship-variants/--no-ship-variants: all/one).",
+        choices=VARIANT_MODES,
     )
     force: bool = option(False, "Replace an existing bundle at the destination.")
     archive: bool = option(False, "Also write <bundle>.tar.gz.")

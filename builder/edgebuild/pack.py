@@ -42,6 +42,7 @@ from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dt
 from edgebuild.options import PackOptions, check_choices
 from edgebuild.recipe import load_labels, load_preprocess
 from edgebuild.report import write_report
+from edgebuild.shipping import record_host_isa, shipped_variants
 from edgebuild.sources import ModelSource, load_model, require_shapes
 from edgebuild.targets import TargetProfile, load_target
 from edgebuild.validate import choose_metric, parse_accuracy_drop, run_session, torch_outputs
@@ -379,8 +380,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         choice = choice_reason(chosen, fp32, _gpu_preference(target), options.optimize_for)
         progress(f"chosen: {chosen.name}: {choice}")
 
-        ship_variants = options.ship_variants if options.ship_variants is not None else target.device == "gpu"
-        shipped = [chosen] + ([c for c in candidates if c is not chosen and c.within_budget] if ship_variants else [])
+        shipped = shipped_variants(chosen, candidates, options, target)
         inputs, outputs = _tensor_specs(chosen.file)
         relative = {id(c): "model.onnx" if c is chosen else f"variants/{c.name}.onnx" for c in shipped}
         golden_bytes, golden = make_golden(
@@ -429,6 +429,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             labels="labels.txt" if labels else None,
             report=["report.md", "report.png"],
         )
+        record_host_isa(manifest)
         report_md, report_png = write_report(
             workdir / "report.md",
             choice=choice,

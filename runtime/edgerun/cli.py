@@ -344,13 +344,21 @@ def serve(
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--trusted-key", type=click.Path(dir_okay=False), help="Also check the signature with this key.")
+@click.option(
+    "--cache-dir",
+    default=lambda: os.environ.get("EDGERUN_CACHE_DIR", DEFAULT_CACHE_DIR),
+    show_default=DEFAULT_CACHE_DIR,
+    help="Where this device's variant decisions are cached (shown when there are some).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_handle_errors
-def info(bundle, trusted_key, as_json):
-    """Print the manifest summary of BUNDLE (checksums are verified on the way)."""
+def info(bundle, trusted_key, cache_dir, as_json):
+    """Print the manifest summary of BUNDLE (checksums are verified on the way), this device's ISA
+    and the variant its self-benchmark chose here."""
+    from edgerun.isa import describe
     from edgerun.loader import describe_bundle
 
-    summary = describe_bundle(bundle, _read_key(trusted_key))
+    summary = describe_bundle(bundle, _read_key(trusted_key), Path(cache_dir))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -369,6 +377,20 @@ def info(bundle, trusted_key, as_json):
     golden = summary["golden"]
     click.echo(f"  golden     {golden['path'] + ' atol ' + str(golden['atol']) if golden else 'none'}")
     click.echo(f"  signed     {'yes' if summary['signed'] else 'no'}; {summary['files']} files")
+    if summary["host_isa"] is not None:
+        click.echo(f"  host ISA   {describe(summary['host_isa'])} (where the manifest's timings were taken)")
+    device = summary["device"]
+    click.echo(f"  device     {device['cpu']}: {describe(device['isa'])}")
+    for choice in device["choices"]:
+        timings = ", ".join(f"{path} {ms:.3f} ms" for path, ms in choice["p50_ms"].items())
+        click.echo(
+            f"  choice     {choice['variant']} ({choice['precision']}) on {','.join(choice['providers'] or [])}, "
+            f"{choice['threads']} threads: {timings}"
+        )
+    if not device["choices"] and summary["variants"]:
+        click.echo(
+            "  choice     not measured on this device yet (edgerun serve or edgerun bench measures and caches it)"
+        )
 
 
 @main.command()
