@@ -135,3 +135,25 @@ def write_images_npz(path, n=10, seed=0):
     """``n`` unlabelled 3x8x8 samples for the models above."""
     np.savez(path, x=np.random.default_rng(seed).random((n, 3, 8, 8), dtype=np.float32))
     return path
+
+
+def tiny_bert(layers=2, hidden=32, heads=4):
+    """A Hugging Face BERT encoder built from a config (random weights, nothing downloaded), with the
+    library's default attention implementation (SDPA)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=32,
+    )
+    model = BertModel(config, add_pooling_layer=False).eval()
+    model.example_inputs = {
+        "input_ids": torch.zeros(1, 6, dtype=torch.int64),
+        "attention_mask": torch.ones(1, 6, dtype=torch.int64),
+    }
+    return model

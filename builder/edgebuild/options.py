@@ -22,6 +22,7 @@ import click
 from edgebuild.candidates import CALIB_METHODS, INT8_SEARCH
 from edgebuild.passes import TorchPass
 from edgebuild.passes.distill import DistillConfig
+from edgebuild.passes.fusion import MODEL_TYPE_CHOICES
 from edgebuild.passes.prune import METHODS as PRUNE_METHODS
 from edgebuild.passes.prune import PruneConfig
 from edgebuild.shipping import VARIANT_MODES
@@ -201,6 +202,14 @@ class PackOptions:
         "When every full INT8 variant breaks the budget, keep the worst nodes in float (precision 'mixed').",
         flags=("--partial/--no-partial",),
         recipe="quantize.partial",
+    )
+    model_type: str = option(
+        "auto",
+        "Transformer fusion (ONNX Runtime's transformer optimizer) as extra candidates on CPUs: the optimizer's "
+        "model type (bert, gpt2, vit, ...), auto (a Hugging Face config's type, else bert when the graph has "
+        "attention) or none.",
+        recipe="quantize.model_type",
+        choices=MODEL_TYPE_CHOICES,
     )
     # Not options: the resolved --config recipe (recorded in the manifest) and the torch-level passes built
     # from the TorchPassOptions settings, run before export when the source is a torch model.

@@ -40,6 +40,7 @@ from edgebuild.export import export_onnx
 from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.options import PackOptions, check_choices
+from edgebuild.passes.fusion import fused_partial, fusion_plans
 from edgebuild.recipe import load_labels, load_preprocess
 from edgebuild.report import write_report
 from edgebuild.shipping import record_host_isa, shipped_variants
@@ -316,7 +317,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         skipped = int8_skipped(options, target, calibration)
         if skipped:
             progress(skipped)
-        for plan in plan_candidates(options, target, calibration, exported.path):
+        plans = plan_candidates(options, target, calibration, exported.path)
+        plans += fusion_plans(options, target, source, exported, workdir, progress)  # transformers only
+        for plan in plans:
             progress(f"quantize: building {plan.name} ...")
             candidates.append(build_candidate(plan, exported.path, workdir, progress))
         capped = " (the --val-samples cap)" if validated and len(val) >= options.val_samples else ""
@@ -331,6 +334,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         mixed = partial_candidates(
             options, target, candidates, calibration, exported.path, workdir, ref, val, metric, feed1, progress
         )
+        mixed += fused_partial(options, target, candidates, workdir, ref, val, metric, feed1, progress)
         if mixed:
             candidates.extend(mixed)
             apply_budget(candidates, float(options.max_accuracy_drop))

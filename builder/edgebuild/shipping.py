@@ -40,7 +40,7 @@ def family(candidate: Candidate) -> str:
     """The recipe family an INT8 candidate belongs to (what differs between CPUs)."""
     settings = candidate.metrics.get("settings") or {}
     parts = ["fused"] if candidate.metrics.get("fusion") else []
-    if candidate.precision == "mixed" or "partial" in candidate.name:
+    if "partial" in candidate.name:  # not precision "mixed": a dynamic INT8 leaving score MatMuls float is mixed too
         parts.append("partial")
     if settings.get("format"):
         parts.append(str(settings["format"]))
