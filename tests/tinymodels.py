@@ -52,8 +52,35 @@ class Broken(nn.Module):
         raise RuntimeError("layer 'mystery' exploded")
 
 
+class ConvStack(nn.Module):
+    """Three 3x3 convolutions at 64x64, 64 channels (~0.3 G MACs): milliseconds per run, so kernels dominate
+    ONNX Runtime's fixed per-run overhead (~0.1 ms) in a profile."""
+
+    example_inputs = (torch.zeros(1, 3, 64, 64),)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.convs(x).mean((2, 3)))
+
+
 def tiny_cnn():
     return TinyCNN().eval()
+
+
+def conv_stack():
+    return ConvStack().eval()
 
 
 def token_classifier():

@@ -171,6 +171,41 @@ def bench(location, threads, bench_seconds, as_json):
         )
 
 
+@main.command("profile")
+@click.argument("location")
+@click.option("--variant", help="Bundle variant to profile next to FP32 (path or name; default: model.onnx).")
+@click.option("--top", type=int, default=15, show_default=True, help="Rows of the per-op-type and per-node tables.")
+@click.option("--batch", "batches", help="Comma-separated batch sizes (default: 1 and 8, edgerun's largest batch).")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Profiled runs (median).")
+@click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice).")
+@click.option("--weights", help="State dict for a module:callable MODEL.")
+@click.option("--input-shape", help="Example input shape for a MODEL that does not declare one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full profile as JSON instead of Markdown.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the op types as a bar chart.")
+@handle_cli_errors
+def profile_command(location, variant, top, batches, runs, threads, weights, input_shape, as_json, png):
+    """Where the time goes in a BUNDLE (FP32 next to the chosen variant) or a MODEL (its ONNX export and
+    eager PyTorch): ONNX Runtime's per-node profile, per op type, with the shares in Conv/MatMul, in float
+    and in Quantize/DequantizeLinear."""
+    import json
+
+    from edgebuild.profile import format_markdown, profile_location, write_chart
+    from edgebuild.sources import parse_shape
+
+    report = profile_location(
+        location,
+        variant=variant,
+        batches=list(parse_shape(batches)) if batches else None,
+        runs=runs,
+        threads=threads,
+        weights=weights,
+        input_shape=parse_shape(input_shape) if input_shape else None,
+    )
+    if png is not None:
+        write_chart(report, png, top=min(top, 12))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else format_markdown(report, top=top))
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
