@@ -12,6 +12,7 @@ sequence over its real tokens' hidden states, against PyTorch FP32; the worst se
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import tempfile
@@ -29,6 +30,7 @@ THREADS = 2
 SEQUENCE = 128
 SAMPLES = 48
 BUDGET = 0.01  # pack's default --max-accuracy-drop, on the mean cosine
+NO_SPIN = {"session.intra_op.allow_spinning": "0"}
 
 
 def minilm_shaped():
@@ -88,6 +90,7 @@ def main() -> None:
     from edgebuild.passes import fusion
     from edgebuild.passes import quantize as q
     from edgebuild.sources import ModelSource, load_model
+    from edgerun.isa import cpu_isa
 
     torch.set_num_threads(THREADS)
     sys.modules["fusion_bench_model"] = sys.modules[__name__]
@@ -127,7 +130,8 @@ def main() -> None:
         planner.build_dynamic(q.DynamicInt8Config())(exported.path, files[fused_int8])
         fused_rows[fused_int8] = fused_rows[label]
 
-        sessions = {name: make_session(path, threads=THREADS) for name, path in files.items()}
+        # No spinning: ORT's idle workers would otherwise take the cores eager PyTorch runs on next.
+        sessions = {name: make_session(path, threads=THREADS, config=NO_SPIN) for name, path in files.items()}
         quality = {}
         for name, session in sessions.items():
             out = np.concatenate(
@@ -151,7 +155,8 @@ def main() -> None:
     names = ["PyTorch eager (SDPA)", *files]
     lines = [
         f"Command: `{COMMAND}` — MiniLM-shaped BERT from a config (6 layers, 384 wide, 12 heads, random weights), "
-        f"{SEQUENCE} tokens, {THREADS} threads, interleaved rounds, p50 latency; {platform.machine()}, "
+        f"{SEQUENCE} tokens, {THREADS} threads (ORT without spinning), interleaved rounds, p50 latency; "
+        f"{platform.machine()} ({' '.join(cpu_isa())}), load average {os.getloadavg()[0]:.1f} at the end, "
         f"onnxruntime {ort.__version__}, torch {torch.__version__}. Cosine per sequence (real tokens) vs PyTorch FP32 "
         f"on {SAMPLES} distinct sequences of 16-{SEQUENCE} real tokens. Today's choice (no fusion, default budget "
         f"{BUDGET} on the mean cosine): **{today}**.",

@@ -306,7 +306,8 @@ def _profile_bundle(location: str, variant: str | None, batches: list[int] | Non
             v.ndim == len(next(s.shape for s in manifest.inputs if s.name == k)) + 1 for k, v in golden.items()
         )
         fixed = next((s.shape[0] for s in manifest.inputs if s.shape and s.shape[0] > 0), None)
-        wanted = [1] if per_call else [fixed] if fixed else (batches or [1, DEFAULT_MAX_BATCH])
+        largest = int((manifest.serving or {}).get("max_batch") or DEFAULT_MAX_BATCH)  # TensorRT profiles record one
+        wanted = [1] if per_call else [fixed] if fixed else (batches or [1, largest])
         profiles = []
         for batch in wanted:
             feeds = example_feeds(specs, batch, golden)  # type: ignore[arg-type]

@@ -105,3 +105,18 @@ def test_a_failing_optimizer_fails_only_its_candidate(tmp_path, monkeypatch):
     built = [build_candidate(plan, exported.path, tmp_path) for plan in plans]
     assert all(not c.usable and "shape_inference failed" in c.error for c in built)
     assert "torchscript" in built[0].error  # every export tried is named with its reason
+
+
+def test_fused_partial_is_tried_when_fused_dynamic_int8_misses_the_budget(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        ["pack", "tinymodels:tiny_bert", "--val-data", "tinymodels:token_data", "--max-accuracy-drop", "0.000001"]
+        + ["-o", str(tmp_path), "--bench-seconds", "0.05"],
+    )
+    assert result.exit_code == 0, result.stderr  # FP32 is always within budget
+    rows = {r["name"]: r for r in open_bundle(result.stdout.strip().splitlines()[-1]).manifest.benchmark["candidates"]}
+    assert not rows["fused-int8-dynamic"]["within_budget"]
+    partial = rows["fused-int8-dynamic-partial"]
+    # Either it met the budget with nodes in float (validated like the others) or it says why not.
+    assert partial["within_budget"] or "budget not met" in partial.get("error", "")
+    assert partial.get("drop", 0.0) <= 0.000001 or not partial["within_budget"]
