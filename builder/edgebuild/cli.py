@@ -189,7 +189,8 @@ def profile_command(location, variant, top, batches, runs, threads, weights, inp
     and in Quantize/DequantizeLinear."""
     import json
 
-    from edgebuild.profile import format_markdown, profile_location, write_chart
+    from edgebuild.profile import profile_location
+    from edgebuild.profile_format import format_markdown, write_chart
     from edgebuild.sources import parse_shape
 
     report = profile_location(

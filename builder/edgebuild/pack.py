@@ -41,7 +41,7 @@ from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.options import PackOptions, check_choices
 from edgebuild.passes.fusion import fused_partial, fusion_plans
-from edgebuild.profile import append_report_section
+from edgebuild.profile_format import append_report_section
 from edgebuild.recipe import load_labels, load_preprocess
 from edgebuild.report import write_report
 from edgebuild.shipping import record_host_isa, shipped_variants
