@@ -27,10 +27,13 @@ NUMPY_BY_KSERVE = {v: k for k, v in KSERVE_DATATYPES.items()}
 
 
 # ---- pydantic models: the wire format, also what the OpenAPI document shows ----
+# Built on first use (``defer_build``), not at import: the server's start-up does not validate any of them.
+
+LAZY = ConfigDict(defer_build=True)
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
 
 class RequestInput(_Message):
@@ -69,12 +72,16 @@ class InferResponse(_Message):
 
 
 class MetadataTensor(BaseModel):
+    model_config = LAZY
+
     name: str
     datatype: str
     shape: list[int]
 
 
 class ModelMetadata(BaseModel):
+    model_config = LAZY
+
     name: str
     versions: list[str]
     platform: str
@@ -84,16 +91,22 @@ class ModelMetadata(BaseModel):
 
 
 class ServerMetadata(BaseModel):
+    model_config = LAZY
+
     name: str
     version: str
     extensions: list[str]
 
 
 class ErrorResponse(BaseModel):
+    model_config = LAZY
+
     error: str
 
 
 class PredictResponse(BaseModel):
+    model_config = LAZY
+
     model_name: str
     predictions: list[dict[str, Any]] = Field(description="top-k: label, index, score")
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -318,11 +320,21 @@ def _http_protocol(head_timeout_s: float) -> Any:
     return BoundedHeadProtocol
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling)."""
+def serve(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling).
+
+    ``on_ready`` is called once the socket takes connections (the start-up timeline's end)."""
     import signal
 
     import uvicorn
+
+    from edgerun.startup import TIMELINE
 
     config = getattr(app.state, "config", None)
 
@@ -335,7 +347,17 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         signal.signal(signal.SIGTERM, _drained)
     except ValueError:  # not the main thread (embedded use): keep the default
         pass
-    uvicorn.run(
+    bind_started = time.perf_counter()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                TIMELINE.add("bind", time.perf_counter() - bind_started)
+                if on_ready is not None:
+                    on_ready()
+
+    server_config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -345,6 +367,17 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         timeout_graceful_shutdown=30,
         access_log=False,
     )
+    server = Server(server_config)
+    try:
+        server.run()  # what uvicorn.run does for one worker without reload
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
+
+
+# uvicorn's exit code when the server could not start (the port is taken, the lifespan failed).
+STARTUP_FAILURE = 3
 
 
 __all__ = ["ServerConfig", "create_app", "serve"]

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 import edgerun
 from edgerun.loader import ServedModel
-from edgerun.protocol import MetadataTensor, ModelMetadata, ServerMetadata
+from edgerun.protocol import LAZY, MetadataTensor, ModelMetadata, ServerMetadata
 from edgerun.routes.deps import ServerState, error_responses, server_state
 
 router = APIRouter()
@@ -29,10 +29,14 @@ def model_metadata_of(served: ServedModel, extra: dict[str, Any] | None = None) 
 
 
 class Live(BaseModel):
+    model_config = LAZY
+
     live: bool
 
 
 class Ready(BaseModel):
+    model_config = LAZY
+
     ready: bool
 
 
@@ -75,6 +79,8 @@ async def model_metadata(name: str, version: str | None = None, state: ServerSta
 
 
 class ModelReady(BaseModel):
+    model_config = LAZY
+
     name: str
     ready: bool
 

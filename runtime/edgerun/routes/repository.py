@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgerun.control import ModelControl
 from edgerun.errors import EdgerunError, RequestError
+from edgerun.protocol import LAZY
 from edgerun.routes.deps import ServerState, accepts, error_responses, model_control, served_source, server_state
 
 log = logging.getLogger("edgerun")
@@ -22,7 +23,7 @@ router = APIRouter(tags=["repository"])
 
 
 class LoadParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     bundle: str | None = Field(
         None,
         description="a bundle name (or path) in the repository directory (--watch), or a kept version's path "
@@ -31,17 +32,21 @@ class LoadParameters(BaseModel):
 
 
 class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
     parameters: LoadParameters | None = None
 
 
 class LoadResponse(BaseModel):
+    model_config = LAZY
+
     name: str
     version: str
     parameters: dict[str, Any]
 
 
 class IndexEntry(BaseModel):
+    model_config = LAZY
+
     name: str
     version: str
     state: str
