@@ -11,6 +11,9 @@ all alike), each measured from launch to the first ``200`` on ``GET /v2/health/r
   ``model.onnx``, runs it once and answers the ready route (no checks of any kind);
 - with ``--baseline-runtime DIR`` also edgerun from another checkout's ``runtime/`` folder (before/after).
 
+Each start also reports the CPU seconds (user + system, all threads) the server used by the time it was
+ready: on a shared machine the wall-clock times move with other load, the CPU time much less.
+
 Also: the import time of the server's module graph (``python -X importtime -c "import edgerun.server,
 edgerun.loader"``, top-level modules summed; median of the rounds) and edgerun's start-up timeline (the
 ``--log-level debug`` line, last round). Every process runs with compiled bytecode, as an installed package
@@ -84,8 +87,14 @@ def _ready(port: int) -> bool:
         return False
 
 
-def cold_start(command: list[str], port: int, env: dict[str, str]) -> tuple[float, str]:
-    """Seconds from launch to ready, and the server's stderr."""
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cold_start(command: list[str], port: int, env: dict[str, str]) -> tuple[float, float, str]:
+    """Seconds from launch to ready, CPU seconds used by then, and the server's stderr."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
@@ -94,10 +103,11 @@ def cold_start(command: list[str], port: int, env: dict[str, str]) -> tuple[floa
                 raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
             time.sleep(0.002)
         seconds = time.perf_counter() - started
+        cpu = cpu_s(proc.pid)
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=30)
-    return seconds, stderr.decode(errors="replace")
+    return seconds, cpu, stderr.decode(errors="replace")
 
 
 def import_ms(env: dict[str, str]) -> float:
@@ -136,27 +146,31 @@ def main() -> int:
     def env(runtime: Path) -> dict[str, str]:
         return _env(runtime, work / f"pycache-{abs(hash(str(runtime)))}")
 
-    def edgerun(runtime: Path, port: int, cache: Path) -> tuple[float, str]:
+    def edgerun(runtime: Path, port: int, cache: Path) -> tuple[float, float, str]:
         command = [sys.executable, "-m", "edgerun.cli", "serve", str(bundle), "--no-bench", "--port", str(port)]
         command += ["--cache-dir", str(cache), "--log-level", "debug"]
         return cold_start(command, port, env(runtime))
 
-    def plain_start() -> float:
+    def plain_start() -> tuple[float, float, str]:
         port = _free_port()
-        return cold_start([sys.executable, "-c", PLAIN_APP, str(model), str(port)], port, env(REPO / "runtime"))[0]
+        return cold_start([sys.executable, "-c", PLAIN_APP, str(model), str(port)], port, env(REPO / "runtime"))
 
     plain_start()  # untimed: fills the bytecode caches
     for label, runtime in runtimes.items():
         edgerun(runtime, _free_port(), work / f"cache-{label}-warm")
 
     times: dict[str, list[float]] = {"plain FastAPI + ONNX Runtime": [], **{label: [] for label in runtimes}}
+    cpus: dict[str, list[float]] = {label: [] for label in times}
     imports: dict[str, list[float]] = {label: [] for label in runtimes}
     timeline = ""
     for i in range(args.rounds):
-        times["plain FastAPI + ONNX Runtime"].append(plain_start())
+        seconds, cpu, _ = plain_start()
+        times["plain FastAPI + ONNX Runtime"].append(seconds)
+        cpus["plain FastAPI + ONNX Runtime"].append(cpu)
         for label, runtime in runtimes.items():
-            seconds, stderr = edgerun(runtime, _free_port(), work / f"cache-{label}-{i}")
+            seconds, cpu, stderr = edgerun(runtime, _free_port(), work / f"cache-{label}-{i}")
             times[label].append(seconds)
+            cpus[label].append(cpu)
             imports[label].append(import_ms(env(runtime)))
             if label == "edgerun":
                 timeline = next((line for line in stderr.splitlines() if "start-up:" in line), timeline)
@@ -169,6 +183,7 @@ def main() -> int:
         "cold_start_s": {label: round(value, 3) for label, value in medians.items()},
         "cold_start_runs_s": {label: [round(v, 3) for v in values] for label, values in times.items()},
         "vs_plain": {label: round(value / plain, 3) for label, value in medians.items()},
+        "cpu_to_ready_s": {label: round(statistics.median(values), 3) for label, values in cpus.items()},
         "import_ms": {label: round(statistics.median(values), 1) for label, values in imports.items()},
         "timeline": timeline.split("DEBUG ", 1)[-1],
     }
@@ -178,7 +193,8 @@ def main() -> int:
     print(f"bundle {bundle}, median of {args.rounds} interleaved cold starts (launch -> /v2/health/ready 200)")
     for label, value in medians.items():
         runs = ", ".join(f"{v:.3f}" for v in times[label])
-        print(f"  {label:<30} {value:.3f} s  {value / plain:.2f}x the plain app  ({runs})")
+        cpu = numbers["cpu_to_ready_s"][label]
+        print(f"  {label:<30} {value:.3f} s  {value / plain:.2f}x the plain app  CPU {cpu:.2f} s  ({runs})")
     for label, value in numbers["import_ms"].items():
         print(f"  import edgerun.server, edgerun.loader ({label}): {value:.0f} ms")
     print(f"  timeline (edgerun, last round): {numbers['timeline'] or 'not logged'}")
