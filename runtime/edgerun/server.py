@@ -169,7 +169,7 @@ def _lifespan(state: ServerState):
             on_batch=metrics.batch_size.observe,
         )
         batcher.start()
-        state.batcher = batcher
+        state.dataplane.batcher = batcher
         state.image_slots = asyncio.Semaphore(config.image_decodes)  # bound to this event loop
         metrics.track_queue(lambda: batcher.depth)
         watcher = None

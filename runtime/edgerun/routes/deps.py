@@ -17,11 +17,10 @@ from starlette.requests import ClientDisconnect
 from edgerun.batching import Batcher
 from edgerun.config import ServerConfig
 from edgerun.control import ModelControl
+from edgerun.dataplane import DataPlane
 from edgerun.errors import (
     EdgerunError,
     ForbiddenError,
-    ModelNotFoundError,
-    OverloadedError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
@@ -39,26 +38,32 @@ CLIENT_CLOSED = 499
 
 @dataclass
 class ServerState:
+    """What the HTTP doors share: the data plane (repository, batcher) plus HTTP-only pieces."""
+
     repo: ModelRepository
     config: ServerConfig
     metrics: Metrics
     control: ModelControl
-    batcher: Batcher | None = None
     # Image decoding is the one step whose memory grows with the request: a few at a time.
     image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    dataplane: DataPlane = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dataplane = DataPlane(self.repo, self.config)
+
+    @property
+    def batcher(self) -> Batcher | None:
+        return self.dataplane.batcher
+
+    @batcher.setter
+    def batcher(self, batcher: Batcher | None) -> None:
+        self.dataplane.batcher = batcher
 
     def lookup(self, name: str | None, version: str | None = None) -> ServedModel:
-        served = self.repo.get(name)
-        if version and version != served.version:
-            raise ModelNotFoundError(
-                f"model '{name}' version '{version}' is not served; current version is '{served.version}'"
-            )
-        return served
+        return self.dataplane.model(name, version)
 
     def get_batcher(self) -> Batcher:
-        if self.batcher is None:  # lifespan not run (e.g. app mounted elsewhere)
-            raise OverloadedError("server is starting; retry shortly")
-        return self.batcher
+        return self.dataplane.get_batcher()
 
 
 # Dependencies are ``async def`` even when they never await: FastAPI runs a plain ``def`` dependency on

@@ -160,7 +160,7 @@ async def predict(
         # The header was checked against the budget already; the decoder enforces it on what it decodes.
         array = await run_in_threadpool(partial(preprocess_image, data, spec, max_pixels=pixel_budget(spec)))
     input_name = spec.get("input", served.session.inputs[0].name)
-    results = await state.get_batcher().submit(served.session, {input_name: array})
+    results = await state.dataplane.run(served, {input_name: array})
     post = served.manifest.postprocess or {"type": "classification", "top_k": 5}
     output_name = post.get("output", served.session.output_names[0])
     return PredictResponse(model_name=served.name, predictions=classify(results[output_name], post, served.labels))
