@@ -22,6 +22,7 @@ from edgerun.layout import LayoutRequest, plan_layout
 from edgerun.manifest import ModelFile
 from edgerun.memory import release_free_memory
 from edgerun.provider_options import check_manifest
+from edgerun.serve_options import DEFAULTS
 from edgerun.session import ModelSession, create_model_session, provider_candidates
 from edgerun.startup import phase
 from edgerun.status import ModelStatus, TensorrtState
@@ -31,7 +32,7 @@ from edgerun.trt_build import TensorrtBuild
 
 log = logging.getLogger("edgerun")
 
-DEFAULT_CACHE_DIR = Path("~/.cache/edgerun")
+DEFAULT_CACHE_DIR = Path(DEFAULTS.cache_dir)
 
 
 @dataclass
@@ -49,9 +50,9 @@ class LoadOptions:
     # Execution layout (see edgerun.layout): None = chosen by the self-benchmark.
     instances: int | None = None
     runs: int | None = None
-    optimize: str = "balanced"
+    optimize: str = DEFAULTS.optimize
     fixed_batch: int | None = None  # --max-batch given explicitly: every layout stacks this many rows
-    batch_delay_ms: float = 2.0  # the server's batching window, added to a batched layout's latency
+    batch_delay_ms: float = DEFAULTS.max_delay_ms  # the server's batching window, added to a batched layout's latency
 
 
 @dataclass

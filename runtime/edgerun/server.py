@@ -160,14 +160,7 @@ def _lifespan(state: ServerState):
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(
-            max_batch=config.max_batch,
-            max_delay_ms=config.max_delay_ms,
-            max_queue=config.max_queue,
-            max_queue_bytes=config.max_queue_bytes,
-            timeout_s=config.timeout_s,
-            on_batch=metrics.batch_size.observe,
-        )
+        batcher = Batcher(**config.batcher_settings(), on_batch=metrics.batch_size.observe)
         batcher.start()
         state.dataplane.batcher = batcher
         state.image_slots = asyncio.Semaphore(config.image_decodes)  # bound to this event loop
@@ -175,15 +168,30 @@ def _lifespan(state: ServerState):
         watcher = None
         if config.watch_dir is not None:
             watcher = asyncio.create_task(watch_directory(repo, config.watch_dir, config.watch_interval_s))
+        grpc_server = await _start_grpc(state) if config.grpc_port is not None else None
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(5.0)  # in-flight calls finish, new ones are refused
             if watcher is not None:
                 watcher.cancel()
             await batcher.close(config.drain_timeout_s)
             repo.close()  # extracted copies go with the server
 
     return lifespan
+
+
+async def _start_grpc(state: ServerState) -> Any:
+    try:
+        from edgerun.grpc_server import start_grpc
+    except ImportError as exc:
+        raise EdgerunError(
+            f"--grpc-port needs grpcio and tritonclient[grpc] ({exc.name} is missing): pip install 'edgebuild[grpc]'"
+        ) from None
+    config = state.config
+    assert config.grpc_port is not None
+    return await start_grpc(state.dataplane, config, config.grpc_host, config.grpc_port)
 
 
 def create_app(repo: ModelRepository, config: ServerConfig | None = None, metrics: Metrics | None = None) -> FastAPI:

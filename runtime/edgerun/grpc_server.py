@@ -1,0 +1,229 @@
+"""KServe v2 / Open Inference Protocol over gRPC: a door onto the :class:`edgerun.dataplane.DataPlane`.
+
+Off unless ``edgerun serve --grpc-port PORT``. It runs on the HTTP server's event loop (``grpc.aio``),
+beside the REST door, so both share the batcher, the queue limits and the request timeout. The stubs
+are the ones ``tritonclient[grpc]`` ships, generated from Triton's ``grpc_service.proto``
+(triton-inference-server/common, package ``inference``: the KServe v2 ``GRPCInferenceService`` plus
+Triton's ``ModelConfig``), so ``tritonclient.grpc`` and clients built on it (Ultralytics' Triton client)
+work unmodified.
+
+Same rules as REST: bound to ``--host``; the inference token (``authorization: Bearer TOKEN``
+metadata) on everything but ServerLive/ServerReady; messages bounded by ``--max-body-mb`` both ways
+(grpc's own default receive limit, 4 MiB, would refuse a 1x3x640x640 FP32 frame). Model control
+(RepositoryModelLoad/Unload) and streaming are not served over gRPC: UNIMPLEMENTED, as the base
+servicer answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from edgerun.config import ServerConfig
+from edgerun.dataplane import DataPlane
+from edgerun.errors import EdgerunError, RequestError, UnauthorizedError
+from edgerun.guard import bearer_matches
+from edgerun.manifest import KSERVE_DATATYPES
+
+log = logging.getLogger("edgerun")
+
+NUMPY_BY_KSERVE = {v: k for k, v in KSERVE_DATATYPES.items()}
+# Typed ``contents`` field of each datatype (when a client sends values instead of raw bytes).
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def decode_inputs(request: Any) -> dict[str, np.ndarray]:
+    """Tensors of a ``ModelInferRequest``: ``raw_input_contents`` (in input order) or typed ``contents``."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in feeds:
+            raise RequestError(f"input '{tensor.name}' is given twice")
+        name = NUMPY_BY_KSERVE.get(tensor.datatype)
+        if name is None:
+            raise RequestError(f"input '{tensor.name}': datatype {tensor.datatype!r} is not supported")
+        dtype = np.dtype(name)
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise RequestError(f"input '{tensor.name}': shape {shape} has a negative dimension")
+        count = math.prod(shape)
+        if raw:
+            if len(raw[i]) != count * dtype.itemsize:
+                raise RequestError(
+                    f"input '{tensor.name}': {len(raw[i])} raw bytes but shape {shape} of {tensor.datatype} "
+                    f"needs {count * dtype.itemsize}"
+                )
+            feeds[tensor.name] = np.frombuffer(raw[i], dtype=dtype).reshape(shape)
+            continue
+        values = getattr(tensor.contents, _CONTENTS[tensor.datatype]) if tensor.datatype in _CONTENTS else []
+        if len(values) != count:
+            raise RequestError(f"input '{tensor.name}' has {len(values)} values but shape {shape} needs {count}")
+        array = np.asarray(values)
+        if dtype.kind in "iu" and array.size:
+            info = np.iinfo(dtype)
+            if array.min() < info.min or array.max() > info.max:
+                raise RequestError(f"input '{tensor.name}' has values outside the {name} range")
+        feeds[tensor.name] = array.astype(dtype).reshape(shape)
+    return feeds
+
+
+def _timeout_s(request: Any) -> float | None:
+    if "timeout" not in request.parameters:
+        return None
+    parameter = request.parameters["timeout"]
+    kind = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, kind) if kind else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise RequestError(f"parameters.timeout must be a positive number of microseconds, got {value!r}")
+    return value / 1e6
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over a data plane."""
+
+    def __init__(self, dataplane: DataPlane, config: ServerConfig):
+        self.dataplane = dataplane
+        self.config = config
+
+    async def _answer(self, context: Any, call, *, authorized: bool = True):
+        try:
+            if authorized:
+                self._check_token(context)
+            return call()
+        except EdgerunError as exc:
+            await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
+
+    def _check_token(self, context: Any) -> None:
+        token = self.config.token
+        if token is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if not bearer_matches(metadata.get("authorization"), token):
+            raise UnauthorizedError("this server needs 'authorization: Bearer <token>' metadata (--token)")
+
+    async def ServerLive(self, request, context):
+        return await self._answer(
+            context, lambda: service_pb2.ServerLiveResponse(live=self.dataplane.live()), authorized=False
+        )
+
+    async def ServerReady(self, request, context):
+        return await self._answer(
+            context, lambda: service_pb2.ServerReadyResponse(ready=self.dataplane.ready()), authorized=False
+        )
+
+    async def ModelReady(self, request, context):
+        return await self._answer(
+            context,
+            lambda: service_pb2.ModelReadyResponse(
+                ready=self.dataplane.model_ready(request.name, request.version or None)
+            ),
+        )
+
+    async def ServerMetadata(self, request, context):
+        def answer():
+            meta = self.dataplane.server_metadata()
+            return service_pb2.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
+
+        return await self._answer(context, answer)
+
+    async def ModelMetadata(self, request, context):
+        def answer():
+            meta = self.dataplane.model_metadata(request.name, request.version or None)
+            tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+            return service_pb2.ModelMetadataResponse(
+                name=meta.name,
+                versions=meta.versions,
+                platform=meta.platform,
+                inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+                outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+            )
+
+        return await self._answer(context, answer)
+
+    async def ModelConfig(self, request, context):
+        def answer():
+            config = self.dataplane.model_config(request.name, request.version or None)
+            return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+        return await self._answer(context, answer)
+
+    async def ModelInfer(self, request, context):
+        try:
+            self._check_token(context)
+            feeds = decode_inputs(request)
+            served, results = await self.dataplane.infer(
+                request.model_name,
+                feeds,
+                version=request.model_version or None,
+                outputs=[output.name for output in request.outputs] or None,
+                timeout_s=_timeout_s(request),
+            )
+        except EdgerunError as exc:
+            await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
+        response = service_pb2.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
+        for name, value in results.items():
+            array = np.ascontiguousarray(value)
+            response.outputs.add(name=name, datatype=KSERVE_DATATYPES[array.dtype.name], shape=list(array.shape))
+            response.raw_output_contents.append(array.tobytes())
+        return response
+
+
+def message_limit(config: ServerConfig) -> int:
+    """Largest message either way: the REST body limit (``--max-body-mb``, 64 MiB by default)."""
+    return config.max_body_bytes
+
+
+async def start_grpc(dataplane: DataPlane, config: ServerConfig, host: str, port: int) -> Any:
+    """Bind and start the gRPC server on the running event loop; the caller stops it (``await server.stop``)."""
+    limit = message_limit(config)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # a second server on the same port is an error, not a shared port
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, config), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise EdgerunError(f"gRPC cannot bind {address} (--grpc-port); is the port taken?")
+    await server.start()
+    log.info("gRPC (KServe v2) on %s, messages up to %d bytes", address, limit)
+    return server
