@@ -10,12 +10,14 @@ work unmodified.
 Same rules as REST: bound to ``--host``; the inference token (``authorization: Bearer TOKEN``
 metadata) on everything but ServerLive/ServerReady; messages bounded by ``--max-body-mb`` both ways
 (grpc's own default receive limit, 4 MiB, would refuse a 1x3x640x640 FP32 frame). Model control
-(RepositoryModelLoad/Unload) and streaming are not served over gRPC: UNIMPLEMENTED, as the base
-servicer answers.
+(RepositoryModelLoad/Unload) follows REST's rules: off unless --model-control, then the admin token,
+or without one a loopback peer. Streaming and shared memory are not served: UNIMPLEMENTED, as the
+base servicer answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import Any
@@ -26,10 +28,13 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from edgerun.config import ServerConfig
+from edgerun.control import ModelControl
 from edgerun.dataplane import DataPlane
 from edgerun.errors import EdgerunError, RequestError, UnauthorizedError
 from edgerun.guard import bearer_matches
 from edgerun.manifest import KSERVE_DATATYPES
+from edgerun.routes.deps import ServerState, check_model_control
+from edgerun.routes.repository import load_by_name
 
 log = logging.getLogger("edgerun")
 
@@ -111,12 +116,21 @@ def _timeout_s(request: Any) -> float | None:
     return value / 1e6
 
 
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` over a data plane."""
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:/path``)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "unix":
+        return "localhost"
+    return rest.rsplit(":", 1)[0].strip("[]")
 
-    def __init__(self, dataplane: DataPlane, config: ServerConfig):
-        self.dataplane = dataplane
-        self.config = config
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over the data plane (and model control, with its own rules)."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.dataplane: DataPlane = state.dataplane
+        self.config: ServerConfig = state.config
 
     async def _answer(self, context: Any, call, *, authorized: bool = True):
         try:
@@ -180,6 +194,40 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await self._answer(context, answer)
 
+    def _control(self, context: Any) -> ModelControl:
+        """Model control's rules, as over REST: on with --model-control; the admin token, or without one a
+        loopback peer (the inference token does not unlock it)."""
+        metadata = dict(context.invocation_metadata() or ())
+        return check_model_control(self.state, metadata.get("authorization"), peer_host(context.peer()))
+
+    async def RepositoryIndex(self, request, context):
+        def answer():
+            self._check_token(context)
+            entry = service_pb2.RepositoryIndexResponse.ModelIndex
+            models = self.state.repo.models.values()
+            return service_pb2.RepositoryIndexResponse(
+                models=[entry(name=s.name, version=s.version, state="READY") for s in models]
+            )
+
+        return await self._answer(context, answer, authorized=False)
+
+    async def RepositoryModelLoad(self, request, context):
+        try:
+            control = self._control(context)
+            requested = request.parameters["bundle"].string_param if "bundle" in request.parameters else None
+            await load_by_name(self.state, control, request.model_name, requested or None)
+        except EdgerunError as exc:
+            await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            self._control(context)
+            await asyncio.to_thread(self.state.repo.unload, request.model_name)
+        except EdgerunError as exc:
+            await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
+        return service_pb2.RepositoryModelUnloadResponse()
+
     async def ModelInfer(self, request, context):
         try:
             self._check_token(context)
@@ -206,9 +254,9 @@ def message_limit(config: ServerConfig) -> int:
     return config.max_body_bytes
 
 
-async def start_grpc(dataplane: DataPlane, config: ServerConfig, host: str, port: int) -> Any:
+async def start_grpc(state: ServerState, host: str, port: int) -> Any:
     """Bind and start the gRPC server on the running event loop; the caller stops it (``await server.stop``)."""
-    limit = message_limit(config)
+    limit = message_limit(state.config)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -216,7 +264,7 @@ async def start_grpc(dataplane: DataPlane, config: ServerConfig, host: str, port
             ("grpc.so_reuseport", 0),  # a second server on the same port is an error, not a shared port
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, config), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

@@ -191,7 +191,7 @@ async def _start_grpc(state: ServerState) -> Any:
         ) from None
     config = state.config
     assert config.grpc_port is not None
-    return await start_grpc(state.dataplane, config, config.grpc_host, config.grpc_port)
+    return await start_grpc(state, config.grpc_host, config.grpc_port)
 
 
 def create_app(repo: ModelRepository, config: ServerConfig | None = None, metrics: Metrics | None = None) -> FastAPI:

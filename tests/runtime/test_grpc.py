@@ -179,3 +179,41 @@ def test_grpc_is_off_unless_asked(bundles):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_model_control_follows_the_rest_rules(bundles, tmp_path):
+    import shutil
+
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    shutil.copytree(bundles["classifier"], watch / "clf")
+    grpc_port = free_port()
+    admin = "admin-secret"
+    proc, _ = start_server(
+        ["--watch", str(watch), "--model-control", "--admin-token", admin, "--grpc-port", str(grpc_port)],
+        tmp_path / "cache",
+    )
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+    try:
+        assert [m["name"] for m in client.get_model_repository_index(as_json=True)["models"]] == ["clf"]
+        with pytest.raises(InferenceServerException) as refused:
+            client.unload_model("clf")  # no admin token
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        client.unload_model("clf", headers={"authorization": f"Bearer {admin}"})
+        assert not client.get_model_repository_index(as_json=True).get("models")
+        client.load_model("clf", headers={"authorization": f"Bearer {admin}"})
+        assert client.is_model_ready("clf")
+        with pytest.raises(InferenceServerException) as missing:
+            client.load_model("nope", headers={"authorization": f"Bearer {admin}"})
+        assert missing.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.PERMISSION_DENIED")
+    finally:
+        client.close()
+        stop_server(proc)
+
+
+def test_model_control_is_off_unless_asked(servers, grpc):
+    with pytest.raises(InferenceServerException) as refused:
+        grpc.unload_model("clf", headers=auth())
+    assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+    assert "model control is off" in refused.value.message()
+    assert grpc.is_model_ready("clf", headers=auth())

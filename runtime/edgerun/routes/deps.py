@@ -138,6 +138,12 @@ def accepts(*types: str, missing_ok: bool) -> Callable[[Request], Awaitable[None
 async def model_control(request: Request, state: ServerState = Depends(server_state)) -> ModelControl:
     """Model control is on only with --model-control, and then needs the admin token (or, without one, a
     loopback bind and a loopback Host)."""
+    return check_model_control(state, request.headers.get("authorization"), host_name(request.headers.get("host")))
+
+
+def check_model_control(state: ServerState, authorization: str | None, addressed_to: str) -> ModelControl:
+    """The model-control rules, for every door: ``authorization`` is the credential sent, ``addressed_to``
+    the host the request was addressed to (HTTP's Host; over gRPC, the peer address)."""
     config = state.config
     if not config.model_control:
         raise ForbiddenError(
@@ -145,12 +151,12 @@ async def model_control(request: Request, state: ServerState = Depends(server_st
             "unload models over HTTP, or drop bundles into the --watch directory"
         )
     if config.admin_token is not None:
-        if not bearer_matches(request.headers.get("authorization"), config.admin_token):
+        if not bearer_matches(authorization, config.admin_token):
             raise UnauthorizedError(
                 "model control needs the admin token: send 'Authorization: Bearer <admin token>' "
                 "(--admin-token / EDGERUN_ADMIN_TOKEN); the inference token does not unlock it"
             )
-    elif not is_loopback(host_name(request.headers.get("host"))):
+    elif not is_loopback(addressed_to):
         raise ForbiddenError(
             "model control without an admin token answers only requests addressed to a loopback Host; "
             "set --admin-token to use it from elsewhere"
