@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgerun.errors import BundleError
+from edgerun.tasks.base import ImageResult, ImageTask
+
 if TYPE_CHECKING:
     from edgerun.preprocess import ImageTransform
 
@@ -300,3 +303,54 @@ def _select(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, conf: 
 def to_image(det: Detections, transform: ImageTransform) -> Detections:
     """Boxes from model-input pixels to the original image's pixels, clipped to the image."""
     return Detections(transform.to_image(det.boxes), det.scores, det.class_ids)
+
+
+# ---- the /v1/predict answer ----
+
+
+class DetectedObject(BaseModel):
+    label: str = Field(description="the class name from the bundle's labels, else the class index")
+    class_id: int
+    score: float
+    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in the original image's pixels")
+
+
+class DetectionResponse(BaseModel):
+    model: str
+    image_size: tuple[int, int] = Field(description="[width, height] of the image as sent")
+    detections: list[DetectedObject] = Field(description="best score first; empty when nothing is detected")
+
+
+def answer(result: ImageResult) -> DetectionResponse:
+    """Decode + NMS on the model's outputs, boxes mapped back to the image as sent."""
+    spec = result.manifest.detection_spec()
+    assert spec is not None  # the registry sends only detection bundles here
+    names = [s.name for s in result.manifest.outputs]
+    width, height = result.transform.input
+    options = result.options
+    try:
+        (found,) = detect(
+            [result.outputs[n] for n in names],
+            names,
+            spec,
+            (height, width),
+            conf=options.conf,
+            iou=options.iou,
+            max_det=options.max_det,
+        )
+    except ValueError as exc:  # the outputs do not fit the manifest's format: the bundle is wrong, not the request
+        raise BundleError(f"model '{result.model}': {exc}") from None
+    found = to_image(found, result.transform)
+    detections = [
+        DetectedObject(
+            label=result.label(int(c)),
+            class_id=int(c),
+            score=float(s),
+            box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+        )
+        for b, s, c in zip(found.boxes, found.scores, found.class_ids, strict=True)
+    ]
+    return DetectionResponse(model=result.model, image_size=result.transform.original, detections=detections)
+
+
+TASK = ImageTask("detection", DetectionResponse, answer, options=("conf", "iou", "max_det"), offload=True)
