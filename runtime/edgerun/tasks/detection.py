@@ -156,14 +156,21 @@ def nms(
         span = float(boxes.max() - boxes.min()) + 1.0  # wider than any box: shifted classes never overlap
         boxes = boxes + (np.asarray(class_ids, dtype=np.float64).reshape(-1, 1) * span)
     order = np.argsort(-scores, kind="stable")
+    # Coordinates in score order, one contiguous array each: the loop below indexes them per kept box.
+    x1, y1, x2, y2 = (np.ascontiguousarray(boxes[order, k]) for k in range(4))
+    areas = (x2 - x1) * (y2 - y1)
     keep: list[int] = []
     cap = len(order) if limit is None else limit
-    while order.size and len(keep) < cap:
-        best = int(order[0])
+    rest = np.arange(len(order))
+    while rest.size and len(keep) < cap:
+        best, rest = int(rest[0]), rest[1:]
         keep.append(best)
-        rest = order[1:]
-        order = rest[box_iou(boxes[best], boxes[rest]) <= iou]
-    return np.asarray(keep, dtype=np.int64)
+        width = np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest])
+        height = np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest])
+        inter = np.maximum(width, 0.0) * np.maximum(height, 0.0)
+        # IoU > iou, written without the division: a zero-area pair (union 0) never suppresses
+        rest = rest[inter <= iou * (areas[best] + areas[rest] - inter)]
+    return order[np.asarray(keep, dtype=np.int64)]
 
 
 def _named(outputs: Sequence[np.ndarray], names: Sequence[str], name: str | None, what: str) -> np.ndarray:
@@ -180,14 +187,25 @@ def _rank3(array: np.ndarray, fmt: str, expected: str) -> np.ndarray:
     return array
 
 
-def _class_scores(scores: np.ndarray, spec: DetectionSpec, fmt: str) -> np.ndarray:
+def _class_scores(scores: np.ndarray, spec: DetectionSpec, fmt: str, axis: int = -1) -> np.ndarray:
     if spec.num_classes is None:
         return scores
-    if scores.shape[-1] < spec.num_classes:
+    if scores.shape[axis] < spec.num_classes:
         raise ValueError(
-            f"postprocess.num_classes is {spec.num_classes} but the '{fmt}' output has {scores.shape[-1]} class channels"
+            f"postprocess.num_classes is {spec.num_classes} but the '{fmt}' output has {scores.shape[axis]} class channels"
         )
-    return scores[..., : spec.num_classes]
+    return scores[:, : spec.num_classes] if axis == 1 else scores[..., : spec.num_classes]
+
+
+@dataclass
+class _Head:
+    """A decoded head, before any box is selected: the conversions run on the candidates only."""
+
+    boxes: np.ndarray  # [B, N, 4], possibly a strided view
+    xywh: bool
+    scores: np.ndarray  # class scores, [B, nc, N] when channels_first else [B, N, nc]
+    channels_first: bool
+    objectness: np.ndarray | None  # [B, N]
 
 
 def yolox_grid(input_hw: tuple[int, int], strides: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +222,7 @@ def yolox_grid(input_hw: tuple[int, int], strides: Sequence[int]) -> tuple[np.nd
 
 def _decode(
     outputs: Sequence[np.ndarray], names: Sequence[str], spec: DetectionSpec, input_hw: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """xyxy boxes [B, N, 4] in input pixels (before any normalisation is undone) and class scores [B, N, nc]."""
+) -> _Head:
     fmt = spec.format
     if fmt == "split":
         raw_boxes = _rank3(_named(outputs, names, spec.boxes_output, "boxes_output"), fmt, "[B, N, 4]")
@@ -215,16 +232,16 @@ def _decode(
                 f"detection format 'split' expects boxes [B, N, 4] and scores [B, N, nc] with the same B and N, "
                 f"got {list(raw_boxes.shape)} and {list(scores.shape)}"
             )
-        boxes = raw_boxes.astype(np.float32)
-        return (xywh_to_xyxy(boxes) if spec.box == "xywh" else boxes), _class_scores(scores, spec, fmt)
-    head = _rank3(_named(outputs, names, spec.boxes_output, "boxes_output"), fmt, _SHAPES[fmt]).astype(np.float32)
+        return _Head(raw_boxes, spec.box == "xywh", _class_scores(scores, spec, fmt), False, None)
+    head = _rank3(_named(outputs, names, spec.boxes_output, "boxes_output"), fmt, _SHAPES[fmt])
     if fmt == "yolov8":
         if head.shape[1] < 5:
             raise ValueError(f"detection format 'yolov8' expects [B, 4+nc, N], got {list(head.shape)}")
-        head = head.transpose(0, 2, 1)
-        return xywh_to_xyxy(head[..., :4]), _class_scores(head[..., 4:], spec, fmt)
+        # kept channels-first: the per-anchor best class is a reduction over rows, not a strided gather
+        return _Head(head[:, :4].transpose(0, 2, 1), True, _class_scores(head[:, 4:], spec, fmt, 1), True, None)
     if head.shape[2] < 6:
         raise ValueError(f"detection format '{fmt}' expects [B, N, 5+nc], got {list(head.shape)}")
+    boxes = head[..., :4]
     if fmt == "yolox":
         grid, stride = yolox_grid(input_hw, spec.strides)
         if grid.shape[0] != head.shape[1]:
@@ -232,11 +249,10 @@ def _decode(
                 f"yolox grid for input {list(input_hw)} and strides {spec.strides} has {grid.shape[0]} cells but the "
                 f"output has {head.shape[1]} rows; set postprocess.strides to the head's strides"
             )
-        xy = (head[..., 0:2] + grid) * stride
-        wh = np.exp(np.minimum(head[..., 2:4], 80.0)) * stride  # clamp: exp overflows float32 past ~88
-        head = np.concatenate([xy, wh, head[..., 4:]], axis=-1)
-    scores = _class_scores(head[..., 5:], spec, fmt) * head[..., 4:5]
-    return xywh_to_xyxy(head[..., :4]), scores
+        xy = (head[..., 0:2].astype(np.float32) + grid) * stride
+        wh = np.exp(np.minimum(head[..., 2:4].astype(np.float32), 80.0)) * stride  # exp overflows float32 past ~88
+        boxes = np.concatenate([xy, wh], axis=-1)
+    return _Head(boxes, True, _class_scores(head[..., 5:], spec, fmt), False, head[..., 4])
 
 
 _SHAPES = {"yolov8": "[B, 4+nc, N]", "yolov5": "[B, N, 5+nc]", "yolox": "[B, N, 5+nc]", "end2end": "[B, K, 6]"}
@@ -277,22 +293,27 @@ def detect(
             _select(boxes_all[b], table[b, :, 4], np.rint(table[b, :, 5]).astype(np.int64), conf, max_det)
             for b in range(table.shape[0])
         ]
-    boxes, scores = _decode(outputs, output_names, spec, input_hw)
-    boxes = _scale(boxes, spec, input_hw)
-    found = []
-    for b in range(boxes.shape[0]):
-        if not scores.shape[1] or not scores.shape[2]:
-            found.append(Detections.empty())
-            continue
-        class_ids = scores[b].argmax(-1)  # one label per box, its best class (as Ultralytics' default)
-        best = np.take_along_axis(scores[b], class_ids[:, None], axis=-1)[:, 0]
-        mask = best >= conf
-        item_boxes, item_scores, item_ids = boxes[b][mask], best[mask], class_ids[mask].astype(np.int64)
-        keep = nms(item_boxes, item_scores, item_ids, iou, spec.class_agnostic, limit=max_det)
-        found.append(
-            Detections(item_boxes[keep].astype(np.float32), item_scores[keep].astype(np.float32), item_ids[keep])
-        )
-    return found
+    head = _decode(outputs, output_names, spec, input_hw)
+    return [_image_detections(head, b, spec, input_hw, conf, iou, max_det) for b in range(head.boxes.shape[0])]
+
+
+def _image_detections(
+    head: _Head, b: int, spec: DetectionSpec, input_hw: tuple[int, int], conf: float, iou: float, max_det: int
+) -> Detections:
+    """One image of a decoded head: its best class per box above ``conf``, then NMS."""
+    scores = head.scores[b]
+    axis = 0 if head.channels_first else 1
+    if not scores.size:
+        return Detections.empty()
+    best = scores.max(axis).astype(np.float32)  # one label per box, its best class (as Ultralytics' default)
+    if head.objectness is not None:
+        best = best * head.objectness[b]  # argmax of obj * cls is argmax of cls: obj is one factor per box
+    picked = np.flatnonzero(best >= conf)
+    class_ids = (scores[:, picked].argmax(0) if head.channels_first else scores[picked].argmax(1)).astype(np.int64)
+    boxes = head.boxes[b, picked].astype(np.float32)
+    boxes = _scale(xywh_to_xyxy(boxes) if head.xywh else boxes, spec, input_hw)
+    keep = nms(boxes, best[picked], class_ids, iou, spec.class_agnostic, limit=max_det)
+    return Detections(boxes[keep], best[picked][keep].astype(np.float32), class_ids[keep])
 
 
 def _select(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, conf: float, max_det: int) -> Detections:
