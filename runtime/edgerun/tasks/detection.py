@@ -133,6 +133,11 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
+# A group (one class, or all boxes when class-agnostic) up to this size is resolved with one IoU matrix;
+# larger ones box by box. 1024 boxes: a 1 M-entry matrix, a few MB for a moment.
+MATRIX_NMS_MAX = 1024
+
+
 def nms(
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -145,32 +150,68 @@ def nms(
     """Greedy non-maximum suppression: indices of the kept boxes, best score first.
 
     A box is dropped when it overlaps an already kept box by IoU > ``iou``; unless
-    ``class_agnostic``, only boxes of the same class compete (each class is shifted to its own
-    region of the plane, so one pass serves all classes). ``limit`` stops after that many kept.
+    ``class_agnostic``, only boxes of the same class compete. ``limit`` keeps that many at most.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if not len(scores):
         return np.zeros(0, dtype=np.int64)
-    if not class_agnostic:
-        span = float(boxes.max() - boxes.min()) + 1.0  # wider than any box: shifted classes never overlap
-        boxes = boxes + (np.asarray(class_ids, dtype=np.float64).reshape(-1, 1) * span)
     order = np.argsort(-scores, kind="stable")
-    # Coordinates in score order, one contiguous array each: the loop below indexes them per kept box.
-    x1, y1, x2, y2 = (np.ascontiguousarray(boxes[order, k]) for k in range(4))
+    cap = len(order) if limit is None else limit
+    # Coordinates in score order, one contiguous array each (float32 halves what the matrices move).
+    coords = tuple(np.ascontiguousarray(boxes[order, k], dtype=np.float32) for k in range(4))
+    if class_agnostic:
+        groups = [np.arange(len(order))]
+    else:  # only boxes of one class compete: each class is its own (smaller) problem
+        classes = np.asarray(class_ids).reshape(-1)[order]
+        by_class = np.argsort(classes, kind="stable")  # score order kept inside each class
+        groups = np.split(by_class, np.flatnonzero(np.diff(classes[by_class])) + 1)
+    kept = [
+        group[
+            _greedy_matrix(coords, group, iou)
+            if len(group) <= MATRIX_NMS_MAX
+            else _greedy_loop(coords, group, iou, cap)
+        ]
+        for group in groups
+    ]
+    return order[np.sort(np.concatenate(kept))[:cap]]
+
+
+def _greedy_matrix(coords: tuple[np.ndarray, ...], group: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS of ``group`` (positions in score order) from one overlap matrix, resolved as Cluster-NMS
+    (Zheng et al., 2020) does: re-apply "suppressed by a kept, better box" until nothing changes; the
+    fixed point is exactly the greedy result. Returns the kept members as a boolean mask."""
+    x1, y1, x2, y2 = (c[group] for c in coords)
+    width = np.maximum(np.minimum(x2[:, None], x2[None]) - np.maximum(x1[:, None], x1[None]), 0.0)
+    height = np.maximum(np.minimum(y2[:, None], y2[None]) - np.maximum(y1[:, None], y1[None]), 0.0)
+    inter = width * height
+    areas = (x2 - x1) * (y2 - y1)
+    # over[j, i]: the better box j overlaps i by IoU > iou (no division: a zero-area pair never suppresses)
+    over = inter > iou * (areas[:, None] + areas[None] - inter)
+    rank = np.arange(len(group))
+    over &= rank[:, None] < rank[None]  # only a better box suppresses
+    keep = np.ones(len(group), dtype=bool)
+    while True:
+        updated = ~over[keep].any(0)
+        if np.array_equal(updated, keep):
+            return keep
+        keep = updated
+
+
+def _greedy_loop(coords: tuple[np.ndarray, ...], group: np.ndarray, iou: float, cap: int) -> np.ndarray:
+    """Greedy NMS one kept box at a time (groups too large for a matrix); stops after ``cap`` kept."""
+    x1, y1, x2, y2 = (c[group] for c in coords)
     areas = (x2 - x1) * (y2 - y1)
     keep: list[int] = []
-    cap = len(order) if limit is None else limit
-    rest = np.arange(len(order))
+    rest = np.arange(len(group))
     while rest.size and len(keep) < cap:
         best, rest = int(rest[0]), rest[1:]
         keep.append(best)
         width = np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest])
         height = np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest])
         inter = np.maximum(width, 0.0) * np.maximum(height, 0.0)
-        # IoU > iou, written without the division: a zero-area pair (union 0) never suppresses
         rest = rest[inter <= iou * (areas[best] + areas[rest] - inter)]
-    return order[np.asarray(keep, dtype=np.int64)]
+    return np.asarray(keep, dtype=np.int64)
 
 
 def _named(outputs: Sequence[np.ndarray], names: Sequence[str], name: str | None, what: str) -> np.ndarray:
