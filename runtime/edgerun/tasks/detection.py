@@ -415,6 +415,8 @@ def match_detections(reference: Sequence[Detections], found: Sequence[Detections
 
 
 class DetectedObject(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     label: str = Field(description="the class name from the bundle's labels, else the class index")
     class_id: int
     score: float
@@ -422,6 +424,8 @@ class DetectedObject(BaseModel):
 
 
 class DetectionResponse(BaseModel):
+    model_config = ConfigDict(defer_build=True)  # built on first answer, not at server start
+
     model: str
     image_size: tuple[int, int] = Field(description="[width, height] of the image as sent")
     detections: list[DetectedObject] = Field(description="best score first; empty when nothing is detected")
