@@ -274,8 +274,9 @@ def parse_manifest(data: dict[str, Any], source: str = MANIFEST_NAME) -> Manifes
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own text
         where = ".".join(str(p) for p in first["loc"])
-        raise BundleError(f"{source}: invalid manifest at '{where}': {first['msg']}") from None
+        raise BundleError(f"{source}: invalid manifest at '{where or 'top level'}': {message}") from None
     if not is_one_path_component(manifest.name):
         raise BundleError(
             f"{source}: model name {manifest.name!r} must be a single path component (no '/', "

@@ -243,3 +243,14 @@ def test_nms_equals_textbook_greedy_nms_on_crowded_scenes(monkeypatch, matrix_ma
 def test_zero_area_boxes_are_kept_not_divided_by_zero():
     boxes = np.array([[5, 5, 5, 5], [5, 5, 5, 5], [0, 0, 10, 10]], np.float32)
     np.testing.assert_array_equal(nms(boxes, np.array([0.9, 0.8, 0.7]), np.zeros(3), iou=0.5), [0, 1, 2])
+
+
+def test_a_bundle_with_a_bad_detection_key_is_refused_in_one_line():
+    from edgerun.errors import BundleError
+    from edgerun.manifest import parse_manifest
+
+    data = detector_manifest().model_dump(mode="json")
+    with pytest.raises(BundleError, match=r"at 'postprocess': postprocess\.fromat: Extra inputs are not permitted$"):
+        parse_manifest({**data, "postprocess": {"type": "detection", "fromat": "yolov8"}})
+    with pytest.raises(BundleError, match="at 'top level': task 'detection' needs postprocess.type 'detection'"):
+        parse_manifest({**data, "task": "detection", "postprocess": {"type": "classification"}})

@@ -96,7 +96,7 @@ def parse_detection_spec(data: Any, source: str = "postprocess") -> DetectionSpe
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         key = f"{source}.{where}" if where else source
-        raise ValueError(f"{key}: {first['msg']}") from None
+        raise ValueError(f"{key}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 @dataclass
