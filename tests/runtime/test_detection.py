@@ -225,9 +225,9 @@ def _iou(a, b) -> float:
 @pytest.mark.parametrize("matrix_max", [1024, 4])  # 4: every group larger than it goes box by box
 @pytest.mark.parametrize("class_agnostic", [False, True])
 def test_nms_equals_textbook_greedy_nms_on_crowded_scenes(monkeypatch, matrix_max, class_agnostic):
-    import edgerun.tasks.detection as detection
+    import edgerun.tasks.boxes as boxes
 
-    monkeypatch.setattr(detection, "MATRIX_NMS_MAX", matrix_max)
+    monkeypatch.setattr(boxes, "MATRIX_NMS_MAX", matrix_max)
     rng = np.random.default_rng(7)
     for _ in range(20):
         n = int(rng.integers(1, 60))
