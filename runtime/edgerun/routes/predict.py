@@ -137,8 +137,9 @@ def _options(conf: float | None, iou: float | None, max_det: int | None, task: I
     options = PredictOptions(conf=conf, iou=iou, max_det=max_det)
     unused = [name for name in options.given() if name not in task.options]
     if unused:
+        verb = "applies" if len(unused) == 1 else "apply"
         raise RequestError(
-            f"{', '.join(unused)} only apply to detection models; model '{model}' is a {task.name} model"
+            f"{', '.join(unused)} {verb} only to detection models; model '{model}' is a {task.name} model"
         )
     return options
 
