@@ -58,20 +58,11 @@ def triton_config(served: ServedModel) -> dict[str, Any]:
     return config
 
 
-def _task(served: ServedModel) -> str | None:
-    manifest = served.manifest
-    task_name = getattr(manifest, "task_name", None)
-    task = task_name() if callable(task_name) else getattr(manifest, "task", None)
-    if not task:  # bundles without the key: the post-processing says what the model does
-        task = (manifest.postprocess or {}).get("type")
-    return str(task) if task else None
-
-
 def _metadata(served: ServedModel) -> dict[str, Any]:
     """What a Triton client learns about the model beyond its tensors: task, class names, image size."""
     metadata: dict[str, Any] = {}
-    task = _task(served)
-    if task:
+    task = served.manifest.task_name()
+    if task != "tensor":  # a plain tensor model: its tensors say it all
         metadata["task"] = _ULTRALYTICS_TASKS.get(task, task)
     if served.labels:
         metadata["names"] = dict(enumerate(served.labels))

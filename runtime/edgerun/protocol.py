@@ -104,13 +104,6 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-class PredictResponse(BaseModel):
-    model_config = LAZY
-
-    model_name: str
-    predictions: list[dict[str, Any]] = Field(description="top-k: label, index, score")
-
-
 # ---- decoding ----
 
 
