@@ -11,8 +11,8 @@ Same rules as REST: bound to ``--host``; the inference token (``authorization: B
 metadata) on everything but ServerLive/ServerReady; messages bounded by ``--max-body-mb`` both ways
 (grpc's own default receive limit, 4 MiB, would refuse a 1x3x640x640 FP32 frame). Model control
 (RepositoryModelLoad/Unload) follows REST's rules: off unless --model-control, then the admin token,
-or without one a loopback peer. Streaming and shared memory are not served: UNIMPLEMENTED, as the
-base servicer answers.
+or without one a loopback peer. ModelStreamInfer answers each request of a stream in order. Shared
+memory is not served: UNIMPLEMENTED, as the base servicer answers.
 """
 
 from __future__ import annotations
@@ -228,25 +228,44 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
         return service_pb2.RepositoryModelUnloadResponse()
 
-    async def ModelInfer(self, request, context):
-        try:
-            self._check_token(context)
-            feeds = decode_inputs(request)
-            served, results = await self.dataplane.infer(
-                request.model_name,
-                feeds,
-                version=request.model_version or None,
-                outputs=[output.name for output in request.outputs] or None,
-                timeout_s=_timeout_s(request),
-            )
-        except EdgerunError as exc:
-            await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
+    async def _infer(self, request: Any) -> Any:
+        """One ModelInferRequest through the data plane; EdgerunError for what the caller did wrong."""
+        feeds = decode_inputs(request)
+        served, results = await self.dataplane.infer(
+            request.model_name,
+            feeds,
+            version=request.model_version or None,
+            outputs=[output.name for output in request.outputs] or None,
+            timeout_s=_timeout_s(request),
+        )
         response = service_pb2.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
         for name, value in results.items():
             array = np.ascontiguousarray(value)
             response.outputs.add(name=name, datatype=KSERVE_DATATYPES[array.dtype.name], shape=list(array.shape))
             response.raw_output_contents.append(array.tobytes())
         return response
+
+    async def ModelInfer(self, request, context):
+        try:
+            self._check_token(context)
+            return await self._infer(request)
+        except EdgerunError as exc:
+            await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests on one stream, answered in order; a refused request is an ``error_message`` on the
+        stream (as Triton answers), the stream itself stays open."""
+        try:
+            self._check_token(context)
+        except EdgerunError as exc:
+            await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
+        async for request in request_iterator:
+            try:
+                yield service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except EdgerunError as exc:
+                yield service_pb2.ModelStreamInferResponse(
+                    error_message=str(exc), infer_response=service_pb2.ModelInferResponse(id=request.id)
+                )
 
 
 def message_limit(config: ServerConfig) -> int:

@@ -219,3 +219,25 @@ def test_model_control_is_off_unless_asked(servers, grpc):
     assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
     assert "model control is off" in refused.value.message()
     assert grpc.is_model_ready("clf", headers=auth())
+
+
+def test_stream_infer_answers_in_order_and_reports_refusals_on_the_stream(servers):
+    import queue
+
+    client = grpcclient.InferenceServerClient(url=servers[0])
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=auth())
+    try:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        client.async_stream_infer("multi", [_grpc_input("x", x, "FP32")], request_id="a")
+        client.async_stream_infer("multi", [_grpc_input("x", np.zeros((1, 5), np.float32), "FP32")], request_id="b")
+        client.async_stream_infer("multi", [_grpc_input("x", x + 1, "FP32")], request_id="c")
+        got = [answers.get(timeout=30) for _ in range(3)]
+    finally:
+        client.stop_stream()
+        client.close()
+    (first, no_error), (_, refused), (third, _) = got
+    assert no_error is None and first.get_response().id == "a"
+    np.testing.assert_array_equal(first.as_numpy("doubled"), 2 * x)
+    assert refused is not None and "expects shape" in refused.message()
+    np.testing.assert_array_equal(third.as_numpy("doubled"), 2 * (x + 1))
