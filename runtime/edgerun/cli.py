@@ -86,6 +86,28 @@ def _load_once(bundle, providers, threads, cache_dir, trusted_key, bench: bool, 
     return served
 
 
+def _check_grpc_door(host: str, port: int) -> None:
+    """Before any load: the gRPC extra is installed and the port can be bound (one line, not a traceback)."""
+    import importlib.util
+    import socket
+
+    for module in ("grpc", "tritonclient.grpc"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise click.UsageError(f"--grpc-port needs {module.split('.')[0]}: pip install 'edgebuild[grpc]'")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise click.UsageError(
+                f"--grpc-port {port} on {host} cannot be bound ({exc.strerror}); choose another"
+            ) from None
+
+
 @main.command()
 @click.argument("bundles", nargs=-1, type=click.Path())
 @click_options()
@@ -109,6 +131,8 @@ def serve(bundles, **values):
         raise click.UsageError(
             "--admin-token must differ from --token: the inference token must not unlock model control"
         )
+    if given.grpc_port is not None:
+        _check_grpc_door(host, given.grpc_port)
     _setup_logging(given.log_level)
     tune_malloc()
     import threading

@@ -5,9 +5,10 @@ router per concern (``edgerun.routes``: health and metadata, inference, reposito
 control, predict) and the error handlers that give every error the published ``ErrorResponse``
 body. ``POST`` on the infer routes is answered by ``InferFastPath`` (behind the guard) without
 FastAPI's routing and dependency solving; the route stays registered for the OpenAPI document.
-Handlers validate and decode, then hand tensors to the Batcher, whose single worker thread is the
-only place inference runs. A user mistake is a 4xx with a message; a 500 means a
-bug in edgerun and is logged with its traceback.
+Handlers validate and decode, then call the ``DataPlane`` (``edgerun.dataplane``), which hands tensors
+to the Batcher, whose worker threads are the only place inference runs; with ``--grpc-port`` the
+lifespan also starts the gRPC door (``edgerun.grpc_server``) on the same loop and data plane. A user
+mistake is a 4xx with a message; a 500 means a bug in edgerun and is logged with its traceback.
 """
 
 from __future__ import annotations

@@ -241,3 +241,21 @@ def test_stream_infer_answers_in_order_and_reports_refusals_on_the_stream(server
     np.testing.assert_array_equal(first.as_numpy("doubled"), 2 * x)
     assert refused is not None and "expects shape" in refused.message()
     np.testing.assert_array_equal(third.as_numpy("doubled"), 2 * (x + 1))
+
+
+def test_a_taken_grpc_port_is_one_line_before_any_load(bundles, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "edgerun.cli", "serve", str(bundles["classifier"]), "--no-bench"]
+            + ["--grpc-port", str(port), "--cache-dir", str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 2, out.stderr
+    assert f"--grpc-port {port} on 127.0.0.1 cannot be bound" in out.stderr and "Traceback" not in out.stderr

@@ -38,7 +38,8 @@ CLIENT_CLOSED = 499
 
 @dataclass
 class ServerState:
-    """What the HTTP doors share: the data plane (repository, batcher) plus HTTP-only pieces."""
+    """What the doors share: the data plane (repository, batcher), metrics and model control, plus the
+    HTTP-only pieces (image decode slots)."""
 
     repo: ModelRepository
     config: ServerConfig
