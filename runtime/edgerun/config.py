@@ -30,6 +30,9 @@ class ServerConfig:
     # KServe v2 gRPC beside REST (edgerun.grpc_server): off unless a port is given; bound to grpc_host.
     grpc_port: int | None = DEFAULTS.grpc_port
     grpc_host: str = DEFAULTS.host
+    # System shared memory for local gRPC clients (edgerun.shm): off unless asked for.
+    allow_shm: bool = DEFAULTS.allow_shm
+    shm_prefix: str = DEFAULTS.shm_prefix
     image_decodes: int = 2  # images decoded at once by /v1/predict (memory grows with each)
 
     def batcher_settings(self) -> dict[str, Any]:

@@ -11,8 +11,9 @@ Same rules as REST: bound to ``--host``; the inference token (``authorization: B
 metadata) on everything but ServerLive/ServerReady; messages bounded by ``--max-body-mb`` both ways
 (grpc's own default receive limit, 4 MiB, would refuse a 1x3x640x640 FP32 frame). Model control
 (RepositoryModelLoad/Unload) follows REST's rules: off unless --model-control, then the admin token,
-or without one a loopback peer. ModelStreamInfer answers each request of a stream in order. Shared
-memory is not served: UNIMPLEMENTED, as the base servicer answers.
+or without one a loopback peer. ModelStreamInfer answers each request of a stream in order. System
+shared memory (``--allow-shm``, loopback peers only; see ``edgerun.shm``) passes inputs and outputs by
+region.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from edgerun.config import ServerConfig
 from edgerun.control import ModelControl
 from edgerun.dataplane import DataPlane
-from edgerun.errors import EdgerunError, RequestError, UnauthorizedError
-from edgerun.guard import bearer_matches
+from edgerun.errors import EdgerunError, ForbiddenError, RequestError, UnauthorizedError
+from edgerun.guard import bearer_matches, is_loopback
 from edgerun.manifest import KSERVE_DATATYPES
 from edgerun.routes.deps import ServerState, check_model_control
 from edgerun.routes.repository import load_by_name
+from edgerun.shm import SharedMemory
 
 log = logging.getLogger("edgerun")
 
@@ -66,15 +68,31 @@ _STATUS = {
 }
 
 
-def decode_inputs(request: Any) -> dict[str, np.ndarray]:
-    """Tensors of a ``ModelInferRequest``: ``raw_input_contents`` (in input order) or typed ``contents``."""
+def _region(parameters: Any) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) of a tensor passed through shared memory, or None."""
+    if "shared_memory_region" not in parameters:
+        return None
+    region = parameters["shared_memory_region"].string_param
+    size = parameters["shared_memory_byte_size"].int64_param if "shared_memory_byte_size" in parameters else -1
+    offset = parameters["shared_memory_offset"].int64_param if "shared_memory_offset" in parameters else 0
+    return region, offset, size
+
+
+def decode_inputs(request: Any, shm: SharedMemory | None = None) -> dict[str, np.ndarray]:
+    """Tensors of a ``ModelInferRequest``: a shared-memory region, ``raw_input_contents`` (one entry per
+    input not in shared memory, in order) or typed ``contents``."""
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    regions = [_region(tensor.parameters) for tensor in request.inputs]
+    if any(regions) and shm is None:
+        raise ForbiddenError("system shared memory is off; start the server with --allow-shm")
+    if raw and len(raw) != regions.count(None):
         raise RequestError(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input"
+            f"raw_input_contents has {len(raw)} entries for {regions.count(None)} inputs not in shared memory; "
+            f"send one per input"
         )
+    raw.reverse()  # consumed in order with pop()
     feeds: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    for tensor, region in zip(request.inputs, regions):
         if tensor.name in feeds:
             raise RequestError(f"input '{tensor.name}' is given twice")
         name = NUMPY_BY_KSERVE.get(tensor.datatype)
@@ -85,13 +103,24 @@ def decode_inputs(request: Any) -> dict[str, np.ndarray]:
         if any(d < 0 for d in shape):
             raise RequestError(f"input '{tensor.name}': shape {shape} has a negative dimension")
         count = math.prod(shape)
-        if raw:
-            if len(raw[i]) != count * dtype.itemsize:
+        data: bytes | None = None
+        if region is not None and shm is not None:
+            name, offset, size = region
+            if size != count * dtype.itemsize:
                 raise RequestError(
-                    f"input '{tensor.name}': {len(raw[i])} raw bytes but shape {shape} of {tensor.datatype} "
+                    f"input '{tensor.name}': shared_memory_byte_size {size} but shape {shape} of {tensor.datatype} "
                     f"needs {count * dtype.itemsize}"
                 )
-            feeds[tensor.name] = np.frombuffer(raw[i], dtype=dtype).reshape(shape)
+            data = shm.read(name, offset, size)
+        elif raw:
+            data = raw.pop()
+        if data is not None:
+            if len(data) != count * dtype.itemsize:
+                raise RequestError(
+                    f"input '{tensor.name}': {len(data)} raw bytes but shape {shape} of {tensor.datatype} "
+                    f"needs {count * dtype.itemsize}"
+                )
+            feeds[tensor.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
             continue
         values = getattr(tensor.contents, _CONTENTS[tensor.datatype]) if tensor.datatype in _CONTENTS else []
         if len(values) != count:
@@ -131,6 +160,45 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.state = state
         self.dataplane: DataPlane = state.dataplane
         self.config: ServerConfig = state.config
+        self.shm: SharedMemory | None = SharedMemory(state.config.shm_prefix) if state.config.allow_shm else None
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()  # every region unmapped at shutdown
+
+    def _local_shm(self, context: Any) -> SharedMemory:
+        """Shared memory is for clients on this host only, and only with --allow-shm."""
+        if self.shm is None:
+            raise ForbiddenError("system shared memory is off; start the server with --allow-shm")
+        if not is_loopback(peer_host(context.peer())):
+            raise ForbiddenError("system shared memory is for clients on this host (a loopback peer) only")
+        return self.shm
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        def answer():
+            regions = self._local_shm(context).status(request.name or None)
+            status = service_pb2.SystemSharedMemoryStatusResponse.RegionStatus
+            return service_pb2.SystemSharedMemoryStatusResponse(
+                regions={
+                    r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size) for r in regions
+                }
+            )
+
+        return await self._answer(context, answer)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        def answer():
+            self._local_shm(context).register(request.name, request.key, request.offset, request.byte_size)
+            return service_pb2.SystemSharedMemoryRegisterResponse()
+
+        return await self._answer(context, answer)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        def answer():
+            self._local_shm(context).unregister(request.name or None)
+            return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+        return await self._answer(context, answer)
 
     async def _answer(self, context: Any, call, *, authorized: bool = True):
         try:
@@ -228,9 +296,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
         return service_pb2.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request: Any) -> Any:
+    async def _infer(self, request: Any, context: Any) -> Any:
         """One ModelInferRequest through the data plane; EdgerunError for what the caller did wrong."""
-        feeds = decode_inputs(request)
+        in_shm = any(_region(t.parameters) for t in request.inputs) or any(
+            _region(o.parameters) for o in request.outputs
+        )
+        shm = self._local_shm(context) if in_shm else None
+        feeds = decode_inputs(request, shm)
         served, results = await self.dataplane.infer(
             request.model_name,
             feeds,
@@ -239,16 +311,28 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             timeout_s=_timeout_s(request),
         )
         response = service_pb2.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
+        placed = {o.name: _region(o.parameters) for o in request.outputs}
         for name, value in results.items():
             array = np.ascontiguousarray(value)
-            response.outputs.add(name=name, datatype=KSERVE_DATATYPES[array.dtype.name], shape=list(array.shape))
-            response.raw_output_contents.append(array.tobytes())
+            output = response.outputs.add(
+                name=name, datatype=KSERVE_DATATYPES[array.dtype.name], shape=list(array.shape)
+            )
+            region = placed.get(name)
+            if region is not None and shm is not None:
+                shm.write(region[0], region[1], region[2], array.tobytes())
+                output.parameters["shared_memory_region"].string_param = region[0]
+                output.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+                if region[1]:
+                    output.parameters["shared_memory_offset"].int64_param = region[1]
+                response.raw_output_contents.append(b"")  # keeps the other outputs' entries in order
+            else:
+                response.raw_output_contents.append(array.tobytes())
         return response
 
     async def ModelInfer(self, request, context):
         try:
             self._check_token(context)
-            return await self._infer(request)
+            return await self._infer(request, context)
         except EdgerunError as exc:
             await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
 
@@ -261,7 +345,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), str(exc))
         async for request in request_iterator:
             try:
-                yield service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request))
+                yield service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request, context))
             except EdgerunError as exc:
                 yield service_pb2.ModelStreamInferResponse(
                     error_message=str(exc), infer_response=service_pb2.ModelInferResponse(id=request.id)
@@ -283,7 +367,8 @@ async def start_grpc(state: ServerState, host: str, port: int) -> Any:
             ("grpc.so_reuseport", 0),  # a second server on the same port is an error, not a shared port
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    servicer = InferenceServicer(state)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -293,4 +378,16 @@ async def start_grpc(state: ServerState, host: str, port: int) -> Any:
         raise EdgerunError(f"gRPC cannot bind {address} (--grpc-port); is the port taken?")
     await server.start()
     log.info("gRPC (KServe v2) on %s, messages up to %d bytes", address, limit)
-    return server
+    return GrpcDoor(server, servicer)
+
+
+class GrpcDoor:
+    """The running gRPC server and what it holds (shared-memory mappings)."""
+
+    def __init__(self, server: Any, servicer: InferenceServicer):
+        self.server = server
+        self.servicer = servicer
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)
+        self.servicer.close()

@@ -159,6 +159,14 @@ class ServeOptions:
         show_default=True,
     )
     watch_dir: str | None = option(None, "Load bundles dropped into DIR.", kind="dir", flags=("--watch",))
+    allow_shm: bool = option(
+        False,
+        "Let clients on this host pass gRPC tensors through system shared memory (Triton's extension).",
+        kind="flag",
+    )
+    shm_prefix: str = option(
+        "edgerun", "Shared-memory keys must start with this (after an optional '/').", show_default=True
+    )
     log_level: str = option("info", "Log level.", kind="choice", choices=LOG_LEVELS, show_default=True)
 
     def load_options(self, trusted_key: bytes | None = None) -> LoadOptions:
@@ -203,6 +211,8 @@ class ServeOptions:
             watch_dir=Path(self.watch_dir) if self.watch_dir else None,
             grpc_port=self.grpc_port,
             grpc_host=self.host,
+            allow_shm=self.allow_shm,
+            shm_prefix=self.shm_prefix,
         )
 
 
