@@ -32,7 +32,7 @@ from edgerun.config import ServerConfig
 from edgerun.control import ModelControl
 from edgerun.dataplane import DataPlane
 from edgerun.errors import EdgerunError, ForbiddenError, RequestError, UnauthorizedError
-from edgerun.guard import bearer_matches, is_loopback
+from edgerun.guard import bearer_matches
 from edgerun.manifest import KSERVE_DATATYPES
 from edgerun.routes.deps import ServerState, check_model_control
 from edgerun.routes.repository import load_by_name
@@ -160,19 +160,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.state = state
         self.dataplane: DataPlane = state.dataplane
         self.config: ServerConfig = state.config
-        self.shm: SharedMemory | None = SharedMemory(state.config.shm_prefix) if state.config.allow_shm else None
-
-    def close(self) -> None:
-        if self.shm is not None:
-            self.shm.close()  # every region unmapped at shutdown
 
     def _local_shm(self, context: Any) -> SharedMemory:
-        """Shared memory is for clients on this host only, and only with --allow-shm."""
-        if self.shm is None:
-            raise ForbiddenError("system shared memory is off; start the server with --allow-shm")
-        if not is_loopback(peer_host(context.peer())):
-            raise ForbiddenError("system shared memory is for clients on this host (a loopback peer) only")
-        return self.shm
+        """The server's shared memory (one registry for both doors), for a local peer with --allow-shm."""
+        return self.state.local_shm(peer_host(context.peer()))
 
     async def SystemSharedMemoryStatus(self, request, context):
         def answer():
@@ -390,4 +381,3 @@ class GrpcDoor:
 
     async def stop(self, grace_s: float) -> None:
         await self.server.stop(grace_s)
-        self.servicer.close()

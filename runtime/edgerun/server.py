@@ -37,10 +37,11 @@ from edgerun.guard import GuardMiddleware, error_body
 from edgerun.metrics import Metrics
 from edgerun.protocol import InferRequest
 from edgerun.reload import ModelRepository, watch_directory
-from edgerun.routes import health, inference, predict, repository
+from edgerun.routes import health, inference, predict, repository, shm
 from edgerun.routes.deps import CLIENT_CLOSED, ServerState
 from edgerun.routes.inference import InferFastPath
 from edgerun.routes.repository import LoadRequest
+from edgerun.routes.shm import RegisterRegion
 
 log = logging.getLogger("edgerun")
 
@@ -141,7 +142,7 @@ def _openapi(app: FastAPI):
         if app.openapi_schema is None:
             schema = original()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (InferRequest, LoadRequest):
+            for model in (InferRequest, LoadRequest, RegisterRegion):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
@@ -178,6 +179,8 @@ def _lifespan(state: ServerState):
             if watcher is not None:
                 watcher.cancel()
             await batcher.close(config.drain_timeout_s)
+            if state.shm is not None:
+                state.shm.close()  # every region unmapped at shutdown
             repo.close()  # extracted copies go with the server
 
     return lifespan
@@ -226,7 +229,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
     app.state.metrics = metrics
     app.state.config = config
     _install_error_handlers(app)
-    for router in (health.router, inference.router, predict.router, repository.router):
+    for router in (health.router, inference.router, predict.router, repository.router, shm.router):
         app.include_router(router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(InferFastPath, state=state, on_error=_handled_by(app))  # inside the guard

@@ -40,6 +40,17 @@ _KEY = re.compile(r"/?([A-Za-z0-9_.\-]{1,200})")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
+def local_shm(shm: SharedMemory | None, client_host: str | None) -> SharedMemory:
+    """The server's shared memory for a request from ``client_host``: only with --allow-shm, only on this host."""
+    from edgerun.guard import is_loopback
+
+    if shm is None:
+        raise ForbiddenError("system shared memory is off; start the server with --allow-shm")
+    if not is_loopback(client_host or ""):
+        raise ForbiddenError("system shared memory is for clients on this host (a loopback address) only")
+    return shm
+
+
 def _whole(value: Any, what: str, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise RequestError(f"{what} must be a whole number >= {minimum}, got {value!r}")

@@ -188,3 +188,69 @@ def test_grpc_shared_memory_is_off_unless_asked(bundles, tmp_path):
     finally:
         client.close()
         stop_server(proc)
+
+
+def test_rest_inputs_and_outputs_by_region_equal_the_binary_request(bundles, tmp_path):
+    httpclient = pytest.importorskip("tritonclient.http")
+    shm_utils = pytest.importorskip("tritonclient.utils.shared_memory")
+    from server_process import start_server, stop_server
+    from tritonclient.utils import InferenceServerException
+
+    proc, url = start_server([str(bundles["classifier"]), "--allow-shm"], tmp_path / "cache")
+    client = httpclient.InferenceServerClient(url=url.removeprefix("http://"))
+    x = np.random.default_rng(4).normal(size=(2, 4)).astype(np.float32)
+    inp = shm_utils.create_shared_memory_region("in", f"/{KEY}_rin", x.nbytes)
+    out = shm_utils.create_shared_memory_region("out", f"/{KEY}_rout", 24)
+    try:
+        shm_utils.set_shared_memory_region(inp, [x])
+        client.register_system_shared_memory("in", f"/{KEY}_rin", x.nbytes)
+        client.register_system_shared_memory("out", f"/{KEY}_rout", 24)
+        assert {r["name"] for r in client.get_system_shared_memory_status()} == {"in", "out"}
+        tensor = httpclient.InferInput("x", [2, 4], "FP32")
+        tensor.set_shared_memory("in", x.nbytes)
+        wanted = httpclient.InferRequestedOutput("probs")
+        wanted.set_shared_memory("out", 24)
+        result = client.infer("clf", [tensor], outputs=[wanted])
+        assert result.get_output("probs")["parameters"]["shared_memory_region"] == "out"
+        by_region = shm_utils.get_contents_as_numpy(out, np.float32, [2, 3])
+        plain = httpclient.InferInput("x", [2, 4], "FP32")
+        plain.set_data_from_numpy(x, binary_data=True)
+        assert client.infer("clf", [plain]).as_numpy("probs").tobytes() == by_region.tobytes()
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status() == []
+        with pytest.raises(InferenceServerException) as gone:
+            client.infer("clf", [tensor])
+        assert "no shared-memory region named 'in'" in gone.value.message()
+    finally:
+        stop_server(proc)
+        shm_utils.destroy_shared_memory_region(inp)
+        shm_utils.destroy_shared_memory_region(out)
+
+
+def test_rest_shared_memory_is_off_unless_asked(bundles, load_options):
+    from fastapi.testclient import TestClient
+
+    from edgerun.reload import ModelRepository
+    from edgerun.server import ServerConfig, create_app
+
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    with TestClient(create_app(repo, ServerConfig())) as client:
+        refused = client.post("/v2/systemsharedmemory/region/in/register", json={"key": KEY, "byte_size": 8})
+        assert refused.status_code == 403 and "--allow-shm" in refused.json()["error"]
+        body = {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [1, 4],
+                    "datatype": "FP32",
+                    "parameters": {"shared_memory_region": "in", "shared_memory_byte_size": 16},
+                }
+            ]
+        }
+        by_region = client.post("/v2/models/clf/infer", json=body)
+        assert by_region.status_code == 403 and "--allow-shm" in by_region.json()["error"]
+    with TestClient(create_app(repo, ServerConfig(allow_shm=True))) as client:
+        # TestClient's peer is not a loopback address: on, but not for it.
+        remote = client.get("/v2/systemsharedmemory/status")
+        assert remote.status_code == 403 and "clients on this host" in remote.json()["error"]

@@ -29,6 +29,7 @@ from edgerun.loader import ServedModel
 from edgerun.metrics import Metrics
 from edgerun.protocol import ErrorResponse
 from edgerun.reload import ModelRepository
+from edgerun.shm import SharedMemory, local_shm
 
 # Metrics label for requests naming no served model: one series for all of them, however many names.
 UNKNOWN_MODEL = "unknown"
@@ -48,9 +49,16 @@ class ServerState:
     # Image decoding is the one step whose memory grows with the request: a few at a time.
     image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     dataplane: DataPlane = field(init=False)
+    # System shared memory (--allow-shm), one registry for the REST and gRPC doors.
+    shm: SharedMemory | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.dataplane = DataPlane(self.repo, self.config)
+        self.shm = SharedMemory(self.config.shm_prefix) if self.config.allow_shm else None
+
+    def local_shm(self, client_host: str | None) -> SharedMemory:
+        """The shared memory a request from ``client_host`` may use (refused when off or not local)."""
+        return local_shm(self.shm, client_host)
 
     @property
     def batcher(self) -> Batcher | None:

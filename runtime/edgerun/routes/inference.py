@@ -108,7 +108,12 @@ async def answer_infer(state: ServerState, request: Request, name: str, version:
     else:
         body = raw
     header_length = headers.get(HEADER_LENGTH)
-    args = (body, served.session.inputs, served.session.output_names, header_length)
+    client = request.client.host if request.client else None
+
+    def shm():
+        return state.local_shm(client)
+
+    args = (body, served.session.inputs, served.session.output_names, header_length, shm)
     if len(body) > OFFLOAD_DECODE_BYTES and header_length is None:
         # Large JSON tensors take tens of ms to parse; binary ones are a zero-copy view.
         parsed = await run_in_threadpool(_decode_large, *args)
@@ -116,7 +121,7 @@ async def answer_infer(state: ServerState, request: Request, name: str, version:
         parsed = decode_infer_request(*args)
     results = await dataplane.run(served, parsed.feeds, parsed.timeout_s)
     content, out_headers, media_type = encode_infer_response(
-        served.name, served.version, parsed.id, results, parsed.outputs
+        served.name, served.version, parsed.id, results, parsed.outputs, parsed.regions, shm
     )
     return Response(content, media_type=media_type, headers=out_headers)
 
