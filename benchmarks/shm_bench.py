@@ -1,4 +1,5 @@
-"""A camera frame through each door, side by side: REST binary, gRPC, gRPC with system shared memory.
+"""A camera frame through each door, side by side: REST and gRPC, with the frame in the request or in
+system shared memory.
 
     python benchmarks/shm_bench.py [--requests 300]
 
@@ -85,8 +86,11 @@ def main() -> int:
         grpc_in.set_data_from_numpy(frame)
         shm_in = grpcclient.InferInput("frame", SHAPE, "FP32")
         shm_in.set_shared_memory("frame", frame.nbytes)
+        rest_shm_in = httpclient.InferInput("frame", SHAPE, "FP32")
+        rest_shm_in.set_shared_memory("frame", frame.nbytes)
         calls = {
             "REST, binary tensor": lambda: rest.infer("frame", [rest_in]),
+            "REST, system shared memory": lambda: rest.infer("frame", [rest_shm_in]),
             "gRPC, raw_input_contents": lambda: grpc.infer("frame", [grpc_in]),
             "gRPC, system shared memory": lambda: grpc.infer("frame", [shm_in]),
         }
