@@ -97,7 +97,8 @@ class SharedMemory:
 
     def _map(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         try:
-            fd = os.open(self.shm_dir / key, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO or device planted under the key must not block the open (it is refused below).
+            fd = os.open(self.shm_dir / key, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             raise RequestError(f"region '{name}': no shared-memory segment this server can open has that key") from None
         try:

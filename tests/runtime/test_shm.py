@@ -67,6 +67,11 @@ def test_symlinks_are_not_followed(shm, tmp_path):
     _refusal(lambda: shm.register("r", KEY, 0, 8))
 
 
+def test_a_fifo_under_the_key_neither_blocks_nor_maps(shm, tmp_path):
+    os.mkfifo(tmp_path / KEY, 0o600)
+    assert "not a regular" in str(_refusal(lambda: shm.register("r", KEY, 0, 8)))
+
+
 def test_mode_other_than_0600(shm, tmp_path):
     _segment(tmp_path, mode=0o644)
     assert "mode 0600" in str(_refusal(lambda: shm.register("r", KEY, 0, 8)))
