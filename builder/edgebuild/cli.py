@@ -10,10 +10,11 @@ import click
 
 from edgebuild.errors import handle_cli_errors
 from edgebuild.options import click_options
+from edgerun.errors import DebugAnywhereGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
+@click.group(cls=DebugAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs (before or after the command).")
 @click.version_option(package_name="edgebuild")
 def main(debug: bool) -> None:
     """Pack trained PyTorch/ONNX models into small, fast, validated ONNX bundles for edge targets.
@@ -44,11 +45,14 @@ def pack(config_path, **params):
     MODEL is package.module:callable (returns an nn.Module), a torch.export .pt2 file, or an .onnx
     file. Without MODEL the embedded digits example is packed with its real data.
 
-    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle).
+    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle),
+    1 edgerun on this host would refuse the bundle (or an unexpected error: the line says so).
     """
     from click.core import ParameterSource
 
     from edgebuild.pack import pack as run_pack
+    from edgebuild.progress import Stopwatch
+    from edgebuild.quiet import library_log_lines
     from edgebuild.recipe import load_recipe, merge, pack_options
 
     ctx = click.get_current_context()
@@ -57,14 +61,24 @@ def pack(config_path, **params):
     if settings.get("sign_key"):
         settings["sign_key"] = Path(settings["sign_key"]).read_bytes()
     options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
-    result = run_pack(options)
+    elapsed = Stopwatch()
+    with library_log_lines() as said:
+        try:
+            result = run_pack(options)
+        finally:
+            # What the libraries logged outside the per-candidate captures (export, validation, serve check).
+            if said.messages:
+                click.echo(f"edgebuild: {said.line('other steps')}", err=True)
     v = result.manifest.validation
     assert v is not None  # pack always records its validation
+    speedup = result.manifest.benchmark["speedup_vs_fp32"]
+    slower = " (SLOWER than FP32 on this host)" if speedup is not None and speedup < 1 else ""
     click.echo(
         f"edgebuild: {result.chosen.name}: {v.metric} {v.packed:.4f} (reference {v.reference:.4f}, drop {v.drop:+.4f}); "
-        f"speed-up vs FP32 {result.manifest.benchmark['speedup_vs_fp32']}×, size {result.chosen.size_bytes / 1024:.1f} KiB",
+        f"speed-up vs FP32 {speedup}×{slower}, size {result.chosen.size_bytes / 1024:.1f} KiB",
         err=True,
     )
+    click.echo(f"edgebuild: done in {elapsed}", err=True)
     click.echo(str(result.bundle))
 
 

@@ -333,13 +333,29 @@ def open_data(
     return DataSource(spec, batches, limit=limit)
 
 
-def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str) -> list[InputSpec]:
+def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str, module: Any = None) -> list[InputSpec]:
     """Fill in what the model does not say about its inputs (dynamic sizes, dtypes, rank) from the
     first sample of ``spec``; the data's own names pick forward()'s optional parameters."""
+    return infer_inputs(inputs, spec, purpose, module)[0]
+
+
+def infer_inputs(
+    inputs: list[InputSpec], spec: str, purpose: str, module: Any = None
+) -> tuple[list[InputSpec], str]:
+    """:func:`resolve_inputs`, plus one line saying what one model call gets and how the data was read.
+
+    ``module`` (a torch model whose inputs only have names) decides how an ``.npz`` is read: see
+    :func:`edgebuild.data_layout.npz_layout`.
+    """
     if spec.endswith(".npz") and Path(spec).is_file() and any(not s.known for s in inputs):
         with np.load(spec, allow_pickle=False) as data:
             present = set(data.files)
-        inputs = _named_subset(inputs, present, spec)
+            inputs = _named_subset(inputs, present, spec)
+            if all(not s.known for s in inputs):
+                from edgebuild.data_layout import npz_layout
+
+                arrays = {s.name: data[s.name] if s.name in present else data["x"] for s in inputs}
+                return npz_layout(inputs, arrays, spec, module)
     elif ":" in spec and not Path(spec).exists() and any(not s.known for s in inputs):
         factory = import_callable(spec, what=f"{purpose} data")
         try:
@@ -365,7 +381,13 @@ def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str) -> list[Inp
             resolved.append(replace(s, shape=shape))
         else:
             resolved.append(InputSpec(s.name, tuple(int(d) for d in sample), array.dtype.name))
-    return resolved
+    how = "one call per entry" if first_batch.calls else "rows of the batch axis"
+    return resolved, f"{describe_inputs(resolved)} per call ({how})"
+
+
+def describe_inputs(inputs: list[InputSpec]) -> str:
+    """``input_ids [1, 32] int64, attention_mask [1, 32] int64``: what one model call gets."""
+    return ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in inputs)
 
 
 def _named_subset(inputs: list[InputSpec], present: set[str], spec: str) -> list[InputSpec]:

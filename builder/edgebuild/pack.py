@@ -34,12 +34,13 @@ from edgebuild.candidates import (
     select,
     time_interleaved,
 )
-from edgebuild.data import DataSource, first_feed, open_data, resolve_inputs
-from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, first_line
+from edgebuild.data import DataSource, first_feed, infer_inputs, open_data
+from edgebuild.errors import AccuracyBudgetError, UsageError, first_line
 from edgebuild.export import export_onnx
 from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.options import PackOptions, check_choices
+from edgebuild.progress import Stopwatch, candidate_line
 from edgebuild.recipe import load_labels, load_preprocess
 from edgebuild.report import write_report
 from edgebuild.sources import ModelSource, load_model, require_shapes
@@ -215,11 +216,10 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         shapes_from_data=bool(real_data),
     )
     if not source.resolved:
-        source.inputs = resolve_inputs(
-            source.inputs, real_data[0], "calibration" if real_data[0] == options.calib_data else "validation"
-        )
+        purpose = "calibration" if real_data[0] == options.calib_data else "validation"
+        source.inputs, layout = infer_inputs(source.inputs, real_data[0], purpose, source.module)
         require_shapes(source.inputs)
-        progress(f"inputs from the data: {', '.join(f'{s.name} {list(s.shape)} {s.dtype}' for s in source.inputs)}")
+        progress(f"inputs from the data: {layout}")
     if source.kind == "pt2" and options.torch_passes:
         flags = "/".join(f"--{p.name}" for p in options.torch_passes)
         raise UsageError(
@@ -283,6 +283,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
 
         progress(f"export: ONNX opset {target.opset} ...")
         exported = export_onnx(source, workdir, target.opset)
+        if exported.library_line():
+            progress(str(exported.library_line()))
         passes.append(
             PassRecord(
                 name="export",
@@ -317,13 +319,17 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             progress(skipped)
         for plan in plan_candidates(options, target, calibration, exported.path):
             progress(f"quantize: building {plan.name} ...")
+            took = Stopwatch()
             candidates.append(build_candidate(plan, exported.path, workdir, progress))
+            progress(f"quantize: {plan.name} {'failed' if candidates[-1].error else 'built'} ({took})")
         capped = " (the --val-samples cap)" if validated and len(val) >= options.val_samples else ""
         progress(
             f"validate + benchmark {len(candidates)} candidate(s) on {len(val)} samples{capped} ({metric.name}) ..."
         )
-        for candidate in candidates:
+        for index, candidate in enumerate(candidates, 1):
+            took = Stopwatch()
             measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+            progress(candidate_line(index, len(candidates), candidate, took))
         if fp32 not in candidates:
             measure_candidate(fp32, target, ref, val, metric, feed1, options.bench_seconds)
         apply_budget(candidates, float(options.max_accuracy_drop))
@@ -333,7 +339,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         if mixed:
             candidates.extend(mixed)
             apply_budget(candidates, float(options.max_accuracy_drop))
+        took = Stopwatch()
         time_interleaved(candidates + ([fp32] if fp32 not in candidates else []), target, feed1, options.bench_seconds)
+        progress(f"timed the candidates again in alternating rounds ({took})")
         if options.recipe:
             passes.insert(0, PassRecord(name="recipe", params=options.recipe, metrics={}))
         for candidate in candidates:
@@ -354,7 +362,10 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
         if chosen is None and not any(c.usable for c in candidates):
             failures = "; ".join(f"{c.name}: {c.error}" for c in candidates)
-            raise EdgebuildError(f"no candidate could be built ({failures})")
+            raise UsageError(
+                f"no candidate could be built ({failures}); --quantize {options.quantize} does not fit this model: "
+                "try --quantize auto (measures every precision the target allows) or another precision"
+            )
         if chosen is None:
             report_path = dest.parent / f"{dest.name}.report.md"
             write_report(

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from edgerun.errors import EdgerunError, report_errors
+from edgerun.errors import DebugAnywhereGroup, EdgerunError, report_errors
 from edgerun.memory import tune_malloc
 
 DEFAULT_CACHE_DIR = "~/.cache/edgerun"
@@ -71,8 +71,8 @@ def _providers(value: str | None) -> list[str] | None:
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
 
-@click.group()
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.group(cls=DebugAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (before or after the command).")
 @click.version_option(package_name="edgebuild", prog_name="edgerun")
 def main(debug: bool) -> None:
     """Serve edgebuild bundles on the device (KServe v2 REST)."""
