@@ -135,20 +135,38 @@ def _export_torchscript(module, args, source: ModelSource, path: Path, opset: in
     axes = _dynamic_axes(source)
     for name in output_names:
         axes[name] = {0: "batch"}
-    positional, keyword = _split(module, args)
+    traced = _KeywordAdapter(module, list(args)) if by_name(module, list(args)) else module
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module,
-            positional,
+            traced,
+            tuple(args.values()),
             str(path),
-            kwargs=keyword or None,
             dynamo=False,
             opset_version=min(opset, 20),
             input_names=source.input_names,
             output_names=output_names,
             dynamic_axes=axes,
         )
+
+
+def _KeywordAdapter(module, names: list[str]):
+    """``forward(*inputs)`` that calls ``module(**dict(zip(names, inputs)))`` and returns its outputs as a
+    tuple. The TorchScript tracer binds even keyword examples to forward()'s parameters by position, which
+    breaks models whose forward() takes more parameters than given or wraps them in decorators (a
+    Hugging Face ``BertModel``: "got multiple values for argument 'use_cache'")."""
+    import torch
+
+    class KeywordAdapter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *inputs):
+            out = self.inner(**dict(zip(names, inputs)))
+            return tuple(out.values()) if isinstance(out, dict) else out
+
+    return KeywordAdapter().eval()
 
 
 def export_onnx(source: ModelSource, workdir: Path, opset: int) -> ExportResult:

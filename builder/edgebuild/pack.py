@@ -341,7 +341,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             apply_budget(candidates, float(options.max_accuracy_drop))
         took = Stopwatch()
         time_interleaved(candidates + ([fp32] if fp32 not in candidates else []), target, feed1, options.bench_seconds)
-        progress(f"timed the candidates again in alternating rounds ({took})")
+        if sum(1 for c in candidates if c.usable) > 1:
+            progress(f"timed the candidates again in alternating rounds ({took})")
         if options.recipe:
             passes.insert(0, PassRecord(name="recipe", params=options.recipe, metrics={}))
         for candidate in candidates:
