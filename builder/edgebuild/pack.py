@@ -21,6 +21,7 @@ from typing import Any, cast
 import numpy as np
 
 from edgebuild import __version__
+from edgebuild.budget import drop_in_samples, resolution_note
 from edgebuild.bundle import check_bundle_name, check_destination, write_bundle
 from edgebuild.candidates import (
     Candidate,
@@ -263,6 +264,11 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
     if calibration is not None and calibration.is_random:
         progress("WARNING: calibrating on random data hides real accuracy loss; give --calib-data with real samples")
+    serves_images = options.preprocess != "none"  # "--preprocess none": no /v1/predict to disagree with
+    for note in dict.fromkeys(
+        n for d in (calibration, validation_source) if d is not None and serves_images for n in d.notes
+    ):
+        progress(f"WARNING: {note}")
     val = validation_source.collect()
     preprocess = _data_preprocess(preprocess, calibration, validation_source, options, progress)
     passes: list[PassRecord] = []
@@ -309,6 +315,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
         if metric.warning:
             progress(f"WARNING: {metric.warning}; judging by top-1 agreement with the FP32 reference instead")
+        resolution = resolution_note(metric.name, len(val), float(options.max_accuracy_drop))
+        if resolution:
+            progress(f"WARNING: {resolution}")
         batch = fixed_batch(exported.path) or 1  # timed at batch 1, or at the batch a model pins
         feed1 = first_feed(val, batch)
 
@@ -383,12 +392,15 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             detail = "no candidate could be built"
             if drops:
                 drop, closest = min(drops)
-                detail = f"best {closest}: {metric.name} drop {drop:.4f}"
+                detail = f"best {closest}: {metric.name} drop {drop:.4f}{drop_in_samples(metric.name, drop, len(val))}"
+                if resolution:
+                    detail += f"; {resolution}"
             raise AccuracyBudgetError(
                 f"no variant within --max-accuracy-drop {options.max_accuracy_drop} ({detail}); report: {report_path}",
                 report_path,
             )
-        choice = choice_reason(chosen, fp32, _gpu_preference(target), options.optimize_for)
+        forced = None if options.quantize == "auto" else options.quantize
+        choice = choice_reason(chosen, fp32, _gpu_preference(target), options.optimize_for, forced)
         progress(f"chosen: {chosen.name}: {choice}")
 
         ship_variants = options.ship_variants if options.ship_variants is not None else target.device == "gpu"

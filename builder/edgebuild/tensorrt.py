@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-
 # Ops whose outputs are shape tensors: TensorRT computes them (and whatever is computed from them and
 # from constants only) at engine build or as shape arithmetic, never as layers on the data.
 SHAPE_OPS = frozenset({"Constant", "Shape", "Size"})
