@@ -123,14 +123,20 @@ def inspect_command(model, weights, input_shape, top, no_latency, bench_seconds,
 @click.argument("models", nargs=-1, required=True)
 @click.option("--val-data", help="Labelled validation DATA: adds an accuracy column.")
 @click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
-@click.option("--input-shape", help="Example input shape for models that do not declare one.")
+@click.option(
+    "--input-shape", help="Example input shape for models that do not declare one (default: from --val-data)."
+)
+@click.option(
+    "--preprocess",
+    help="How an image folder becomes tensors, as for pack: imagenet, unit, none or FILE.toml (default: RGB, stretch, x1/255).",
+)
 @click.option(
     "--sort-by", type=click.Choice(["latency", "macs", "params", "accuracy"]), default="latency", show_default=True
 )
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 @handle_cli_errors
-def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, as_json):
+def compare(models, val_data, val_samples, input_shape, preprocess, sort_by, bench_seconds, as_json):
     """Rank architectures by MACs, params, measured ORT FP32 latency and (with --val-data) accuracy."""
     import json
 
@@ -144,6 +150,7 @@ def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, 
         sort_by=sort_by,
         bench_seconds=bench_seconds,
         input_shape=parse_shape(input_shape) if input_shape else None,
+        preprocess=preprocess,
     )
     if as_json:
         click.echo(json.dumps([{k: v for k, v in r.to_dict().items() if k != "layers"} for r in reports], indent=2))
