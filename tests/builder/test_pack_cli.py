@@ -1,10 +1,12 @@
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
 
 from edgebuild.candidates import Candidate, select
 from edgebuild.cli import main
+from edgebuild.errors import UsageError
 from edgerun.bundle import open_bundle
 
 FAST = ["--bench-seconds", "0.05"]
@@ -156,3 +158,23 @@ def test_torch_passes_on_a_pt2_program_are_one_line_exit_2(tmp_path, flags):
     result = _pack(tmp_path, str(program), "--quantize", "none", *flags)
     assert result.exit_code == 2, result.output
     assert "package.module:callable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pack_shows_one_line_per_candidate_with_elapsed_time_and_the_total_last(tmp_path):
+    result = _pack(
+        tmp_path, "tinymodels:tiny_cnn", "--calib-data", "tinymodels:tiny_images", "--max-accuracy-drop", "0.5"
+    )
+    assert result.exit_code == 0, result.stderr
+    err = result.stderr.splitlines()
+    measured = [line for line in err if re.match(r"edgebuild: \[\d+/\d+\] \S+: .* \(\d+\.\d s\)$", line)]
+    assert len(measured) >= 2 and measured[0].startswith("edgebuild: [1/")
+    assert re.fullmatch(r"edgebuild: done in \d+\.\d s", err[-1])
+    assert result.stdout.splitlines()[-1].endswith("tiny-cnn-x86")  # the bundle path stays last on stdout
+
+
+def test_debug_is_accepted_after_the_subcommand(tmp_path):
+    plain = CliRunner().invoke(main, ["pack", str(tmp_path / "missing.onnx")])
+    assert plain.exit_code == 2 and plain.stderr.count("edgebuild: error:") == 1 and "Traceback" not in plain.stderr
+    debug = CliRunner().invoke(main, ["pack", str(tmp_path / "missing.onnx"), "--debug"])
+    assert "No such option" not in debug.output
+    assert isinstance(debug.exception, UsageError)  # --debug lets the error through with its traceback
