@@ -57,6 +57,7 @@ def _pack(tmp_path, *args):
     return CliRunner().invoke(main, ["pack", *args, "-o", str(tmp_path / "out"), "--bench-seconds", "0.02"])
 
 
+@pytest.mark.slow
 def test_forced_int8_over_budget_exits_3_with_report_and_no_bundle(tmp_path):
     result = _pack(
         tmp_path,

@@ -59,6 +59,7 @@ def test_old_onnx_opset_is_upgraded(tmp_path):
     assert model_opset(result.path) == 17 and "opset 11" in result.fallback_reason
 
 
+@pytest.mark.slow
 def test_a_stock_hugging_face_bert_exports_at_opset_17_with_keyword_inputs(tmp_path):
     """The TorchScript exporter (opset 17 is below dynamo's 18) binds inputs by position; BertModel's
     forward() then got "multiple values for argument 'use_cache'"."""

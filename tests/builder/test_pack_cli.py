@@ -109,6 +109,7 @@ def test_existing_bundle_is_kept_without_force(tmp_path):
     assert json.loads((tmp_path / "out" / "tiny-cnn-x86" / "manifest.json").read_text())["created"]
 
 
+@pytest.mark.slow
 def test_random_calibration_is_recorded_as_not_validated(tmp_path):
     result = _pack(tmp_path, "tinymodels:tiny_cnn", "--calib-data", "random", "--max-accuracy-drop", "100%")
     assert result.exit_code == 0, result.stderr
