@@ -96,6 +96,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_existing_bundle_is_kept_without_force(tmp_path):
     args = ["tinymodels:tiny_cnn", "--calib-data", "tinymodels:tiny_images", "--quantize", "none"]
     first = _pack(tmp_path, *args)
