@@ -257,13 +257,27 @@ def int8_skipped(options: PackOptions, target: TargetProfile, calibration: DataS
     )
 
 
-def choice_reason(chosen: Candidate, fp32: Candidate, prefer: list[str] | None, optimize_for: str) -> str:
-    """Why ``chosen`` was kept, in one clause (for progress and the report)."""
+def choice_reason(
+    chosen: Candidate, fp32: Candidate, prefer: list[str] | None, optimize_for: str, forced: str | None = None
+) -> str:
+    """Why ``chosen`` was kept, in one clause (for progress and the report).
+
+    ``forced`` is the precision ``--quantize`` forced (not ``auto``): the choice is then among that
+    precision's variants only, and a variant slower than FP32 on this host is said to be so.
+    """
     host = (
         f"host p50 {chosen.latency['p50_ms']:.3f} ms vs fp32 {fp32.latency['p50_ms']:.3f} ms"
         if chosen.latency and fp32.latency
         else ""
     )
+    if forced and forced != "none" and not prefer:
+        reason = f"fastest in-budget variant of the precision --quantize {forced} forces ({host})"
+        if chosen.latency and fp32.latency and chosen.p50 > fp32.p50 * (1 + LATENCY_TIE):
+            reason += (
+                f"; WARNING: {fp32.p50 / chosen.p50:.2f}x the speed of FP32, SLOWER on this host: "
+                "--quantize auto keeps the fastest precision within the budget"
+            )
+        return reason
     if prefer:
         order = " > ".join(prefer)
         return (

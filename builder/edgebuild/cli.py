@@ -10,10 +10,11 @@ import click
 
 from edgebuild.errors import handle_cli_errors
 from edgebuild.options import click_options
+from edgerun.errors import DebugAnywhereGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
+@click.group(cls=DebugAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs (before or after the command).")
 @click.version_option(package_name="edgebuild")
 def main(debug: bool) -> None:
     """Pack trained PyTorch/ONNX models into small, fast, validated ONNX bundles for edge targets.
@@ -44,11 +45,14 @@ def pack(config_path, **params):
     MODEL is package.module:callable (returns an nn.Module), a torch.export .pt2 file, or an .onnx
     file. Without MODEL the embedded digits example is packed with its real data.
 
-    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle).
+    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle),
+    1 edgerun on this host would refuse the bundle (or an unexpected error: the line says so).
     """
     from click.core import ParameterSource
 
     from edgebuild.pack import pack as run_pack
+    from edgebuild.progress import Stopwatch
+    from edgebuild.quiet import library_log_lines
     from edgebuild.recipe import load_recipe, merge, pack_options
 
     ctx = click.get_current_context()
@@ -57,14 +61,24 @@ def pack(config_path, **params):
     if settings.get("sign_key"):
         settings["sign_key"] = Path(settings["sign_key"]).read_bytes()
     options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
-    result = run_pack(options)
+    elapsed = Stopwatch()
+    with library_log_lines() as said:
+        try:
+            result = run_pack(options)
+        finally:
+            # What the libraries logged outside the per-candidate captures (export, validation, serve check).
+            if said.messages:
+                click.echo(f"edgebuild: {said.line('other steps')}", err=True)
     v = result.manifest.validation
     assert v is not None  # pack always records its validation
+    speedup = result.manifest.benchmark["speedup_vs_fp32"]
+    slower = " (SLOWER than FP32 on this host)" if speedup is not None and speedup < 1 else ""
     click.echo(
         f"edgebuild: {result.chosen.name}: {v.metric} {v.packed:.4f} (reference {v.reference:.4f}, drop {v.drop:+.4f}); "
-        f"speed-up vs FP32 {result.manifest.benchmark['speedup_vs_fp32']}×, size {result.chosen.size_bytes / 1024:.1f} KiB",
+        f"speed-up vs FP32 {speedup}×{slower}, size {result.chosen.size_bytes / 1024:.1f} KiB",
         err=True,
     )
+    click.echo(f"edgebuild: done in {elapsed}", err=True)
     click.echo(str(result.bundle))
 
 
@@ -109,14 +123,20 @@ def inspect_command(model, weights, input_shape, top, no_latency, bench_seconds,
 @click.argument("models", nargs=-1, required=True)
 @click.option("--val-data", help="Labelled validation DATA: adds an accuracy column.")
 @click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
-@click.option("--input-shape", help="Example input shape for models that do not declare one.")
+@click.option(
+    "--input-shape", help="Example input shape for models that do not declare one (default: from --val-data)."
+)
+@click.option(
+    "--preprocess",
+    help="How an image folder becomes tensors, as for pack: imagenet, unit, none or FILE.toml (default: RGB, stretch, x1/255).",
+)
 @click.option(
     "--sort-by", type=click.Choice(["latency", "macs", "params", "accuracy"]), default="latency", show_default=True
 )
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 @handle_cli_errors
-def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, as_json):
+def compare(models, val_data, val_samples, input_shape, preprocess, sort_by, bench_seconds, as_json):
     """Rank architectures by MACs, params, measured ORT FP32 latency and (with --val-data) accuracy."""
     import json
 
@@ -130,6 +150,7 @@ def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, 
         sort_by=sort_by,
         bench_seconds=bench_seconds,
         input_shape=parse_shape(input_shape) if input_shape else None,
+        preprocess=preprocess,
     )
     if as_json:
         click.echo(json.dumps([{k: v for k, v in r.to_dict().items() if k != "layers"} for r in reports], indent=2))

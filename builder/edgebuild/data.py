@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class DataSource:
     classes: list[str] | None = None
     # The preprocessing that turned images into tensors, when the data is an image folder.
     preprocess: PreprocessSpec | None = None
+    # Warnings about the data itself (images /v1/predict would refuse), shown once by pack.
+    notes: list[str] = field(default_factory=list)
 
     def batches(self) -> Iterator[Batch]:
         seen = 0
@@ -228,9 +230,37 @@ def default_preprocess(spec: InputSpec) -> PreprocessSpec:
     return parse_spec({**(preset_values("unit") or {}), "color": color})
 
 
+def serve_refusals(source: str, files: list[Path], preprocess: PreprocessSpec) -> str | None:
+    """One warning when /v1/predict would refuse some of these images, else None.
+
+    The check is the server's own (``edgerun.routes.predict.check_image``: the pixel budget, and an
+    aspect ratio more than 4x off the model's under ``stretch``), so pack and serve agree on which
+    images a bundle takes. Pack still uses them (stretched) and says what to declare to serve them.
+    """
+    from edgerun.routes.predict import check_image, image_size
+
+    manifest = preprocess.to_manifest()
+    refused: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            width, height = image_size(path.read_bytes())
+            check_image(width, height, manifest, "\0")
+        except EdgerunError as exc:
+            refused.append((path, str(exc).replace("model '\0' ", "the model ")))
+    if not refused:
+        return None
+    first, why = refused[0]
+    return (
+        f"{len(refused)} of {len(files)} images in '{source}' would be refused by /v1/predict with this "
+        f"preprocessing (e.g. '{first}': {why}); pack uses them as given. To serve such images declare "
+        'resize = "letterbox" or "center-crop" (--preprocess FILE.toml or a [preprocess] recipe table), '
+        "or crop them closer to the model's aspect ratio"
+    )
+
+
 def _image_folder_source(
     root: Path, specs: list[InputSpec], batch_size: int, preprocess: PreprocessSpec
-) -> Callable[[], Iterable[Batch]]:
+) -> tuple[Callable[[], Iterable[Batch]], list[Path]]:
     classes = image_folder_classes(root)
     if not classes:
         raise UsageError(f"data '{root}' has no class sub-folders (expected one sub-folder of images per class)")
@@ -256,7 +286,7 @@ def _image_folder_source(
             x = np.concatenate([load(f) for f, _ in chunk]).astype(specs[0].dtype, copy=False)
             yield Batch({specs[0].name: x}, np.array([label for _, label in chunk], dtype=np.int64))
 
-    return batches
+    return batches, [f for f, _ in files]
 
 
 def _random_source(specs: list[InputSpec], samples: int, seed: int) -> Callable[[], Iterable[Batch]]:
@@ -314,8 +344,9 @@ def open_data(
             image = (preprocess or default_preprocess(inputs[0])).for_input(inputs[0].shape, inputs[0].name)
         except ValueError as exc:
             raise UsageError(f"{purpose} data '{spec}': the preprocessing does not fit the model: {exc}") from None
-        make = _image_folder_source(path, inputs, batch_size, image)
-        return DataSource(spec, make, limit=limit, classes=image_folder_classes(path), preprocess=image)
+        make, files = _image_folder_source(path, inputs, batch_size, image)
+        notes = [note] if (note := serve_refusals(spec, files[:limit] if limit else files, image)) else []
+        return DataSource(spec, make, limit=limit, classes=image_folder_classes(path), preprocess=image, notes=notes)
     if ":" not in spec:
         raise UsageError(
             f"{purpose} data '{spec}' does not exist (expected an image folder, a .npz, 'module:callable' or 'random')"
@@ -333,13 +364,27 @@ def open_data(
     return DataSource(spec, batches, limit=limit)
 
 
-def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str) -> list[InputSpec]:
+def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str, module: Any = None) -> list[InputSpec]:
     """Fill in what the model does not say about its inputs (dynamic sizes, dtypes, rank) from the
     first sample of ``spec``; the data's own names pick forward()'s optional parameters."""
+    return infer_inputs(inputs, spec, purpose, module)[0]
+
+
+def infer_inputs(inputs: list[InputSpec], spec: str, purpose: str, module: Any = None) -> tuple[list[InputSpec], str]:
+    """:func:`resolve_inputs`, plus one line saying what one model call gets and how the data was read.
+
+    ``module`` (a torch model whose inputs only have names) decides how an ``.npz`` is read: see
+    :func:`edgebuild.data_layout.npz_layout`.
+    """
     if spec.endswith(".npz") and Path(spec).is_file() and any(not s.known for s in inputs):
         with np.load(spec, allow_pickle=False) as data:
             present = set(data.files)
-        inputs = _named_subset(inputs, present, spec)
+            inputs = _named_subset(inputs, present, spec)
+            if all(not s.known for s in inputs):
+                from edgebuild.data_layout import npz_layout
+
+                arrays = {s.name: data[s.name] if s.name in present else data["x"] for s in inputs}
+                return npz_layout(inputs, arrays, spec, module)
     elif ":" in spec and not Path(spec).exists() and any(not s.known for s in inputs):
         factory = import_callable(spec, what=f"{purpose} data")
         try:
@@ -365,7 +410,13 @@ def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str) -> list[Inp
             resolved.append(replace(s, shape=shape))
         else:
             resolved.append(InputSpec(s.name, tuple(int(d) for d in sample), array.dtype.name))
-    return resolved
+    how = "one call per entry" if first_batch.calls else "rows of the batch axis"
+    return resolved, f"{describe_inputs(resolved)} per call ({how})"
+
+
+def describe_inputs(inputs: list[InputSpec]) -> str:
+    """``input_ids [1, 32] int64, attention_mask [1, 32] int64``: what one model call gets."""
+    return ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in inputs)
 
 
 def _named_subset(inputs: list[InputSpec], present: set[str], spec: str) -> list[InputSpec]:

@@ -107,6 +107,8 @@ def make_golden(
 class ServeCheckError(EdgebuildError):
     """edgerun on this host would refuse the staged bundle (exit code 1; nothing written)."""
 
+    exit_code = 1
+
 
 def check_serves(bundle_dir: Path) -> str:
     """Load the staged bundle with edgerun's own loader (verify -> session -> golden check on the

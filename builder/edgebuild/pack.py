@@ -21,6 +21,7 @@ from typing import Any, cast
 import numpy as np
 
 from edgebuild import __version__
+from edgebuild.budget import drop_in_samples, resolution_note
 from edgebuild.bundle import check_bundle_name, check_destination, write_bundle
 from edgebuild.candidates import (
     Candidate,
@@ -34,14 +35,15 @@ from edgebuild.candidates import (
     select,
     time_interleaved,
 )
-from edgebuild.data import DataSource, first_feed, open_data, resolve_inputs
-from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, first_line
+from edgebuild.data import DataSource, first_feed, infer_inputs, open_data
+from edgebuild.errors import AccuracyBudgetError, UsageError, first_line
 from edgebuild.export import export_onnx
 from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.options import PackOptions, check_choices
 from edgebuild.passes.fusion import fused_partial, fusion_plans
 from edgebuild.profile_format import append_report_section
+from edgebuild.progress import Stopwatch, candidate_line
 from edgebuild.recipe import load_labels, load_preprocess
 from edgebuild.report import write_report
 from edgebuild.shipping import record_host_isa, shipped_variants
@@ -218,11 +220,10 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         shapes_from_data=bool(real_data),
     )
     if not source.resolved:
-        source.inputs = resolve_inputs(
-            source.inputs, real_data[0], "calibration" if real_data[0] == options.calib_data else "validation"
-        )
+        purpose = "calibration" if real_data[0] == options.calib_data else "validation"
+        source.inputs, layout = infer_inputs(source.inputs, real_data[0], purpose, source.module)
         require_shapes(source.inputs)
-        progress(f"inputs from the data: {', '.join(f'{s.name} {list(s.shape)} {s.dtype}' for s in source.inputs)}")
+        progress(f"inputs from the data: {layout}")
     if source.kind == "pt2" and options.torch_passes:
         flags = "/".join(f"--{p.name}" for p in options.torch_passes)
         raise UsageError(
@@ -266,6 +267,11 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
     if calibration is not None and calibration.is_random:
         progress("WARNING: calibrating on random data hides real accuracy loss; give --calib-data with real samples")
+    serves_images = options.preprocess != "none"  # "--preprocess none": no /v1/predict to disagree with
+    for note in dict.fromkeys(
+        n for d in (calibration, validation_source) if d is not None and serves_images for n in d.notes
+    ):
+        progress(f"WARNING: {note}")
     val = validation_source.collect()
     preprocess = _data_preprocess(preprocess, calibration, validation_source, options, progress)
     passes: list[PassRecord] = []
@@ -286,6 +292,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
 
         progress(f"export: ONNX opset {target.opset} ...")
         exported = export_onnx(source, workdir, target.opset)
+        if exported.library_line():
+            progress(str(exported.library_line()))
         passes.append(
             PassRecord(
                 name="export",
@@ -310,6 +318,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
         if metric.warning:
             progress(f"WARNING: {metric.warning}; judging by top-1 agreement with the FP32 reference instead")
+        resolution = resolution_note(metric.name, len(val), float(options.max_accuracy_drop))
+        if resolution:
+            progress(f"WARNING: {resolution}")
         batch = fixed_batch(exported.path) or 1  # timed at batch 1, or at the batch a model pins
         feed1 = first_feed(val, batch)
 
@@ -322,13 +333,17 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         plans += fusion_plans(options, target, source, exported, workdir, progress)  # transformers only
         for plan in plans:
             progress(f"quantize: building {plan.name} ...")
+            took = Stopwatch()
             candidates.append(build_candidate(plan, exported.path, workdir, progress))
+            progress(f"quantize: {plan.name} {'failed' if candidates[-1].error else 'built'} ({took})")
         capped = " (the --val-samples cap)" if validated and len(val) >= options.val_samples else ""
         progress(
             f"validate + benchmark {len(candidates)} candidate(s) on {len(val)} samples{capped} ({metric.name}) ..."
         )
-        for candidate in candidates:
+        for index, candidate in enumerate(candidates, 1):
+            took = Stopwatch()
             measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
+            progress(candidate_line(index, len(candidates), candidate, took))
         if fp32 not in candidates:
             measure_candidate(fp32, target, ref, val, metric, feed1, options.bench_seconds)
         apply_budget(candidates, float(options.max_accuracy_drop))
@@ -339,7 +354,10 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         if mixed:
             candidates.extend(mixed)
             apply_budget(candidates, float(options.max_accuracy_drop))
+        took = Stopwatch()
         time_interleaved(candidates + ([fp32] if fp32 not in candidates else []), target, feed1, options.bench_seconds)
+        if sum(1 for c in candidates if c.usable) > 1:
+            progress(f"timed the candidates again in alternating rounds ({took})")
         if options.recipe:
             passes.insert(0, PassRecord(name="recipe", params=options.recipe, metrics={}))
         for candidate in candidates:
@@ -360,7 +378,10 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
         if chosen is None and not any(c.usable for c in candidates):
             failures = "; ".join(f"{c.name}: {c.error}" for c in candidates)
-            raise EdgebuildError(f"no candidate could be built ({failures})")
+            raise UsageError(
+                f"no candidate could be built ({failures}); --quantize {options.quantize} does not fit this model: "
+                "try --quantize auto (measures every precision the target allows) or another precision"
+            )
         if chosen is None:
             report_path = dest.parent / f"{dest.name}.report.md"
             write_report(
@@ -377,12 +398,15 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             detail = "no candidate could be built"
             if drops:
                 drop, closest = min(drops)
-                detail = f"best {closest}: {metric.name} drop {drop:.4f}"
+                detail = f"best {closest}: {metric.name} drop {drop:.4f}{drop_in_samples(metric.name, drop, len(val))}"
+                if resolution:
+                    detail += f"; {resolution}"
             raise AccuracyBudgetError(
                 f"no variant within --max-accuracy-drop {options.max_accuracy_drop} ({detail}); report: {report_path}",
                 report_path,
             )
-        choice = choice_reason(chosen, fp32, _gpu_preference(target), options.optimize_for)
+        forced = None if options.quantize == "auto" else options.quantize
+        choice = choice_reason(chosen, fp32, _gpu_preference(target), options.optimize_for, forced)
         progress(f"chosen: {chosen.name}: {choice}")
 
         shipped = shipped_variants(chosen, candidates, options, target)

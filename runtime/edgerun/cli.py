@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from edgerun import startup  # noqa: F401  (early: the start-up timeline's origin)
-from edgerun.errors import EdgerunError, report_errors
+from edgerun.errors import DebugAnywhereGroup, EdgerunError, report_errors
 from edgerun.memory import tune_malloc
 from edgerun.serve_options import DEFAULT_CACHE_DIR, LOAD_OPTIONS, ServeOptions, click_options
 
@@ -65,8 +65,8 @@ def _secret(value: str | None, path: str | None, option: str, envvar: str) -> st
     return value.strip() if value is not None else None
 
 
-@click.group()
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.group(cls=DebugAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (before or after the command).")
 @click.version_option(package_name="edgebuild", prog_name="edgerun")
 def main(debug: bool) -> None:
     """Serve edgebuild bundles on the device (KServe v2 REST)."""

@@ -356,8 +356,9 @@ def test_forcing_int8_on_a_model_it_cannot_quantize_says_so_instead_of_blaming_t
             "0.05",
         ],
     )
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # the model cannot take the forced precision: bad input
     assert "no candidate could be built" in result.stderr and "quantized 0 compute ops" in result.stderr
+    assert "try --quantize auto" in result.stderr and result.stderr.count("edgebuild: error:") == 1
     assert not (tmp_path / "out" / "if-x86").exists()
 
 

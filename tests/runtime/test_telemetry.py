@@ -68,6 +68,7 @@ def test_library_use_leaves_no_device_id_file(tmp_path):
     assert files_in(scratch) == []
 
 
+@pytest.mark.slow
 def test_serve_and_pack_leave_nothing_in_tmpdir(bundles, tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
