@@ -22,7 +22,7 @@ from edgebuild.passes import partial
 from edgebuild.passes import quantize as q
 from edgebuild.quiet import Captured, captured_library_output
 from edgebuild.targets import TargetProfile
-from edgebuild.validate import evaluate, run_session
+from edgebuild.validate import evaluate, output_names, run_session
 
 if TYPE_CHECKING:
     from edgebuild.pack import PackOptions
@@ -278,7 +278,7 @@ def choice_reason(chosen: Candidate, fp32: Candidate, prefer: list[str] | None, 
 def measure_candidate(
     candidate: Candidate,
     target: TargetProfile,
-    ref: np.ndarray,
+    ref: list[np.ndarray],
     val: Batch,
     metric,
     feed1,
@@ -290,7 +290,7 @@ def measure_candidate(
         return
     session = make_session(candidate.file, target.session.graph_optimization_level, config=target.session.config)
     if validation is None:
-        validation = evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
+        validation = evaluate(metric, ref, run_session(session, val.inputs), val.labels, output_names(session))
     candidate.validation = validation
     candidate.latency = session_latency(session, feed1, max_seconds=seconds)
 
@@ -341,7 +341,7 @@ def partial_candidates(
 
     def validate(path: Path) -> dict:
         session = make_session(path, target.session.graph_optimization_level, config=target.session.config)
-        return evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
+        return evaluate(metric, ref, run_session(session, val.inputs), val.labels, output_names(session))
 
     ranking_feed = {k: v[: partial.PartialConfig().ranking_samples] for k, v in val.inputs.items()}
     budget = float(options.max_accuracy_drop)

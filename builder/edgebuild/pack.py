@@ -118,11 +118,14 @@ def _tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
 
 
-def _reference_outputs(source: ModelSource, fp32_path: Path, inputs: dict[str, np.ndarray], data: str) -> np.ndarray:
+def _reference_outputs(
+    source: ModelSource, fp32_path: Path, inputs: dict[str, np.ndarray], data: str
+) -> list[np.ndarray]:
+    """Every output of the reference model on the validation inputs (model order)."""
     try:
         if source.module is not None:
-            return torch_outputs(source, inputs)[0]
-        return run_session(make_session(fp32_path), inputs)[0]
+            return torch_outputs(source, inputs)
+        return run_session(make_session(fp32_path), inputs)
     except Exception as exc:  # noqa: BLE001 - user model code and ONNX Runtime raise many types
         raise UsageError(f"the model fails on the validation data '{data}': {first_line(exc)}") from None
 
@@ -296,12 +299,12 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
 
         ref = _reference_outputs(original, exported.path, val.inputs, validation_source.description)
-        labels = _labels(labels, validation_source, calibration, ref, progress)
+        labels = _labels(labels, validation_source, calibration, ref[0], progress)
         declared = extras.get("postprocess") or {}
         metric = choose_metric(
             options.metric,
             val.labels,
-            ref,
+            ref[0],
             known_classifier=bool(labels) or declared.get("type") == "classification",
             data=validation_source.description,
         )
@@ -384,7 +387,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         inputs, outputs = _tensor_specs(chosen.file)
         relative = {id(c): "model.onnx" if c is chosen else f"variants/{c.name}.onnx" for c in shipped}
         golden_bytes, golden = make_golden(
-            outputs[0].name,
+            [o.name for o in outputs],
             [ShippedModel(relative[id(c)], c.path) for c in shipped if c.path is not None],
             ref,
             val,
