@@ -190,6 +190,15 @@ class Metric:
             return self._call(reference, packed, labels)
         return float(numbers[self.name])
 
+    def measure(
+        self, numbers: dict, reference: Outputs, packed: Outputs, labels: np.ndarray | None, names
+    ) -> dict:
+        """The budget's numbers (``metric``, ``reference``, ``packed``, ``drop``; a task's metric adds its
+        own figures, and ``refused`` with the reason when a guard rejects the variant whatever the drop)."""
+        ref_value = self.reference_value(reference, labels)
+        value = self.packed_value(numbers, reference, packed, labels) if numbers["finite"] else float("-inf")
+        return {"metric": self.name, "reference": ref_value, "packed": value, "drop": ref_value - value}
+
 
 # A plain --max-accuracy-drop above this is almost always a percent typed as a number ("1" for
 # one percent turns the budget off); larger budgets must be written as a percent.
@@ -308,9 +317,17 @@ def evaluate(
     """The budget's metric and every output comparison of ``packed`` against ``reference`` (all outputs)."""
     reference, packed = as_outputs(reference), as_outputs(packed)
     numbers = compare_outputs(reference, packed, labels, names)
-    ref_value = metric.reference_value(reference, labels)
-    value = metric.packed_value(numbers, reference, packed, labels) if numbers["finite"] else float("-inf")
-    numbers.update({"metric": metric.name, "reference": ref_value, "packed": value, "drop": ref_value - value})
+    numbers.update(metric.measure(numbers, reference, packed, labels, names))
     if metric.first_output_only:
         numbers["metric_outputs"] = "first only (the metric takes one array)"
     return numbers
+
+
+def within_budget(validation: dict | None, max_drop: float) -> bool:
+    """A validated variant is within the budget: finite outputs, not refused by a guard, drop <= max_drop."""
+    return bool(
+        validation is not None
+        and validation.get("finite", True)
+        and not validation.get("refused")
+        and validation["drop"] <= max_drop + 1e-12
+    )
