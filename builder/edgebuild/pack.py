@@ -26,6 +26,7 @@ from edgebuild.candidates import (
     Candidate,
     apply_budget,
     build_candidate,
+    calibration_fallbacks,
     choice_reason,
     int8_skipped,
     measure_candidate,
@@ -363,8 +364,25 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         if fp32 not in candidates:
             measure_candidate(fp32, target, ref, val, metric, feed1, options.bench_seconds)
         apply_budget(candidates, float(options.max_accuracy_drop))
-        mixed = partial_candidates(
+        calibrated = calibration_fallbacks(
             options, target, candidates, calibration, exported.path, workdir, ref, val, metric, feed1, progress
+        )
+        if calibrated:
+            candidates.extend(calibrated)
+            apply_budget(candidates, float(options.max_accuracy_drop))
+        mixed = partial_candidates(
+            options,
+            target,
+            candidates,
+            calibration,
+            exported.path,
+            workdir,
+            ref,
+            val,
+            metric,
+            feed1,
+            progress,
+            float_head=_float_head(task, options),
         )
         if mixed:
             candidates.extend(mixed)
