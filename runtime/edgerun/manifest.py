@@ -135,7 +135,20 @@ class GoldenThresholds(_Model):
     rtol: float = 0.0
     # Fraction of golden samples whose top-1 must agree (classifiers), if set.
     min_top1_agreement: float | None = None
+    # Detection: when any of these is set, post-NMS boxes are compared instead of raw values (atol ignored).
+    min_box_iou: float | None = Field(
+        default=None, gt=0, le=1, description="IoU a box must reach to match a golden box"
+    )
+    max_score_diff: float | None = Field(
+        default=None, ge=0, description="largest |score - golden score| of a matched box"
+    )
+    min_box_match: float | None = Field(
+        default=None, ge=0, le=1, description="fraction of boxes matched at min_box_iou (of the larger box count)"
+    )
     measured: dict[str, Any] = Field(default_factory=dict)
+
+    def compares_boxes(self) -> bool:
+        return any(v is not None for v in (self.min_box_iou, self.max_score_diff, self.min_box_match))
 
 
 class GoldenSpec(_Model):
@@ -146,6 +159,10 @@ class GoldenSpec(_Model):
     rtol: float = 0.0
     # Fraction of golden samples whose top-1 must agree (classifiers), if set.
     min_top1_agreement: float | None = None
+    # Detection box tolerances for variants not listed (see GoldenThresholds).
+    min_box_iou: float | None = Field(default=None, gt=0, le=1)
+    max_score_diff: float | None = Field(default=None, ge=0)
+    min_box_match: float | None = Field(default=None, ge=0, le=1)
     # Per variant path: tolerances derived from what that variant measured on the build host
     # (the top-level values apply to variants not listed).
     variants: dict[str, GoldenThresholds] = Field(default_factory=dict)

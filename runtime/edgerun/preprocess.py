@@ -1,4 +1,4 @@
-"""Image pre-processing and classification post-processing from the manifest.
+"""Image pre-processing from the manifest, and where the image lands in the model input.
 
 One implementation turns an image into the model's tensor everywhere: the builder's image-folder
 data (calibration, validation, golden inputs) and the server's ``/v1/predict`` both call
@@ -11,7 +11,8 @@ tensors the bundle was calibrated and validated on.
      "interpolation": "bilinear", "scale": 0.00392156862745098,
      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "dtype": "float32"}
 
-``manifest.postprocess`` example: ``{"type": "classification", "softmax": true, "top_k": 5}``.
+:func:`preprocess_image_with_transform` also returns the :class:`ImageTransform` (scale, offsets) that
+maps boxes found in the model input back to the image as sent.
 """
 
 from __future__ import annotations
@@ -335,17 +336,3 @@ def load_labels(root: Path, labels: str | None) -> list[str] | None:
         return [line.strip() for line in (Path(root) / labels).read_text().splitlines() if line.strip()]
     except OSError as exc:
         raise BundleError(f"labels file '{labels}' cannot be read ({exc})") from None
-
-
-def classify(scores: np.ndarray, spec: dict[str, Any], labels: list[str] | None) -> list[dict[str, Any]]:
-    """Top-k of the first row of ``scores``; softmax first when the manifest asks for it."""
-    row = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)[0]
-    if spec.get("softmax"):
-        row = np.exp(row - row.max())
-        row = row / row.sum()
-    k = max(1, min(int(spec.get("top_k", 5)), row.size))
-    top = np.argsort(-row, kind="stable")[:k]
-    return [
-        {"index": int(i), "label": labels[i] if labels and i < len(labels) else str(int(i)), "score": float(row[i])}
-        for i in top
-    ]

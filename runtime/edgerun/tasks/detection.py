@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgerun.errors import BundleError
+from edgerun.tasks.base import ImageResult, ImageTask
+
 if TYPE_CHECKING:
     from edgerun.preprocess import ImageTransform
 
@@ -44,22 +47,26 @@ class DetectionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["detection"] = "detection"
-    format: DetectionFormat = Field("yolov8", description="layout of the raw output: " + " | ".join(FORMATS))
-    conf: float = Field(0.25, gt=0, le=1, description="keep boxes whose score is at least this")
-    iou: float = Field(0.7, gt=0, le=1, description="NMS drops a box overlapping a better one by more than this IoU")
-    max_det: int = Field(300, ge=1, description="at most this many boxes per image, best first")
+    format: DetectionFormat = Field(default="yolov8", description="layout of the raw output: " + " | ".join(FORMATS))
+    conf: float = Field(default=0.25, gt=0, le=1, description="keep boxes whose score is at least this")
+    iou: float = Field(
+        default=0.7, gt=0, le=1, description="NMS drops a box overlapping a better one by more than this IoU"
+    )
+    max_det: int = Field(default=300, ge=1, description="at most this many boxes per image, best first")
     strides: list[int] = Field(
         default_factory=lambda: [8, 16, 32], description="yolox: grid strides of the head, in input pixels"
     )
     box: Literal["xywh", "xyxy"] = Field(
-        "xywh", description="split: box coordinates as centre+size (xywh) or corners (xyxy)"
+        default="xywh", description="split: box coordinates as centre+size (xywh) or corners (xyxy)"
     )
-    normalized: bool = Field(False, description="coordinates are fractions 0..1 of the model input size")
-    class_agnostic: bool = Field(False, description="NMS across classes (a box suppresses any class)")
-    boxes_output: str | None = Field(None, description="output holding the boxes (split) or the whole head")
-    scores_output: str | None = Field(None, description="split: output holding the class scores")
+    normalized: bool = Field(default=False, description="coordinates are fractions 0..1 of the model input size")
+    class_agnostic: bool = Field(default=False, description="NMS across classes (a box suppresses any class)")
+    boxes_output: str | None = Field(default=None, description="output holding the boxes (split) or the whole head")
+    scores_output: str | None = Field(default=None, description="split: output holding the class scores")
     num_classes: int | None = Field(
-        None, ge=1, description="classes in the head; extra trailing channels (e.g. mask coefficients) are ignored"
+        default=None,
+        ge=1,
+        description="classes in the head; extra trailing channels (e.g. mask coefficients) are ignored",
     )
 
     @field_validator("strides")
@@ -300,3 +307,94 @@ def _select(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, conf: 
 def to_image(det: Detections, transform: ImageTransform) -> Detections:
     """Boxes from model-input pixels to the original image's pixels, clipped to the image."""
     return Detections(transform.to_image(det.boxes), det.scores, det.class_ids)
+
+
+@dataclass(frozen=True)
+class BoxMatch:
+    """How detections agree with reference detections (e.g. golden FP32 ones), box by box."""
+
+    reference_boxes: int
+    boxes: int
+    matched: int  # same-class pairs at IoU >= the matching threshold
+    worst_iou: float  # lowest IoU among the matched pairs (1.0 when none)
+    max_score_diff: float  # largest |score - reference score| among the matched pairs
+
+    @property
+    def fraction(self) -> float:
+        """Matched pairs over the larger box count: a missed box and a spurious one count alike."""
+        total = max(self.reference_boxes, self.boxes)
+        return self.matched / total if total else 1.0
+
+
+def match_detections(reference: Sequence[Detections], found: Sequence[Detections], min_iou: float) -> BoxMatch:
+    """Pair each reference box (best score first) with the unpaired found box of its class that overlaps
+    it most, image by image; a pair counts when its IoU is at least ``min_iou``."""
+    if len(reference) != len(found):
+        raise ValueError(f"{len(reference)} reference images but {len(found)} with detections")
+    matched, worst_iou, worst_score = 0, 1.0, 0.0
+    for want, got in zip(reference, found, strict=True):
+        free = np.ones(len(got), dtype=bool)
+        for box, score, class_id in zip(want.boxes, want.scores, want.class_ids, strict=True):
+            candidates = np.flatnonzero(free & (got.class_ids == class_id))
+            if not candidates.size:
+                continue
+            overlaps = box_iou(box.astype(np.float64), got.boxes[candidates].astype(np.float64))
+            best = int(np.argmax(overlaps))
+            if overlaps[best] < min_iou:
+                continue
+            free[candidates[best]] = False
+            matched += 1
+            worst_iou = min(worst_iou, float(overlaps[best]))
+            worst_score = max(worst_score, abs(float(got.scores[candidates[best]]) - float(score)))
+    return BoxMatch(sum(map(len, reference)), sum(map(len, found)), matched, worst_iou, worst_score)
+
+
+# ---- the /v1/predict answer ----
+
+
+class DetectedObject(BaseModel):
+    label: str = Field(description="the class name from the bundle's labels, else the class index")
+    class_id: int
+    score: float
+    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in the original image's pixels")
+
+
+class DetectionResponse(BaseModel):
+    model: str
+    image_size: tuple[int, int] = Field(description="[width, height] of the image as sent")
+    detections: list[DetectedObject] = Field(description="best score first; empty when nothing is detected")
+
+
+def answer(result: ImageResult) -> DetectionResponse:
+    """Decode + NMS on the model's outputs, boxes mapped back to the image as sent."""
+    spec = result.manifest.detection_spec()
+    assert spec is not None  # the registry sends only detection bundles here
+    names = [s.name for s in result.manifest.outputs]
+    width, height = result.transform.input
+    options = result.options
+    try:
+        (found,) = detect(
+            [result.outputs[n] for n in names],
+            names,
+            spec,
+            (height, width),
+            conf=options.conf,
+            iou=options.iou,
+            max_det=options.max_det,
+        )
+    except ValueError as exc:  # the outputs do not fit the manifest's format: the bundle is wrong, not the request
+        raise BundleError(f"model '{result.model}': {exc}") from None
+    found = to_image(found, result.transform)
+    detections = [
+        DetectedObject(
+            label=result.label(int(c)),
+            class_id=int(c),
+            score=float(s),
+            box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+        )
+        for b, s, c in zip(found.boxes, found.scores, found.class_ids, strict=True)
+    ]
+    return DetectionResponse(model=result.model, image_size=result.transform.original, detections=detections)
+
+
+TASK = ImageTask("detection", DetectionResponse, answer, options=("conf", "iou", "max_det"), offload=True)
