@@ -38,7 +38,7 @@ from edgebuild.candidates import (
 from edgebuild.data import DataSource, first_feed, open_data, resolve_inputs
 from edgebuild.errors import AccuracyBudgetError, EdgebuildError, UsageError, first_line
 from edgebuild.export import export_onnx
-from edgebuild.golden import ShippedModel, check_serves, make_golden
+from edgebuild.golden import BoxCheck, ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.options import PackOptions, check_choices
 from edgebuild.recipe import load_labels, load_postprocess, load_preprocess
@@ -61,6 +61,7 @@ from edgerun.manifest import (
     Validation,
 )
 from edgerun.preprocess import PreprocessSpec
+from edgerun.tasks.detection import DetectionSpec
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             options.max_accuracy_drop = task.default_budget(metric)
         progress(f"task {task.name}: {metric.name} ({metric.reason}); budget: drop <= {options.max_accuracy_drop:g}")
         if metric.warning:
-            progress(f"WARNING: {metric.warning}; judging by top-1 agreement with the FP32 reference instead")
+            progress(f"WARNING: {metric.warning}")
         batch = fixed_batch(exported.path) or 1  # timed at batch 1, or at the batch a model pins
         feed1 = first_feed(val, batch)
 
@@ -444,6 +445,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             val,
             target,
             classifier=metric.is_classification,
+            boxes=_box_check(postprocess, source.inputs, preprocess, float(options.max_accuracy_drop)),
         )
         providers, serving = _providers(target, chosen, inputs, val, options, passes, exported.path, progress)
         files: dict[str, Path | bytes] = {"model.onnx": chosen.file, "golden.npz": golden_bytes}
@@ -579,6 +581,14 @@ def _labels(
     if classes:
         progress(f"labels: not taken from the image folder ({len(classes)} classes, model outputs {width})")
     return None
+
+
+def _box_check(postprocess: dict | None, inputs, preprocess: PreprocessSpec | None, max_drop: float) -> BoxCheck | None:
+    """Detection bundles: the device checks golden boxes, with tolerances measured here."""
+    if not postprocess or postprocess.get("type") != "detection":
+        return None
+    hw = _image_hw(inputs, preprocess)
+    return None if hw is None else BoxCheck(DetectionSpec.model_validate(postprocess), hw, max_drop)
 
 
 def _float_head(task: Task, options: PackOptions) -> bool:

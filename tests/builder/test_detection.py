@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from detmodels import CLASSES, SIZE, images, tiny_yolo, write_scene_folder, write_tiny_yolo_onnx
+from detmodels import (
+    CLASSES,
+    SIZE,
+    images,
+    tiny_yolo,
+    write_scene_folder,
+    write_self_labelled_folder,
+    write_tiny_yolo_onnx,
+)
 
 from edgebuild.candidates import Candidate, apply_budget
 from edgebuild.data import Batch, open_data
@@ -183,7 +191,7 @@ def test_ultralytics_metadata_declares_task_labels_format_and_letterbox(tmp_path
     }.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
-    scenes = write_scene_folder(tmp_path / "scenes", n=6)
+    scenes = write_self_labelled_folder(tmp_path / "scenes", n=6)
     result = pack(
         PackOptions(
             model=str(path),
@@ -199,7 +207,25 @@ def test_ultralytics_metadata_declares_task_labels_format_and_letterbox(tmp_path
     assert manifest.task == "detection" and manifest.postprocess["format"] == "yolov8"
     assert manifest.preprocess["resize"] == "letterbox" and manifest.preprocess["fill"] == 114
     assert (result.bundle / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
-    assert manifest.validation.metric == "map50-95"
+    assert manifest.validation.metric == "map50-95" and manifest.validation.reference > 0.9
+
+
+def test_labels_the_fp32_detector_cannot_score_switch_to_box_agreement_loudly(tmp_path):
+    scenes = write_scene_folder(tmp_path / "scenes", n=6)  # random boxes: the detector never saw them
+    said: list[str] = []
+    result = pack(
+        PackOptions(
+            model="detmodels:tiny_yolo",
+            output_dir=tmp_path / "out",
+            val_data=str(scenes),
+            quantize="none",
+            **FAST,
+        ),
+        progress=said.append,
+    )
+    assert result.manifest.validation.metric == "box-agreement"
+    assert any(line.startswith("WARNING: the FP32 model scores mAP50") for line in said)
+    assert result.manifest.validation.max_accuracy_drop == 0.05  # box agreement's default budget
 
 
 def test_fixed_batch_detector_gets_calibration_fallbacks_and_partial_quantization(tmp_path):

@@ -147,22 +147,45 @@ class DetectionMetric(Metric):
         return out
 
 
+# With labels, an FP32 mAP50 below this means the labels do not describe what the model detects (another
+# class order, another label set, normalised boxes read as pixels): a drop of it means nothing.
+VACUOUS_MAP50 = 0.05
+
+
 def detection_metric(context: TaskContext, spec: DetectionSpec) -> Metric:
     if context.input_hw is None:
         raise UsageError("detection needs an image input with a fixed height and width ([N, C, H, W])")
     truth = context.val.targets
     classes = spec.num_classes or (len(context.class_names) if context.class_names else None)
+    agreement_reason = (
+        f"box agreement: COCO mAP50-95 of each variant's boxes (conf >= {EVAL_CONF}) against FP32's own at "
+        f"conf >= {spec.conf}"
+    )
     if truth is not None:
         boxes = sum(len(t) for t in truth)
         reason = f"labelled detection data ({boxes} boxes): COCO mAP50-95 of each variant's boxes (pycocotools)"
-        return DetectionMetric(
+        metric = DetectionMetric(
             "map50-95", reason=reason, spec=spec, input_hw=context.input_hw, truth=truth, classes=classes
         )
-    reason = (
-        f"no box labels: box agreement, COCO mAP50-95 of each variant's boxes (conf >= {EVAL_CONF}) against "
-        f"FP32's own at conf >= {spec.conf}"
+        fp32 = metric.reference_detections(context.reference, context.output_names)["labels"]
+        if not fp32["map50"] >= VACUOUS_MAP50:  # also NaN: no labelled box at all
+            warning = (
+                f"the FP32 model scores mAP50 {fp32['map50']:.4f} against these box labels ({boxes} boxes): they do "
+                "not describe what it detects (class order? another label set? box format?); judging by box "
+                "agreement with FP32 instead"
+            )
+            return DetectionMetric(
+                "box-agreement",
+                reason=f"FP32 mAP50 {fp32['map50']:.4f} on the labels is vacuous: {agreement_reason}",
+                warning=warning,
+                spec=spec,
+                input_hw=context.input_hw,
+                classes=classes,
+            )
+        return metric
+    return DetectionMetric(
+        "box-agreement", reason=f"no box labels: {agreement_reason}", spec=spec, input_hw=context.input_hw, classes=classes
     )
-    return DetectionMetric("box-agreement", reason=reason, spec=spec, input_hw=context.input_hw, classes=classes)
 
 
 def _format_from_shape(shape: Sequence[int], names: list[str] | None, end2end: bool | None) -> str | None:
