@@ -486,8 +486,15 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             labels="labels.txt" if labels else None,
             report=["report.md", "report.png"],
         )
+        pictures = {}
+        if postprocess and postprocess.get("type") == "detection":
+            picture = _detection_picture(workdir, chosen, ref, val, exported_outputs, postprocess, preprocess, labels, target, source.inputs)
+            if picture is not None:
+                files[picture.name] = picture
+                pictures[picture.name] = "Detections: FP32 (green) and the chosen variant (red) on two validation images"
         report_md, report_png = write_report(
             workdir / "report.md",
+            pictures=pictures,
             choice=choice,
             name=name,
             target=target,
@@ -502,6 +509,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             files["report.png"] = report_png
         else:
             manifest.report = ["report.md"]
+        manifest.report += list(pictures)
         progress(f"writing bundle {dest} ...")
 
         def serves(staged: Path) -> None:  # pack => serve: edgerun's own loader accepts the staged bundle
@@ -581,6 +589,34 @@ def _labels(
     if classes:
         progress(f"labels: not taken from the image folder ({len(classes)} classes, model outputs {width})")
     return None
+
+
+# Validation images drawn in report-detections.png.
+PICTURE_IMAGES = 2
+
+
+def _detection_picture(
+    workdir: Path, chosen: Candidate, ref, val, outputs, postprocess, preprocess, labels, target, inputs
+) -> Path | None:
+    """FP32's and the chosen variant's boxes (at the serving conf) on the first validation images."""
+    from edgebuild.tasks.detection_picture import draw
+    from edgerun.tasks.detection import detect
+
+    hw = _image_hw(inputs, preprocess)
+    if hw is None or val.calls:
+        return None
+    spec = DetectionSpec.model_validate(postprocess)
+    names = [o.name for o in outputs]
+    rows = {k: v[:PICTURE_IMAGES] for k, v in val.inputs.items()}
+    session = make_session(chosen.file, target.session.graph_optimization_level, config=target.session.config)
+    fp32 = detect([r[:PICTURE_IMAGES] for r in ref], names, spec, hw)
+    packed = detect(run_session(session, rows), names, spec, hw)
+    image_input = preprocess.input if preprocess is not None and preprocess.input else inputs[0].name
+    try:
+        return draw(workdir / "report-detections.png", rows[image_input], preprocess, fp32, packed, chosen.name, labels)
+    except (ImportError, OSError, ValueError) as exc:  # the picture is a courtesy; the numbers are in the report
+        log.warning("report-detections.png not drawn: %s", exc)
+        return None
 
 
 def _box_check(postprocess: dict | None, inputs, preprocess: PreprocessSpec | None, max_drop: float) -> BoxCheck | None:

@@ -134,8 +134,19 @@ def notes(candidates, fp32) -> list[str]:
 
 
 def write_report(
-    path: Path, *, name, target, candidates, chosen, validation: dict, fp32, passes, choice: str | None = None
+    path: Path,
+    *,
+    name,
+    target,
+    candidates,
+    chosen,
+    validation: dict,
+    fp32,
+    passes,
+    choice: str | None = None,
+    pictures: dict[str, str] | None = None,
 ) -> tuple[Path, Path | None]:
+    """``pictures`` maps a file written next to the report (e.g. ``report-detections.png``) to its caption."""
     lines = [f"# {name} for {target.name}", "", target.description, ""]
     if chosen is None:
         lines += ["**No variant met the accuracy budget; no bundle was written.**", ""]
@@ -161,6 +172,8 @@ def write_report(
     if validation.get("metric_reason"):
         lines.append(f"- why this metric: {validation['metric_reason']}")
     lines += ["", "## Candidates", "", *candidate_table(candidates, chosen), ""]
+    for file, caption in (pictures or {}).items():
+        lines += [f"## {caption}", "", f"![{caption}]({file})", ""]
     extra = notes(candidates, fp32)
     if extra:
         lines += ["## Notes", "", *extra, ""]

@@ -208,6 +208,12 @@ def test_ultralytics_metadata_declares_task_labels_format_and_letterbox(tmp_path
     assert manifest.preprocess["resize"] == "letterbox" and manifest.preprocess["fill"] == 114
     assert (result.bundle / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
     assert manifest.validation.metric == "map50-95" and manifest.validation.reference > 0.9
+    assert "report-detections.png" in manifest.report and "report-detections.png" in manifest.files
+    assert "](report-detections.png)" in (result.bundle / "report.md").read_text()
+    from PIL import Image
+
+    with Image.open(result.bundle / "report-detections.png") as picture:
+        assert picture.width > 2 * SIZE  # two panels, scaled up
 
 
 def test_labels_the_fp32_detector_cannot_score_switch_to_box_agreement_loudly(tmp_path):
