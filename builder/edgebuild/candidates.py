@@ -7,6 +7,7 @@ accuracy budget. FP32 is always a candidate, so ``auto`` never fails the budget.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -144,9 +145,7 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_SEARCH = ("quick", "full")
 
 
-def static_variants(
-    options: PackOptions, target: TargetProfile, float_head: bool = False
-) -> list[q.StaticInt8Config]:
+def static_variants(options: PackOptions, target: TargetProfile, float_head: bool = False) -> list[q.StaticInt8Config]:
     """Static INT8 recipes to measure: the target preset first, then (auto on CPUs) the variants that
     change speed and accuracy per model and CPU, so only a measurement decides (FIELD-NOTES)."""
     preset = q.StaticInt8Config.from_profile(
@@ -337,6 +336,10 @@ def time_interleaved(
         }
 
 
+def _static_build(src: Path, dst: Path, *, data: DataSource, config: q.StaticInt8Config) -> dict:
+    return q.quantize_static_int8(src, dst, data, config)
+
+
 # Tried, in this order, when every MinMax static INT8 candidate misses the budget: on detectors they
 # moved mAP50 from 0.71 to 0.81 (a layout detector) and mAP50-95 from 0.95 to 0.96 (YOLOX) over MinMax.
 FALLBACK_METHODS = ("percentile", "entropy")
@@ -363,7 +366,7 @@ def calibration_fallbacks(
     for method in FALLBACK_METHODS:
         config = q.StaticInt8Config(**{**settings, "calibration_method": method})
         name = f"int8-{config.describe().lower().replace(' ', '-')}"
-        plan = CandidatePlan(name, "int8", lambda src, dst, c=config: q.quantize_static_int8(src, dst, calibration, c))
+        plan = CandidatePlan(name, "int8", functools.partial(_static_build, data=calibration, config=config))
         candidate = build_candidate(plan, fp32_path, workdir, progress)
         measure_candidate(candidate, target, ref, val, metric, feed1, options.bench_seconds)
         built.append(candidate)

@@ -2,7 +2,8 @@
 
 Tolerances are derived per shipped variant from what that variant measured on this host (its
 largest deviation from the FP32 reference on every output and its top-1 agreement on the golden
-inputs; for detectors, its boxes matched against FP32's as the device matches them), with a margin: a device that drifts further than the host did fails the check, while a variant that
+inputs; for detectors, its boxes matched against FP32's as the device matches them), with a
+margin: a device that drifts further than the host did fails the check, while a variant that
 merely behaves as it did here passes it. ``check_serves`` then runs edgerun's own loader on the
 staged bundle, so a bundle that packs is one that edgerun on this host accepts.
 """

@@ -42,12 +42,12 @@ from edgebuild.golden import BoxCheck, ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.options import PackOptions, check_choices
 from edgebuild.recipe import load_labels, load_postprocess, load_preprocess
-from edgebuild.tasks import Task, TaskContext, get_task
-from edgebuild.tasks.infer import DETECTION_PREPROCESS, declared_task, infer_task
-from edgebuild.tasks.metadata import read_metadata
 from edgebuild.report import write_report
 from edgebuild.sources import ModelSource, load_model, require_shapes
 from edgebuild.targets import TargetProfile, load_target
+from edgebuild.tasks import Task, TaskContext, get_task
+from edgebuild.tasks.infer import DETECTION_PREPROCESS, declared_task, infer_task
+from edgebuild.tasks.metadata import read_metadata
 from edgebuild.validate import parse_accuracy_drop, run_session, torch_outputs
 from edgerun.manifest import (
     FORMAT_VERSION,
@@ -56,6 +56,7 @@ from edgerun.manifest import (
     PassRecord,
     Precision,
     ProviderSpec,
+    Task as TaskName,
     SessionOptionsSpec,
     TensorSpec,
     Validation,
@@ -254,7 +255,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     labels = load_labels(options.labels) if options.labels else load_labels(getattr(factory, "LABELS", None), "LABELS")
     if labels is None and metadata is not None and metadata.names:
         labels = metadata.names
-        progress(f"labels: {len(labels)} class names from the model's metadata ({', '.join(labels[:5])}{' ...' if len(labels) > 5 else ''})")
+        progress(
+            f"labels: {len(labels)} class names from the model's metadata ({', '.join(labels[:5])}{' ...' if len(labels) > 5 else ''})"
+        )
 
     calibration = None
     if options.calib_data:
@@ -337,7 +340,9 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
                 class_names=labels,
                 postprocess=postprocess,
                 input_hw=_image_hw(source.inputs, preprocess),
-                known_classifier=bool(labels) or isinstance(declared, dict) and declared.get("type") == "classification",
+                known_classifier=bool(labels)
+                or isinstance(declared, dict)
+                and declared.get("type") == "classification",
             )
         )
         if options.max_accuracy_drop is None:
@@ -470,7 +475,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             outputs=outputs,
             preprocess=preprocess.to_manifest() if preprocess is not None else None,
             postprocess=postprocess,
-            task=task.name,
+            task=cast(TaskName, task.name),
             providers=providers,
             serving=serving,
             passes=passes,
@@ -488,10 +493,14 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
         pictures = {}
         if postprocess and postprocess.get("type") == "detection":
-            picture = _detection_picture(workdir, chosen, ref, val, exported_outputs, postprocess, preprocess, labels, target, source.inputs)
+            picture = _detection_picture(
+                workdir, chosen, ref, val, exported_outputs, postprocess, preprocess, labels, target, source.inputs
+            )
             if picture is not None:
                 files[picture.name] = picture
-                pictures[picture.name] = "Detections: FP32 (green) and the chosen variant (red) on two validation images"
+                pictures[picture.name] = (
+                    "Detections: FP32 (green) and the chosen variant (red) on two validation images"
+                )
         report_md, report_png = write_report(
             workdir / "report.md",
             pictures=pictures,

@@ -253,7 +253,9 @@ def test_fixed_batch_detector_gets_calibration_fallbacks_and_partial_quantizatio
         progress=lambda message: None,
     )
     by_name = {c.name: c for c in result.candidates}
-    fallbacks = [c for c in result.candidates if c.metrics.get("calibration", {}).get("method") in ("percentile", "entropy")]
+    fallbacks = [
+        c for c in result.candidates if c.metrics.get("calibration", {}).get("method") in ("percentile", "entropy")
+    ]
     assert {c.metrics["calibration"]["method"] for c in fallbacks} == {"percentile", "entropy"}
     assert all(c.metrics["calibration"]["feeds_per_call"] == 4 for c in fallbacks)
     assert all(c.metrics["calibration"]["peak_rss_mb"] > 0 for c in fallbacks)

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgebuild.data import CalibrationReader, DataSource
-from edgebuild.memory import PeakMemory
 from edgebuild.errors import EdgebuildError, first_line
+from edgebuild.memory import PeakMemory
 from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage, scratch_cwd
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from edgebuild.errors import UsageError
 from edgebuild.tasks.base import Task, TaskContext
 from edgebuild.tasks.coco import BoxLabels, coco_map
 from edgebuild.validate import Metric, Outputs, choose_metric
-from edgerun.tasks.detection import FORMATS, DetectionSpec, Detections, detect, parse_detection_spec
+from edgerun.tasks.detection import FORMATS, Detections, DetectionSpec, detect, parse_detection_spec
 
 # Candidates' detections are scored from this confidence up (COCO practice: the whole ranked list).
 EVAL_CONF = 0.001
@@ -184,7 +184,11 @@ def detection_metric(context: TaskContext, spec: DetectionSpec) -> Metric:
             )
         return metric
     return DetectionMetric(
-        "box-agreement", reason=f"no box labels: {agreement_reason}", spec=spec, input_hw=context.input_hw, classes=classes
+        "box-agreement",
+        reason=f"no box labels: {agreement_reason}",
+        spec=spec,
+        input_hw=context.input_hw,
+        classes=classes,
     )
 
 

@@ -61,7 +61,9 @@ def draw(
     for x, want, got in zip(inputs, fp32, chosen):
         pixels = tensor_to_image(x, spec)
         zoom = max(1, -(-MIN_SIDE // min(pixels.shape[:2])))
-        image = Image.fromarray(pixels).resize((pixels.shape[1] * zoom, pixels.shape[0] * zoom), Image.NEAREST)
+        image = Image.fromarray(pixels).resize(
+            (pixels.shape[1] * zoom, pixels.shape[0] * zoom), Image.Resampling.NEAREST
+        )
         pen = ImageDraw.Draw(image)
         for found, colour, width in ((want, FP32_COLOUR, 4), (got, CHOSEN_COLOUR, 2)):
             for box, score, cls in zip(found.boxes, found.scores, found.class_ids):

@@ -31,7 +31,9 @@ def declared_task(
         if task is not None:
             progress(f"task {task}: from the model's metadata (task: {metadata.task})")
             return task
-        progress(f"the model's metadata says task '{metadata.task}', which edgebuild has no module for: packed as tensor")
+        progress(
+            f"the model's metadata says task '{metadata.task}', which edgebuild has no module for: packed as tensor"
+        )
         return "tensor"
     if isinstance(postprocess, str):  # a detection preset name
         return "detection"
