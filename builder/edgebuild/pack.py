@@ -56,10 +56,12 @@ from edgerun.manifest import (
     PassRecord,
     Precision,
     ProviderSpec,
-    Task as TaskName,
     SessionOptionsSpec,
     TensorSpec,
     Validation,
+)
+from edgerun.manifest import (
+    Task as TaskName,
 )
 from edgerun.preprocess import PreprocessSpec
 from edgerun.tasks.detection import DetectionSpec
