@@ -262,3 +262,22 @@ def test_fixed_batch_detector_gets_calibration_fallbacks_and_partial_quantizatio
     partial = by_name["int8-partial"]
     assert partial.error is None or partial.error.startswith("budget not met"), partial.error
     assert result.chosen.name == "fp32"
+
+
+def test_box_agreement_with_nothing_detected_is_exit_2_before_any_candidate_is_built(tmp_path):
+    np.savez(tmp_path / "blank.npz", x=np.zeros((4, 3, SIZE, SIZE), np.float32))
+    said: list[str] = []
+    with pytest.raises(UsageError, match="finds no box at conf >= 0.99"):
+        pack(
+            PackOptions(
+                model="detmodels:tiny_yolo",
+                output_dir=tmp_path / "out",
+                val_data=str(tmp_path / "blank.npz"),
+                calib_data=str(tmp_path / "blank.npz"),
+                postprocess={"format": "yolov8", "strides": [8, 16], "conf": 0.99},
+                **FAST,
+            ),
+            progress=said.append,
+        )
+    assert not any("quantize: building" in line for line in said)
+    assert not (tmp_path / "out").exists()

@@ -174,7 +174,7 @@ def detection_metric(context: TaskContext, spec: DetectionSpec) -> Metric:
                 "not describe what it detects (class order? another label set? box format?); judging by box "
                 "agreement with FP32 instead"
             )
-            return DetectionMetric(
+            vacuous = DetectionMetric(
                 "box-agreement",
                 reason=f"FP32 mAP50 {fp32['map50']:.4f} on the labels is vacuous: {agreement_reason}",
                 warning=warning,
@@ -182,14 +182,18 @@ def detection_metric(context: TaskContext, spec: DetectionSpec) -> Metric:
                 input_hw=context.input_hw,
                 classes=classes,
             )
+            vacuous.reference_detections(context.reference, context.output_names)
+            return vacuous
         return metric
-    return DetectionMetric(
+    agreement = DetectionMetric(
         "box-agreement",
         reason=f"no box labels: {agreement_reason}",
         spec=spec,
         input_hw=context.input_hw,
         classes=classes,
     )
+    agreement.reference_detections(context.reference, context.output_names)  # FP32 finds nothing: exit 2 now
+    return agreement
 
 
 def _format_from_shape(shape: Sequence[int], names: list[str] | None, end2end: bool | None) -> str | None:

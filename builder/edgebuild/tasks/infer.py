@@ -39,6 +39,8 @@ def declared_task(
         return "detection"
     if isinstance(postprocess, dict) and postprocess.get("type") in ("detection", "classification"):
         return str(postprocess["type"])
+    if isinstance(postprocess, dict) and "type" not in postprocess and "format" in postprocess:
+        return "detection"  # a [postprocess] table of detection keys (format = "yolov8", ...)
     return None
 
 
