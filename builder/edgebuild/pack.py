@@ -332,6 +332,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         task = get_task(task_name or infer_task(declared, ref[0]))
         exported_inputs, exported_outputs = _tensor_specs(exported.path)
         postprocess = task.postprocess(declared, {"outputs": exported_outputs, "metadata": metadata})
+        task.check_labels(labels, exported_outputs, postprocess)
         metric = task.choose_metric(
             TaskContext(
                 requested_metric=options.metric,

@@ -281,3 +281,53 @@ def test_box_agreement_with_nothing_detected_is_exit_2_before_any_candidate_is_b
         )
     assert not any("quantize: building" in line for line in said)
     assert not (tmp_path / "out").exists()
+
+
+def test_recipe_task_and_postprocess_table_and_the_cli_flags(tmp_path):
+    from click.testing import CliRunner
+
+    from edgebuild.cli import main
+    from edgebuild.recipe import load_recipe, pack_options
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        'task = "detect"\n[postprocess]\nformat = "yolov8"\nstrides = [8, 16]\nconf = 0.3\n'
+        "[quantize]\nfloat_head = false\n"
+    )
+    options = pack_options(load_recipe(recipe))
+    assert options.task == "detect" and options.postprocess["conf"] == 0.3 and options.head_in_float is False
+    scenes = write_self_labelled_folder(tmp_path / "scenes", n=4)
+    onnx_path = write_tiny_yolo_onnx(tmp_path / "plain.onnx")  # no metadata: the flags declare it
+    result = CliRunner().invoke(
+        main,
+        ["pack", str(onnx_path), "--task", "detect", "--postprocess", "yolov8", "--val-data", str(scenes)]
+        + ["--quantize", "none", "-o", str(tmp_path / "out"), "--bench-seconds", "0.02"],
+    )
+    assert result.exit_code == 0, result.output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["task"] == "detection" and manifest["postprocess"]["format"] == "yolov8"
+    assert manifest["validation"]["metric"] == "map50-95"
+    bad = CliRunner().invoke(main, ["pack", str(onnx_path), "--task", "segment", "-o", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "--task" in bad.output
+    yolox = CliRunner().invoke(
+        main,
+        ["pack", str(onnx_path), "--task", "detect", "--postprocess", "ssd", "-o", str(tmp_path / "o3")],
+    )
+    assert yolox.exit_code == 2 and "neither a detection preset" in yolox.output
+
+
+def test_labels_that_are_not_the_heads_classes_exit_2(tmp_path):
+    np.savez(tmp_path / "x.npz", x=images(4))
+    with pytest.raises(UsageError, match="2 labels given but the detection head has 3 classes"):
+        pack(
+            PackOptions(
+                model="detmodels:tiny_yolo",
+                output_dir=tmp_path / "out",
+                val_data=str(tmp_path / "x.npz"),
+                labels=["a", "b"],
+                quantize="none",
+                **FAST,
+            ),
+            progress=lambda message: None,
+        )

@@ -52,6 +52,9 @@ class Task:
         """The accuracy budget when ``--max-accuracy-drop`` is not given."""
         return DEFAULT_BUDGET
 
+    def check_labels(self, labels: list[str] | None, outputs: list[Any], postprocess: dict[str, Any] | None) -> None:
+        """Exit 2 when the class names cannot be the model's classes (the default checks nothing)."""
+
     def postprocess(self, declared: dict[str, Any] | None, context: dict[str, Any]) -> dict[str, Any] | None:
         """The manifest's ``postprocess`` from what was declared (``None``: nothing to post-process)."""
         return declared

@@ -235,6 +235,24 @@ def resolve_spec(declared: Any, outputs: Sequence[Any], metadata=None, where: st
         raise UsageError(str(exc)) from None
 
 
+def head_classes(spec: DetectionSpec, outputs: Sequence[Any]) -> int | None:
+    """How many classes the head scores, from its output shape (``None`` where the shape does not say)."""
+    if spec.num_classes is not None:
+        return spec.num_classes
+    by_name = {o.name: list(o.shape) for o in outputs}
+    if spec.format == "split":
+        shape = by_name.get(spec.scores_output or "", [])
+        return shape[-1] if len(shape) == 3 and shape[-1] > 0 else None
+    shape = by_name.get(spec.boxes_output, []) if spec.boxes_output else list(outputs[0].shape)
+    if len(shape) != 3:
+        return None
+    if spec.format == "yolov8":
+        return shape[1] - 4 if shape[1] > 4 else None
+    if spec.format in ("yolov5", "yolox"):
+        return shape[2] - 5 if shape[2] > 5 else None
+    return None  # end2end: class ids are values, not channels
+
+
 class DetectionTask(Task):
     name = "detection"
     head_in_float = True
@@ -252,6 +270,17 @@ class DetectionTask(Task):
                 )
             return metric
         return choose_metric(context.requested_metric, None, context.reference[0], data=context.data)
+
+    def check_labels(self, labels, outputs, postprocess) -> None:
+        if not labels or postprocess is None:
+            return
+        classes = head_classes(parse_detection_spec(postprocess), outputs)
+        if classes is not None and classes != len(labels):
+            raise UsageError(
+                f"{len(labels)} labels given but the detection head has {classes} classes "
+                f"(format {postprocess['format']}, outputs {[list(o.shape) for o in outputs]}); give one label per class "
+                "or set postprocess.num_classes"
+            )
 
     def default_budget(self, metric: Metric) -> float:
         return AGREEMENT_BUDGET if metric.name == "box-agreement" else super().default_budget(metric)
