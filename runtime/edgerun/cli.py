@@ -369,7 +369,7 @@ def info(bundle, trusted_key, as_json):
     post = {k: v for k, v in (summary["postprocess"] or {}).items() if k != "type" and v is not None}
     click.echo(f"  task       {summary['task']}  {' '.join(f'{k}={v}' for k, v in post.items())}".rstrip())
     golden = summary["golden"]
-    click.echo(f"  golden     {golden['path'] + ' atol ' + str(golden['atol']) if golden else 'none'}")
+    click.echo(f"  golden     {golden['path'] + ' ' + summary['golden_check'] if golden else 'none'}")
     click.echo(f"  signed     {'yes' if summary['signed'] else 'no'}; {summary['files']} files")
 
 
