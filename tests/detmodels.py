@@ -19,7 +19,6 @@ CLASSES = 3
 REG_MAX = 4
 POSTPROCESS = {"type": "detection", "format": "yolov8", "strides": list(STRIDES)}
 PREPROCESS = {"preset": "unit", "resize": "letterbox", "fill": 114}
-LABELS = ["circle", "square", "triangle"]
 
 
 class DFL(nn.Module):

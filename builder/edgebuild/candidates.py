@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +24,6 @@ from edgebuild.passes import quantize as q
 from edgebuild.quiet import Captured, captured_library_output
 from edgebuild.targets import TargetProfile
 from edgebuild.validate import evaluate, output_names, run_session, within_budget
-
-if TYPE_CHECKING:
-    from edgebuild.pack import PackOptions
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +138,27 @@ def select(
     return min(tied, key=lambda c: (c.size_bytes, c.p50))
 
 
-CALIB_METHODS = ("minmax", "entropy", "percentile")
-INT8_SEARCH = ("quick", "full")
+@dataclass(frozen=True)
+class SearchConfig:
+    """What the candidate search runs with (pack fills it from its options; names as the options')."""
+
+    quantize: str = "auto"  # one of passes.quantize.QUANTIZE_MODES
+    calib_method: str | None = None  # None: the target's preset (and, when MinMax misses, the fallbacks)
+    per_channel: bool | None = None  # None: the target's preset
+    int8_search: str = "quick"  # passes.quantize.INT8_SEARCH
+    partial_quantization: bool = True
+    bench_seconds: float = 1.0
+    max_accuracy_drop: float = 0.01
+    float_head: bool = False  # detectors: the head tail stays float in static INT8
 
 
-def static_variants(options: PackOptions, target: TargetProfile, float_head: bool = False) -> list[q.StaticInt8Config]:
+def static_variants(options: SearchConfig, target: TargetProfile) -> list[q.StaticInt8Config]:
     """Static INT8 recipes to measure: the target preset first, then (auto on CPUs) the variants that
     change speed and accuracy per model and CPU, so only a measurement decides (FIELD-NOTES)."""
     preset = q.StaticInt8Config.from_profile(
         target.quantization,
         extra_options=dict(target.notes.get("quantize_extra_options", {})),
-        float_head=float_head,
+        float_head=options.float_head,
     )
     overrides: dict[str, Any] = {}
     if options.calib_method:
@@ -168,7 +175,7 @@ def static_variants(options: PackOptions, target: TargetProfile, float_head: boo
             else [base.per_channel]
         )
         methods = [base.calibration_method] + (
-            [m for m in CALIB_METHODS if m != base.calibration_method]
+            [m for m in q.CALIB_METHODS if m != base.calibration_method]
             if options.int8_search == "full" and not options.calib_method
             else []
         )
@@ -193,11 +200,7 @@ def matmul_heavy(path: Path) -> bool:
 
 
 def plan_candidates(
-    options: PackOptions,
-    target: TargetProfile,
-    calibration: DataSource | None,
-    fp32_path: Path | None = None,
-    float_head: bool = False,
+    options: SearchConfig, target: TargetProfile, calibration: DataSource | None, fp32_path: Path | None = None
 ) -> list[CandidatePlan]:
     """Which candidates to build besides FP32."""
     plans: list[CandidatePlan] = []
@@ -208,7 +211,7 @@ def plan_candidates(
 
     mode = options.quantize
     if mode in ("int8", "auto") and "int8" in target.precisions and calibration is not None:
-        plans.extend(static(config, calibration) for config in static_variants(options, target, float_head))
+        plans.extend(static(config, calibration) for config in static_variants(options, target))
     dynamic_wanted = mode == "int8-dynamic" or (
         mode == "auto" and "int8-dynamic" in target.precisions and fp32_path is not None and matmul_heavy(fp32_path)
     )
@@ -256,7 +259,7 @@ def _record_library_output(candidate: Candidate, said: Captured, progress: Calla
         progress(line)
 
 
-def int8_skipped(options: PackOptions, target: TargetProfile, calibration: DataSource | None) -> str | None:
+def int8_skipped(options: SearchConfig, target: TargetProfile, calibration: DataSource | None) -> str | None:
     """One line when ``auto`` builds no static INT8 although the target allows it, with the flag to add."""
     if options.quantize != "auto" or "int8" not in target.precisions or calibration is not None:
         return None
@@ -346,7 +349,7 @@ FALLBACK_METHODS = ("percentile", "entropy")
 
 
 def calibration_fallbacks(
-    options, target, candidates, calibration, fp32_path, workdir, ref, val, metric, feed1, progress
+    options: SearchConfig, target, candidates, calibration, fp32_path, workdir, ref, val, metric, feed1, progress
 ) -> list[Candidate]:
     """Percentile and entropy calibration of the best MinMax static candidate, when no MinMax one is in budget
     (and no calibration method was asked for). Each collects a few samples per call (bounded memory)."""
@@ -378,7 +381,7 @@ def _is_dynamic(candidate: Candidate) -> bool:
 
 
 def partial_candidates(
-    options, target, candidates, calibration, fp32_path, workdir, ref, val, metric, feed1, progress, float_head=False
+    options: SearchConfig, target, candidates, calibration, fp32_path, workdir, ref, val, metric, feed1, progress
 ) -> list[Candidate]:
     """For each INT8 family (static, dynamic) whose every full candidate breaks the budget, keep
     the worst nodes in float (precision "mixed"). Detectors (``float_head``) keep their head tail in
@@ -408,7 +411,7 @@ def partial_candidates(
         path = workdir / f"{name}.onnx"
         candidate = Candidate(name, "mixed", path)
         settings = {**best.metrics["settings"], "nodes_to_exclude": []}
-        if family == "static" and float_head:
+        if family == "static" and options.float_head:
             settings["float_head"] = True
         result = None
         with captured_library_output() as said:

@@ -177,6 +177,14 @@ def test_coco_json_and_flat_folder_are_detection_data(tmp_path):
     assert len(unlabelled) == 2 and unlabelled.targets is None
     with pytest.raises(UsageError, match="--task detect"):
         open_data(str(root), _spec(), purpose="validation", preprocess=LETTERBOX)
+    result = pack(
+        PackOptions(
+            model="detmodels:tiny_yolo", output_dir=tmp_path / "out", val_data=str(coco), quantize="none", **FAST
+        ),
+        progress=lambda message: None,
+    )
+    assert result.manifest.labels == "labels.txt"
+    assert (result.bundle / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
 
 
 def test_ultralytics_metadata_declares_task_labels_format_and_letterbox(tmp_path):

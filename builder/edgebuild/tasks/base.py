@@ -52,6 +52,12 @@ class Task:
         """The accuracy budget when ``--max-accuracy-drop`` is not given."""
         return DEFAULT_BUDGET
 
+    def data_labels(
+        self, classes: list[str] | None, outputs: list[Any], postprocess: dict[str, Any] | None
+    ) -> list[str] | None:
+        """Class names the data carries (e.g. a COCO json's categories) taken as labels, when they fit the model."""
+        return None
+
     def check_labels(self, labels: list[str] | None, outputs: list[Any], postprocess: dict[str, Any] | None) -> None:
         """Exit 2 when the class names cannot be the model's classes (the default checks nothing)."""
 

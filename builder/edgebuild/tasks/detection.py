@@ -271,6 +271,11 @@ class DetectionTask(Task):
             return metric
         return choose_metric(context.requested_metric, None, context.reference[0], data=context.data)
 
+    def data_labels(self, classes, outputs, postprocess):
+        if not classes or postprocess is None:
+            return None
+        return classes if head_classes(parse_detection_spec(postprocess), outputs) == len(classes) else None
+
     def check_labels(self, labels, outputs, postprocess) -> None:
         if not labels or postprocess is None:
             return
