@@ -110,11 +110,32 @@ def model_file(candidate: Candidate, path: str, target: TargetProfile, providers
     )
 
 
+# Detection figures recorded next to the budget's number in the manifest's validation.
+DETECTION_FIGURES = (
+    "map50_95",
+    "map50",
+    "reference_map50_95",
+    "reference_map50",
+    "box_agreement",
+    "box_agreement_map50",
+)
+
+
 def metric_details(metric: str, validation: dict | None) -> dict[str, Any]:
-    """Cosine is judged on its mean; the worst sample is recorded next to it."""
-    if metric != "cosine" or validation is None:
+    """Cosine is judged on its mean (the worst sample next to it); a detector's mAP figures, box agreement
+    and score spread are recorded alongside the one the budget applies to; so is the worst output."""
+    if validation is None:
         return {}
-    return {"cosine_mean": validation.get("cosine"), "cosine_worst": validation.get("cosine_min")}
+    details: dict[str, Any] = {}
+    if metric == "cosine":
+        details.update(cosine_mean=validation.get("cosine"), cosine_worst=validation.get("cosine_min"))
+    details.update({k: validation[k] for k in DETECTION_FIGURES if k in validation})
+    if "scores" in validation:
+        details["distinct_scores"] = validation["scores"]["distinct"]
+        details["reference_distinct_scores"] = validation["reference_scores"]["distinct"]
+    if "worst_output" in validation:
+        details["worst_output"] = validation["worst_output"]
+    return details
 
 
 def detection_picture(

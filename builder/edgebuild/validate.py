@@ -296,8 +296,7 @@ def _accuracy_or_agreement(labels, reference: np.ndarray) -> Metric:
         return Metric("accuracy", reason=f"labelled data (reference accuracy {accuracy:.4f}, chance {chance:.4f})")
     warning = (
         f"the FP32 reference scores accuracy {accuracy:.4f} on these labels, at or below chance ({chance:.4f} for "
-        f"{classes} classes): the labels do not match the model's outputs (class order? another label set?); "
-        "judging by top-1 agreement with the FP32 reference instead"
+        f"{classes} classes): the labels do not match the model's outputs (class order? another label set?)"
     )
     return Metric(
         "agreement",

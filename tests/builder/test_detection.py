@@ -216,6 +216,8 @@ def test_ultralytics_metadata_declares_task_labels_format_and_letterbox(tmp_path
     assert manifest.preprocess["resize"] == "letterbox" and manifest.preprocess["fill"] == 114
     assert (result.bundle / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
     assert manifest.validation.metric == "map50-95" and manifest.validation.reference > 0.9
+    recorded = manifest.validation.model_dump()
+    assert recorded["map50"] > 0.9 and recorded["box_agreement"] == pytest.approx(1.0)
     assert "report-detections.png" in manifest.report and "report-detections.png" in manifest.files
     assert "](report-detections.png)" in (result.bundle / "report.md").read_text()
     from PIL import Image

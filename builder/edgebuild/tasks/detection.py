@@ -83,6 +83,11 @@ class DetectionMetric(Metric):
     classes: int | None = None
     _reference: dict[str, Any] | None = None
 
+    @property
+    def eval_conf(self) -> float:
+        """Scored detections start here: COCO's whole ranked list, and never above the serving threshold."""
+        return min(EVAL_CONF, self.spec.conf)
+
     def decode(self, outputs: Outputs, names: Sequence[str] | None, conf: float) -> list[Detections]:
         names = list(names) if names is not None else [f"output {i}" for i in range(len(outputs))]
         return detect(outputs, names, self.spec, self.input_hw, conf=conf)
@@ -90,7 +95,7 @@ class DetectionMetric(Metric):
     def reference_detections(self, reference: Outputs, names: Sequence[str] | None) -> dict[str, Any]:
         """FP32's detections (scored list and pseudo ground truth), its mAP and its score profile; once."""
         if self._reference is None:
-            found = self.decode(reference, names, EVAL_CONF)
+            found = self.decode(reference, names, self.eval_conf)
             pseudo = [
                 BoxLabels(d.boxes[d.scores >= self.spec.conf], d.class_ids[d.scores >= self.spec.conf]) for d in found
             ]
@@ -112,7 +117,7 @@ class DetectionMetric(Metric):
         if not numbers["finite"]:
             value = ref["labels" if self.truth is not None else "agreement"]["map50_95"]
             return {"metric": self.name, "reference": value, "packed": float("-inf"), "drop": float("inf")}
-        found = self.decode(packed, names, EVAL_CONF)
+        found = self.decode(packed, names, self.eval_conf)
         agreement = coco_map(ref["pseudo"], found, self.classes)
         profile = score_profile(found)
         out: dict[str, Any] = {
@@ -158,7 +163,7 @@ def detection_metric(context: TaskContext, spec: DetectionSpec) -> Metric:
     truth = context.val.targets
     classes = spec.num_classes or (len(context.class_names) if context.class_names else None)
     agreement_reason = (
-        f"box agreement: COCO mAP50-95 of each variant's boxes (conf >= {EVAL_CONF}) against FP32's own at "
+        f"box agreement: COCO mAP50-95 of each variant's boxes (conf >= {min(EVAL_CONF, spec.conf)}) against FP32's own at "
         f"conf >= {spec.conf}"
     )
     if truth is not None:
