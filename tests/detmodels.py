@@ -158,3 +158,17 @@ def write_self_labelled_folder(root: Path, n: int = 8, seed: int = 0) -> Path:
         ]
         (root / "labels" / f"{image.stem}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def self_labelled_batches(n: int = 8, batch: int = 4):
+    """Callable DATA: ``(x, targets)`` with one ``[K, 5]`` array (class, x1, y1, x2, y2 in input pixels) per image,
+    the detector's own boxes at conf 0.25."""
+    from edgerun.tasks.detection import DetectionSpec, detect
+
+    x = images(n)
+    with torch.no_grad():
+        out = tiny_yolo()(torch.from_numpy(x)).numpy()
+    found = detect([out], ["output0"], DetectionSpec.model_validate(POSTPROCESS), (SIZE, SIZE))
+    targets = [np.concatenate([d.class_ids[:, None].astype(np.float32), d.boxes], axis=1) for d in found]
+    for i in range(0, n, batch):
+        yield x[i : i + batch], targets[i : i + batch]

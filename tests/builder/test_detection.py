@@ -341,3 +341,12 @@ def test_labels_that_are_not_the_heads_classes_exit_2(tmp_path):
             ),
             progress=lambda message: None,
         )
+
+
+def test_callable_data_with_box_targets_is_labelled_detection_data():
+    source = open_data("detmodels:self_labelled_batches", _spec(), purpose="validation", task="detection")
+    batch = source.collect()
+    assert len(batch.targets) == 8 and batch.labels is None
+    metric = _metric(_reference(8), targets=batch.targets)
+    assert metric.name == "map50-95"
+    assert evaluate(metric, _reference(8), _reference(8), None)["reference"] == pytest.approx(1.0)
