@@ -537,6 +537,7 @@ class CalibrationReader:
         """Feed ``feeds_per_call`` small feeds per collection call (one row each, or the model's pinned batch)."""
         self.per_call = feeds_per_call
         self._rows = self._batch_size or 1
+        # ORT needs the count up front (a whole number of strides): one pass over the data counts the feeds.
         self._count = sum(1 for _ in self._feeds())
 
     def __len__(self) -> int:

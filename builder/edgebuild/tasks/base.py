@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,6 @@ class TaskContext:
     input_hw: tuple[int, int] | None = None
     # Labels or a declared classification post-processing say the model classifies.
     known_classifier: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Task:

@@ -81,7 +81,8 @@ class DetectionMetric(Metric):
     input_hw: tuple[int, int] = (640, 640)
     truth: list[BoxLabels] | None = None
     classes: int | None = None
-    _reference: dict[str, Any] | None = None
+    # FP32's detections and figures, computed once on the first call (every candidate shares them).
+    _reference: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def eval_conf(self) -> float:
