@@ -158,7 +158,6 @@ class PackOptions:
         kind="budget",
         click_type=str,
         aliases=("quantize.max_accuracy_drop",),
-        shown_default=0.01,
     )
     metric: str | None = option(
         None,
