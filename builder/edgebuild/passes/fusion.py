@@ -382,7 +382,7 @@ def fused_partial(
     from edgebuild.candidates import Candidate, measure_candidate
     from edgebuild.onnx_utils import make_session
     from edgebuild.passes import partial
-    from edgebuild.validate import evaluate, run_session
+    from edgebuild.validate import evaluate, output_names, run_session
 
     by_name = {c.name: c for c in candidates}
     fp32, full = by_name.get("fused-fp32"), by_name.get("fused-int8-dynamic")
@@ -394,7 +394,7 @@ def fused_partial(
 
     def validate(path: Path) -> dict:
         session = make_session(path, target.session.graph_optimization_level, config=target.session.config)
-        return evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
+        return evaluate(metric, ref, run_session(session, val.inputs), val.labels, output_names(session))
 
     candidate = Candidate("fused-int8-dynamic-partial", "mixed", workdir / "fused-int8-dynamic-partial.onnx")
     settings = {k: v for k, v in full.metrics["settings"].items() if k != "weight_type"}
