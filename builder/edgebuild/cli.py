@@ -10,6 +10,7 @@ import click
 
 from edgebuild.errors import handle_cli_errors
 from edgebuild.options import click_options
+from edgebuild.signals import stop_cleanly
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +45,8 @@ def pack(config_path, **params):
     MODEL is package.module:callable (returns an nn.Module), a torch.export .pt2 file, or an .onnx
     file. Without MODEL the embedded digits example is packed with its real data.
 
-    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle).
+    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle);
+    stopped by a signal (SIGINT, SIGTERM, SIGHUP): temporary files removed, no bundle, 128 + the signal (130, 143, 129).
     """
     from click.core import ParameterSource
 
@@ -57,7 +59,8 @@ def pack(config_path, **params):
     if settings.get("sign_key"):
         settings["sign_key"] = Path(settings["sign_key"]).read_bytes()
     options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
-    result = run_pack(options)
+    with stop_cleanly("edgebuild", "temporary files removed, no bundle written"):
+        result = run_pack(options)
     v = result.manifest.validation
     assert v is not None  # pack always records its validation
     click.echo(
