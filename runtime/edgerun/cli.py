@@ -128,8 +128,21 @@ def _with(options):
 
 @main.command()
 @click.argument("bundles", nargs=-1, type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (keep local unless fronted).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--host",
+    envvar="EDGERUN_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Bind address (keep local unless fronted); env EDGERUN_HOST.",
+)
+@click.option(
+    "--port",
+    envvar="EDGERUN_PORT",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port (0: any free one); env EDGERUN_PORT. The bound address is recorded in <cache-dir>/run/serve.json.",
+)
 @_with(common_load)
 @click.option("--no-bench", is_flag=True, help="Skip the self-benchmark at start-up.")
 @click.option(
@@ -306,6 +319,7 @@ def serve(
     loader = threading.Thread(target=load_all, name="edgerun-load")
     if no_bench:  # session creation runs in native code without the GIL: it overlaps with the imports
         loader.start()
+    from edgerun.address import address_file
     from edgerun.server import ServerConfig, create_app
     from edgerun.server import serve as run_server
 
@@ -336,7 +350,9 @@ def serve(
     if not is_loopback(host) and not token:
         logging.getLogger("edgerun").warning("serving on %s without --token: anyone who can reach it can use it", host)
     try:
-        run_server(create_app(repo, config), host=host, port=port, log_level=log_level)
+        run_server(
+            create_app(repo, config), host=host, port=port, log_level=log_level, address_file=address_file(cache_dir)
+        )
     finally:
         repo.close()  # also when the server stops before its shutdown hook runs
 

@@ -318,11 +318,24 @@ def _http_protocol(head_timeout_s: float) -> Any:
     return BoundedHeadProtocol
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling)."""
+def serve(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    address_file: Path | None = None,
+) -> None:
+    """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling).
+
+    The socket is bound here, before uvicorn starts, so the address actually bound (``port`` 0
+    included) can be recorded in ``address_file`` for the health check (see ``edgerun.address``).
+    """
     import signal
+    import sys
 
     import uvicorn
+
+    from edgerun.address import remove_address, write_address
 
     config = getattr(app.state, "config", None)
 
@@ -335,7 +348,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         signal.signal(signal.SIGTERM, _drained)
     except ValueError:  # not the main thread (embedded use): keep the default
         pass
-    uvicorn.run(
+    uv_config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -345,6 +358,18 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         timeout_graceful_shutdown=30,
         access_log=False,
     )
+    sock = uv_config.bind_socket()  # logs and exits 1 when the address is taken, as uvicorn.run does
+    if address_file is not None:
+        write_address(address_file, sock)
+    server = uvicorn.Server(uv_config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if address_file is not None:
+            remove_address(address_file)
+        sock.close()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 
 
 __all__ = ["ServerConfig", "create_app", "serve"]
