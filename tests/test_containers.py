@@ -22,6 +22,9 @@ import pytest
 from edgebuild.targets import load_target
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "docker"))
+import podman_image as podman  # noqa: E402  (docker/: the image's own tooling)
+
 DOCKERFILES = ["Dockerfile.x86", "Dockerfile.jetson"]
 
 
@@ -258,8 +261,6 @@ def images(tmp_path_factory):
         from runtime_fixtures import build_classifier_bundle
     finally:
         sys.path.pop(0)
-    import podman
-
     reason = podman.unavailable()
     if reason:
         if os.environ.get("CI"):
@@ -327,7 +328,6 @@ def stop_and_check_exit(container, timeout_s: float = 40.0) -> float:
 @pytest.mark.parametrize("given", ["env", "flag"])
 def test_image_serves_a_mounted_bundle_read_only_as_uid_10001(images, given):
     import numpy as np
-    import podman
 
     port = free_port()
     args = ["/bundle", "--host", "127.0.0.1", "--no-bench"]
@@ -354,7 +354,6 @@ def test_image_serves_a_mounted_bundle_read_only_as_uid_10001(images, given):
 @pytest.mark.container
 def test_image_with_a_baked_bundle_needs_no_mount(images):
     import numpy as np
-    import podman
 
     port = free_port()
     container = podman.run(images["baked"], ["/bundle", "--host", "127.0.0.1"], env={"EDGERUN_PORT": str(port)})
@@ -389,7 +388,6 @@ def test_sigterm_answers_every_request_in_flight_then_exits_0(images):
 
     import httpx
     import numpy as np
-    import podman
 
     port = free_port()
     # Requests wait up to 1.5 s for a batch to fill: all of them are in flight when SIGTERM arrives.

@@ -1,4 +1,4 @@
-"""Build and run the runtime image with podman, for the container tests and benchmarks.
+"""Build and run the runtime image with podman: the container tests and benchmarks/container_bench.py.
 
 Machines without a Docker engine or a registry get podman and a stand-in base image from
 ``docker/podman-standin.sh``; it prints the flags every podman call here needs (runc as the
@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # docker/ is a folder of the repository
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
 # What Dockerfile.x86 COPYs from the build context.
 CONTEXT = ["pyproject.toml", "README.md", "builder", "runtime", "targets", "docker"]
@@ -75,10 +75,10 @@ def make_context(dest: Path, bundle: Path | None = None) -> Path:
     return dest
 
 
-def build(context: Path, tag: str, *build_args: str) -> float:
+def build(context: Path, tag: str, *build_args: str, no_cache: bool = False) -> float:
     """Build Dockerfile.x86 from ``context`` as ``tag``; returns the seconds it took."""
     start = time.perf_counter()
-    args = [f"--build-arg={a}" for a in build_args]
+    args = [f"--build-arg={a}" for a in build_args] + (["--no-cache"] if no_cache else [])
     # docker format: the OCI format has no HEALTHCHECK and podman would drop it.
     podman(
         "build",
