@@ -31,7 +31,16 @@ def wait_for_candidates(tmpdir: Path, proc: subprocess.Popen, timeout_s: float =
     raise AssertionError("pack never wrote into its temporary directory")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "signum",
+    [
+        signal.SIGTERM,
+        # The same path; each case packs for ~20 s on 2 busy cores, so these two run with the slow tests.
+        pytest.param(signal.SIGHUP, marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+    ],
+    ids=lambda s: s.name,
+)
 def test_stopped_pack_leaves_nothing_behind(tmp_path, signum):
     scratch, out = tmp_path / "tmp", tmp_path / "out"
     scratch.mkdir()
