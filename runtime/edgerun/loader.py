@@ -17,7 +17,7 @@ from typing import Any
 from edgerun.bench import decision_key, read_decision, self_benchmark, write_decision
 from edgerun.bundle import Bundle, open_bundle
 from edgerun.errors import BundleError, EdgerunError, SessionError
-from edgerun.golden import GoldenData, check_golden, load_golden
+from edgerun.golden import GoldenData, check_golden, describe_thresholds, load_golden, thresholds_for
 from edgerun.layout import LayoutRequest, plan_layout
 from edgerun.manifest import ModelFile
 from edgerun.memory import release_free_memory
@@ -341,7 +341,11 @@ def describe_bundle(location: str | Path, trusted_key: bytes | None = None) -> d
         "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.inputs],
         "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.outputs],
         "providers": [p.name for p in m.providers],
+        "task": m.task_name(),
+        "postprocess": m.postprocess,
         "golden": m.golden.model_dump() if m.golden else None,
+        # What the selected model is held to on the device (box tolerances for a detector).
+        "golden_check": describe_thresholds(thresholds_for(m.golden, m.model.path)) if m.golden else None,
         "signed": bool(m.signature),
         "files": len(m.files),
     }
