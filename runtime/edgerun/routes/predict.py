@@ -188,7 +188,7 @@ async def predict(
             partial(preprocess_image_with_transform, data, spec, max_pixels=pixel_budget(spec))
         )
     input_name = spec.get("input", served.session.inputs[0].name)
-    outputs = await state.get_batcher().submit(served.session, {input_name: array})
+    outputs = await state.dataplane.run(served, {input_name: array})
     result = ImageResult(served.name, served.manifest, served.labels, outputs, transform, options)
     answer = await run_in_threadpool(task.answer, result) if task.offload else task.answer(result)
     return answer  # type: ignore[return-value]  # the task's own response model, one of PredictAnswer
