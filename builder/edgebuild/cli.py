@@ -10,6 +10,7 @@ import click
 
 from edgebuild.errors import handle_cli_errors
 from edgebuild.options import click_options
+from edgebuild.signals import stop_cleanly
 from edgerun.errors import DebugAnywhereGroup
 
 
@@ -46,7 +47,8 @@ def pack(config_path, **params):
     file. Without MODEL the embedded digits example is packed with its real data.
 
     Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle),
-    1 edgerun on this host would refuse the bundle (or an unexpected error: the line says so).
+    1 edgerun on this host would refuse the bundle (or an unexpected error: the line says so); stopped by a signal
+    (SIGINT, SIGTERM, SIGHUP): temporary files removed, no bundle, 128 + the signal (130, 143, 129).
     """
     from click.core import ParameterSource
 
@@ -62,7 +64,7 @@ def pack(config_path, **params):
         settings["sign_key"] = Path(settings["sign_key"]).read_bytes()
     options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
     elapsed = Stopwatch()
-    with library_log_lines() as said:
+    with stop_cleanly("edgebuild", "temporary files removed, no bundle written"), library_log_lines() as said:
         try:
             result = run_pack(options)
         finally:

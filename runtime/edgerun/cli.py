@@ -175,6 +175,7 @@ def serve(bundles, **values):
         if given.no_bench:
             loader.start()
         with phase("imports"):
+            from edgerun.address import address_file
             from edgerun.server import create_app
             from edgerun.server import serve as run_server
         if not given.no_bench:
@@ -195,7 +196,14 @@ def serve(bundles, **values):
     try:
         with phase("app"):
             app = create_app(repo, given.server_config(token, admin_token))
-        run_server(app, host=host, port=given.port, log_level=given.log_level, on_ready=log_ready)
+        run_server(
+            app,
+            host=host,
+            port=given.port,
+            log_level=given.log_level,
+            on_ready=log_ready,
+            address_file=address_file(given.cache_dir),
+        )
     finally:
         repo.close()  # also when the server stops before its shutdown hook runs
 
