@@ -249,7 +249,7 @@ class ShapesDetector(nn.Module):
         self.num_classes = num_classes
         self.stride8 = nn.Sequential(_conv(3, 16, 2), _conv(16, 32, 2), _conv(32, 48, 2), _conv(48, 48, 1))
         self.stride16 = nn.Sequential(_conv(48, 64, 2), _conv(64, 64, 1))
-        self.heads = nn.ModuleList([nn.Conv2d(48, 4 + num_classes, 1), nn.Conv2d(64, 4 + num_classes, 1)])
+        self.heads = nn.ModuleList([nn.Conv2d(48, 4 + num_classes, 3, padding=1), nn.Conv2d(64, 4 + num_classes, 3, padding=1)])
         points, strides = [], []
         for stride in STRIDES:
             cells = size // stride
