@@ -135,3 +135,25 @@ def write_images_npz(path, n=10, seed=0):
     """``n`` unlabelled 3x8x8 samples for the models above."""
     np.savez(path, x=np.random.default_rng(seed).random((n, 3, 8, 8), dtype=np.float32))
     return path
+
+
+class TwoHeads(nn.Module):
+    """Two outputs: ``scores`` survives INT8, ``fine`` does not (it rides on a +1000 offset that a uint8
+    scale cannot resolve), as a detector whose box head is fine while its score head collapses."""
+
+    example_inputs = (torch.zeros(1, 3, 8, 8),)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        scores = self.head(features)
+        return scores, (features + 1000.0) - 1000.0
+
+
+def two_heads():
+    return TwoHeads().eval()

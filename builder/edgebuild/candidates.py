@@ -22,7 +22,7 @@ from edgebuild.passes import partial
 from edgebuild.passes import quantize as q
 from edgebuild.quiet import Captured, captured_library_output
 from edgebuild.targets import TargetProfile
-from edgebuild.validate import evaluate, run_session
+from edgebuild.validate import evaluate, output_names, run_session, within_budget
 
 if TYPE_CHECKING:
     from edgebuild.pack import PackOptions
@@ -106,10 +106,7 @@ class CandidatePlan:
 
 def apply_budget(candidates: list[Candidate], max_drop: float) -> None:
     for candidate in candidates:
-        v = candidate.validation
-        candidate.within_budget = bool(
-            candidate.usable and v is not None and v.get("finite", True) and v["drop"] <= max_drop + 1e-12
-        )
+        candidate.within_budget = candidate.usable and within_budget(candidate.validation, max_drop)
 
 
 # Two sessions of the same file measured up to ±5% apart in interleaved rounds on this class of host.
@@ -142,11 +139,15 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_SEARCH = ("quick", "full")
 
 
-def static_variants(options: PackOptions, target: TargetProfile) -> list[q.StaticInt8Config]:
+def static_variants(
+    options: PackOptions, target: TargetProfile, float_head: bool = False
+) -> list[q.StaticInt8Config]:
     """Static INT8 recipes to measure: the target preset first, then (auto on CPUs) the variants that
     change speed and accuracy per model and CPU, so only a measurement decides (FIELD-NOTES)."""
     preset = q.StaticInt8Config.from_profile(
-        target.quantization, extra_options=dict(target.notes.get("quantize_extra_options", {}))
+        target.quantization,
+        extra_options=dict(target.notes.get("quantize_extra_options", {})),
+        float_head=float_head,
     )
     overrides: dict[str, Any] = {}
     if options.calib_method:
@@ -188,7 +189,11 @@ def matmul_heavy(path: Path) -> bool:
 
 
 def plan_candidates(
-    options: PackOptions, target: TargetProfile, calibration: DataSource | None, fp32_path: Path | None = None
+    options: PackOptions,
+    target: TargetProfile,
+    calibration: DataSource | None,
+    fp32_path: Path | None = None,
+    float_head: bool = False,
 ) -> list[CandidatePlan]:
     """Which candidates to build besides FP32."""
     plans: list[CandidatePlan] = []
@@ -199,7 +204,7 @@ def plan_candidates(
 
     mode = options.quantize
     if mode in ("int8", "auto") and "int8" in target.precisions and calibration is not None:
-        plans.extend(static(config, calibration) for config in static_variants(options, target))
+        plans.extend(static(config, calibration) for config in static_variants(options, target, float_head))
     dynamic_wanted = mode == "int8-dynamic" or (
         mode == "auto" and "int8-dynamic" in target.precisions and fp32_path is not None and matmul_heavy(fp32_path)
     )
@@ -278,7 +283,7 @@ def choice_reason(chosen: Candidate, fp32: Candidate, prefer: list[str] | None, 
 def measure_candidate(
     candidate: Candidate,
     target: TargetProfile,
-    ref: np.ndarray,
+    ref: list[np.ndarray],
     val: Batch,
     metric,
     feed1,
@@ -290,7 +295,7 @@ def measure_candidate(
         return
     session = make_session(candidate.file, target.session.graph_optimization_level, config=target.session.config)
     if validation is None:
-        validation = evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
+        validation = evaluate(metric, ref, run_session(session, val.inputs), val.labels, output_names(session))
     candidate.validation = validation
     candidate.latency = session_latency(session, feed1, max_seconds=seconds)
 
@@ -341,7 +346,7 @@ def partial_candidates(
 
     def validate(path: Path) -> dict:
         session = make_session(path, target.session.graph_optimization_level, config=target.session.config)
-        return evaluate(metric, ref, run_session(session, val.inputs)[0], val.labels)
+        return evaluate(metric, ref, run_session(session, val.inputs), val.labels, output_names(session))
 
     ranking_feed = {k: v[: partial.PartialConfig().ranking_samples] for k, v in val.inputs.items()}
     budget = float(options.max_accuracy_drop)

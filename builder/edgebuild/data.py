@@ -37,6 +37,8 @@ class Batch:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     calls: bool = False
+    # Detection data: each sample's ground-truth boxes in model-input pixels (edgebuild.tasks.coco.BoxLabels).
+    targets: list | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -54,6 +56,8 @@ class DataSource:
     classes: list[str] | None = None
     # The preprocessing that turned images into tensors, when the data is an image folder.
     preprocess: PreprocessSpec | None = None
+    # Detection data (YOLO-format folder, COCO json, flat image folder): see edgebuild.detection_data.
+    detection: bool = False
 
     def batches(self) -> Iterator[Batch]:
         seen = 0
@@ -66,6 +70,7 @@ class DataSource:
                     {k: v[:keep] for k, v in batch.inputs.items()},
                     None if batch.labels is None else batch.labels[:keep],
                     batch.calls,
+                    None if batch.targets is None else batch.targets[:keep],
                 )
             seen += len(batch)
             yield batch
@@ -81,7 +86,9 @@ class DataSource:
             raise UsageError(f"data '{self.description}': samples differ in shape ({exc})") from None
         has_labels = all(p.labels is not None for p in parts)
         labels = np.concatenate([p.labels for p in parts]) if has_labels else None
-        return Batch(inputs, labels, parts[0].calls)
+        has_targets = all(p.targets is not None for p in parts)
+        targets = [t for p in parts for t in (p.targets or [])] if has_targets else None
+        return Batch(inputs, labels, parts[0].calls, targets)
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -289,17 +296,22 @@ def open_data(
     batch_size: int = 32,
     seed: int = 0,
     preprocess: PreprocessSpec | None = None,
+    task: str | None = None,
 ) -> DataSource:
     """Open any ``DATA`` form for ``purpose`` (calibration, validation, training).
 
     An image folder becomes tensors through ``preprocess`` (default: RGB, resize, /255), the
-    runtime's own implementation.
+    runtime's own implementation. For ``task="detection"`` a YOLO-format folder, a COCO json or a
+    flat image folder is detection data (``edgebuild.detection_data``).
     """
     if spec == "random":
         if not allow_random:
             raise UsageError(f"'random' data is allowed for calibration only, not for {purpose}; give real data")
         return DataSource("random", _random_source(inputs, limit or 32, seed), is_random=True, limit=limit)
     path = Path(spec)
+    detection = _detection_data(spec, inputs, purpose, batch_size, preprocess, limit, task)
+    if detection is not None:
+        return detection
     if spec.endswith(".npz"):
         if not path.is_file():
             raise UsageError(f"{purpose} data file '{spec}' does not exist")
@@ -331,6 +343,56 @@ def open_data(
             yield _batch_from_item(item, inputs, spec)
 
     return DataSource(spec, batches, limit=limit)
+
+
+def _image_spec(inputs: list[InputSpec], spec: str, purpose: str, preprocess: PreprocessSpec | None) -> PreprocessSpec:
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise UsageError(
+            f"{purpose} data '{spec}': an image folder feeds a single [N, C, H, W] or [N, H, W, C] image input; "
+            f"the model takes {[(s.name, list(s.shape)) for s in inputs]}"
+        )
+    try:
+        return (preprocess or default_preprocess(inputs[0])).for_input(inputs[0].shape, inputs[0].name)
+    except ValueError as exc:
+        raise UsageError(f"{purpose} data '{spec}': the preprocessing does not fit the model: {exc}") from None
+
+
+def _detection_data(
+    spec: str,
+    inputs: list[InputSpec],
+    purpose: str,
+    batch_size: int,
+    preprocess: PreprocessSpec | None,
+    limit: int | None,
+    task: str | None,
+) -> DataSource | None:
+    """A detection DATA form, or ``None`` for every other form; detection data for another task is exit 2."""
+    from edgebuild import detection_data as dd
+
+    path = Path(spec)
+    kind = (
+        "a COCO json"
+        if dd.is_coco_json(spec)
+        else "a YOLO-format dataset (images/ + labels/)"
+        if path.is_dir() and dd.is_yolo_dataset(path)
+        else "a flat image folder"
+        if path.is_dir() and task == "detection" and dd.is_flat_image_folder(path)
+        else None
+    )
+    if kind is None:
+        return None
+    if task != "detection":
+        raise UsageError(f"{purpose} data '{spec}' is {kind}, detection data; pack a detector with --task detect")
+    image = _image_spec(inputs, spec, purpose, preprocess)
+    name, dtype = inputs[0].name, inputs[0].dtype or "float32"
+    classes = None
+    if dd.is_coco_json(spec):
+        make, classes = dd.coco_source(spec, name, dtype, batch_size, image)
+    elif dd.is_yolo_dataset(path):
+        make = dd.yolo_source(path, name, dtype, batch_size, image)
+    else:
+        make = dd.flat_source(path, name, dtype, batch_size, image)
+    return DataSource(spec, make, limit=limit, classes=classes, preprocess=image, detection=True)
 
 
 def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str) -> list[InputSpec]:
@@ -437,16 +499,45 @@ class CalibrationReader:
     """ONNX Runtime ``CalibrationDataReader`` over a :class:`DataSource` (one batch per call).
 
     ``batch_size`` is set for models that pin their batch size: the calibrator feeds the data as is.
+    :meth:`strided` makes it a reader for ORT's strided collection (``CalibStridedMinMax``): a few
+    small feeds per collection call, so histogram calibrators never hold the whole set in memory.
     """
 
     def __init__(self, source: DataSource, batch_size: int | None = None):
         self._source = source
         self._batch_size = batch_size
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
+        self.per_call: int | None = None
+        self._rows: int | None = None  # rows per feed when strided (the model's pinned batch, else 1)
+        self._count: int | None = None
+        self._end: int | None = None
+        self._position = 0
+
+    def strided(self, feeds_per_call: int) -> None:
+        """Feed ``feeds_per_call`` small feeds per collection call (one row each, or the model's pinned batch)."""
+        self.per_call = feeds_per_call
+        self._rows = self._batch_size or 1
+        self._count = sum(1 for _ in self._feeds())
+
+    def __len__(self) -> int:
+        # ORT requires a whole number of strides; the last stride simply ends early (never empty).
+        assert self._count is not None and self.per_call is not None, "len() of a strided reader only"
+        return -(-self._count // self.per_call) * self.per_call
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        if self._iter is None or start_index < self._position:
+            self._iter, self._position = self._feeds(), 0
+        while self._position < start_index:  # ORT asks for consecutive ranges: this skips nothing then
+            next(self._iter, None)
+            self._position += 1
+        self._end = end_index
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._iter is None:
             self._iter = self._feeds()
+        if self._end is not None and self._position >= self._end:
+            return None
+        self._position += 1
         return next(self._iter, None)
 
     def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
@@ -459,7 +550,8 @@ class CalibrationReader:
                 yield from call_feeds(batch.inputs)
             return
         chained = itertools.chain((first,), batches)
-        if self._batch_size:
-            yield from fixed_size_feeds(chained, self._batch_size)
+        size = self._rows or self._batch_size
+        if size:
+            yield from fixed_size_feeds(chained, size)
         else:
             yield from (b.inputs for b in chained)

@@ -22,7 +22,7 @@ from edgebuild.data import Batch
 from edgebuild.errors import EdgebuildError
 from edgebuild.onnx_utils import fixed_batch, make_session
 from edgebuild.targets import TargetProfile
-from edgebuild.validate import run_session
+from edgebuild.validate import as_outputs, run_session
 from edgerun.manifest import GoldenSpec, GoldenThresholds, ProviderSpec
 
 log = logging.getLogger(__name__)
@@ -47,36 +47,50 @@ class ShippedModel:
     path: Path
 
 
-def _golden_rows(first: Path, ref: np.ndarray) -> np.ndarray:
-    n = min(GOLDEN_SAMPLES, len(ref))
+def _golden_rows(first: Path, ref: list[np.ndarray]) -> np.ndarray:
+    n = min(GOLDEN_SAMPLES, len(ref[0]))
     batch = fixed_batch(first)
     if batch:  # whole batches only: the device runs a model that pins its batch size in chunks of it
         n = max(batch, n - n % batch)
-    return np.arange(n) % len(ref)
+    return np.arange(n) % len(ref[0])
 
 
-def variant_thresholds(out: np.ndarray, expected: np.ndarray, classifier: bool) -> GoldenThresholds:
-    """Tolerances for one variant from its outputs ``out`` on the golden inputs (this host)."""
+def _deviation(out: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """Largest |out - expected| over the finite expected values, and the output's scale."""
     out64, want64 = out.astype(np.float64), expected.astype(np.float64)
     finite = np.isfinite(want64)
     measured_abs = float(np.abs(out64 - want64)[finite].max()) if finite.any() else 0.0
     scale = max(1.0, float(np.abs(want64[finite]).max()) if finite.any() else 1.0)
-    atol = ATOL_FACTOR * measured_abs + ATOL_FLOOR * scale
-    measured: dict = {"max_abs": round(measured_abs, 8), "samples": len(expected)}
+    return measured_abs, scale
+
+
+def variant_thresholds(
+    out: np.ndarray | list[np.ndarray], expected: np.ndarray | list[np.ndarray], classifier: bool
+) -> GoldenThresholds:
+    """Tolerances for one variant from its outputs ``out`` (every output) on the golden inputs (this host).
+
+    One atol covers every output (the device checks each against it): the loosest of the outputs'
+    own tolerances (twice the deviation it showed plus the floor of its scale)."""
+    outs, wants = as_outputs(out), as_outputs(expected)
+    deviations = [_deviation(o, w) for o, w in zip(outs, wants)]
+    measured_abs = max(d for d, _ in deviations)
+    atol = max(ATOL_FACTOR * d + ATOL_FLOOR * scale for d, scale in deviations)
+    first_out, first_want = outs[0].astype(np.float64), wants[0].astype(np.float64)
+    measured: dict = {"max_abs": round(measured_abs, 8), "samples": len(first_want)}
     min_agreement = None
-    if classifier and expected.ndim == 2 and expected.shape[1] > 1:
-        agreement = float((out64.argmax(1) == want64.argmax(1)).mean())
+    if classifier and first_want.ndim == 2 and first_want.shape[1] > 1:
+        agreement = float((first_out.argmax(1) == first_want.argmax(1)).mean())
         measured["top1_agreement"] = round(agreement, 6)
-        margin = AGREEMENT_MARGIN_SAMPLES / len(expected)
+        margin = AGREEMENT_MARGIN_SAMPLES / len(first_want)
         min_agreement = max(0.0, math.floor((agreement - margin) * 1000) / 1000)
     # Rounded up, so the recorded tolerance never falls below what was measured.
     return GoldenThresholds(atol=math.ceil(atol * 1e6) / 1e6, min_top1_agreement=min_agreement, measured=measured)
 
 
 def make_golden(
-    output_name: str,
+    output_names: list[str],
     shipped: list[ShippedModel],
-    ref: np.ndarray,
+    ref: list[np.ndarray],
     val: Batch,
     target: TargetProfile,
     classifier: bool,
@@ -85,14 +99,15 @@ def make_golden(
     tolerances of every shipped variant, each measured with the session options the device uses."""
     rows = _golden_rows(shipped[0].path, ref)
     inputs = {k: v[rows] for k, v in val.inputs.items()}
-    expected = ref[rows]
+    expected = [r[rows] for r in ref]
     per_variant = {}
     for model in shipped:
         session = make_session(model.path, target.session.graph_optimization_level, config=target.session.config)
-        per_variant[model.relative] = variant_thresholds(run_session(session, inputs)[0], expected, classifier)
+        per_variant[model.relative] = variant_thresholds(run_session(session, inputs), expected, classifier)
     buffer = io.BytesIO()
     arrays = {f"input:{k}": v for k, v in inputs.items()}
-    arrays[f"output:{output_name}"] = expected.astype(np.float32)
+    for name, values in zip(output_names, expected):  # every output: the device checks each
+        arrays[f"output:{name}"] = values.astype(np.float32)
     np.savez(buffer, **arrays)
     # Bundle-wide values (for readers that predate per-variant tolerances): the loosest.
     agreements = [t.min_top1_agreement for t in per_variant.values() if t.min_top1_agreement is not None]

@@ -27,6 +27,8 @@ from edgebuild.passes.prune import PruneConfig
 from edgebuild.sources import InputShapes
 
 QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
+# --task names and the aliases it also accepts (edgebuild.tasks resolves them).
+TASK_CHOICES = ("detect", "classify", "embed", "tensor", "detection", "classification", "embedding")
 OPTIMIZE_FOR = ("latency", "size")
 
 # What a recipe value may be, per kind of option (TOML is typed: "0.01" is a string, not a number).
@@ -112,6 +114,22 @@ class PackOptions:
         kind="table",
         path=True,
     )
+    task: str | None = option(
+        None,
+        "What the model does: detect | classify | embed | tensor (also detection, classification, embedding). "
+        "Decides validation (boxes for detect), quantization (detect: head tail in float) and /v1/predict "
+        "(default: the model's Ultralytics metadata, a declared post-processing, else classification for "
+        "[batch, classes] outputs and tensor otherwise).",
+        choices=TASK_CHOICES,
+    )
+    postprocess: str | dict | None = option(
+        None,
+        "Detection post-processing: yolov8 | yolov5 | yolox | end2end | FILE.toml (a [postprocess] table: format, "
+        "conf, iou, max_det, strides, box, normalized, class_agnostic, boxes_output, scores_output) "
+        "(default: the factory module's POSTPROCESS, else from the Ultralytics metadata and output shape).",
+        kind="table",
+        path=True,
+    )
     labels: list[str] | str | None = option(
         None,
         "Class names, one per line (default: the factory module's LABELS, or the image folder's class names).",
@@ -134,17 +152,20 @@ class PackOptions:
         recipe="quantize.mode",
         choices=QUANTIZE_MODES,
     )
-    max_accuracy_drop: float | str = option(
-        0.01,
-        "Largest allowed drop of the metric: a fraction (0.01 = 1 point) or a percent (1%); above 0.5 only as a percent.",
+    max_accuracy_drop: float | str | None = option(
+        None,
+        "Largest allowed drop of the metric: a fraction (0.01 = 1 point) or a percent (1%); above 0.5 only as a "
+        "percent. Default 0.01; detection judged by box agreement without labels: 0.05 (mAP50-95 vs FP32 >= 0.95).",
         kind="budget",
         click_type=str,
         aliases=("quantize.max_accuracy_drop",),
+        shown_default=0.01,
     )
     metric: str | None = option(
         None,
-        "accuracy | agreement | cosine | module:callable (default: accuracy with labels, agreement for known "
-        "classifiers, else cosine).",
+        "accuracy | agreement | cosine | map50-95 | box-agreement | module:callable(reference, packed, labels) "
+        "receiving every output as lists (default: accuracy with labels, agreement for known classifiers, "
+        "detection: map50-95 with box labels, box-agreement without; else cosine on every output).",
         aliases=("quantize.metric",),
     )
     optimize_for: str = option(
@@ -187,6 +208,13 @@ class PackOptions:
         "auto on CPUs: quick measures QDQ/QOperator x reduce_range; full also per-channel x calibration method.",
         recipe="quantize.int8_search",
         choices=INT8_SEARCH,
+    )
+    head_in_float: bool = option(
+        True,
+        "Detection: keep the head's tail (the nodes after the last Conv on each output path: decode, DFL, "
+        "Sigmoid/Softmax, final Concat) in float when quantizing.",
+        flags=("--float-head/--quantize-head",),
+        recipe="quantize.float_head",
     )
     partial_quantization: bool = option(
         True,

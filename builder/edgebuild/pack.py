@@ -40,11 +40,14 @@ from edgebuild.export import export_onnx
 from edgebuild.golden import ShippedModel, check_serves, make_golden
 from edgebuild.onnx_utils import fixed_batch, make_session, model_opset, onnx_dtype_name
 from edgebuild.options import PackOptions, check_choices
-from edgebuild.recipe import load_labels, load_preprocess
+from edgebuild.recipe import load_labels, load_postprocess, load_preprocess
+from edgebuild.tasks import Task, TaskContext, get_task
+from edgebuild.tasks.infer import DETECTION_PREPROCESS, declared_task, infer_task
+from edgebuild.tasks.metadata import read_metadata
 from edgebuild.report import write_report
 from edgebuild.sources import ModelSource, load_model, require_shapes
 from edgebuild.targets import TargetProfile, load_target
-from edgebuild.validate import choose_metric, parse_accuracy_drop, run_session, torch_outputs
+from edgebuild.validate import parse_accuracy_drop, run_session, torch_outputs
 from edgerun.manifest import (
     FORMAT_VERSION,
     Manifest,
@@ -91,7 +94,8 @@ def _apply_example_defaults(options: PackOptions) -> dict:
 
 def _validate_options(options: PackOptions, target: TargetProfile) -> None:
     check_choices(options)
-    options.max_accuracy_drop = parse_accuracy_drop(options.max_accuracy_drop)
+    if options.max_accuracy_drop is not None:  # None: the task's default, once its metric is known
+        options.max_accuracy_drop = parse_accuracy_drop(options.max_accuracy_drop)
     if options.quantize not in ("auto", "none"):
         wanted = options.quantize
         if wanted not in target.precisions:
@@ -118,11 +122,14 @@ def _tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
 
 
-def _reference_outputs(source: ModelSource, fp32_path: Path, inputs: dict[str, np.ndarray], data: str) -> np.ndarray:
+def _reference_outputs(
+    source: ModelSource, fp32_path: Path, inputs: dict[str, np.ndarray], data: str
+) -> list[np.ndarray]:
+    """Every output of the reference model on the validation inputs (model order)."""
     try:
         if source.module is not None:
-            return torch_outputs(source, inputs)[0]
-        return run_session(make_session(fp32_path), inputs)[0]
+            return torch_outputs(source, inputs)
+        return run_session(make_session(fp32_path), inputs)
     except Exception as exc:  # noqa: BLE001 - user model code and ONNX Runtime raise many types
         raise UsageError(f"the model fails on the validation data '{data}': {first_line(exc)}") from None
 
@@ -235,8 +242,17 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
     for key, attr in (("preprocess", "PREPROCESS"), ("postprocess", "POSTPROCESS")):
         if extras.get(key) is None and getattr(factory, attr, None) is not None:
             extras[key] = getattr(factory, attr)
+    if options.postprocess is not None:
+        extras["postprocess"] = load_postprocess(options.postprocess)
+    metadata = read_metadata(source.onnx_path) if source.kind == "onnx" and source.onnx_path else None
+    task_name = declared_task(options.task, extras.get("postprocess"), metadata, progress)
+    if task_name == "detection" and options.preprocess is None and extras.get("preprocess") is None:
+        extras["preprocess"] = dict(DETECTION_PREPROCESS)  # Ultralytics' convention; recorded for /v1/predict
     preprocess = _declared_preprocess(options, extras, source)
     labels = load_labels(options.labels) if options.labels else load_labels(getattr(factory, "LABELS", None), "LABELS")
+    if labels is None and metadata is not None and metadata.names:
+        labels = metadata.names
+        progress(f"labels: {len(labels)} class names from the model's metadata ({', '.join(labels[:5])}{' ...' if len(labels) > 5 else ''})")
 
     calibration = None
     if options.calib_data:
@@ -247,13 +263,21 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             allow_random=True,
             limit=options.calib_samples,
             preprocess=preprocess,
+            task=task_name,
         )
     val_spec = options.val_data or (
         options.calib_data if calibration is not None and not calibration.is_random else None
     )
     validated = val_spec is not None
     validation_source = (
-        open_data(val_spec, source.inputs, purpose="validation", limit=options.val_samples, preprocess=preprocess)
+        open_data(
+            val_spec,
+            source.inputs,
+            purpose="validation",
+            limit=options.val_samples,
+            preprocess=preprocess,
+            task=task_name,
+        )
         if val_spec is not None
         else open_data("random", source.inputs, purpose="validation", allow_random=True, limit=64)
     )
@@ -296,15 +320,27 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         )
 
         ref = _reference_outputs(original, exported.path, val.inputs, validation_source.description)
-        labels = _labels(labels, validation_source, calibration, ref, progress)
-        declared = extras.get("postprocess") or {}
-        metric = choose_metric(
-            options.metric,
-            val.labels,
-            ref,
-            known_classifier=bool(labels) or declared.get("type") == "classification",
-            data=validation_source.description,
+        labels = _labels(labels, validation_source, calibration, ref[0], progress)
+        declared = extras.get("postprocess")
+        task = get_task(task_name or infer_task(declared, ref[0]))
+        exported_inputs, exported_outputs = _tensor_specs(exported.path)
+        postprocess = task.postprocess(declared, {"outputs": exported_outputs, "metadata": metadata})
+        metric = task.choose_metric(
+            TaskContext(
+                requested_metric=options.metric,
+                val=val,
+                reference=ref,
+                output_names=[o.name for o in exported_outputs],
+                data=validation_source.description,
+                class_names=labels,
+                postprocess=postprocess,
+                input_hw=_image_hw(source.inputs, preprocess),
+                known_classifier=bool(labels) or isinstance(declared, dict) and declared.get("type") == "classification",
+            )
         )
+        if options.max_accuracy_drop is None:
+            options.max_accuracy_drop = task.default_budget(metric)
+        progress(f"task {task.name}: {metric.name} ({metric.reason}); budget: drop <= {options.max_accuracy_drop:g}")
         if metric.warning:
             progress(f"WARNING: {metric.warning}; judging by top-1 agreement with the FP32 reference instead")
         batch = fixed_batch(exported.path) or 1  # timed at batch 1, or at the batch a model pins
@@ -315,7 +351,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         skipped = int8_skipped(options, target, calibration)
         if skipped:
             progress(skipped)
-        for plan in plan_candidates(options, target, calibration, exported.path):
+        for plan in plan_candidates(options, target, calibration, exported.path, float_head=_float_head(task, options)):
             progress(f"quantize: building {plan.name} ...")
             candidates.append(build_candidate(plan, exported.path, workdir, progress))
         capped = " (the --val-samples cap)" if validated and len(val) >= options.val_samples else ""
@@ -384,7 +420,7 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
         inputs, outputs = _tensor_specs(chosen.file)
         relative = {id(c): "model.onnx" if c is chosen else f"variants/{c.name}.onnx" for c in shipped}
         golden_bytes, golden = make_golden(
-            outputs[0].name,
+            [o.name for o in outputs],
             [ShippedModel(relative[id(c)], c.path) for c in shipped if c.path is not None],
             ref,
             val,
@@ -413,7 +449,8 @@ def pack(options: PackOptions, progress: Callable[[str], None] = _progress) -> P
             inputs=inputs,
             outputs=outputs,
             preprocess=preprocess.to_manifest() if preprocess is not None else None,
-            postprocess=extras.get("postprocess") or _default_postprocess(outputs),
+            postprocess=postprocess,
+            task=task.name,
             providers=providers,
             serving=serving,
             passes=passes,
@@ -526,10 +563,18 @@ def _labels(
     return None
 
 
-def _default_postprocess(outputs: list[TensorSpec]) -> dict | None:
-    first = outputs[0]
-    if len(first.shape) == 2 and first.shape[1] != 1:  # [N, 1] is a score or regression, not classes
-        return {"type": "classification", "softmax": True, "top_k": 5}
+def _float_head(task: Task, options: PackOptions) -> bool:
+    """Keep a detector's head tail in float (``--float-head``, on by default for detection)."""
+    return task.head_in_float and options.head_in_float
+
+
+def _image_hw(inputs, preprocess: PreprocessSpec | None) -> tuple[int, int] | None:
+    """Height and width of the image input (for decoding boxes), when fixed."""
+    if preprocess is not None and preprocess.size is not None:
+        return (int(preprocess.size[0]), int(preprocess.size[1]))
+    shape = list(inputs[0].shape) if inputs else []
+    if len(shape) == 4 and shape[2] > 0 and shape[3] > 0:
+        return (int(shape[2]), int(shape[3]))
     return None
 
 

@@ -366,6 +366,8 @@ def info(bundle, trusted_key, as_json):
         for spec in summary[kind]:
             click.echo(f"  {kind[:-1]:<10} {spec['name']}  {spec['dtype']}  {spec['shape']}")
     click.echo(f"  providers  {', '.join(summary['providers'])}")
+    post = {k: v for k, v in (summary["postprocess"] or {}).items() if k != "type" and v is not None}
+    click.echo(f"  task       {summary['task']}  {' '.join(f'{k}={v}' for k, v in post.items())}".rstrip())
     golden = summary["golden"]
     click.echo(f"  golden     {golden['path'] + ' atol ' + str(golden['atol']) if golden else 'none'}")
     click.echo(f"  signed     {'yes' if summary['signed'] else 'no'}; {summary['files']} files")

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgerun.errors import BundleError, RequestError
 from edgerun.manifest import GoldenSpec, GoldenThresholds, Manifest
+from edgerun.tasks.detection import detect, match_detections
 
 if TYPE_CHECKING:
     from edgerun.session import ModelSession
@@ -39,13 +40,16 @@ class GoldenResult:
     max_abs_diff: float | None = None
     top1_agreement: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # Detection bundles: fraction of boxes matched, and the largest score difference of a matched box.
+    box_match: float | None = None
+    max_score_diff: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"passed": self.passed, "reason": self.reason, "samples": self.samples}
-        if self.max_abs_diff is not None:
-            out["max_abs_diff"] = self.max_abs_diff
-        if self.top1_agreement is not None:
-            out["top1_agreement"] = self.top1_agreement
+        for key in ("max_abs_diff", "top1_agreement", "box_match", "max_score_diff"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
         return out
 
 
@@ -94,7 +98,14 @@ def thresholds_for(spec: GoldenSpec, variant_path: str) -> GoldenThresholds:
     own = spec.variants.get(variant_path)
     if own is not None:
         return own
-    return GoldenThresholds(atol=spec.atol, rtol=spec.rtol, min_top1_agreement=spec.min_top1_agreement)
+    return GoldenThresholds(
+        atol=spec.atol,
+        rtol=spec.rtol,
+        min_top1_agreement=spec.min_top1_agreement,
+        min_box_iou=spec.min_box_iou,
+        max_score_diff=spec.max_score_diff,
+        min_box_match=spec.min_box_match,
+    )
 
 
 def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -135,20 +146,23 @@ def check_golden(model: ModelSession, golden: GoldenData | None) -> GoldenResult
         actual = run_in_chunks(model, golden.inputs)
     except RequestError as exc:
         return GoldenResult(False, f"golden inputs failed to run: {exc}", samples)
-    worst = 0.0
-    agreements = []
     for name, want in golden.outputs.items():
         got = actual[name]
         if got.shape != want.shape:
             return GoldenResult(
                 False, f"output '{name}' has shape {list(got.shape)}, golden has {list(want.shape)}", samples
             )
-        got64, want64 = got.astype(np.float64), want.astype(np.float64)
-        mismatched = _nonfinite_mismatch(got64, want64)
+        mismatched = _nonfinite_mismatch(got.astype(np.float64), want.astype(np.float64))
         if mismatched:
             return GoldenResult(
                 False, f"output '{name}' has {mismatched} NaN/Inf values that differ from golden", samples
             )
+    if limits.compares_boxes() and model.manifest.detection_spec() is not None:
+        return check_boxes(model.manifest, golden, actual, limits)
+    worst = 0.0
+    agreements = []
+    for name, want in golden.outputs.items():
+        got64, want64 = actual[name].astype(np.float64), want.astype(np.float64)
         finite = np.isfinite(want64)
         diff = np.abs(got64 - want64)[finite]
         worst = max(worst, float(diff.max()) if diff.size else 0.0)
@@ -173,3 +187,61 @@ def check_golden(model: ModelSession, golden: GoldenData | None) -> GoldenResult
             top1,
         )
     return GoldenResult(True, f"{samples} golden samples match (max |diff| {worst:.3g})", samples, worst, top1)
+
+
+# Box tolerances not recorded take these: COCO's matching IoU, every box matched.
+DEFAULT_MIN_BOX_IOU = 0.5
+DEFAULT_MIN_BOX_MATCH = 1.0
+
+
+def _per_image(array: np.ndarray, rank: int) -> np.ndarray:
+    """Per-call golden outputs (one axis more than the model's) as one batch of images."""
+    return array.reshape(-1, *array.shape[2:]) if array.ndim == rank + 1 else array
+
+
+def _input_hw(manifest: Manifest, golden: GoldenData) -> tuple[int, int]:
+    pre = manifest.preprocess_spec()
+    if pre is not None and pre.size is not None:
+        return pre.size
+    name = pre.input if pre is not None and pre.input else manifest.inputs[0].name
+    shape = golden.inputs[name].shape
+    nhwc = pre is not None and pre.layout == "NHWC"
+    return (int(shape[-3]), int(shape[-2])) if nhwc else (int(shape[-2]), int(shape[-1]))
+
+
+def check_boxes(
+    manifest: Manifest, golden: GoldenData, actual: dict[str, np.ndarray], limits: GoldenThresholds
+) -> GoldenResult:
+    """A detector's golden check: decode both output sets with the bundle's own post-processing and
+    match the boxes (same class, greedy by IoU) instead of comparing raw values."""
+    spec = manifest.detection_spec()
+    assert spec is not None
+    samples = len(next(iter(golden.inputs.values())))
+    ranks = {s.name: len(s.shape) for s in manifest.outputs}
+    names = [s.name for s in manifest.outputs if s.name in golden.outputs]
+    hw = _input_hw(manifest, golden)
+    try:
+        want = detect([_per_image(golden.outputs[n], ranks[n]) for n in names], names, spec, hw)
+        got = detect([_per_image(actual[n], ranks[n]) for n in names], names, spec, hw)
+    except ValueError as exc:
+        return GoldenResult(False, f"golden outputs cannot be decoded as '{spec.format}' detections: {exc}", samples)
+    min_iou = limits.min_box_iou if limits.min_box_iou is not None else DEFAULT_MIN_BOX_IOU
+    min_match = limits.min_box_match if limits.min_box_match is not None else DEFAULT_MIN_BOX_MATCH
+    match = match_detections(want, got, min_iou)
+    raw = max(float(np.abs(actual[n].astype(np.float64) - golden.outputs[n]).max(initial=0.0)) for n in names)
+    measured: dict[str, Any] = {
+        "max_abs_diff": raw,
+        "box_match": match.fraction,
+        "max_score_diff": match.max_score_diff,
+    }
+    counts = f"{match.matched} of {match.reference_boxes} golden boxes matched ({match.boxes} found)"
+    if match.fraction < min_match:
+        reason = f"boxes drift from golden: {counts} at IoU >= {min_iou:g}, {match.fraction:.3f} < {min_match:.3f}"
+        return GoldenResult(False, reason, samples, **measured)
+    if limits.max_score_diff is not None and match.max_score_diff > limits.max_score_diff:
+        reason = (
+            f"box scores drift from golden: max |score diff| {match.max_score_diff:.3g} exceeds "
+            f"{limits.max_score_diff:g} ({counts})"
+        )
+        return GoldenResult(False, reason, samples, **measured)
+    return GoldenResult(True, f"{samples} golden samples match: {counts} at IoU >= {min_iou:g}", samples, **measured)

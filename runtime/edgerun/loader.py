@@ -341,6 +341,8 @@ def describe_bundle(location: str | Path, trusted_key: bytes | None = None) -> d
         "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.inputs],
         "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.outputs],
         "providers": [p.name for p in m.providers],
+        "task": m.task_name(),
+        "postprocess": m.postprocess,
         "golden": m.golden.model_dump() if m.golden else None,
         "signed": bool(m.signature),
         "files": len(m.files),

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgerun.errors import BundleError
 from edgerun.preprocess import PreprocessSpec
+from edgerun.tasks.detection import DetectionSpec, parse_detection_spec
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
@@ -38,6 +39,9 @@ KSERVE_DATATYPES = {
 
 GraphOptimizationLevel = Literal["disable_all", "basic", "extended", "all"]
 Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "mixed"]
+# What the model's outputs mean; it decides the post-processing and the /v1/predict answer.
+Task = Literal["classification", "detection", "embedding", "tensor"]
+TASKS: tuple[str, ...] = ("classification", "detection", "embedding", "tensor")
 
 
 class _Model(BaseModel):
@@ -131,7 +135,20 @@ class GoldenThresholds(_Model):
     rtol: float = 0.0
     # Fraction of golden samples whose top-1 must agree (classifiers), if set.
     min_top1_agreement: float | None = None
+    # Detection: when any of these is set, post-NMS boxes are compared instead of raw values (atol ignored).
+    min_box_iou: float | None = Field(
+        default=None, gt=0, le=1, description="IoU a box must reach to match a golden box"
+    )
+    max_score_diff: float | None = Field(
+        default=None, ge=0, description="largest |score - golden score| of a matched box"
+    )
+    min_box_match: float | None = Field(
+        default=None, ge=0, le=1, description="fraction of boxes matched at min_box_iou (of the larger box count)"
+    )
     measured: dict[str, Any] = Field(default_factory=dict)
+
+    def compares_boxes(self) -> bool:
+        return any(v is not None for v in (self.min_box_iou, self.max_score_diff, self.min_box_match))
 
 
 class GoldenSpec(_Model):
@@ -142,6 +159,10 @@ class GoldenSpec(_Model):
     rtol: float = 0.0
     # Fraction of golden samples whose top-1 must agree (classifiers), if set.
     min_top1_agreement: float | None = None
+    # Detection box tolerances for variants not listed (see GoldenThresholds).
+    min_box_iou: float | None = Field(default=None, gt=0, le=1)
+    max_score_diff: float | None = Field(default=None, ge=0)
+    min_box_match: float | None = Field(default=None, ge=0, le=1)
     # Per variant path: tolerances derived from what that variant measured on the build host
     # (the top-level values apply to variants not listed).
     variants: dict[str, GoldenThresholds] = Field(default_factory=dict)
@@ -159,7 +180,10 @@ class Manifest(_Model):
     outputs: list[TensorSpec]
     # Checked against :class:`edgerun.preprocess.PreprocessSpec` and stored normalised (defaults filled in).
     preprocess: dict[str, Any] | None = None
+    # Detection: checked against :class:`edgerun.tasks.detection.DetectionSpec` and stored normalised.
     postprocess: dict[str, Any] | None = None
+    # None in bundles older than the key: :meth:`task_name` infers it from ``postprocess``.
+    task: Task | None = None
     providers: list[ProviderSpec] = Field(default_factory=lambda: [ProviderSpec(name="CPUExecutionProvider")])
     passes: list[PassRecord] = Field(default_factory=list)
     validation: Validation | None = None
@@ -184,6 +208,40 @@ class Manifest(_Model):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "preprocess"
             raise ValueError(f"{where}: {first['msg']}") from None
+
+    @field_validator("postprocess", mode="before")
+    @classmethod
+    def _typed_postprocess(cls, value: Any) -> dict[str, Any] | None:
+        if isinstance(value, DetectionSpec):
+            return value.to_manifest()
+        if isinstance(value, dict) and value.get("type") == "detection":
+            return parse_detection_spec(value).to_manifest()
+        return value
+
+    @model_validator(mode="after")
+    def _task_matches_postprocess(self) -> Manifest:
+        kind = (self.postprocess or {}).get("type")
+        if self.task == "detection" and kind != "detection":
+            raise ValueError(
+                f"task 'detection' needs postprocess.type 'detection' (got {kind!r}); add a [postprocess] table "
+                f"with a detection format ({', '.join(('yolov8', 'yolov5', 'yolox', 'end2end', 'split'))})"
+            )
+        if kind == "detection" and self.task not in (None, "detection"):
+            raise ValueError(f"postprocess.type 'detection' does not fit task {self.task!r}")
+        return self
+
+    def task_name(self) -> str:
+        """The bundle's task; older bundles without ``task``: from ``postprocess.type``, else ``tensor``."""
+        if self.task is not None:
+            return self.task
+        kind = (self.postprocess or {}).get("type")
+        return kind if kind in ("classification", "detection") else "tensor"
+
+    def detection_spec(self) -> DetectionSpec | None:
+        """The typed detection post-processing, for a detection bundle."""
+        if (self.postprocess or {}).get("type") != "detection":
+            return None
+        return DetectionSpec.model_validate(self.postprocess)
 
     def preprocess_spec(self) -> PreprocessSpec | None:
         return None if self.preprocess is None else PreprocessSpec.model_validate(self.preprocess)

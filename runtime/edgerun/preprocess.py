@@ -1,4 +1,4 @@
-"""Image pre-processing and classification post-processing from the manifest.
+"""Image pre-processing from the manifest, and where the image lands in the model input.
 
 One implementation turns an image into the model's tensor everywhere: the builder's image-folder
 data (calibration, validation, golden inputs) and the server's ``/v1/predict`` both call
@@ -11,13 +11,16 @@ tensors the bundle was calibrated and validated on.
      "interpolation": "bilinear", "scale": 0.00392156862745098,
      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "dtype": "float32"}
 
-``manifest.postprocess`` example: ``{"type": "classification", "softmax": true, "top_k": 5}``.
+:func:`preprocess_image_with_transform` also returns the :class:`ImageTransform` (scale, offsets) that
+maps boxes found in the model input back to the image as sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +65,12 @@ class PreprocessSpec(BaseModel):
     resize_shorter: int | None = Field(
         None, description="center-crop: shorter side before cropping (default: crop side)"
     )
-    fill: int = Field(0, ge=0, le=255, description="letterbox padding, in pixel values 0..255")
+    fill: int = Field(114, ge=0, le=255, description="letterbox padding, in pixel values 0..255 (114: Ultralytics)")
+    pad: Literal["center", "bottom-right"] = Field(
+        "center",
+        description="letterbox: where the padding goes; center (Ultralytics) or bottom-right (the image at the "
+        "top-left corner)",
+    )
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
     scale: float = 1.0
     mean: list[float] | None = None
@@ -173,15 +181,55 @@ def preset_values(name: str, source: str = "preprocess") -> dict[str, Any] | Non
     return None if preset is None else dict(preset)
 
 
-def _resize(image: Any, spec: PreprocessSpec) -> Any:
+@dataclass(frozen=True)
+class ImageTransform:
+    """Where the original image landed in the model input: ``input = original * scale + pad`` per axis.
+
+    Letterbox padding gives a positive ``pad``, a centre crop a negative one (the cut-off part).
+    """
+
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+    original: tuple[int, int]  # (width, height) of the image as sent
+    input: tuple[int, int]  # (width, height) of the model input
+
+    @classmethod
+    def identity(cls, width: int, height: int) -> ImageTransform:
+        return cls(1.0, 1.0, 0.0, 0.0, (width, height), (width, height))
+
+    def to_image(self, xyxy: np.ndarray) -> np.ndarray:
+        """Boxes [K, 4] x1, y1, x2, y2 in model-input pixels -> original-image pixels, clipped to the image."""
+        boxes = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+        width, height = self.original
+        xs = np.clip((boxes[:, [0, 2]] - self.pad_x) / self.scale_x, 0, width)
+        ys = np.clip((boxes[:, [1, 3]] - self.pad_y) / self.scale_y, 0, height)
+        return np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1).astype(np.float32)
+
+    def to_input(self, xyxy: np.ndarray) -> np.ndarray:
+        """Boxes in original-image pixels -> model-input pixels (the inverse of :meth:`to_image`, unclipped)."""
+        boxes = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+        scale = np.asarray([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
+        pad = np.asarray([self.pad_x, self.pad_y, self.pad_x, self.pad_y])
+        return (boxes * scale + pad).astype(np.float32)
+
+
+def _resize(image: Any, spec: PreprocessSpec, original: tuple[int, int]) -> tuple[Any, ImageTransform]:
+    """The image resized as ``spec`` says, and the transform from ``original`` (the size before any
+    JPEG draft reduction) to the result."""
     from PIL import Image
 
     if spec.size is None:
-        return image
+        return image, ImageTransform(
+            image.width / original[0], image.height / original[1], 0.0, 0.0, original, image.size
+        )
     height, width = spec.size
     method = _INTERPOLATION[spec.interpolation]
     if spec.resize == "stretch":
-        return image.resize((width, height), method)
+        return image.resize((width, height), method), ImageTransform(
+            width / original[0], height / original[1], 0.0, 0.0, original, (width, height)
+        )
     if spec.resize == "center-crop":
         # torchvision's Resize(shorter) + CenterCrop(size): scale the shorter side, then cut the middle.
         # Same arithmetic as torchvision: the longer side truncated, the crop offset rounded.
@@ -198,13 +246,21 @@ def _resize(image: Any, spec: PreprocessSpec) -> Any:
             )
         image = image.resize(scaled, method)
         left, top = int(round((scaled[0] - width) / 2.0)), int(round((scaled[1] - height) / 2.0))
-        return image.crop((left, top, left + width, top + height))
+        transform = ImageTransform(
+            scaled[0] / original[0], scaled[1] / original[1], -left, -top, original, (width, height)
+        )
+        return image.crop((left, top, left + width, top + height)), transform
     # letterbox: the whole image inside size, aspect ratio kept, the rest padded with ``fill``
     ratio = min(width / image.width, height / image.height)
     inner = (max(1, round(image.width * ratio)), max(1, round(image.height * ratio)))
+    # centre: the odd pixel of padding goes right/bottom, as Ultralytics' LetterBox
+    offset = ((width - inner[0]) // 2, (height - inner[1]) // 2) if spec.pad == "center" else (0, 0)
     canvas = Image.new(image.mode, (width, height), (spec.fill,) * len(image.getbands()))
-    canvas.paste(image.resize(inner, method), ((width - inner[0]) // 2, (height - inner[1]) // 2))
-    return canvas
+    canvas.paste(image.resize(inner, method), offset)
+    transform = ImageTransform(
+        inner[0] / original[0], inner[1] / original[1], offset[0], offset[1], original, (width, height)
+    )
+    return canvas, transform
 
 
 def _decode_size(spec: PreprocessSpec) -> tuple[int, int] | None:
@@ -226,20 +282,34 @@ def preprocess_image(
     JPEGs are decoded in draft mode (DCT scaling) at the smallest scale that still covers the
     model's input size; ``max_pixels`` (default :data:`MAX_PIXELS`) bounds what is decoded.
     """
+    return preprocess_image_with_transform(data, spec, max_pixels=max_pixels)[0]
+
+
+def preprocess_image_with_transform(
+    data: bytes | Any, spec: PreprocessSpec | Mapping[str, Any], *, max_pixels: int | None = None
+) -> tuple[np.ndarray, ImageTransform]:
+    """:func:`preprocess_image`, plus where the original image landed in the tensor (to map boxes back).
+
+    ``data`` is image bytes or an already opened ``PIL.Image``.
+    """
     from PIL import Image, UnidentifiedImageError
 
     spec = spec if isinstance(spec, PreprocessSpec) else parse_spec(spec, "manifest preprocess")
     limit = MAX_PIXELS if max_pixels is None else max_pixels
-    if not data:
+    is_bytes = isinstance(data, (bytes, bytearray, memoryview))
+    if is_bytes and not data:
         raise RequestError("empty image; send the image bytes as the body or as a multipart file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        # An image the caller opened stays open: it is theirs to close.
+        opened: Any = Image.open(io.BytesIO(data)) if is_bytes else contextlib.nullcontext(data)
+        with opened as image:
+            original = image.size
             decode = _decode_size(spec)
             if decode is not None and image.format == "JPEG":
                 image.draft("RGB" if spec.color != "L" else "L", decode)
             if image.width * image.height > limit:
                 raise RequestError(f"image is {image.width}x{image.height}; over the {limit} pixel limit")
-            converted = _resize(image.convert("L" if spec.color == "L" else "RGB"), spec)
+            converted, transform = _resize(image.convert("L" if spec.color == "L" else "RGB"), spec, original)
             array: np.ndarray = np.asarray(converted, dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise RequestError(f"body is not a readable image ({exc}); send PNG or JPEG bytes") from None
@@ -256,7 +326,7 @@ def preprocess_image(
         array = array.transpose(2, 0, 1)
     if spec.dtype == "uint8":
         array = np.clip(np.rint(array), 0, 255)
-    return np.ascontiguousarray(array[None], dtype=np.dtype(spec.dtype))
+    return np.ascontiguousarray(array[None], dtype=np.dtype(spec.dtype)), transform
 
 
 def load_labels(root: Path, labels: str | None) -> list[str] | None:
@@ -266,17 +336,3 @@ def load_labels(root: Path, labels: str | None) -> list[str] | None:
         return [line.strip() for line in (Path(root) / labels).read_text().splitlines() if line.strip()]
     except OSError as exc:
         raise BundleError(f"labels file '{labels}' cannot be read ({exc})") from None
-
-
-def classify(scores: np.ndarray, spec: dict[str, Any], labels: list[str] | None) -> list[dict[str, Any]]:
-    """Top-k of the first row of ``scores``; softmax first when the manifest asks for it."""
-    row = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)[0]
-    if spec.get("softmax"):
-        row = np.exp(row - row.max())
-        row = row / row.sum()
-    k = max(1, min(int(spec.get("top_k", 5)), row.size))
-    top = np.argsort(-row, kind="stable")[:k]
-    return [
-        {"index": int(i), "label": labels[i] if labels and i < len(labels) else str(int(i)), "score": float(row[i])}
-        for i in top
-    ]

@@ -93,11 +93,6 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-class PredictResponse(BaseModel):
-    model_name: str
-    predictions: list[dict[str, Any]] = Field(description="top-k: label, index, score")
-
-
 # ---- decoding ----
 
 

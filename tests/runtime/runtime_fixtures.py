@@ -247,3 +247,85 @@ def build_scaled_bundle(dest: Path) -> Path:
         outputs=[{"name": "y", "dtype": "float32", "shape": [-1, 4]}],
     )
     return write_bundle(dest, manifest, {"model.onnx": scaled_onnx()}, force=True)
+
+
+# A "detector" whose yolov8-format output [N, 4+nc, 3] has fixed boxes and class scores that scale
+# with the image's mean brightness (a white image scores 1.0, a black one detects nothing):
+# anchor 0 and 1 overlap (same class, NMS keeps 0), anchor 2 is class 1 elsewhere.
+DETECTOR_SIZE = 64
+DETECTOR_LABELS = ["circle", "square"]
+DETECTOR_XYWH = np.array([[32, 24, 16, 16], [33, 24, 16, 16], [10, 50, 8, 8]], np.float32)
+DETECTOR_CLASS_SCORES = np.array([[1.0, 0.0], [0.9, 0.0], [0.0, 0.5]], np.float32)
+
+
+def detector_reference(images: np.ndarray) -> np.ndarray:
+    brightness = images.reshape(len(images), -1).mean(1).astype(np.float32)[:, None, None]
+    boxes = np.concatenate([DETECTOR_XYWH.T, np.zeros((2, 3), np.float32)])[None]
+    scores = np.concatenate([np.zeros((4, 3), np.float32), DETECTOR_CLASS_SCORES.T])[None]
+    return (boxes + brightness * scores).astype(np.float32)
+
+
+def detector_onnx(shift: float = 0.0) -> bytes:
+    """images float32 [-1,3,64,64] -> output0 [-1,6,3] (see DETECTOR_*); ``shift`` moves every box right."""
+    boxes = np.concatenate([DETECTOR_XYWH.T, np.zeros((2, 3), np.float32)])[None].copy()
+    boxes[0, 0] += shift
+    scores = np.concatenate([np.zeros((4, 3), np.float32), DETECTOR_CLASS_SCORES.T])[None]
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["mean4"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Reshape", ["mean4", "shape"], ["mean"]),
+        helper.make_node("Mul", ["mean", "scores"], ["scaled"]),
+        helper.make_node("Add", ["boxes", "scaled"], ["output0"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "detector",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, DETECTOR_SIZE, DETECTOR_SIZE])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 6, 3])],
+        [
+            numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
+            numpy_helper.from_array(boxes, "boxes"),
+            numpy_helper.from_array(scores, "scores"),
+        ],
+    )
+    return _save(graph)
+
+
+def detector_golden_inputs() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.uniform(0.5, 1.0, size=(3, 3, DETECTOR_SIZE, DETECTOR_SIZE)).astype(np.float32)
+
+
+def build_detector_bundle(
+    dest: Path,
+    *,
+    name: str = "det",
+    resize: str = "stretch",
+    pad: str = "center",
+    fill: int = 114,
+    postprocess: dict | None = None,
+    model: bytes | None = None,
+    golden: GoldenSpec | None = None,
+) -> Path:
+    x = detector_golden_inputs()
+    manifest = make_manifest(
+        name,
+        inputs=[{"name": "images", "dtype": "float32", "shape": [-1, 3, DETECTOR_SIZE, DETECTOR_SIZE]}],
+        outputs=[{"name": "output0", "dtype": "float32", "shape": [-1, 6, 3]}],
+        preprocess={
+            "size": [DETECTOR_SIZE, DETECTOR_SIZE],
+            "resize": resize,
+            "pad": pad,
+            "fill": fill,
+            "scale": 1 / 255,
+        },
+        postprocess=postprocess or {"type": "detection", "format": "yolov8"},
+        task="detection",
+        labels="labels.txt",
+        golden=golden or GoldenSpec(atol=1e-4),
+    )
+    files = {
+        "model.onnx": model if model is not None else detector_onnx(),
+        "labels.txt": "\n".join(DETECTOR_LABELS).encode(),
+        "golden.npz": npz_bytes(**{"input:images": x, "output:output0": detector_reference(x)}),
+    }
+    return write_bundle(dest, manifest, files, force=True)

@@ -42,6 +42,23 @@ def test_info_and_verify(bundles, cache_dir):
     assert result.output.startswith("OK clf") and "golden samples match" in result.output
 
 
+def test_info_shows_the_task_and_its_postprocess(tmp_path, bundles):
+    from runtime_fixtures import build_detector_bundle
+
+    runner = CliRunner()
+    detector = build_detector_bundle(
+        tmp_path / "det", postprocess={"type": "detection", "format": "yolov8", "iou": 0.5}
+    )
+    result = runner.invoke(main, ["info", str(detector)])
+    assert result.exit_code == 0, result.output
+    assert "task       detection  format=yolov8 conf=0.25 iou=0.5 max_det=300" in result.output
+    summary = json.loads(runner.invoke(main, ["info", "--json", str(detector)]).output)
+    assert summary["task"] == "detection" and summary["postprocess"]["iou"] == 0.5
+    assert (
+        "task       classification  softmax=True top_k=2" in runner.invoke(main, ["info", str(bundles["image"])]).output
+    )
+
+
 def test_bench_json(bundles, cache_dir):
     result = CliRunner().invoke(
         main, ["bench", str(bundles["classifier"]), "--json", "--batch", "4", "--cache-dir", str(cache_dir)]

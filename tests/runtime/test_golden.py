@@ -114,3 +114,66 @@ def test_the_golden_check_runs_one_row_at_a_time(tmp_path):
     rows = len(golden.inputs["x"])
     assert result.passed and rows > 1
     assert batches == [1] * rows
+
+
+def _detector_check(tmp_path, shift: float, thresholds: GoldenThresholds | None):
+    from runtime_fixtures import build_detector_bundle, detector_onnx
+
+    from edgerun.bundle import open_bundle
+
+    spec = GoldenSpec(atol=1e-4, variants={"model.onnx": thresholds} if thresholds else {})
+    bundle = open_bundle(build_detector_bundle(tmp_path / f"det{shift}", model=detector_onnx(shift), golden=spec))
+    manifest = bundle.manifest
+    session = create_model_session(
+        bundle.verified_file("model.onnx"), manifest, manifest.model, [ProviderSpec(name="CPUExecutionProvider")], 1
+    )
+    golden = load_golden(bundle.read_verified(spec.path), spec, manifest)
+    return check_golden(session, golden)
+
+
+BOXES = GoldenThresholds(atol=1e-4, min_box_iou=0.85, max_score_diff=0.01, min_box_match=1.0)
+
+
+def test_a_detector_is_checked_by_its_boxes_not_its_raw_values(tmp_path):
+    # shifting every box 0.5 px right is far past atol 1e-4 but keeps IoU 0.94 (16 px box) and 0.88 (8 px)
+    close = _detector_check(tmp_path, 0.5, BOXES)
+    assert close.passed, close.reason
+    assert close.box_match == 1.0 and close.max_abs_diff == pytest.approx(0.5, abs=1e-4)
+    assert "golden boxes matched" in close.reason
+    raw = _detector_check(tmp_path, 0.5, None)  # no box tolerances recorded: the raw atol applies
+    assert not raw.passed and "drifts from golden" in raw.reason
+
+
+def test_a_drifted_box_set_fails_the_box_check(tmp_path):
+    drifted = _detector_check(tmp_path, 3.0, BOXES)  # IoU 0.68 for the big box, 0.45 for the small one
+    assert not drifted.passed and "boxes drift from golden" in drifted.reason and drifted.box_match == 0.0
+    lenient = _detector_check(tmp_path, 3.0, BOXES.model_copy(update={"min_box_iou": 0.6, "min_box_match": 0.5}))
+    assert lenient.passed and lenient.box_match == pytest.approx(0.5)
+
+
+def test_box_scores_are_held_to_max_score_diff():
+    from runtime_fixtures import detector_golden_inputs, detector_reference
+
+    from edgerun.golden import GoldenData, check_boxes
+    from edgerun.manifest import Manifest
+
+    x = detector_golden_inputs()
+    want = detector_reference(x)
+    got = want.copy()
+    got[:, 4:] *= 0.9  # every class score 10% lower: boxes unchanged
+    manifest = Manifest.model_validate(
+        {
+            "format_version": 1,
+            "name": "det",
+            "created": "2026-01-01T00:00:00Z",
+            "model": {"path": "model.onnx", "sha256": "", "size_bytes": 0, "precision": "fp32", "opset": 17},
+            "inputs": [{"name": "images", "dtype": "float32", "shape": [-1, 3, 64, 64]}],
+            "outputs": [{"name": "output0", "dtype": "float32", "shape": [-1, 6, 3]}],
+            "postprocess": {"type": "detection"},
+        }
+    )
+    golden = GoldenData({"images": x}, {"output0": want})
+    result = check_boxes(manifest, golden, {"output0": got}, BOXES)
+    assert not result.passed and "box scores drift" in result.reason
+    assert result.max_score_diff == pytest.approx(float(want[:, 4].max()) * 0.1, abs=1e-4)
+    assert check_boxes(manifest, golden, {"output0": got}, BOXES.model_copy(update={"max_score_diff": 0.2})).passed

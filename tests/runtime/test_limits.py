@@ -91,7 +91,7 @@ def test_decoding_runs_few_at_a_time(bundles, load_options, monkeypatch):
     active, most = [0], [0]
     lock = threading.Lock()
     gate = threading.Event()
-    real = predict_module.preprocess_image
+    real = predict_module.preprocess_image_with_transform
 
     def slow(data, spec, *, max_pixels):
         with lock:
@@ -104,7 +104,7 @@ def test_decoding_runs_few_at_a_time(bundles, load_options, monkeypatch):
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(predict_module, "preprocess_image", slow)
+    monkeypatch.setattr(predict_module, "preprocess_image_with_transform", slow)
     repo = ModelRepository(load_options)
     repo.load(bundles["image"])
     with TestClient(create_app(repo, ServerConfig(image_decodes=2))) as client, ThreadPoolExecutor(6) as pool:

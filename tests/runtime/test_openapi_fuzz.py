@@ -12,13 +12,13 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from runtime_fixtures import build_classifier_bundle
+from runtime_fixtures import build_classifier_bundle, build_detector_bundle
 
 from edgerun.loader import LoadOptions
 from edgerun.reload import ModelRepository, VersionStore
 from edgerun.server import ServerConfig, create_app
 
-NAMES = ["clf", "img", "pair", "nope", "..", "a b", "clf/../img"]
+NAMES = ["clf", "img", "pair", "det", "0.5", "1001", "nope", "..", "a b", "clf/../img"]
 TOKENS = [None, "Bearer infer", "bearer infer", "Bearer admin", "Basic eA==", "Bearer"]
 PRINTABLE = st.characters(min_codepoint=33, max_codepoint=126)  # what a client can put in a URL at all
 EXTRA_TYPES = [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=utf-8"]
@@ -81,6 +81,7 @@ def served_app(bundles, tmp_path_factory):
     repo = ModelRepository(options, store=VersionStore(options.cache_dir))
     for name in ("classifier", "image", "pair"):
         repo.load(bundles[name])
+    repo.load(build_detector_bundle(root / "det"))
     config = ServerConfig(
         token="infer", admin_token="admin", model_control=True, watch_dir=repository, watch_interval_s=3600
     )

@@ -9,9 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from edgerun.preprocess import classify, preprocess_image
+from edgerun.preprocess import preprocess_image
 from edgerun.reload import ModelRepository
 from edgerun.server import ServerConfig, create_app
+from edgerun.tasks.classification import classify
 
 
 def png(array: np.ndarray, mode: str = "L") -> bytes:

@@ -11,9 +11,11 @@ from edgerun.manifest import parse_manifest
 from edgerun.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ImageTransform,
     PreprocessSpec,
     parse_spec,
     preprocess_image,
+    preprocess_image_with_transform,
 )
 
 
@@ -119,3 +121,69 @@ def test_manifest_checks_and_normalises_preprocess():
     assert manifest.preprocess_spec() == PreprocessSpec(size=(8, 8), scale=0.5)
     with pytest.raises(BundleError, match="preprocess"):
         parse_manifest({**base, "preprocess": {"size": [8, 8], "crop": True}})
+
+
+def letterboxed(pad: str, fill: int = 114) -> tuple[np.ndarray, ImageTransform]:
+    """A 6x3 (w x h) bright image into a 4x4 input: scaled to 4x2, two rows of padding."""
+    spec = PreprocessSpec(color="L", size=(4, 4), resize="letterbox", pad=pad, fill=fill, interpolation="nearest")
+    x, transform = preprocess_image_with_transform(encode(np.full((3, 6), 200, np.uint8)), spec)
+    return x[0, 0], transform
+
+
+def test_letterbox_centre_pads_both_sides_pixel_exact():
+    image, transform = letterboxed("center")
+    np.testing.assert_array_equal(image, [[114] * 4, [200] * 4, [200] * 4, [114] * 4])
+    assert transform == ImageTransform(4 / 6, 2 / 3, 0, 1, (6, 3), (4, 4))
+
+
+def test_letterbox_bottom_right_puts_the_image_top_left_pixel_exact():
+    image, transform = letterboxed("bottom-right", fill=0)
+    np.testing.assert_array_equal(image, [[200] * 4, [200] * 4, [0] * 4, [0] * 4])
+    assert (transform.pad_x, transform.pad_y) == (0, 0)
+    wide = PreprocessSpec(color="L", size=(4, 4), resize="letterbox", pad="bottom-right", interpolation="nearest")
+    tall, _ = preprocess_image_with_transform(encode(np.full((6, 3), 200, np.uint8)), wide)
+    np.testing.assert_array_equal(tall[0, 0], [[200, 200, 114, 114]] * 4)  # padded on the right
+
+
+def test_letterbox_defaults_are_ultralytics():
+    spec = PreprocessSpec(resize="letterbox")
+    assert (spec.pad, spec.fill) == ("center", 114)
+    with pytest.raises(ValueError, match="pad"):
+        PreprocessSpec(resize="letterbox", pad="top-left")
+
+
+@pytest.mark.parametrize(
+    ("policy", "pad"),
+    [("stretch", "center"), ("letterbox", "center"), ("letterbox", "bottom-right"), ("center-crop", "center")],
+)
+def test_a_box_round_trips_through_the_transform(policy, pad):
+    # a 300x200 image into a 64x96 (h x w) input; a box well inside what every policy keeps
+    spec = PreprocessSpec(size=(64, 96), resize=policy, pad=pad)
+    x, transform = preprocess_image_with_transform(encode(np.zeros((200, 300, 3), np.uint8)), spec)
+    assert x.shape == (1, 3, 64, 96) and transform.original == (300, 200) and transform.input == (96, 64)
+    box = np.array([[100.0, 60.0, 180.0, 150.0]], np.float32)
+    np.testing.assert_allclose(transform.to_image(transform.to_input(box)), box, atol=1e-3)
+
+
+def test_boxes_map_to_the_original_pixels_and_are_clipped():
+    # 200x100 image into 64x64 letterbox (centre): scale 0.32, image rows 16..48 of the input
+    spec = PreprocessSpec(size=(64, 64), resize="letterbox")
+    _, transform = preprocess_image_with_transform(encode(np.zeros((100, 200, 3), np.uint8)), spec)
+    assert (transform.scale_x, transform.scale_y, transform.pad_x, transform.pad_y) == (0.32, 0.32, 0, 16)
+    mapped = transform.to_image(np.array([[16, 24, 32, 40], [-5, 0, 70, 64]], np.float32))
+    np.testing.assert_allclose(mapped, [[50, 25, 100, 75], [0, 0, 200, 100]], atol=1e-4)
+
+
+def test_stretch_transform_scales_each_axis():
+    spec = PreprocessSpec(size=(50, 40), resize="stretch")
+    _, transform = preprocess_image_with_transform(encode(np.zeros((100, 200, 3), np.uint8)), spec)
+    mapped = transform.to_image(np.array([[4, 5, 20, 25]], np.float32))
+    np.testing.assert_allclose(mapped, [[20, 10, 100, 50]], atol=1e-4)
+
+
+def test_jpeg_draft_decode_maps_boxes_to_the_full_size_image():
+    # draft mode decodes at 1/8 scale; the transform still refers to the image as sent
+    spec = PreprocessSpec(size=(64, 64), resize="letterbox")
+    _, transform = preprocess_image_with_transform(encode(np.full((1000, 2000, 3), 90, np.uint8), "JPEG"), spec)
+    assert transform.original == (2000, 1000)
+    np.testing.assert_allclose(transform.to_image(np.array([[0, 16, 64, 48]])), [[0, 0, 2000, 1000]], atol=1e-3)

@@ -245,5 +245,5 @@ def test_model_status_is_typed_and_becomes_json_only_at_the_edges(client):
     assert isinstance(status, ModelStatus) and isinstance(status.golden, GoldenResult)
     assert status.providers == ["CPUExecutionProvider"] and status.threads == 1 and status.tensorrt is None
     parameters = client.get("/v2/models/clf").json()["parameters"]
-    assert parameters == {**status.to_json(), "max_batch": 1, "max_delay_ms": 2.0}
+    assert parameters == {**status.to_json(), "task": "tensor", "max_batch": 1, "max_delay_ms": 2.0}
     assert f'variant="{status.variant}"' in client.get("/metrics").text

@@ -31,6 +31,7 @@ import numpy as np
 from edgebuild.data import DataSource
 from edgebuild.onnx_utils import COMPUTE_OPS
 from edgebuild.passes import quantize as q
+from edgebuild.validate import within_budget
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def _partial(
             path = work / f"partial-{k}.onnx"
             metrics = quantize(src, path, order[:k])
             validation = validate(path)
-            ok = bool(validation.get("finite", True) and validation["drop"] <= max_drop + 1e-12)
+            ok = within_budget(validation, max_drop)
             trials.append({"float_nodes": k, "drop": round(float(validation["drop"]), 6), "within_budget": ok})
             progress(
                 f"partial quantization: {k} node(s) in float -> {validation['metric']} drop {validation['drop']:.4f}"

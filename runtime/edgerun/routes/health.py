@@ -24,7 +24,7 @@ def model_metadata_of(served: ServedModel, extra: dict[str, Any] | None = None) 
         platform="onnxruntime_onnx",
         inputs=[MetadataTensor(name=s.name, datatype=s.kserve_datatype, shape=s.shape) for s in session.inputs],
         outputs=[MetadataTensor(name=s.name, datatype=s.kserve_datatype, shape=s.shape) for s in session.outputs],
-        parameters={**served.status.to_json(), **(extra or {})},
+        parameters={**served.status.to_json(), "task": served.manifest.task_name(), **(extra or {})},
     )
 
 

@@ -1,4 +1,5 @@
-"""``/v1/predict``: an image in (raw bytes or multipart), the manifest's pre/post-processing, top-k out.
+"""``/v1/predict``: an image in (raw bytes or multipart), the manifest's pre-processing, the bundle's
+task's answer out (top-k labels for a classifier, boxes in the image's pixels for a detector).
 
 Decoding is the one step whose memory grows with the request, so it is bounded before it
 starts: the image header is read first (size, format) and an image over the pixel budget is
@@ -11,15 +12,18 @@ import io
 from functools import partial
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from edgerun.errors import PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
 from edgerun.loader import ServedModel
-from edgerun.preprocess import classify, preprocess_image
-from edgerun.protocol import PredictResponse
+from edgerun.preprocess import preprocess_image_with_transform
 from edgerun.routes.deps import RequestTimer, ServerState, accepts, error_responses, server_state, timed
+from edgerun.tasks.base import ImageResult, PredictOptions
+from edgerun.tasks.classification import ClassificationResponse
+from edgerun.tasks.detection import DetectionResponse
+from edgerun.tasks.registry import image_task
 
 router = APIRouter()
 
@@ -34,6 +38,10 @@ EXTERNAL_DECODERS = frozenset({"EPS"})
 # Without a recorded resize policy, an image whose aspect ratio is further than this from the
 # model's is refused rather than squashed.
 MAX_ASPECT_DISTORTION = 4.0
+# Bounds of the per-request detection overrides.
+MAX_DETECTIONS = 1000
+# The answers, one per task with an image answer (the OpenAPI document lists each).
+PredictAnswer = ClassificationResponse | DetectionResponse
 
 PREDICT_BODY = {
     "requestBody": {
@@ -125,9 +133,20 @@ def _choose(state: ServerState, model: str | None) -> ServedModel:
     return state.lookup(model)
 
 
+def _options(conf: float | None, iou: float | None, max_det: int | None, served: ServedModel) -> PredictOptions:
+    options = PredictOptions(conf=conf, iou=iou, max_det=max_det)
+    task = image_task(served.manifest)
+    unused = [name for name in options.given() if name not in task.options]
+    if unused:
+        raise RequestError(
+            f"{', '.join(unused)} only apply to detection models; model '{served.name}' is a {task.name} model"
+        )
+    return options
+
+
 @router.post(
     "/v1/predict",
-    response_model=PredictResponse,
+    response_model=PredictAnswer,
     tags=["inference"],
     responses=error_responses(400, 401, 404, 408, 413, 415, 503, 504),
     openapi_extra=PREDICT_BODY,
@@ -136,10 +155,15 @@ def _choose(state: ServerState, model: str | None) -> ServedModel:
 async def predict(
     request: Request,
     model: str | None = None,
+    conf: float | None = Query(None, gt=0, le=1, description="detection: keep boxes scoring at least this"),
+    iou: float | None = Query(None, gt=0, le=1, description="detection: NMS overlap above which a box is dropped"),
+    max_det: int | None = Query(None, ge=1, le=MAX_DETECTIONS, description="detection: at most this many boxes"),
     state: ServerState = Depends(server_state),
     timer: RequestTimer = Depends(timed("predict")),
-) -> PredictResponse:
-    """Raw image bytes (or a multipart upload) in, top-k classes out, using the manifest's pre/post-processing."""
+) -> PredictAnswer:
+    """Raw image bytes (or a multipart upload) in, the bundle's task's answer out: top-k classes for a
+    classifier, boxes in the image's own pixels for a detector (``conf``/``iou``/``max_det`` override the
+    manifest's). Tensor and embedding models answer 400: their outputs come from the v2 infer route."""
     served = _choose(state, model)
     timer.label = served.name
     spec = served.manifest.preprocess
@@ -148,6 +172,8 @@ async def predict(
             f"model '{served.name}' has no 'preprocess' in its manifest; send tensors to "
             f"/v2/models/{served.name}/infer instead"
         )
+    task = image_task(served.manifest)
+    options = _options(conf, iou, max_det, served)
     if len(served.session.inputs) != 1:
         raise RequestError(
             f"/v1/predict feeds one image but model '{served.name}' has inputs "
@@ -158,9 +184,11 @@ async def predict(
     check_image(width, height, spec, served.name)
     async with state.image_slots:
         # The header was checked against the budget already; the decoder enforces it on what it decodes.
-        array = await run_in_threadpool(partial(preprocess_image, data, spec, max_pixels=pixel_budget(spec)))
+        array, transform = await run_in_threadpool(
+            partial(preprocess_image_with_transform, data, spec, max_pixels=pixel_budget(spec))
+        )
     input_name = spec.get("input", served.session.inputs[0].name)
-    results = await state.get_batcher().submit(served.session, {input_name: array})
-    post = served.manifest.postprocess or {"type": "classification", "top_k": 5}
-    output_name = post.get("output", served.session.output_names[0])
-    return PredictResponse(model_name=served.name, predictions=classify(results[output_name], post, served.labels))
+    outputs = await state.get_batcher().submit(served.session, {input_name: array})
+    result = ImageResult(served.name, served.manifest, served.labels, outputs, transform, options)
+    answer = await run_in_threadpool(task.answer, result) if task.offload else task.answer(result)
+    return answer  # type: ignore[return-value]  # the task's own response model, one of PredictAnswer
