@@ -51,9 +51,7 @@ def _read_labels(path: Path, width: int, height: int) -> np.ndarray:
     """A YOLO label file as ``[K, 5]`` ``class, x1, y1, x2, y2`` in image pixels."""
     rows = np.loadtxt(path, ndmin=2, dtype=np.float32).reshape(-1, 5)
     cls, cx, cy, w, h = rows.T
-    return np.stack(
-        [cls, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1
-    )
+    return np.stack([cls, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,7 +88,8 @@ def auto_bundle(shapes_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fp32_bundles(shapes_data, tmp_path_factory) -> dict[str, Path]:
-    """FP32 bundles that declare stretch and bottom-right letterbox instead of the centre letterbox."""
+    """FP32 bundles that declare stretch and bottom-right letterbox instead of the centre letterbox, and the
+    detector with separate box and score outputs (format ``split``)."""
     root = tmp_path_factory.mktemp("dist-fits")
     bundles = {}
     for fit, table in (("stretch", STRETCH), ("bottom-right", BOTTOM_RIGHT)):
@@ -110,6 +109,26 @@ def fp32_bundles(shapes_data, tmp_path_factory) -> dict[str, Path]:
             f"shapes-{fit}",
             out=root,
         )
+    split = root / "split.toml"
+    split.write_text(
+        '[postprocess]\nformat = "split"\nboxes_output = "boxes"\nscores_output = "scores"\nbox = "xyxy"\n'
+    )
+    bundles["split"] = _pack(
+        "edgebuild.examples.shapes:pretrained_split",
+        "--task",
+        "detect",
+        "--quantize",
+        "none",
+        "--postprocess",
+        str(split),
+        "--calib-data",
+        str(shapes_data / "calib"),
+        "--val-data",
+        str(shapes_data / "val"),
+        "--name",
+        "shapes-split",
+        out=root,
+    )
     return bundles
 
 
@@ -121,7 +140,7 @@ def _score(bundle: Path, data: Path) -> dict[str, float]:
     from edgebuild.onnx_utils import make_session
     from edgerun.manifest import Manifest
     from edgerun.preprocess import parse_spec, preprocess_image_with_transform
-    from edgerun.tasks.detection import DetectionSpec, Detections, detect, to_image
+    from edgerun.tasks.detection import Detections, DetectionSpec, detect, to_image
 
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
     spec = DetectionSpec.model_validate(manifest.postprocess)
@@ -201,14 +220,14 @@ def _scene_to_check(data: Path) -> Path:
     raise AssertionError("no non-square validation scene with three shapes")
 
 
-@pytest.mark.parametrize("fit", ["center", "stretch", "bottom-right"])
+@pytest.mark.parametrize("fit", ["center", "stretch", "bottom-right", "split"])
 def test_predict_boxes_match_the_labels_in_image_pixels(fit, auto_bundle, fp32_bundles, shapes_data, tmp_path):
     bundle = auto_bundle if fit == "center" else fp32_bundles[fit]
     preprocess = json.loads((bundle / "manifest.json").read_text())["preprocess"]
     if fit == "stretch":
         assert preprocess["resize"] == "stretch"
-    else:
-        assert preprocess["resize"] == "letterbox" and preprocess.get("pad", "center") == fit
+    else:  # the split-output model keeps the example's centre letterbox
+        assert preprocess["resize"] == "letterbox" and preprocess["pad"] == fit.replace("split", "center")
     image = _scene_to_check(shapes_data / "val")
     from PIL import Image
 

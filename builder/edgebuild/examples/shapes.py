@@ -22,10 +22,8 @@ Factories for ``edgebuild pack``:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,7 +76,9 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     base = rng.uniform(60, 190, 3)
     coarse = rng.uniform(-45, 45, (height // 16 + 2, width // 16 + 2, 3)).astype(np.float32)
     blotches = np.asarray(
-        Image.fromarray(((coarse + 128).clip(0, 255)).astype(np.uint8)).resize((width, height), Image.BILINEAR),
+        Image.fromarray(((coarse + 128).clip(0, 255)).astype(np.uint8)).resize(
+            (width, height), Image.Resampling.BILINEAR
+        ),
         dtype=np.float32,
     )
     image = base + (blotches - 128)
@@ -168,14 +168,14 @@ def fit(scene: Scene, mode: Fit = "center", size: int = INPUT_SIZE) -> tuple[np.
     image = Image.fromarray(scene.image)
     boxes = scene.boxes.copy()
     if mode == "stretch":
-        image = image.resize((size, size), Image.BILINEAR)
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
         boxes *= np.array([size / width, size / height] * 2, dtype=np.float32)
     else:
         ratio = min(size / width, size / height)
         inner = (max(1, round(width * ratio)), max(1, round(height * ratio)))
         pad = ((size - inner[0]) // 2, (size - inner[1]) // 2) if mode == "center" else (0, 0)
         canvas = Image.new("RGB", (size, size), (FILL, FILL, FILL))
-        canvas.paste(image.resize(inner, Image.BILINEAR), pad)
+        canvas.paste(image.resize(inner, Image.Resampling.BILINEAR), pad)
         image = canvas
         boxes = boxes * np.array([inner[0] / width, inner[1] / height] * 2, dtype=np.float32)
         boxes += np.array([pad[0], pad[1]] * 2, dtype=np.float32)
@@ -235,7 +235,7 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class ShapesDetector(nn.Module):
-    """Six 3x3 convolutions, a 1x1 head per stride (8 and 16) predicting box side distances and class logits.
+    """Six 3x3 convolutions, then per stride (8 and 16) a 3x3 box head (side distances) and a 3x3 class head.
 
     ``forward`` decodes inside the graph: distances ``softplus(raw) * stride`` from each cell's centre
     become ``cx, cy, w, h`` in input pixels, class logits become sigmoid scores; both levels are
@@ -243,13 +243,18 @@ class ShapesDetector(nn.Module):
     """
 
     example_inputs = (torch.zeros(INPUT_SHAPE),)
+    points: torch.Tensor  # [2, N] cell centres (buffers of the fixed input size)
+    strides: torch.Tensor  # [N]
 
     def __init__(self, num_classes: int = len(LABELS), size: int = INPUT_SIZE):
         super().__init__()
         self.num_classes = num_classes
         self.stride8 = nn.Sequential(_conv(3, 16, 2), _conv(16, 32, 2), _conv(32, 48, 2), _conv(48, 48, 1))
         self.stride16 = nn.Sequential(_conv(48, 64, 2), _conv(64, 64, 1))
-        self.heads = nn.ModuleList([nn.Conv2d(48, 4 + num_classes, 3, padding=1), nn.Conv2d(64, 4 + num_classes, 3, padding=1)])
+        # Separate box and class convolutions (as YOLOv8's head): each output gets its own INT8 scale,
+        # so box distances are not quantized on the range of the class logits.
+        self.box_heads = nn.ModuleList([nn.Conv2d(c, 4, 3, padding=1) for c in (48, 64)])
+        self.class_heads = nn.ModuleList([nn.Conv2d(c, num_classes, 3, padding=1) for c in (48, 64)])
         points, strides = [], []
         for stride in STRIDES:
             cells = size // stride
@@ -264,14 +269,34 @@ class ShapesDetector(nn.Module):
         """Side distances ``[B, 4, N]`` (left, top, right, bottom, input pixels) and class logits ``[B, nc, N]``."""
         f8 = self.stride8(images)
         f16 = self.stride16(f8)
-        out = torch.cat([head(f).flatten(2) for head, f in zip(self.heads, (f8, f16))], 2)
-        return nn.functional.softplus(out[:, :4]) * self.strides, out[:, 4:]
+        features = (f8, f16)
+        boxes = torch.cat([head(f).flatten(2) for head, f in zip(self.box_heads, features)], 2)
+        logits = torch.cat([head(f).flatten(2) for head, f in zip(self.class_heads, features)], 2)
+        return nn.functional.softplus(boxes) * self.strides, logits
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         distances, logits = self.raw(images)
         left_top, right_bottom = distances[:, :2], distances[:, 2:]
         centre = self.points + (right_bottom - left_top) / 2
         return torch.cat([centre, left_top + right_bottom, torch.sigmoid(logits)], 1)
+
+
+class SplitOutputs(nn.Module):
+    """The same detector with two outputs, as detectors that leave the concatenation out:
+    ``boxes`` ``[B, N, 4]`` (x1, y1, x2, y2 in input pixels) and ``scores`` ``[B, N, num_classes]``.
+    Packed with ``--postprocess`` format ``split`` naming both outputs (see the README)."""
+
+    example_inputs = ShapesDetector.example_inputs
+
+    def __init__(self, detector: ShapesDetector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        distances, logits = self.detector.raw(images)
+        points = self.detector.points
+        boxes = torch.cat([points - distances[:, :2], points + distances[:, 2:]], 1)
+        return {"boxes": boxes.transpose(1, 2), "scores": torch.sigmoid(logits).transpose(1, 2)}
 
 
 def untrained() -> ShapesDetector:
@@ -286,6 +311,11 @@ def pretrained() -> ShapesDetector:
     model = ShapesDetector()
     model.load_state_dict(load_file(WEIGHTS))
     return model.eval()
+
+
+def pretrained_split() -> SplitOutputs:
+    """The shipped detector with separate ``boxes`` and ``scores`` outputs."""
+    return SplitOutputs(pretrained()).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,68 +416,27 @@ def train(epochs: int = 30, seed: int = SEED, batch_size: int = 32) -> tuple[Sha
     return model, evaluate(lambda x: model(torch.from_numpy(x)).detach().numpy())
 
 
-def coco_map(
-    detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], targets: Sequence[np.ndarray]
-) -> dict[str, float]:
-    """COCO mAP50-95 and mAP50 (pycocotools) of per-image ``(boxes xyxy, scores, class_ids)`` against ``[K, 5]`` targets."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+def _box_labels(targets: np.ndarray):
+    from edgebuild.tasks.coco import BoxLabels
 
-    images, annotations, results = [], [], []
-    for image_id, ((boxes, scores, class_ids), target) in enumerate(zip(detections, targets)):
-        images.append({"id": image_id})
-        for row in target:
-            x1, y1, x2, y2 = (float(v) for v in row[1:])
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(row[0]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
-                    "iscrowd": 0,
-                }
-            )
-        for box, score, cls in zip(boxes, scores, class_ids):
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(cls),
-                    "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
-                    "score": float(score),
-                }
-            )
-    truth = COCO()
-    truth.dataset = {
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i, "name": name} for i, name in enumerate(LABELS)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and tables
-        truth.createIndex()
-        if not results:
-            return {"map50_95": 0.0, "map50": 0.0}
-        evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return {"map50_95": float(evaluation.stats[0]), "map50": float(evaluation.stats[1])}
+    return BoxLabels(targets[:, 1:].astype(np.float32), targets[:, 0].astype(np.int64))
 
 
-def evaluate(run, batches=None) -> dict[str, float]:
-    """FP32 mAP of ``run`` (``x [B, 3, H, W] -> [B, 7, N]`` numpy) on ``batches`` (default: validation_data()).
-
-    Decodes with the runtime's own detection post-processing at conf 0.001 (as COCO evaluation does).
-    """
+def evaluate(run: Callable[[np.ndarray], np.ndarray], batches=None) -> dict[str, float]:
+    """COCO mAP (pycocotools) of ``run`` (``x [B, 3, H, W] -> [B, 7, N]``, numpy) on ``batches`` of
+    ``(x, targets)`` (default: :func:`validation_data`), decoded with the runtime's own detection
+    post-processing at conf 0.001, as COCO evaluation does."""
+    from edgebuild.tasks.coco import coco_map
     from edgerun.tasks.detection import DetectionSpec, detect
 
-    spec = DetectionSpec.model_validate({**POSTPROCESS, "num_classes": len(LABELS)})
-    detections, truth = [], []
+    spec = DetectionSpec.model_validate(POSTPROCESS)
+    found: list = []
+    truth: list = []
     for x, targets in batches if batches is not None else validation_data():
-        for found in detect([run(x)], ["output"], spec, (INPUT_SIZE, INPUT_SIZE), conf=0.001):
-            detections.append((found.boxes, found.scores, found.class_ids))
-        truth.extend(targets)
-    return coco_map(detections, truth)
+        found.extend(detect([run(x)], ["output"], spec, (INPUT_SIZE, INPUT_SIZE), conf=0.001))
+        truth.extend(_box_labels(t) for t in targets)
+    scores = coco_map(truth, found, classes=len(LABELS))
+    return {"map50_95": scores["map50_95"], "map50": scores["map50"]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
