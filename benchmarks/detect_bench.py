@@ -7,7 +7,8 @@
   p50 latency vs ORT FP32 at 1 and 2 threads, its box agreement with FP32 (COCO mAP50-95 of its boxes
   against FP32's at conf >= 0.25) and its real mAP drop against the labels (pycocotools).
 - A YOLOv8n graph built from ``yolov8n.yaml`` and exported at 640 by Ultralytics' own exporter (needs the
-  ``detect-test`` extra; random weights, so speed only), packed head-aware INT8 (``--quantize int8``).
+  ``detect-test`` extra; random weights, so speed only), packed head-aware INT8 (``--quantize int8``); its
+  task, format, labels and letterbox come from the export's metadata.
 - ``/v1/predict`` p50 for a 1280x720 JPEG (decode + letterbox + run + NMS, over HTTP, sequential) vs the
   same steps in-process and vs ``session.run`` alone, for both bundles.
 
@@ -37,10 +38,15 @@ from serve_bench import Server, _env, _free_port, edgerun_command
 from edgebuild.examples import shapes
 
 COMMAND = "python benchmarks/detect_bench.py"
-YOLO_EXPORT = (
-    "from ultralytics import YOLO; "
-    "YOLO('yolov8n.yaml').export(format='onnx', imgsz=640, opset=17, simplify=False, dynamic=False)"
-)
+# Untrained, the head's class biases (Ultralytics' prior, ~1e-5) leave FP32 no box to agree with; zeroed,
+# scores spread around 0.5. Speed is what this graph measures.
+YOLO_EXPORT = """
+from ultralytics import YOLO
+model = YOLO("yolov8n.yaml")
+for branch in model.model.model[-1].cv3:
+    branch[-1].bias.data.zero_()
+model.export(format="onnx", imgsz=640, opset=17, simplify=False, dynamic=False)
+"""
 
 
 def pack(work: Path, *args: str) -> Path:
@@ -50,14 +56,6 @@ def pack(work: Path, *args: str) -> Path:
     if proc.returncode != 0:
         raise SystemExit(f"pack failed ({proc.returncode}): {proc.stderr[-3000:]}")
     return Path(proc.stdout.strip().splitlines()[-1])
-
-
-def preprocess_toml(path: Path, size: int) -> Path:
-    """Ultralytics' preprocessing: RGB, centre letterbox with grey 114, pixels / 255."""
-    path.write_text(
-        f'[preprocess]\ncolor = "RGB"\nsize = [{size}, {size}]\nresize = "letterbox"\nfill = 114\nscale = {1 / 255!r}\n'
-    )
-    return path
 
 
 def export_yolov8n(work: Path) -> Path:
@@ -225,12 +223,12 @@ def main() -> int:
                     "int8",
                     "--max-accuracy-drop",
                     "100%",  # random weights: only speed is measured
-                    "--preprocess",
-                    str(preprocess_toml(work / "yolo.toml", 640)),
                     "--calib-data",
                     str(data / "calib" / "images"),
                     "--val-data",
                     str(data / "val" / "images"),
+                    "--val-samples",
+                    "16",
                 )
             )
             bundles.append(("YOLOv8n 640 (random weights)", yolo))

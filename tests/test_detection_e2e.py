@@ -138,9 +138,10 @@ def _score(bundle: Path, data: Path) -> dict[str, float]:
     import torch
 
     from edgebuild.onnx_utils import make_session
+    from edgebuild.tasks.coco import BoxLabels, coco_map
     from edgerun.manifest import Manifest
     from edgerun.preprocess import parse_spec, preprocess_image_with_transform
-    from edgerun.tasks.detection import Detections, DetectionSpec, detect, to_image
+    from edgerun.tasks.detection import DetectionSpec, detect, to_image
 
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
     spec = DetectionSpec.model_validate(manifest.postprocess)
@@ -163,15 +164,14 @@ def _score(bundle: Path, data: Path) -> dict[str, float]:
         packed_raw.append(packed)
         fp32_raw.append(fp32_confident)
         width, height = transform.original
-        truth.append(_read_labels(data / "labels" / f"{image.stem}.txt", width, height))
+        labels = _read_labels(data / "labels" / f"{image.stem}.txt", width, height)
+        truth.append(BoxLabels(labels[:, 1:], labels[:, 0].astype(np.int64)))
 
-    def triples(found: list[Detections]):
-        return [(d.boxes, d.scores, d.class_ids) for d in found]
-
-    pseudo = [np.concatenate([d.class_ids[:, None].astype(np.float32), d.boxes], 1) for d in fp32_raw]
-    packed_map = shapes.coco_map(triples(packed_on_image), truth)
-    fp32_map = shapes.coco_map(triples(fp32_on_image), truth)
-    agreement = shapes.coco_map(triples(packed_raw), pseudo)
+    pseudo = [BoxLabels(d.boxes, d.class_ids) for d in fp32_raw]
+    classes = len(shapes.LABELS)
+    packed_map = coco_map(truth, packed_on_image, classes)
+    fp32_map = coco_map(truth, fp32_on_image, classes)
+    agreement = coco_map(pseudo, packed_raw, classes)
     return {
         "packed_map50_95": packed_map["map50_95"],
         "packed_map50": packed_map["map50"],
@@ -245,15 +245,26 @@ def test_predict_boxes_match_the_labels_in_image_pixels(fit, auto_bundle, fp32_b
         best, iou = max(candidates, key=lambda c: c[1])
         assert iou >= 0.7, f"{fit}: {label} {row[1:].round(1).tolist()} best IoU {iou:.2f}: {found[best]}"
         unmatched.remove(best)
-    strays = [found[i] for i in unmatched if found[i]["score"] >= 0.5]
-    assert not strays, f"{fit}: confident detections with no label: {strays}"
+    # A second, looser box on a labelled shape is NMS's business (IoU under 0.7); a confident box away from
+    # every shape is a false detection.
+    strays = [
+        found[i]
+        for i in unmatched
+        if found[i]["score"] >= 0.5 and max(_iou(row[1:], np.array(found[i]["box"])) for row in labels) < 0.3
+    ]
+    assert not strays, f"{fit}: confident detections away from every shape: {strays}"
 
 
 # --- Ultralytics YOLOv8n: a real detector architecture (random weights: its boxes mean nothing) -----------------
 
+# Untrained, the head's class biases (Ultralytics' prior of ~1e-5) leave no box at any usable conf;
+# zeroed, FP32 scores spread around 0.5 and box agreement has boxes to compare.
 EXPORT = """
 from ultralytics import YOLO
-YOLO("yolov8n.yaml").export(format="onnx", imgsz={imgsz}, opset=17, simplify=False, dynamic=False)
+model = YOLO("yolov8n.yaml")
+for branch in model.model.model[-1].cv3:
+    branch[-1].bias.data.zero_()
+model.export(format="onnx", imgsz={imgsz}, opset=17, simplify=False, dynamic=False)
 """
 
 
@@ -275,15 +286,11 @@ def export_yolov8n(directory: Path, imgsz: int = 320) -> Path:
 def yolov8n_bundle(shapes_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("yolov8n")
     model = export_yolov8n(root)
-    letterbox = _toml(root / "letterbox.toml", {**shapes.PREPROCESS, "size": [320, 320]})
+    # No --task, --postprocess or --preprocess: the export's metadata says detect, yolov8 and its names.
     return _pack(
         str(model),
-        "--task",
-        "detect",
         "--quantize",
         "int8",
-        "--preprocess",
-        str(letterbox),
         # Random weights: box agreement measures nothing here; what is tested is the graph.
         "--max-accuracy-drop",
         "100%",
@@ -291,6 +298,8 @@ def yolov8n_bundle(shapes_data, tmp_path_factory) -> Path:
         str(shapes_data / "calib" / "images"),
         "--val-data",
         str(shapes_data / "val" / "images"),
+        "--val-samples",
+        "16",
         out=root / "dist",
     )
 
@@ -317,7 +326,11 @@ def test_yolov8n_int8_keeps_the_head_tail_in_float(yolov8n_bundle):
 
     manifest = json.loads((yolov8n_bundle / "manifest.json").read_text())
     assert manifest["task"] == "detection" and manifest["postprocess"]["format"] == "yolov8"
-    assert manifest["model"]["precision"] == "int8"
+    # "mixed": the head's tail (its DFL 1x1 Conv included) stays float, so not every compute op is INT8.
+    assert manifest["model"]["precision"] in ("int8", "mixed")
+    preprocess = manifest["preprocess"]
+    assert (preprocess["resize"], preprocess["pad"], preprocess["fill"]) == ("letterbox", "center", 114)
+    assert preprocess["size"] == [320, 320]
     labels = (yolov8n_bundle / "labels.txt").read_text().split()
     assert len(labels) == 80, "names come from the Ultralytics metadata"
     graph = onnx.load(str(yolov8n_bundle / "model.onnx")).graph

@@ -386,7 +386,7 @@ def _training_set(count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return torch.stack(images), targets
 
 
-def train(epochs: int = 30, seed: int = SEED, batch_size: int = 32) -> tuple[ShapesDetector, dict[str, float]]:
+def train(epochs: int = 20, seed: int = SEED, batch_size: int = 32) -> tuple[ShapesDetector, dict[str, float]]:
     """Train deterministically; returns the model and its FP32 COCO mAP on the validation scenes."""
     torch.manual_seed(seed)
     images, targets = _training_set(SPLIT_SIZES["train"])
@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=Path,
         help="write the calib and val scenes as YOLO-format datasets under DIR (DIR/calib, DIR/val) instead of training",
     )
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
     args = parser.parse_args(argv)
     if args.write_dataset is not None:
         for split in ("calib", "val"):
