@@ -13,10 +13,12 @@ The weights in ``shapes_detector.safetensors`` were produced by ``python -m edge
 scenes as YOLO-format datasets (``DIR/calib``, ``DIR/val``: ``images/*.png`` and ``labels/*.txt``
 with ``class cx cy w h`` normalised to the image), the detection DATA ``edgebuild pack`` reads.
 
-Factories for ``edgebuild pack``:
-- model: ``edgebuild.examples.shapes:pretrained``
-- calibration: ``edgebuild.examples.shapes:calibration_data`` (its own split of scenes)
-- validation: ``edgebuild.examples.shapes:validation_data`` (held-out scenes with their boxes)
+For ``edgebuild pack --task detect`` (see the README's "Packing a detector"):
+- model: ``edgebuild.examples.shapes:pretrained`` (``:pretrained_split``: the same with separate
+  ``boxes`` and ``scores`` outputs); ``LABELS``, ``PREPROCESS`` and ``POSTPROCESS`` come from this module
+- data: the YOLO-format folders ``--write-dataset`` writes (``DIR/calib``, ``DIR/val``); calibration
+  also as ``edgebuild.examples.shapes:calibration_data``
+- in memory: ``scenes(split)``, ``fit(scene, mode)``, ``validation_data()`` and ``evaluate(run)`` (COCO mAP)
 """
 
 from __future__ import annotations
@@ -195,16 +197,17 @@ def _batches(split: str, batch_size: int, mode: Fit) -> Iterator[tuple[np.ndarra
         yield np.stack([x for _, x, _ in fitted]), [targets_of(scene, boxes) for scene, _, boxes in fitted]
 
 
-def calibration_data(batch_size: int = 16) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-    """64 calibration scenes, centre-letterboxed, in batches of ``(x, targets)``.
-
-    ``targets`` holds one ``[K, 5]`` float32 array per image: ``class_id, x1, y1, x2, y2`` in input pixels.
-    """
-    return _batches("calib", batch_size, "center")
+def calibration_data(batch_size: int = 16) -> Iterator[np.ndarray]:
+    """64 calibration scenes, centre-letterboxed, in batches of ``x`` (``--calib-data`` takes it as is)."""
+    return (x for x, _ in _batches("calib", batch_size, "center"))
 
 
 def validation_data(batch_size: int = 16) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
-    """200 held-out scenes, centre-letterboxed, in batches of ``(x, targets)`` (as calibration_data)."""
+    """200 held-out scenes, centre-letterboxed, in batches of ``(x, targets)``: in-memory, for :func:`evaluate`.
+
+    ``targets`` holds one ``[K, 5]`` float32 array per image: ``class_id, x1, y1, x2, y2`` in input pixels.
+    ``edgebuild pack`` reads labelled detection data from a YOLO-format folder (:func:`write_dataset`).
+    """
     return _batches("val", batch_size, "center")
 
 
