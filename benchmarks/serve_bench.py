@@ -1,6 +1,6 @@
 """Serving at the box's limit, side by side, in one run.
 
-    python benchmarks/serve_bench.py [BUNDLE_DIR|MODEL.onnx] [--requests 1000] [--clients 8] [--json]
+    python benchmarks/serve_bench.py [BUNDLE_DIR|MODEL.onnx] [--requests 1000] [--clients 8] [--grpc] [--json]
 
 Without a model it builds one: torchvision ``mobilenet_v2`` (weights=None) packed with
 ``edgebuild pack ... --quantize none`` (FP32, golden data included). Then, batch 1, client
@@ -15,7 +15,9 @@ Without a model it builds one: torchvision ``mobilenet_v2`` (weights=None) packe
 - one client: edgerun's p50 split into in-process p50 (a session with the served layout's threads
   and spinning) + the transport floor's p50 + edgerun's own;
 - start-up to ready with the self-benchmark (fresh cache), cold start with ``--no-bench``
-  (fresh cache), server RSS after >= 1000 requests, JSON p50 for reference.
+  (fresh cache), server RSS after >= 1000 requests, JSON p50 for reference;
+- with ``--grpc``: the same through edgerun's gRPC door (``tritonclient.grpc``), against the gRPC
+  transport floor (a bare ``grpc.aio`` server answering a canned ``ModelInferResponse`` of the same size).
 
 In-process, transport and edgerun blocks alternate in rounds so machine load hits all alike.
 """
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 ROUNDS = 3  # measurements alternate in this many blocks
+DATATYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8", "bool": "BOOL"}
 DYNAMIC_DIM = 16  # stand-in for dynamic non-batch dims (sequence length) when benchmarking a bare .onnx
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +78,39 @@ BARE_APP = textwrap.dedent(
 
     uvicorn.run(app, host="127.0.0.1", port=port, loop="auto", http="auto", lifespan="off",
                 log_level="warning", access_log=False)
+    """
+)
+
+
+# A bare gRPC server: ServerReady, and ModelInfer answering a canned reply. argv: port, reply file.
+BARE_GRPC_APP = textwrap.dedent(
+    """
+    import asyncio, sys, grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    port, canned = int(sys.argv[1]), service_pb2.ModelInferResponse.FromString(open(sys.argv[2], "rb").read())
+
+    class Bare(service_pb2_grpc.GRPCInferenceServiceServicer):
+        async def ServerReady(self, request, context):
+            return service_pb2.ServerReadyResponse(ready=True)
+
+        async def ModelInfer(self, request, context):
+            return canned
+
+    async def main():
+        limit = 64 << 20
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        server = grpc.aio.server(options=options)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Bare(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    try:
+        import uvloop  # as edgerun's server runs
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main())
     """
 )
 
@@ -211,15 +247,18 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    """A server subprocess and the seconds from launch to ready."""
+    """A server subprocess and the seconds from launch to ready (over HTTP, or gRPC with ``grpc``)."""
 
-    def __init__(self, command: list[str], url: str):
-        import tritonclient.http as httpclient
+    def __init__(self, command: list[str], url: str, grpc: bool = False):
+        if grpc:
+            import tritonclient.grpc as client_module
+        else:
+            import tritonclient.http as client_module
 
         started = time.perf_counter()
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
         self.url = url
-        client = httpclient.InferenceServerClient(url=url)
+        client = client_module.InferenceServerClient(url=url)
         while True:
             if self.proc.poll() is not None:
                 stderr = self.proc.stderr.read().decode() if self.proc.stderr else ""
@@ -259,6 +298,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000, help="requests per measurement (split in rounds)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--json-requests", type=int, default=20)
+    parser.add_argument("--grpc", action="store_true", help="also measure the gRPC door (--grpc-port)")
     parser.add_argument("--json", dest="as_json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args()
 
@@ -280,7 +320,10 @@ def main() -> int:
     template = load_model(bundle, LoadOptions(cache_dir=work / "inproc", bench=False, threads=1))
     name = template.name
     port = _free_port()
-    edgerun = Server(edgerun_command(bundle, port, work / "cache"), f"127.0.0.1:{port}")
+    grpc_port = _free_port()
+    extra = ["--grpc-port", str(grpc_port)] if args.grpc else []
+    edgerun = Server(edgerun_command(bundle, port, work / "cache", *extra), f"127.0.0.1:{port}")
+    edgerun_grpc_url = f"127.0.0.1:{grpc_port}"
     startup_bench_s = edgerun.ready_s
     client = httpclient.InferenceServerClient(url=edgerun.url)
     served_layout = client.get_model_metadata(name)["parameters"]["layout"]
@@ -313,6 +356,21 @@ def main() -> int:
         ],
         f"127.0.0.1:{bare_port}",
     )
+    bare_grpc: Server | None = None
+    if args.grpc:
+        from tritonclient.grpc import service_pb2
+
+        canned = service_pb2.ModelInferResponse(model_name=name, model_version="1")
+        for n, value in outputs_like.items():
+            canned.outputs.add(name=n, datatype=DATATYPES[value.dtype.name], shape=list(value.shape))
+            canned.raw_output_contents.append(value.tobytes())
+        (work / "reply.pb").write_bytes(canned.SerializeToString())
+        grpc_bare_port = _free_port()
+        bare_grpc = Server(
+            [sys.executable, "-c", BARE_GRPC_APP, str(grpc_bare_port), str(work / "reply.pb")],
+            f"127.0.0.1:{grpc_bare_port}",
+            grpc=True,
+        )
 
     # In-process sessions: every candidate layout edgerun considers, built the way edgerun builds them.
     model = template.bundle.verified_file(template.session.variant.path)  # read and hashed once
@@ -340,14 +398,7 @@ def main() -> int:
     def make_inputs(binary: bool):
         tensors = []
         for spec_name, value in feeds.items():
-            datatype = {
-                "float32": "FP32",
-                "float16": "FP16",
-                "int64": "INT64",
-                "int32": "INT32",
-                "uint8": "UINT8",
-                "bool": "BOOL",
-            }[value.dtype.name]
+            datatype = DATATYPES[value.dtype.name]
             tensor = httpclient.InferInput(spec_name, list(value.shape), datatype)
             tensor.set_data_from_numpy(value, binary_data=binary)
             tensors.append(tensor)
@@ -358,12 +409,23 @@ def main() -> int:
         inputs, outputs = make_inputs(True)
         return lambda: own.infer(name, inputs, outputs=outputs)
 
+    def grpc_call(url: str):
+        import tritonclient.grpc as grpcclient
+
+        own = grpcclient.InferenceServerClient(url=url)
+        inputs = []
+        for spec_name, value in feeds.items():
+            tensor = grpcclient.InferInput(spec_name, list(value.shape), DATATYPES[value.dtype.name])
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        return lambda: own.infer(name, inputs)
+
     served_requests = 0
     try:
         # 2. Concurrent: edgerun vs the limit's two parts, in alternating rounds.
         per_client = max(1, args.requests // args.clients // ROUNDS)
         total = per_client * args.clients
-        edgerun_s = bare_s = tput_s = 0.0
+        edgerun_s = bare_s = tput_s = grpc_s = grpc_bare_s = 0.0
         inproc_s = {layout.label: 0.0 for layout in layouts}
         for _ in range(ROUNDS):
             for layout in layouts:
@@ -375,6 +437,10 @@ def main() -> int:
             edgerun_s += parallel_seconds([lambda: http_call(edgerun.url)] * args.clients, per_client)
             if tput_server is not None:
                 tput_s += parallel_seconds([lambda: http_call(tput_server.url)] * args.clients, per_client)
+            if bare_grpc is not None:
+                grpc_bare_s += parallel_seconds([lambda: grpc_call(bare_grpc.url)] * args.clients, per_client)
+                grpc_s += parallel_seconds([lambda: grpc_call(edgerun_grpc_url)] * args.clients, per_client)
+                served_requests += (per_client + 1) * args.clients
             served_requests += (per_client + 1) * args.clients
         edgerun_tput = ROUNDS * total / edgerun_s
         throughput_tput = ROUNDS * total / tput_s if tput_server is not None else edgerun_tput
@@ -382,6 +448,12 @@ def main() -> int:
         inproc_tput = {label: ROUNDS * total / seconds for label, seconds in inproc_s.items()}
         best_label = max(inproc_tput, key=lambda label: inproc_tput[label])
         limit = 1.0 / (1.0 / inproc_tput[best_label] + 1.0 / floor_tput)
+        grpc_numbers: dict[str, float] = {}
+        if bare_grpc is not None:
+            grpc_numbers[f"grpc_{args.clients}_clients_per_s"] = ROUNDS * total / grpc_s
+            grpc_numbers[f"grpc_transport_floor_{args.clients}_clients_per_s"] = ROUNDS * total / grpc_bare_s
+            grpc_floor = grpc_numbers[f"grpc_transport_floor_{args.clients}_clients_per_s"]
+            grpc_numbers["grpc_box_limit_per_s"] = 1.0 / (1.0 / inproc_tput[best_label] + 1.0 / grpc_floor)
 
         # 3. One client: edgerun's p50 = in-process (served layout's threads/spinning) + floor + own.
         single = sessions.get((served_layout["threads"], served_layout["spinning"]))
@@ -398,13 +470,23 @@ def main() -> int:
             ]
         one_inproc, one_bare, one_edgerun = inproc_call(single[0]), http_call(bare.url), http_call(edgerun.url)
         block = max(10, args.requests // ROUNDS)
-        inproc_t, bare_t, edgerun_t = [], [], []
+        inproc_t, bare_t, edgerun_t, grpc_bare_t, grpc_t = [], [], [], [], []
+        one_grpc_bare = grpc_call(bare_grpc.url) if bare_grpc is not None else None
+        one_grpc = grpc_call(edgerun_grpc_url) if bare_grpc is not None else None
         for _ in range(ROUNDS):
             inproc_t += time_calls(one_inproc, block)
             bare_t += time_calls(one_bare, block)
             edgerun_t += time_calls(one_edgerun, block)
             served_requests += block + 3
+            if one_grpc_bare is not None and one_grpc is not None:
+                grpc_bare_t += time_calls(one_grpc_bare, block)
+                grpc_t += time_calls(one_grpc, block)
+                served_requests += block + 3
         inproc_p50, floor_p50, edgerun_p50 = p50_ms(inproc_t), p50_ms(bare_t), p50_ms(edgerun_t)
+        if grpc_t:
+            grpc_numbers["grpc_single_client_p50_ms"] = p50_ms(grpc_t)
+            grpc_numbers["grpc_transport_floor_p50_ms"] = p50_ms(grpc_bare_t)
+            grpc_numbers["grpc_own_ms"] = p50_ms(grpc_t) - inproc_p50 - p50_ms(grpc_bare_t)
 
         # 4. JSON (reference only), then RSS after everything above.
         json_inputs, json_outputs = make_inputs(False)
@@ -417,6 +499,8 @@ def main() -> int:
     finally:
         edgerun.stop()
         bare.stop()
+        if bare_grpc is not None:
+            bare_grpc.stop()
         if tput_server is not None:
             tput_server.stop()
 
@@ -450,6 +534,7 @@ def main() -> int:
         "cold_start_no_bench_s": round(cold.ready_s, 3),
         "server_rss_mb": round(rss, 1),
         "requests_served": served_requests,
+        **{key: round(value, 3) for key, value in grpc_numbers.items()},
     }
     checks = {
         f"{args.clients}-client throughput >= 0.9x the box's limit (default flags)": numbers["edgerun_vs_limit"] >= 0.9,
@@ -461,6 +546,10 @@ def main() -> int:
         "start-up with the self-benchmark <= 5 s": startup_bench_s <= 5.0,
         "RSS after >= 1000 requests <= 150 MB": rss <= 150,
     }
+    if grpc_numbers:
+        grpc_ratio = grpc_numbers[f"grpc_{args.clients}_clients_per_s"] / grpc_numbers["grpc_box_limit_per_s"]
+        checks[f"gRPC {args.clients}-client throughput >= 0.9x its limit"] = grpc_ratio >= 0.9
+        checks["gRPC's own single-client overhead <= 0.5 ms"] = grpc_numbers["grpc_own_ms"] <= 0.5
     if args.as_json:
         print(json.dumps({**numbers, "targets": checks}, indent=2))
         return 0
@@ -486,6 +575,17 @@ def main() -> int:
     print(f"  start-up to ready, self-benchmark on (fresh cache): {startup_bench_s:.3f} s")
     print(f"  cold start to ready, --no-bench (fresh cache):      {cold.ready_s:.3f} s")
     print(f"  server RSS after {served_requests} requests: {rss:.1f} MB")
+    if grpc_numbers:
+        g = grpc_numbers
+        print(
+            f"  gRPC ({args.clients} clients): edgerun {g[f'grpc_{args.clients}_clients_per_s']:.1f}/s, floor "
+            f"{g[f'grpc_transport_floor_{args.clients}_clients_per_s']:.1f}/s, limit {g['grpc_box_limit_per_s']:.1f}/s "
+            f"({g[f'grpc_{args.clients}_clients_per_s'] / g['grpc_box_limit_per_s']:.2f}x the limit)"
+        )
+        print(
+            f"  gRPC one client p50: edgerun {g['grpc_single_client_p50_ms']:.3f} ms = in-process {inproc_p50:.3f} + "
+            f"floor {g['grpc_transport_floor_p50_ms']:.3f} + own {g['grpc_own_ms']:.3f}"
+        )
     for label, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISS'}] {label}")
     return 0

@@ -26,6 +26,10 @@ os.environ.update(
         "XDG_CACHE_HOME": str(SCRATCH / "xdg-cache"),  # ONNX Runtime's device id, other tools' caches
         "XDG_CONFIG_HOME": str(SCRATCH / "xdg-config"),
         "MPLCONFIGDIR": str(SCRATCH / "matplotlib"),  # the report's font cache
+        # The suite itself never phones home, even where a test imports onnxruntime first
+        # (tests/runtime/test_telemetry.py strips these to test that the packages set them).
+        "ORT_DISABLE_TELEMETRY": "1",
+        "ORT_TELEMETRY_DISABLED": "1",
         "HYPOTHESIS_STORAGE_DIRECTORY": str(SCRATCH / "hypothesis"),  # else ./.hypothesis in the checkout
     }
 )

@@ -61,6 +61,8 @@ def test_image_contract(dockerfile):
     assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), user
     assert "healthcheck.py" in last(dockerfile, "HEALTHCHECK")
     assert last(dockerfile, "EXPOSE") == "8000"
+    env = " ".join(args for ins, args in instructions(dockerfile) if ins == "ENV").split()
+    assert {"ORT_DISABLE_TELEMETRY=1", "ORT_TELEMETRY_DISABLED=1"} <= set(env)  # no phoning home
     copies = " ".join(args for ins, args in instructions(dockerfile) if ins == "COPY")
     assert "${BUNDLE} /bundle" in copies
     # Runtime images never install the builder extra (torch).

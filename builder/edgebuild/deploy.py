@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from edgebuild.errors import UsageError, handle_cli_errors
+from edgerun._privacy import TELEMETRY_OPT_OUT
 
 PORT = 8000
 BUNDLE_MOUNT = "/bundle"
@@ -166,6 +167,8 @@ def fleet_objects(bundle: Path, options: FleetOptions) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "EDGERUN_PORT", "value": str(PORT)},
         {"name": "EDGERUN_CACHE_DIR", "value": CACHE_DIR},
+        # ONNX Runtime's telemetry off even for an image that does not set it (see the README's privacy note).
+        *({"name": name, "value": "1"} for name in TELEMETRY_OPT_OUT),
     ]
     if options.token_secret:
         env.append(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgerun.errors import EdgerunError, InferenceTimeoutError, OverloadedError
+from edgerun.serve_options import DEFAULTS
 
 log = logging.getLogger("edgerun")
 
@@ -95,10 +96,10 @@ class Batcher:
         self,
         *,
         max_batch: int = 1,
-        max_delay_ms: float = 0.0,
-        max_queue: int = 64,
-        max_queue_bytes: int | None = None,
-        timeout_s: float | None = 30.0,
+        max_delay_ms: float = DEFAULTS.max_delay_ms,
+        max_queue: int = DEFAULTS.max_queue,
+        max_queue_bytes: int | None = DEFAULTS.max_queue_bytes,
+        timeout_s: float | None = DEFAULTS.timeout_s,
         on_batch: Callable[[int], None] | None = None,
     ):
         if max_batch < 1 or max_queue < 1:

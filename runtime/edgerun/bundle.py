@@ -59,6 +59,9 @@ class Bundle:
     sha256: str = ""  # identity: the hash of manifest.json as read (it hashes every file)
     extracted: Path | None = None
     _cache: dict[str, VerifiedFile] = field(default_factory=dict, repr=False, compare=False)
+    # Files the load uses next (the selected model, golden data, labels), read and hashed by the
+    # verification: handed out once instead of read and hashed a second time.
+    _fresh: dict[str, VerifiedFile] = field(default_factory=dict, repr=False, compare=False)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
@@ -77,7 +80,11 @@ class Bundle:
         return cached.data
 
     def verified_file(self, relpath: str) -> VerifiedFile:
-        """Read ``relpath`` now and check the bytes read against the manifest's sha256."""
+        """Read ``relpath`` now and check the bytes read against the manifest's sha256 (or take the
+        bytes the verification read and checked, the first time)."""
+        fresh = self._fresh.pop(relpath, None)
+        if fresh is not None:
+            return fresh
         expected = self.manifest.files.get(relpath)
         if expected is None:
             raise BundleError(f"manifest has no checksum for '{relpath}'; rebuild the bundle")
@@ -97,10 +104,11 @@ class Bundle:
     def forget_cached(self) -> None:
         """Drop the small files kept since their first read (a later read reads and checks them again)."""
         self._cache.clear()
+        self._fresh.clear()
 
     def close(self) -> None:
         """Remove the directory this bundle was extracted into, if any."""
-        self._cache.clear()
+        self.forget_cached()
         if self.extracted is not None:
             shutil.rmtree(self.extracted, ignore_errors=True)
 
@@ -194,24 +202,38 @@ def extract_archive(
     return manifests[0].parent
 
 
-def verify_files(root: Path, manifest: Manifest) -> None:
-    """Check every file the manifest lists (and every file it uses) against its sha256."""
+def verify_files(root: Path, manifest: Manifest) -> dict[str, VerifiedFile]:
+    """Check every file the manifest lists (and every file it uses) against its sha256.
+
+    Returns the bytes of the files a load reads first (the selected model, golden data, labels), read
+    whole and checked here; the others are hashed in chunks and not kept."""
     used = [model.path for model in manifest.all_models()]
     used += [path for path in (manifest.golden.path if manifest.golden else None, manifest.labels) if path]
     for relative in used:
         if relative not in manifest.files:
             raise BundleError(f"manifest uses '{relative}' but 'files' has no checksum for it; rebuild the bundle")
+    first = {manifest.model.path, *used[len(manifest.all_models()) :]}
+    kept: dict[str, VerifiedFile] = {}
     for relative, expected in manifest.files.items():
         _safe_member_path(relative)
         path = root / relative
         if not path.is_file():
             raise BundleError(f"bundle file '{relative}' is missing from {root}")
-        actual = sha256_file(path)
+        if relative in first:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise BundleError(f"bundle file '{relative}' cannot be read from {root} ({exc.strerror})") from None
+            actual = hashlib.sha256(data).hexdigest()
+            kept[relative] = VerifiedFile(relative, data, actual)
+        else:
+            actual = sha256_file(path)
         if actual != expected:
             raise BundleError(
                 f"bundle file '{relative}' does not match its checksum (expected sha256 {expected[:12]}…, "
                 f"got {actual[:12]}…): the bundle was modified or damaged; rebuild or re-copy it"
             )
+    return kept
 
 
 def verify_signature(manifest: Manifest, trusted_public_key: bytes) -> None:
@@ -262,7 +284,9 @@ def open_bundle(
 
 
 def _owning(bundle: Bundle, extracted: Path) -> Bundle:
-    return Bundle(root=bundle.root, manifest=bundle.manifest, sha256=bundle.sha256, extracted=extracted)
+    return Bundle(
+        root=bundle.root, manifest=bundle.manifest, sha256=bundle.sha256, extracted=extracted, _fresh=bundle._fresh
+    )
 
 
 def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
@@ -279,5 +303,7 @@ def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
     manifest = parse_manifest(data, str(path))
     if trusted_public_key is not None:  # authenticate the manifest before trusting its hashes
         verify_signature(manifest, trusted_public_key)
-    verify_files(root, manifest)
-    return Bundle(root=Path(os.path.realpath(root)), manifest=manifest, sha256=hashlib.sha256(raw).hexdigest())
+    kept = verify_files(root, manifest)
+    return Bundle(
+        root=Path(os.path.realpath(root)), manifest=manifest, sha256=hashlib.sha256(raw).hexdigest(), _fresh=kept
+    )

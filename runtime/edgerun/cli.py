@@ -6,6 +6,7 @@ the start of ``serve`` stay fast.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -15,10 +16,10 @@ from typing import Any
 
 import click
 
+from edgerun import startup  # noqa: F401  (early: the start-up timeline's origin)
 from edgerun.errors import EdgerunError, report_errors
 from edgerun.memory import tune_malloc
-
-DEFAULT_CACHE_DIR = "~/.cache/edgerun"
+from edgerun.serve_options import DEFAULT_CACHE_DIR, LOAD_OPTIONS, ServeOptions, click_options
 
 # One line `edgerun: error: ...` and the error class's exit code (BundleError 2, SessionError 3,
 # other runtime errors 1); a traceback only with `edgerun --debug`.
@@ -64,13 +65,6 @@ def _secret(value: str | None, path: str | None, option: str, envvar: str) -> st
     return value.strip() if value is not None else None
 
 
-_POSITIVE = click.FloatRange(min=0, min_open=True)
-
-
-def _providers(value: str | None) -> list[str] | None:
-    return [p.strip() for p in value.split(",") if p.strip()] if value else None
-
-
 @click.group()
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="edgebuild", prog_name="edgerun")
@@ -81,180 +75,54 @@ def main(debug: bool) -> None:
 def _load_once(bundle, providers, threads, cache_dir, trusted_key, bench: bool, max_batch: int = 8):
     """Load BUNDLE as the server would (verify, sessions, golden check), for a one-off command."""
     _setup_logging("warning")
-    from edgerun.loader import LoadOptions, load_model
+    from edgerun.loader import load_model
 
-    options = LoadOptions(
-        providers=_providers(providers),
-        threads=threads,
-        cache_dir=Path(cache_dir),
-        bench=bench,
-        max_batch=max_batch,
-        trusted_key=_read_key(trusted_key),
-    )
+    given = ServeOptions(providers=providers, threads=threads, cache_dir=cache_dir, no_bench=not bench)
+    options = given.load_options(_read_key(trusted_key))
+    options.max_batch = max_batch
+    options.trt_background = False  # a one-off load builds no engine in the background
     served = load_model(bundle, options)
     served.close()  # the numbers are kept; an archive's extracted copy is not
     return served
 
 
-common_load = [
-    click.option("--providers", help="Comma-separated execution providers to try in order (default: the manifest's)."),
-    click.option(
-        "--threads",
-        type=click.IntRange(min=1),
-        help="Intra-op threads per session instance (default: chosen within the CPU affinity and cgroup quota).",
-    ),
-    click.option(
-        "--cache-dir",
-        default=lambda: os.environ.get("EDGERUN_CACHE_DIR", DEFAULT_CACHE_DIR),
-        show_default=DEFAULT_CACHE_DIR,
-        help="Provider caches, variant decisions, kept versions.",
-    ),
-    click.option(
-        "--trusted-key",
-        type=click.Path(dir_okay=False),
-        help="ed25519 public key (PEM or raw); refuse bundles not signed with it.",
-    ),
-]
+def _check_grpc_door(host: str, port: int) -> None:
+    """Before any load: the gRPC extra is installed and the port can be bound (one line, not a traceback)."""
+    import importlib.util
+    import socket
 
-
-def _with(options):
-    def decorate(func):
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
+    for module in ("grpc", "tritonclient.grpc"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise click.UsageError(f"--grpc-port needs {module.split('.')[0]}: pip install 'edgebuild[grpc]'")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise click.UsageError(
+                f"--grpc-port {port} on {host} cannot be bound ({exc.strerror}); choose another"
+            ) from None
 
 
 @main.command()
 @click.argument("bundles", nargs=-1, type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (keep local unless fronted).")
-@click.option("--port", default=8000, show_default=True, type=int)
-@_with(common_load)
-@click.option("--no-bench", is_flag=True, help="Skip the self-benchmark at start-up.")
-@click.option(
-    "--no-trt-background",
-    is_flag=True,
-    help="Build the TensorRT engine before serving instead of serving from CUDA/CPU while it builds.",
-)
-@click.option(
-    "--instances",
-    type=click.IntRange(min=1),
-    help="Session instances (copies of the model in memory) serving in parallel (default: chosen by the "
-    "self-benchmark within the thread budget).",
-)
-@click.option(
-    "--runs",
-    type=click.IntRange(min=1),
-    help="Requests one instance runs at once (default: chosen by the self-benchmark; a lone request still "
-    "gets every thread).",
-)
-@click.option(
-    "--optimize",
-    type=click.Choice(["latency", "throughput", "balanced"]),
-    default="balanced",
-    show_default=True,
-    help="What the self-benchmark's layout choice favours: one client's latency, many clients' throughput, "
-    "or the best throughput within 25% of the best latency.",
-)
-@click.option(
-    "--max-batch",
-    type=click.IntRange(min=1),
-    help="Rows per stacked run (dynamic batching; default: 1 unless the self-benchmark measures batching cheaper).",
-)
-@click.option("--max-delay-ms", default=2.0, show_default=True, type=float, help="How long to wait to fill a batch.")
-@click.option(
-    "--max-queue",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Queued requests before answering 503.",
-)
-@click.option(
-    "--max-queue-bytes",
-    default=256 * 1024 * 1024,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Bytes of queued input tensors before answering 503.",
-)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    default=30.0,
-    show_default=True,
-    type=_POSITIVE,
-    help="Seconds a request may wait for its result before 504.",
-)
-@click.option("--token", envvar="EDGERUN_TOKEN", help="Require 'Authorization: Bearer TOKEN' (not on health).")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="Read the inference token from FILE.")
-@click.option(
-    "--model-control",
-    is_flag=True,
-    help="Enable repository load/unload over HTTP (loads only from --watch DIR or kept versions).",
-)
-@click.option(
-    "--admin-token",
-    envvar="EDGERUN_ADMIN_TOKEN",
-    help="Bearer token for model control (required with --model-control on a non-loopback --host).",
-)
-@click.option("--admin-token-file", type=click.Path(dir_okay=False), help="Read the admin token from FILE.")
-@click.option(
-    "--allowed-host",
-    "allowed_hosts",
-    multiple=True,
-    help="Answer only requests whose Host header is one of these names (repeatable; against DNS rebinding).",
-)
-@click.option("--max-body-mb", default=64.0, show_default=True, type=_POSITIVE, help="Largest request body.")
-@click.option(
-    "--body-timeout",
-    "body_timeout_s",
-    default=60.0,
-    show_default=True,
-    type=_POSITIVE,
-    help="Seconds a client may take to send its request head, and its body (408 after).",
-)
-@click.option("--watch", "watch_dir", type=click.Path(file_okay=False), help="Load bundles dropped into DIR.")
-@click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
-)
+@click_options()
 @_handle_errors
-def serve(
-    bundles,
-    host,
-    port,
-    providers,
-    threads,
-    cache_dir,
-    trusted_key,
-    no_bench,
-    no_trt_background,
-    instances,
-    runs,
-    optimize,
-    max_batch,
-    max_delay_ms,
-    max_queue,
-    max_queue_bytes,
-    timeout_s,
-    token,
-    token_file,
-    model_control,
-    admin_token,
-    admin_token_file,
-    allowed_hosts,
-    max_body_mb,
-    body_timeout_s,
-    watch_dir,
-    log_level,
-):
+def serve(bundles, **values):
     """Verify, check and benchmark BUNDLE(s) (directory or .tar.gz), then serve them over HTTP."""
     from edgerun.guard import is_loopback
 
-    if not bundles and not watch_dir:
+    given = ServeOptions(**values)
+    host = given.host
+    if not bundles and not given.watch_dir:
         raise click.UsageError("give a BUNDLE to serve, or --watch DIR")
-    token = _secret(token, token_file, "--token", "EDGERUN_TOKEN")
-    admin_token = _secret(admin_token, admin_token_file, "--admin-token", "EDGERUN_ADMIN_TOKEN")
-    if model_control and admin_token is None and not is_loopback(host):
+    token = _secret(given.token, given.token_file, "--token", "EDGERUN_TOKEN")
+    admin_token = _secret(given.admin_token, given.admin_token_file, "--admin-token", "EDGERUN_ADMIN_TOKEN")
+    if given.model_control and admin_token is None and not is_loopback(host):
         raise click.UsageError(
             f"--model-control on --host {host} (not loopback) needs an admin token: set --admin-token, "
             f"--admin-token-file or EDGERUN_ADMIN_TOKEN, or bind 127.0.0.1"
@@ -263,80 +131,71 @@ def serve(
         raise click.UsageError(
             "--admin-token must differ from --token: the inference token must not unlock model control"
         )
-    _setup_logging(log_level)
+    if given.grpc_port is not None:
+        _check_grpc_door(host, given.grpc_port)
+    _setup_logging(given.log_level)
     tune_malloc()
     import threading
 
-    from edgerun.errors import EdgerunError
-    from edgerun.loader import LoadOptions
-    from edgerun.reload import ModelRepository, VersionStore, bundle_entries
+    from edgerun.startup import log_ready, phase
 
-    options = LoadOptions(
-        providers=_providers(providers),
-        threads=threads,
-        cache_dir=Path(cache_dir),
-        bench=not no_bench,
-        trusted_key=_read_key(trusted_key),
-        trt_background=not no_trt_background,
-        instances=instances,
-        runs=runs,
-        optimize=optimize,
-        fixed_batch=max_batch,
-        batch_delay_ms=max_delay_ms,
-    )
-    if max_batch is not None:
-        options.max_batch = max_batch
-    repo = ModelRepository(options, store=VersionStore(Path(cache_dir)))
+    log = logging.getLogger("edgerun")
+    loaded: list = []  # the repository, once made
     failure: list[BaseException] = []
 
     def load_all() -> None:
         try:
+            with phase("imports"):
+                from edgerun.errors import EdgerunError
+                from edgerun.reload import ModelRepository, VersionStore, bundle_entries
+
+            options = given.load_options(_read_key(given.trusted_key))
+            repo = ModelRepository(options, store=VersionStore(Path(given.cache_dir)))
+            loaded.append(repo)
             for location in bundles:
                 repo.load(location)
-            if watch_dir:
-                Path(watch_dir).mkdir(parents=True, exist_ok=True)
-                for location in bundle_entries(Path(watch_dir)):
+            if given.watch_dir:
+                Path(given.watch_dir).mkdir(parents=True, exist_ok=True)
+                for location in bundle_entries(Path(given.watch_dir)):
                     try:
                         repo.load(location)
                     except EdgerunError as exc:
-                        logging.getLogger("edgerun").error("watch: skipped %s: %s", location, exc)
+                        log.error("watch: skipped %s: %s", location, exc)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
             failure.append(exc)
 
+    # Without the self-benchmark the load starts first: reading and hashing the bundle and the golden
+    # runs release the GIL, so they overlap with importing the web stack here. The self-benchmark times
+    # every core: importing next to it would skew it, so it starts after the imports.
     loader = threading.Thread(target=load_all, name="edgerun-load")
-    if no_bench:  # session creation runs in native code without the GIL: it overlaps with the imports
-        loader.start()
-    from edgerun.server import ServerConfig, create_app
-    from edgerun.server import serve as run_server
-
-    if not no_bench:  # the self-benchmark times every core: importing next to it would skew it
-        loader.start()
-
-    loader.join()
-    if failure:
-        repo.close()
-        raise failure[0]
-    if not repo.models and not watch_dir:
-        raise click.UsageError("no bundle loaded")
-    config = ServerConfig(
-        token=token,
-        model_control=model_control,
-        admin_token=admin_token,
-        allowed_hosts=list(allowed_hosts) or None,
-        loopback_hosts_only=is_loopback(host),  # against DNS rebinding; --allowed-host names others
-        max_body_mb=max_body_mb,
-        body_timeout_s=body_timeout_s,
-        max_batch=max_batch or 1,  # the layout may stack more (see edgerun.layout)
-        max_delay_ms=max_delay_ms,
-        max_queue=max_queue,
-        max_queue_bytes=max_queue_bytes,
-        timeout_s=timeout_s,
-        watch_dir=Path(watch_dir) if watch_dir else None,
-    )
-    if not is_loopback(host) and not token:
-        logging.getLogger("edgerun").warning("serving on %s without --token: anyone who can reach it can use it", host)
+    # Start-up allocates some 100,000 objects (modules, pydantic schemas, routes) that all stay alive:
+    # the cyclic collector scanning them again and again cost about 8% of the imports' CPU time.
+    gc.disable()
     try:
-        run_server(create_app(repo, config), host=host, port=port, log_level=log_level)
+        if given.no_bench:
+            loader.start()
+        with phase("imports"):
+            from edgerun.server import create_app
+            from edgerun.server import serve as run_server
+        if not given.no_bench:
+            loader.start()
+        loader.join()
+    finally:
+        gc.enable()
+    repo = loaded[0] if loaded else None
+    if failure:
+        if repo is not None:
+            repo.close()
+        raise failure[0]
+    assert repo is not None
+    if not repo.models and not given.watch_dir:
+        raise click.UsageError("no bundle loaded")
+    if not is_loopback(host) and not token:
+        log.warning("serving on %s without --token: anyone who can reach it can use it", host)
+    try:
+        with phase("app"):
+            app = create_app(repo, given.server_config(token, admin_token))
+        run_server(app, host=host, port=given.port, log_level=given.log_level, on_ready=log_ready)
     finally:
         repo.close()  # also when the server stops before its shutdown hook runs
 
@@ -369,13 +228,13 @@ def info(bundle, trusted_key, as_json):
     post = {k: v for k, v in (summary["postprocess"] or {}).items() if k != "type" and v is not None}
     click.echo(f"  task       {summary['task']}  {' '.join(f'{k}={v}' for k, v in post.items())}".rstrip())
     golden = summary["golden"]
-    click.echo(f"  golden     {golden['path'] + ' atol ' + str(golden['atol']) if golden else 'none'}")
+    click.echo(f"  golden     {golden['path'] + ' ' + summary['golden_check'] if golden else 'none'}")
     click.echo(f"  signed     {'yes' if summary['signed'] else 'no'}; {summary['files']} files")
 
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@_with(common_load)
+@click_options(LOAD_OPTIONS)
 @_handle_errors
 def verify(bundle, providers, threads, cache_dir, trusted_key):
     """Verify checksums (and signature), load BUNDLE and run its golden check."""
@@ -390,7 +249,7 @@ def verify(bundle, providers, threads, cache_dir, trusted_key):
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@_with(common_load)
+@click_options(LOAD_OPTIONS)
 @click.option(
     "--batch",
     "max_batch",

@@ -108,6 +108,23 @@ def thresholds_for(spec: GoldenSpec, variant_path: str) -> GoldenThresholds:
     )
 
 
+def describe_thresholds(limits: GoldenThresholds) -> str:
+    """One line of what a variant is held to: box tolerances for a detector checked by boxes, else atol."""
+    if limits.compares_boxes():
+        parts = [
+            f"{label} {value:g}"
+            for label, value in (
+                ("box IoU >=", limits.min_box_iou if limits.min_box_iou is not None else DEFAULT_MIN_BOX_IOU),
+                ("matched >=", limits.min_box_match if limits.min_box_match is not None else DEFAULT_MIN_BOX_MATCH),
+                ("score diff <=", limits.max_score_diff),
+            )
+            if value is not None
+        ]
+        return "boxes: " + ", ".join(parts)
+    line = f"atol {limits.atol:g}" + (f" rtol {limits.rtol:g}" if limits.rtol else "")
+    return line + (f", top-1 >= {limits.min_top1_agreement:g}" if limits.min_top1_agreement is not None else "")
+
+
 def run_in_chunks(model: ModelSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run the rows one at a time when the batch dim is dynamic, else in model-sized chunks.
     Per-call golden data (every array one axis more than its input: the first counts calls) runs

@@ -35,11 +35,11 @@ import numpy as np
 from edgerun.bundle import VerifiedFile
 from edgerun.errors import EdgerunError
 from edgerun.manifest import ProviderSpec
+from edgerun.serve_options import DEFAULTS, OPTIMIZE_CHOICES
 from edgerun.session import ModelSession, create_model_session
 
 log = logging.getLogger("edgerun")
 
-OPTIMIZE_CHOICES: tuple[str, ...] = ("latency", "throughput", "balanced")
 SPINNING_KEY = "session.intra_op.allow_spinning"
 CPU = "CPUExecutionProvider"
 
@@ -111,7 +111,7 @@ class LayoutDecision:
 
     layout: Layout
     source: str  # "self-benchmark", "cached self-benchmark", "--instances/--threads", "default"
-    optimize: str = "balanced"
+    optimize: str = DEFAULTS.optimize
     thread_budget: int = 1
     margin: float = BALANCED_MARGIN
     measurements: list[LayoutMeasurement] = field(default_factory=list)
@@ -140,7 +140,7 @@ class LayoutRequest:
     threads: int | None = None
     spinning: bool | None = None  # pinned by the bundle's session config
     max_batch: int | None = None  # --max-batch given explicitly
-    optimize: str = "balanced"
+    optimize: str = DEFAULTS.optimize
     runs: int | None = None  # --runs: requests one instance runs at once
 
     def __post_init__(self) -> None:
@@ -229,7 +229,7 @@ def default_layout(budget: int, request: LayoutRequest) -> Layout:
 
 def select_layout(
     measurements: Sequence[LayoutMeasurement],
-    optimize: str = "balanced",
+    optimize: str = DEFAULTS.optimize,
     *,
     margin: float = BALANCED_MARGIN,
     batch_gain: float = BATCH_GAIN,
@@ -464,7 +464,7 @@ def plan_layout(
     golden_inputs: dict[str, np.ndarray] | None = None,
     bench_batch: int = 8,
     budget_s: float = 0.25,
-    batch_delay_ms: float = 2.0,
+    batch_delay_ms: float = DEFAULTS.max_delay_ms,
     batch_gain: float | None = None,
     check: Callable[[ModelSession], Any] | None = None,
     fresh: bool = False,

@@ -17,12 +17,14 @@ from typing import Any
 from edgerun.bench import decision_key, read_decision, self_benchmark, write_decision
 from edgerun.bundle import Bundle, open_bundle
 from edgerun.errors import BundleError, EdgerunError, SessionError
-from edgerun.golden import GoldenData, check_golden, load_golden
+from edgerun.golden import GoldenData, check_golden, describe_thresholds, load_golden, thresholds_for
 from edgerun.layout import LayoutRequest, plan_layout
 from edgerun.manifest import ModelFile
 from edgerun.memory import release_free_memory
 from edgerun.provider_options import check_manifest
+from edgerun.serve_options import DEFAULTS
 from edgerun.session import ModelSession, create_model_session, provider_candidates
+from edgerun.startup import phase
 from edgerun.status import ModelStatus, TensorrtState
 from edgerun.tensorrt import TENSORRT
 from edgerun.threads import choose_threads
@@ -30,7 +32,7 @@ from edgerun.trt_build import TensorrtBuild
 
 log = logging.getLogger("edgerun")
 
-DEFAULT_CACHE_DIR = Path("~/.cache/edgerun")
+DEFAULT_CACHE_DIR = Path(DEFAULTS.cache_dir)
 
 
 @dataclass
@@ -48,9 +50,9 @@ class LoadOptions:
     # Execution layout (see edgerun.layout): None = chosen by the self-benchmark.
     instances: int | None = None
     runs: int | None = None
-    optimize: str = "balanced"
+    optimize: str = DEFAULTS.optimize
     fixed_batch: int | None = None  # --max-batch given explicitly: every layout stacks this many rows
-    batch_delay_ms: float = 2.0  # the server's batching window, added to a batched layout's latency
+    batch_delay_ms: float = DEFAULTS.max_delay_ms  # the server's batching window, added to a batched layout's latency
 
 
 @dataclass
@@ -117,13 +119,15 @@ def _try_variant(
     model = bundle.verified_file(variant.path)
     for i, provider in enumerate(allowed):
         try:
-            session = create_model_session(model, bundle.manifest, variant, allowed[i:], threads, cache_dir)
+            with phase("session"):
+                session = create_model_session(model, bundle.manifest, variant, allowed[i:], threads, cache_dir)
         except SessionError as exc:
             reason = f"{variant.path} on {provider.name}: {exc}"
             log.warning("dropped %s; trying the next provider", reason)
             dropped.append(reason)
             continue
-        golden = check_golden(session, golden_data)
+        with phase("golden"):
+            golden = check_golden(session, golden_data)
         if not golden.passed:
             reason = f"{variant.path} on {session.providers[0]}: golden check failed: {golden.reason}"
             log.warning("dropped %s", reason)
@@ -141,7 +145,8 @@ def load_model(location: str | Path, options: LoadOptions | None = None) -> Serv
     load fails it is removed here.
     """
     options = options or LoadOptions()
-    bundle = open_bundle(location, trusted_public_key=options.trusted_key)
+    with phase("verify"):
+        bundle = open_bundle(location, trusted_public_key=options.trusted_key)
     try:
         served = _load_verified(bundle, Path(location), options)
     except BaseException:
@@ -168,7 +173,8 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     if manifest.golden is None:
         log.info("%s: bundle has no golden data; parity check skipped", manifest.name)
     else:
-        golden_data = load_golden(bundle.read_verified(manifest.golden.path), manifest.golden, manifest)
+        with phase("golden"):
+            golden_data = load_golden(bundle.read_verified(manifest.golden.path), manifest.golden, manifest)
     golden_inputs = golden_data.inputs if golden_data else None
 
     variants = manifest.all_models()
@@ -207,7 +213,8 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
             # With one variant there is nothing to compare: a quarter of the time, for the numbers
             # alone (the layout step measures this session again, in every layout).
             budget_s = options.bench_budget_s if len(passing) > 1 else options.bench_budget_s / 4
-            numbers = self_benchmark(session, options.max_batch, golden_inputs, budget_s=budget_s)
+            with phase("bench"):
+                numbers = self_benchmark(session, options.max_batch, golden_inputs, budget_s=budget_s)
             log.info("benchmark %s on %s: %s", session.variant.path, session.providers[0], numbers)
             results.append(numbers)
         best = min(range(len(passing)), key=lambda i: results[i]["batch_1"]["p50_ms"])
@@ -220,7 +227,8 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
         benchmark = {"cached": decision.get("benchmark")}
     session, golden = passing[0]
     if not options.bench:
-        session.run(_warm_feeds(session, golden_inputs))  # first run allocates; do it before traffic
+        with phase("layout"):
+            session.run(_warm_feeds(session, golden_inputs))  # first run allocates; do it before traffic
 
     build = None
     tensorrt: TensorrtState | None = None
@@ -249,25 +257,26 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
             tensorrt = TensorrtState("failed", reason=reason)
 
     # Execution layout: instances x threads, runs at once, spinning, batching (measured, cached or fixed).
-    session, layout = plan_layout(
-        session,
-        bundle=bundle,
-        providers=[p for p in allowed if p.name in session.providers] or allowed,
-        budget=(thread_choice if options.threads is None else choose_threads()).threads,
-        request=LayoutRequest(
-            options.instances, options.threads, None, options.fixed_batch, options.optimize, options.runs
-        ),
-        bench=options.bench and build is None,  # a pending TensorRT engine replaces this session anyway
-        cache_dir=cache_dir,
-        bundle_id=bundle_id,
-        golden_inputs=golden_inputs,
-        bench_batch=options.max_batch,
-        budget_s=min(0.25, options.bench_budget_s / 4),
-        batch_delay_ms=options.batch_delay_ms,
-        batch_gain=_batch_gain(benchmark, options.max_batch),
-        check=lambda candidate: check_golden(candidate, golden_data),
-        fresh=options.bench,  # the variant benchmark's batches grew this session's memory arena
-    )
+    with phase("layout"):
+        session, layout = plan_layout(
+            session,
+            bundle=bundle,
+            providers=[p for p in allowed if p.name in session.providers] or allowed,
+            budget=(thread_choice if options.threads is None else choose_threads()).threads,
+            request=LayoutRequest(
+                options.instances, options.threads, None, options.fixed_batch, options.optimize, options.runs
+            ),
+            bench=options.bench and build is None,  # a pending TensorRT engine replaces this session anyway
+            cache_dir=cache_dir,
+            bundle_id=bundle_id,
+            golden_inputs=golden_inputs,
+            bench_batch=options.max_batch,
+            budget_s=min(0.25, options.bench_budget_s / 4),
+            batch_delay_ms=options.batch_delay_ms,
+            batch_gain=_batch_gain(benchmark, options.max_batch),
+            check=lambda candidate: check_golden(candidate, golden_data),
+            fresh=options.bench,  # the variant benchmark's batches grew this session's memory arena
+        )
 
     status = ModelStatus(
         variant=session.variant.path,
@@ -344,6 +353,8 @@ def describe_bundle(location: str | Path, trusted_key: bytes | None = None) -> d
         "task": m.task_name(),
         "postprocess": m.postprocess,
         "golden": m.golden.model_dump() if m.golden else None,
+        # What the selected model is held to on the device (box tolerances for a detector).
+        "golden_check": describe_thresholds(thresholds_for(m.golden, m.model.path)) if m.golden else None,
         "signed": bool(m.signature),
         "files": len(m.files),
     }

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgerun.errors import BundleError
 from edgerun.preprocess import PreprocessSpec
-from edgerun.tasks.detection import DetectionSpec, parse_detection_spec
+from edgerun.tasks.detection import FORMATS, DetectionSpec, parse_detection_spec
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
@@ -224,7 +224,7 @@ class Manifest(_Model):
         if self.task == "detection" and kind != "detection":
             raise ValueError(
                 f"task 'detection' needs postprocess.type 'detection' (got {kind!r}); add a [postprocess] table "
-                f"with a detection format ({', '.join(('yolov8', 'yolov5', 'yolox', 'end2end', 'split'))})"
+                f"with a detection format ({', '.join(FORMATS)})"
             )
         if kind == "detection" and self.task not in (None, "detection"):
             raise ValueError(f"postprocess.type 'detection' does not fit task {self.task!r}")
@@ -274,8 +274,9 @@ def parse_manifest(data: dict[str, Any], source: str = MANIFEST_NAME) -> Manifes
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own text
         where = ".".join(str(p) for p in first["loc"])
-        raise BundleError(f"{source}: invalid manifest at '{where}': {first['msg']}") from None
+        raise BundleError(f"{source}: invalid manifest at '{where or 'top level'}': {message}") from None
     if not is_one_path_component(manifest.name):
         raise BundleError(
             f"{source}: model name {manifest.name!r} must be a single path component (no '/', "

@@ -8,14 +8,15 @@ binary tensors) and checked against the manifest's inputs, so every mistake beco
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgerun.errors import PayloadTooLargeError, RequestError
+from edgerun.errors import ForbiddenError, PayloadTooLargeError, RequestError
 from edgerun.manifest import KSERVE_DATATYPES, TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -27,10 +28,13 @@ NUMPY_BY_KSERVE = {v: k for k, v in KSERVE_DATATYPES.items()}
 
 
 # ---- pydantic models: the wire format, also what the OpenAPI document shows ----
+# Built on first use (``defer_build``), not at import: the server's start-up does not validate any of them.
+
+LAZY = ConfigDict(defer_build=True)
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
 
 class RequestInput(_Message):
@@ -69,12 +73,16 @@ class InferResponse(_Message):
 
 
 class MetadataTensor(BaseModel):
+    model_config = LAZY
+
     name: str
     datatype: str
     shape: list[int]
 
 
 class ModelMetadata(BaseModel):
+    model_config = LAZY
+
     name: str
     versions: list[str]
     platform: str
@@ -84,12 +92,16 @@ class ModelMetadata(BaseModel):
 
 
 class ServerMetadata(BaseModel):
+    model_config = LAZY
+
     name: str
     version: str
     extensions: list[str]
 
 
 class ErrorResponse(BaseModel):
+    model_config = LAZY
+
     error: str
 
 
@@ -102,6 +114,13 @@ class ParsedRequest:
     feeds: dict[str, np.ndarray]
     outputs: list[tuple[str, bool]]  # (output name, binary)
     timeout_s: float | None
+    # Outputs to write into shared-memory regions: name -> (region, offset, byte_size).
+    regions: dict[str, tuple[str, Any, Any]] = field(default_factory=dict)
+
+
+# Where a door's shared memory comes from: called only when a request names a region (it refuses when
+# shared memory is off or the client is not local).
+SharedMemoryGetter = Callable[[], Any]
 
 
 def _as_bool(value: Any) -> bool:
@@ -149,7 +168,11 @@ def _check_shape(spec: TensorSpec, item: RequestInput) -> int:
 
 
 def decode_infer_request(
-    body: bytes, specs: list[TensorSpec], output_names: list[str], header_length: str | None = None
+    body: bytes,
+    specs: list[TensorSpec],
+    output_names: list[str],
+    header_length: str | None = None,
+    shm: SharedMemoryGetter | None = None,
 ) -> ParsedRequest:
     """Turn a raw KServe v2 request body (JSON, optionally followed by binary tensors) into feeds."""
     if not body:
@@ -197,8 +220,20 @@ def decode_infer_request(
         if item.datatype != spec.kserve_datatype:
             raise RequestError(f"input '{item.name}' expects datatype {spec.kserve_datatype}, got {item.datatype!r}")
         count = _check_shape(spec, item)
-        binary_size = (item.parameters or {}).get("binary_data_size")
-        if binary_size is not None:
+        parameters = item.parameters or {}
+        binary_size = parameters.get("binary_data_size")
+        if "shared_memory_region" in parameters:
+            region, region_size = parameters["shared_memory_region"], parameters.get("shared_memory_byte_size")
+            dtype = np.dtype(spec.dtype)
+            if region_size != count * dtype.itemsize:
+                raise RequestError(
+                    f"input '{item.name}': shared_memory_byte_size is {region_size!r} but shape {item.shape} of "
+                    f"{item.datatype} needs {count * dtype.itemsize} bytes"
+                )
+            memory = _shared_memory(shm)
+            data = memory.read(str(region), parameters.get("shared_memory_offset", 0), region_size)
+            feeds[item.name] = np.frombuffer(data, dtype=dtype).reshape(item.shape)
+        elif binary_size is not None:
             dtype = np.dtype(spec.dtype)
             if (
                 not isinstance(binary_size, int)
@@ -235,6 +270,7 @@ def decode_infer_request(
 
     params = request.parameters or {}
     default_binary = _as_bool(params.get("binary_data_output", False))
+    regions: dict[str, tuple[str, Any, Any]] = {}
     if request.outputs:
         outputs: list[tuple[str, bool]] = []
         for out in request.outputs:
@@ -242,7 +278,15 @@ def decode_infer_request(
                 raise RequestError(f"unknown output '{out.name}'; the model's outputs are {output_names}")
             if any(out.name == name for name, _ in outputs):  # each entry is encoded into the response
                 raise RequestError(f"output '{out.name}' is requested twice; name each output once")
-            outputs.append((out.name, _as_bool((out.parameters or {}).get("binary_data", default_binary))))
+            out_parameters = out.parameters or {}
+            if "shared_memory_region" in out_parameters:
+                _shared_memory(shm)  # refused here, before the run, when shared memory is not allowed
+                regions[out.name] = (
+                    str(out_parameters["shared_memory_region"]),
+                    out_parameters.get("shared_memory_offset", 0),
+                    out_parameters.get("shared_memory_byte_size"),
+                )
+            outputs.append((out.name, _as_bool(out_parameters.get("binary_data", default_binary))))
     else:
         outputs = [(name, default_binary) for name in output_names]
     timeout_s = None
@@ -251,7 +295,13 @@ def decode_infer_request(
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise RequestError(f"parameters.timeout must be a positive number of microseconds, got {value!r}")
         timeout_s = value / 1e6
-    return ParsedRequest(request.id, feeds, outputs, timeout_s)
+    return ParsedRequest(request.id, feeds, outputs, timeout_s, regions)
+
+
+def _shared_memory(shm: SharedMemoryGetter | None) -> Any:
+    if shm is None:
+        raise ForbiddenError("system shared memory is off; start the server with --allow-shm")
+    return shm()
 
 
 # ---- encoding ----
@@ -268,14 +318,24 @@ def encode_infer_response(
     request_id: str | None,
     results: dict[str, np.ndarray],
     outputs: list[tuple[str, bool]],
+    regions: dict[str, tuple[str, Any, Any]] | None = None,
+    shm: SharedMemoryGetter | None = None,
 ) -> tuple[bytes, dict[str, str], str]:
-    """Return (body, extra headers, media type); binary outputs go after the JSON header."""
+    """Return (body, extra headers, media type); binary outputs go after the JSON header, outputs placed
+    in shared memory are written there and described without data."""
     described = []
     blobs: list[Any] = []
     for name, binary in outputs:
         array = np.ascontiguousarray(results[name])
         entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": _datatype(array)}
-        if binary:
+        region = (regions or {}).get(name)
+        if region is not None:
+            region_name, offset, size = region
+            _shared_memory(shm).write(region_name, offset, size, array.tobytes())
+            entry["parameters"] = {"shared_memory_region": region_name, "shared_memory_byte_size": array.nbytes}
+            if offset:
+                entry["parameters"]["shared_memory_offset"] = offset
+        elif binary:
             # A view of the output: its bytes are copied once, into the response body.
             entry["parameters"] = {"binary_data_size": array.nbytes}
             blobs.append(array.reshape(-1).data.cast("B") if array.size else b"")

@@ -5,9 +5,10 @@ router per concern (``edgerun.routes``: health and metadata, inference, reposito
 control, predict) and the error handlers that give every error the published ``ErrorResponse``
 body. ``POST`` on the infer routes is answered by ``InferFastPath`` (behind the guard) without
 FastAPI's routing and dependency solving; the route stays registered for the OpenAPI document.
-Handlers validate and decode, then hand tensors to the Batcher, whose single worker thread is the
-only place inference runs. A user mistake is a 4xx with a message; a 500 means a
-bug in edgerun and is logged with its traceback.
+Handlers validate and decode, then call the ``DataPlane`` (``edgerun.dataplane``), which hands tensors
+to the Batcher, whose worker threads are the only place inference runs; with ``--grpc-port`` the
+lifespan also starts the gRPC door (``edgerun.grpc_server``) on the same loop and data plane. A user
+mistake is a 4xx with a message; a 500 means a bug in edgerun and is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -34,10 +37,11 @@ from edgerun.guard import GuardMiddleware, error_body
 from edgerun.metrics import Metrics
 from edgerun.protocol import InferRequest
 from edgerun.reload import ModelRepository, watch_directory
-from edgerun.routes import health, inference, predict, repository
+from edgerun.routes import health, inference, predict, repository, shm
 from edgerun.routes.deps import CLIENT_CLOSED, ServerState
 from edgerun.routes.inference import InferFastPath
 from edgerun.routes.repository import LoadRequest
+from edgerun.routes.shm import RegisterRegion
 
 log = logging.getLogger("edgerun")
 
@@ -138,7 +142,7 @@ def _openapi(app: FastAPI):
         if app.openapi_schema is None:
             schema = original()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (InferRequest, LoadRequest):
+            for model in (InferRequest, LoadRequest, RegisterRegion):
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
@@ -158,30 +162,40 @@ def _lifespan(state: ServerState):
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(
-            max_batch=config.max_batch,
-            max_delay_ms=config.max_delay_ms,
-            max_queue=config.max_queue,
-            max_queue_bytes=config.max_queue_bytes,
-            timeout_s=config.timeout_s,
-            on_batch=metrics.batch_size.observe,
-        )
+        batcher = Batcher(**config.batcher_settings(), on_batch=metrics.batch_size.observe)
         batcher.start()
-        state.batcher = batcher
+        state.dataplane.batcher = batcher
         state.image_slots = asyncio.Semaphore(config.image_decodes)  # bound to this event loop
         metrics.track_queue(lambda: batcher.depth)
         watcher = None
         if config.watch_dir is not None:
             watcher = asyncio.create_task(watch_directory(repo, config.watch_dir, config.watch_interval_s))
+        grpc_server = await _start_grpc(state) if config.grpc_port is not None else None
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(5.0)  # in-flight calls finish, new ones are refused
             if watcher is not None:
                 watcher.cancel()
             await batcher.close(config.drain_timeout_s)
+            if state.shm is not None:
+                state.shm.close()  # every region unmapped at shutdown
             repo.close()  # extracted copies go with the server
 
     return lifespan
+
+
+async def _start_grpc(state: ServerState) -> Any:
+    try:
+        from edgerun.grpc_server import start_grpc
+    except ImportError as exc:
+        raise EdgerunError(
+            f"--grpc-port needs grpcio and tritonclient[grpc] ({exc.name} is missing): pip install 'edgebuild[grpc]'"
+        ) from None
+    config = state.config
+    assert config.grpc_port is not None
+    return await start_grpc(state, config.grpc_host, config.grpc_port)
 
 
 def create_app(repo: ModelRepository, config: ServerConfig | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -215,7 +229,7 @@ def create_app(repo: ModelRepository, config: ServerConfig | None = None, metric
     app.state.metrics = metrics
     app.state.config = config
     _install_error_handlers(app)
-    for router in (health.router, inference.router, predict.router, repository.router):
+    for router in (health.router, inference.router, predict.router, repository.router, shm.router):
         app.include_router(router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(InferFastPath, state=state, on_error=_handled_by(app))  # inside the guard
@@ -318,11 +332,21 @@ def _http_protocol(head_timeout_s: float) -> Any:
     return BoundedHeadProtocol
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling)."""
+def serve(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling).
+
+    ``on_ready`` is called once the socket takes connections (the start-up timeline's end)."""
     import signal
 
     import uvicorn
+
+    from edgerun.startup import TIMELINE
 
     config = getattr(app.state, "config", None)
 
@@ -335,7 +359,17 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         signal.signal(signal.SIGTERM, _drained)
     except ValueError:  # not the main thread (embedded use): keep the default
         pass
-    uvicorn.run(
+    bind_started = time.perf_counter()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                TIMELINE.add("bind", time.perf_counter() - bind_started)
+                if on_ready is not None:
+                    on_ready()
+
+    server_config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -345,6 +379,17 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         timeout_graceful_shutdown=30,
         access_log=False,
     )
+    server = Server(server_config)
+    try:
+        server.run()  # what uvicorn.run does for one worker without reload
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
+
+
+# uvicorn's exit code when the server could not start (the port is taken, the lifespan failed).
+STARTUP_FAILURE = 3
 
 
 __all__ = ["ServerConfig", "create_app", "serve"]

@@ -79,6 +79,7 @@ def test_jetson_daemonset(tmp_path):
     env = {e.name: e for e in container.env}
     assert env["EDGERUN_CACHE_DIR"].value == "/var/cache/edgerun"
     assert "EDGERUN_TOKEN" not in env
+    assert env["ORT_DISABLE_TELEMETRY"].value == env["ORT_TELEMETRY_DISABLED"].value == "1"
     assert ds.spec.update_strategy.type == "RollingUpdate"
 
 

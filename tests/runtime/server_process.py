@@ -28,7 +28,12 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> Non
 
 
 def start_server(
-    args: list[str], cache_dir: Path, env: dict[str, str] | None = None, *, wait: bool = True
+    args: list[str],
+    cache_dir: Path,
+    env: dict[str, str] | None = None,
+    *,
+    wait: bool = True,
+    log_level: str = "warning",
 ) -> tuple[subprocess.Popen, str]:
     """``edgerun serve ARGS`` without self-benchmark; returns the process and its base URL."""
     port = free_port()
@@ -45,7 +50,7 @@ def start_server(
             "--cache-dir",
             str(cache_dir),
             "--log-level",
-            "warning",
+            log_level,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -130,9 +130,15 @@ def test_sessions_are_made_from_the_verified_bytes(tmp_path, load_options, monke
 def test_a_file_swapped_after_verification_is_never_loaded(tmp_path, load_options):
     bundle_dir = build_classifier_bundle(tmp_path / "b")
     bundle = open_bundle(bundle_dir)  # verified here ...
+    original = (bundle_dir / "model.onnx").read_bytes()
     (bundle_dir / "model.onnx").write_bytes(classifier_onnx(poison=float("nan")))  # ... replaced afterwards
+    (bundle_dir / "golden.npz").unlink()
+    # The files the load uses first were read by the verification: those bytes are the ones used.
+    assert bundle.read_verified("model.onnx") == original
+    assert bundle.read_verified("golden.npz")
+    bundle.forget_cached()
+    # Any read after those reads the disk again, and checks it again.
     with pytest.raises(BundleError, match="'model.onnx' does not match its checksum"):
         bundle.read_verified("model.onnx")
-    (bundle_dir / "golden.npz").unlink()
     with pytest.raises(BundleError, match="cannot be read"):
         bundle.read_verified("golden.npz")

@@ -59,6 +59,20 @@ def test_info_shows_the_task_and_its_postprocess(tmp_path, bundles):
     )
 
 
+def test_info_shows_what_the_golden_check_holds_the_model_to(tmp_path, bundles):
+    from runtime_fixtures import build_detector_bundle
+
+    from edgerun.manifest import GoldenSpec, GoldenThresholds
+
+    runner = CliRunner()
+    classifier = runner.invoke(main, ["info", str(bundles["classifier"])]).output
+    assert "golden     golden.npz atol 0.0001 rtol 0.001, top-1 >= 1" in classifier
+    boxes = GoldenThresholds(atol=9.0, min_box_iou=0.8, max_score_diff=0.02, min_box_match=0.95)
+    checked = build_detector_bundle(tmp_path / "boxes", golden=GoldenSpec(atol=9.0, variants={"model.onnx": boxes}))
+    line = "golden     golden.npz boxes: box IoU >= 0.8, matched >= 0.95, score diff <= 0.02"
+    assert line in runner.invoke(main, ["info", str(checked)]).output
+
+
 def test_bench_json(bundles, cache_dir):
     result = CliRunner().invoke(
         main, ["bench", str(bundles["classifier"]), "--json", "--batch", "4", "--cache-dir", str(cache_dir)]

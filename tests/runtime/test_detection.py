@@ -204,3 +204,53 @@ def test_a_detection_task_needs_a_detection_postprocess():
         detector_manifest(task="detection", postprocess={"type": "classification"})
     with pytest.raises(ValueError, match="task"):
         detector_manifest(task="segmentation")
+
+
+def greedy_reference(boxes, scores, class_ids, iou, class_agnostic):
+    """Textbook greedy NMS, one box at a time, for comparison."""
+    kept: list[int] = []
+    for i in np.argsort(-scores, kind="stable"):
+        rivals = [k for k in kept if class_agnostic or class_ids[k] == class_ids[i]]
+        if all(_iou(boxes[i], boxes[k]) <= iou for k in rivals):
+            kept.append(int(i))
+    return kept
+
+
+def _iou(a, b) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@pytest.mark.parametrize("matrix_max", [1024, 4])  # 4: every group larger than it goes box by box
+@pytest.mark.parametrize("class_agnostic", [False, True])
+def test_nms_equals_textbook_greedy_nms_on_crowded_scenes(monkeypatch, matrix_max, class_agnostic):
+    import edgerun.tasks.boxes as boxes
+
+    monkeypatch.setattr(boxes, "MATRIX_NMS_MAX", matrix_max)
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        n = int(rng.integers(1, 60))
+        xy = rng.uniform(0, 50, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(1, 30, (n, 2))], axis=1)
+        scores = rng.choice([0.3, 0.5, 0.7, 0.9], n)  # ties: order must follow the input's
+        class_ids = rng.integers(0, 3, n)
+        expected = greedy_reference(boxes, scores, class_ids, 0.45, class_agnostic)
+        np.testing.assert_array_equal(nms(boxes, scores, class_ids, 0.45, class_agnostic), expected)
+        np.testing.assert_array_equal(nms(boxes, scores, class_ids, 0.45, class_agnostic, limit=3), expected[:3])
+
+
+def test_zero_area_boxes_are_kept_not_divided_by_zero():
+    boxes = np.array([[5, 5, 5, 5], [5, 5, 5, 5], [0, 0, 10, 10]], np.float32)
+    np.testing.assert_array_equal(nms(boxes, np.array([0.9, 0.8, 0.7]), np.zeros(3), iou=0.5), [0, 1, 2])
+
+
+def test_a_bundle_with_a_bad_detection_key_is_refused_in_one_line():
+    from edgerun.errors import BundleError
+    from edgerun.manifest import parse_manifest
+
+    data = detector_manifest().model_dump(mode="json")
+    with pytest.raises(BundleError, match=r"at 'postprocess': postprocess\.fromat: Extra inputs are not permitted$"):
+        parse_manifest({**data, "postprocess": {"type": "detection", "fromat": "yolov8"}})
+    with pytest.raises(BundleError, match="at 'top level': task 'detection' needs postprocess.type 'detection'"):
+        parse_manifest({**data, "task": "detection", "postprocess": {"type": "classification"}})

@@ -115,7 +115,7 @@ def test_overrides_out_of_bounds_are_refused_naming_the_parameter(client, params
 def test_detection_overrides_on_a_classifier_are_refused(client):
     response = predict(client, "img", png(4, 4), conf=0.5)
     assert response.status_code == 400
-    assert "conf only apply to detection models" in response.json()["error"]
+    assert "conf applies only to detection models" in response.json()["error"]
     assert predict(client, "img", png(4, 4)).json()["predictions"][0]["label"] in ("top", "bottom", "dark")
 
 

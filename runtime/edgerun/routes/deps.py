@@ -17,11 +17,10 @@ from starlette.requests import ClientDisconnect
 from edgerun.batching import Batcher
 from edgerun.config import ServerConfig
 from edgerun.control import ModelControl
+from edgerun.dataplane import DataPlane
 from edgerun.errors import (
     EdgerunError,
     ForbiddenError,
-    ModelNotFoundError,
-    OverloadedError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
@@ -30,6 +29,7 @@ from edgerun.loader import ServedModel
 from edgerun.metrics import Metrics
 from edgerun.protocol import ErrorResponse
 from edgerun.reload import ModelRepository
+from edgerun.shm import SharedMemory, local_shm
 
 # Metrics label for requests naming no served model: one series for all of them, however many names.
 UNKNOWN_MODEL = "unknown"
@@ -39,26 +39,40 @@ CLIENT_CLOSED = 499
 
 @dataclass
 class ServerState:
+    """What the doors share: the data plane (repository, batcher), metrics and model control, plus the
+    HTTP-only pieces (image decode slots)."""
+
     repo: ModelRepository
     config: ServerConfig
     metrics: Metrics
     control: ModelControl
-    batcher: Batcher | None = None
     # Image decoding is the one step whose memory grows with the request: a few at a time.
     image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    dataplane: DataPlane = field(init=False)
+    # System shared memory (--allow-shm), one registry for the REST and gRPC doors.
+    shm: SharedMemory | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dataplane = DataPlane(self.repo, self.config)
+        self.shm = SharedMemory(self.config.shm_prefix) if self.config.allow_shm else None
+
+    def local_shm(self, client_host: str | None) -> SharedMemory:
+        """The shared memory a request from ``client_host`` may use (refused when off or not local)."""
+        return local_shm(self.shm, client_host)
+
+    @property
+    def batcher(self) -> Batcher | None:
+        return self.dataplane.batcher
+
+    @batcher.setter
+    def batcher(self, batcher: Batcher | None) -> None:
+        self.dataplane.batcher = batcher
 
     def lookup(self, name: str | None, version: str | None = None) -> ServedModel:
-        served = self.repo.get(name)
-        if version and version != served.version:
-            raise ModelNotFoundError(
-                f"model '{name}' version '{version}' is not served; current version is '{served.version}'"
-            )
-        return served
+        return self.dataplane.model(name, version)
 
     def get_batcher(self) -> Batcher:
-        if self.batcher is None:  # lifespan not run (e.g. app mounted elsewhere)
-            raise OverloadedError("server is starting; retry shortly")
-        return self.batcher
+        return self.dataplane.get_batcher()
 
 
 # Dependencies are ``async def`` even when they never await: FastAPI runs a plain ``def`` dependency on
@@ -133,6 +147,12 @@ def accepts(*types: str, missing_ok: bool) -> Callable[[Request], Awaitable[None
 async def model_control(request: Request, state: ServerState = Depends(server_state)) -> ModelControl:
     """Model control is on only with --model-control, and then needs the admin token (or, without one, a
     loopback bind and a loopback Host)."""
+    return check_model_control(state, request.headers.get("authorization"), host_name(request.headers.get("host")))
+
+
+def check_model_control(state: ServerState, authorization: str | None, addressed_to: str) -> ModelControl:
+    """The model-control rules, for every door: ``authorization`` is the credential sent, ``addressed_to``
+    the host the request was addressed to (HTTP's Host; over gRPC, the peer address)."""
     config = state.config
     if not config.model_control:
         raise ForbiddenError(
@@ -140,12 +160,12 @@ async def model_control(request: Request, state: ServerState = Depends(server_st
             "unload models over HTTP, or drop bundles into the --watch directory"
         )
     if config.admin_token is not None:
-        if not bearer_matches(request.headers.get("authorization"), config.admin_token):
+        if not bearer_matches(authorization, config.admin_token):
             raise UnauthorizedError(
                 "model control needs the admin token: send 'Authorization: Bearer <admin token>' "
                 "(--admin-token / EDGERUN_ADMIN_TOKEN); the inference token does not unlock it"
             )
-    elif not is_loopback(host_name(request.headers.get("host"))):
+    elif not is_loopback(addressed_to):
         raise ForbiddenError(
             "model control without an admin token answers only requests addressed to a loopback Host; "
             "set --admin-token to use it from elsewhere"

@@ -2,43 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-import edgerun
-from edgerun.loader import ServedModel
-from edgerun.protocol import MetadataTensor, ModelMetadata, ServerMetadata
+from edgerun.protocol import LAZY, ModelMetadata, ServerMetadata
 from edgerun.routes.deps import ServerState, error_responses, server_state
 
 router = APIRouter()
 
 
-def model_metadata_of(served: ServedModel, extra: dict[str, Any] | None = None) -> ModelMetadata:
-    session = served.session
-    return ModelMetadata(
-        name=served.name,
-        versions=[served.version],
-        platform="onnxruntime_onnx",
-        inputs=[MetadataTensor(name=s.name, datatype=s.kserve_datatype, shape=s.shape) for s in session.inputs],
-        outputs=[MetadataTensor(name=s.name, datatype=s.kserve_datatype, shape=s.shape) for s in session.outputs],
-        parameters={**served.status.to_json(), "task": served.manifest.task_name(), **(extra or {})},
-    )
-
-
 class Live(BaseModel):
+    model_config = LAZY
+
     live: bool
 
 
 class Ready(BaseModel):
+    model_config = LAZY
+
     ready: bool
 
 
 @router.get("/v2/health/live", response_model=Live, tags=["health"])
-async def live() -> Live:
-    return Live(live=True)
+async def live(state: ServerState = Depends(server_state)) -> Live:
+    return Live(live=state.dataplane.live())
 
 
 @router.get(
@@ -48,16 +36,14 @@ async def live() -> Live:
     responses={503: {"model": Ready, "description": "no model loaded yet"}},
 )
 async def ready(state: ServerState = Depends(server_state)):
-    if not state.repo.models:
+    if not state.dataplane.ready():
         return JSONResponse({"ready": False}, status_code=503)
     return Ready(ready=True)
 
 
 @router.get("/v2", response_model=ServerMetadata, tags=["metadata"], responses=error_responses(401))
-async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(
-        name="edgerun", version=edgerun.__version__, extensions=["binary_tensor_data", "model_repository"]
-    )
+async def server_metadata(state: ServerState = Depends(server_state)) -> ServerMetadata:
+    return state.dataplane.server_metadata()
 
 
 @router.get("/v2/models/{name}", response_model=ModelMetadata, responses=error_responses(401, 404), tags=["metadata"])
@@ -69,12 +55,21 @@ async def server_metadata() -> ServerMetadata:
     include_in_schema=False,
 )
 async def model_metadata(name: str, version: str | None = None, state: ServerState = Depends(server_state)):
-    served = state.lookup(name, version)
-    config = state.config
-    return model_metadata_of(served, {"max_batch": config.max_batch, "max_delay_ms": config.max_delay_ms})
+    return state.dataplane.model_metadata(name, version)
+
+
+@router.get("/v2/models/{name}/config", responses=error_responses(401, 404), tags=["metadata"])
+@router.get("/v2/models/{name}/versions/{version}/config", include_in_schema=False)
+async def model_config(
+    name: str, version: str | None = None, state: ServerState = Depends(server_state)
+) -> JSONResponse:
+    """Triton's model configuration: input/output data types and dims, max_batch_size, parameters.metadata."""
+    return JSONResponse(state.dataplane.model_config(name, version))
 
 
 class ModelReady(BaseModel):
+    model_config = LAZY
+
     name: str
     ready: bool
 
@@ -82,8 +77,7 @@ class ModelReady(BaseModel):
 @router.get("/v2/models/{name}/ready", response_model=ModelReady, responses=error_responses(401, 404), tags=["health"])
 @router.get("/v2/models/{name}/versions/{version}/ready", response_model=ModelReady, include_in_schema=False)
 async def model_ready(name: str, version: str | None = None, state: ServerState = Depends(server_state)) -> ModelReady:
-    state.lookup(name, version)
-    return ModelReady(name=name, ready=True)
+    return ModelReady(name=name, ready=state.dataplane.model_ready(name, version))
 
 
 @router.get("/metrics", tags=["metadata"], responses=error_responses(401))

@@ -22,7 +22,6 @@ from edgerun.routes.deps import (
     timed,
     timing,
 )
-from edgerun.tensorrt import check_batch
 
 router = APIRouter()
 
@@ -95,8 +94,10 @@ async def infer(
 
 
 async def answer_infer(state: ServerState, request: Request, name: str, version: str | None, timer: RequestTimer):
-    """The infer route's work, shared by the FastAPI route and the ASGI fast path (``InferFastPath``)."""
-    served = state.lookup(name, version)
+    """The infer route's work, shared by the FastAPI route and the ASGI fast path (``InferFastPath``):
+    read and decode the body, run it on the data plane, encode the results."""
+    dataplane = state.dataplane
+    served = dataplane.model(name, version)
     timer.label = served.name  # a name from the URL is only a label once it names a served model
     raw = await request.body()
     headers = request.headers
@@ -107,16 +108,20 @@ async def answer_infer(state: ServerState, request: Request, name: str, version:
     else:
         body = raw
     header_length = headers.get(HEADER_LENGTH)
-    args = (body, served.session.inputs, served.session.output_names, header_length)
+    client = request.client.host if request.client else None
+
+    def shm():
+        return state.local_shm(client)
+
+    args = (body, served.session.inputs, served.session.output_names, header_length, shm)
     if len(body) > OFFLOAD_DECODE_BYTES and header_length is None:
         # Large JSON tensors take tens of ms to parse; binary ones are a zero-copy view.
         parsed = await run_in_threadpool(_decode_large, *args)
     else:
         parsed = decode_infer_request(*args)
-    check_batch(served.session.max_batch, parsed.feeds)
-    results = await state.get_batcher().submit(served.session, parsed.feeds, parsed.timeout_s)
+    results = await dataplane.run(served, parsed.feeds, parsed.timeout_s)
     content, out_headers, media_type = encode_infer_response(
-        served.name, served.version, parsed.id, results, parsed.outputs
+        served.name, served.version, parsed.id, results, parsed.outputs, parsed.regions, shm
     )
     return Response(content, media_type=media_type, headers=out_headers)
 

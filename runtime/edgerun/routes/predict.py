@@ -20,7 +20,7 @@ from edgerun.errors import PayloadTooLargeError, RequestError, UnsupportedMediaT
 from edgerun.loader import ServedModel
 from edgerun.preprocess import preprocess_image_with_transform
 from edgerun.routes.deps import RequestTimer, ServerState, accepts, error_responses, server_state, timed
-from edgerun.tasks.base import ImageResult, PredictOptions
+from edgerun.tasks.base import ImageResult, ImageTask, PredictOptions
 from edgerun.tasks.classification import ClassificationResponse
 from edgerun.tasks.detection import DetectionResponse
 from edgerun.tasks.registry import image_task
@@ -133,13 +133,13 @@ def _choose(state: ServerState, model: str | None) -> ServedModel:
     return state.lookup(model)
 
 
-def _options(conf: float | None, iou: float | None, max_det: int | None, served: ServedModel) -> PredictOptions:
+def _options(conf: float | None, iou: float | None, max_det: int | None, task: ImageTask, model: str) -> PredictOptions:
     options = PredictOptions(conf=conf, iou=iou, max_det=max_det)
-    task = image_task(served.manifest)
     unused = [name for name in options.given() if name not in task.options]
     if unused:
+        verb = "applies" if len(unused) == 1 else "apply"
         raise RequestError(
-            f"{', '.join(unused)} only apply to detection models; model '{served.name}' is a {task.name} model"
+            f"{', '.join(unused)} {verb} only to detection models; model '{model}' is a {task.name} model"
         )
     return options
 
@@ -173,7 +173,7 @@ async def predict(
             f"/v2/models/{served.name}/infer instead"
         )
     task = image_task(served.manifest)
-    options = _options(conf, iou, max_det, served)
+    options = _options(conf, iou, max_det, task, served.name)
     if len(served.session.inputs) != 1:
         raise RequestError(
             f"/v1/predict feeds one image but model '{served.name}' has inputs "
@@ -188,7 +188,7 @@ async def predict(
             partial(preprocess_image_with_transform, data, spec, max_pixels=pixel_budget(spec))
         )
     input_name = spec.get("input", served.session.inputs[0].name)
-    outputs = await state.get_batcher().submit(served.session, {input_name: array})
+    outputs = await state.dataplane.run(served, {input_name: array})
     result = ImageResult(served.name, served.manifest, served.labels, outputs, transform, options)
     answer = await run_in_threadpool(task.answer, result) if task.offload else task.answer(result)
     return answer  # type: ignore[return-value]  # the task's own response model, one of PredictAnswer

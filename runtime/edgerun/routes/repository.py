@@ -15,6 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from edgerun.control import ModelControl
 from edgerun.errors import EdgerunError, RequestError
+from edgerun.loader import ServedModel
+from edgerun.protocol import LAZY
 from edgerun.routes.deps import ServerState, accepts, error_responses, model_control, served_source, server_state
 
 log = logging.getLogger("edgerun")
@@ -22,7 +24,7 @@ router = APIRouter(tags=["repository"])
 
 
 class LoadParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     bundle: str | None = Field(
         None,
         description="a bundle name (or path) in the repository directory (--watch), or a kept version's path "
@@ -31,17 +33,21 @@ class LoadParameters(BaseModel):
 
 
 class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
     parameters: LoadParameters | None = None
 
 
 class LoadResponse(BaseModel):
+    model_config = LAZY
+
     name: str
     version: str
     parameters: dict[str, Any]
 
 
 class IndexEntry(BaseModel):
+    model_config = LAZY
+
     name: str
     version: str
     state: str
@@ -54,6 +60,19 @@ LOAD_BODY = {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LoadRequest"}}},
     }
 }
+
+
+async def load_by_name(state: ServerState, control: ModelControl, name: str, requested: str | None) -> ServedModel:
+    """Model control's load, for every door (the caller has checked the model-control rules)."""
+    location = control.resolve(name, requested, served_source(state, name))
+    try:
+        served = await run_in_threadpool(state.repo.load, location, name)
+    except EdgerunError as exc:
+        state.metrics.reloads.labels(name if name in state.repo.models else "unknown", "refused").inc()
+        log.error("load of %s refused, previous version keeps serving: %s", name, exc)
+        raise RequestError(f"load refused, previous version keeps serving: {exc}") from None
+    state.metrics.reloads.labels(served.name, "loaded").inc()
+    return served
 
 
 @router.post("/v2/repository/index", response_model=list[IndexEntry], responses=error_responses(401))
@@ -92,15 +111,7 @@ async def repository_load(
 
     A bundle that fails any check is refused (400) and the old one keeps serving.
     """
-    requested = _parse_load(await request.body())
-    location = control.resolve(name, requested, served_source(state, name))
-    try:
-        served = await run_in_threadpool(state.repo.load, location, name)
-    except EdgerunError as exc:
-        state.metrics.reloads.labels(name if name in state.repo.models else "unknown", "refused").inc()
-        log.error("load of %s refused, previous version keeps serving: %s", name, exc)
-        raise RequestError(f"load refused, previous version keeps serving: {exc}") from None
-    state.metrics.reloads.labels(served.name, "loaded").inc()
+    served = await load_by_name(state, control, name, _parse_load(await request.body()))
     return LoadResponse(name=served.name, version=served.version, parameters=served.status.to_json())
 
 

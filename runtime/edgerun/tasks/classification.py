@@ -9,18 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgerun.tasks.base import ImageResult, ImageTask
 
 
 class ClassPrediction(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     index: int = Field(description="class index in the model's output")
     label: str = Field(description="the class name from the bundle's labels, else the index")
     score: float = Field(description="probability (softmax) or the raw score")
 
 
 class ClassificationResponse(BaseModel):
+    model_config = ConfigDict(defer_build=True)  # built on first answer, not at server start
+
     model_name: str
     predictions: list[ClassPrediction] = Field(description="top-k classes, best first")
 

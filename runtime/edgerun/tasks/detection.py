@@ -32,6 +32,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgerun.errors import BundleError
 from edgerun.tasks.base import ImageResult, ImageTask
+from edgerun.tasks.boxes import BoxMatch, Detections, box_iou, match_detections, nms
+
+__all__ = [
+    "FORMATS",
+    "BoxMatch",
+    "DetectionResponse",
+    "DetectionSpec",
+    "Detections",
+    "box_iou",
+    "detect",
+    "match_detections",
+    "nms",
+    "parse_detection_spec",
+    "to_image",
+]
 
 if TYPE_CHECKING:
     from edgerun.preprocess import ImageTransform
@@ -96,74 +111,12 @@ def parse_detection_spec(data: Any, source: str = "postprocess") -> DetectionSpe
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         key = f"{source}.{where}" if where else source
-        raise ValueError(f"{key}: {first['msg']}") from None
-
-
-@dataclass
-class Detections:
-    """The boxes found in one image, best score first."""
-
-    boxes: np.ndarray  # [K, 4] float32, x1, y1, x2, y2
-    scores: np.ndarray  # [K] float32
-    class_ids: np.ndarray  # [K] int64
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    @classmethod
-    def empty(cls) -> Detections:
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        raise ValueError(f"{key}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
     half = xywh[..., 2:4] / 2
     return np.concatenate([xywh[..., 0:2] - half, xywh[..., 0:2] + half], axis=-1)
-
-
-def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box with each of ``boxes`` [M, 4]."""
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def nms(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    class_ids: np.ndarray,
-    iou: float,
-    class_agnostic: bool = False,
-    *,
-    limit: int | None = None,
-) -> np.ndarray:
-    """Greedy non-maximum suppression: indices of the kept boxes, best score first.
-
-    A box is dropped when it overlaps an already kept box by IoU > ``iou``; unless
-    ``class_agnostic``, only boxes of the same class compete (each class is shifted to its own
-    region of the plane, so one pass serves all classes). ``limit`` stops after that many kept.
-    """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if not len(scores):
-        return np.zeros(0, dtype=np.int64)
-    if not class_agnostic:
-        span = float(boxes.max() - boxes.min()) + 1.0  # wider than any box: shifted classes never overlap
-        boxes = boxes + (np.asarray(class_ids, dtype=np.float64).reshape(-1, 1) * span)
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    cap = len(order) if limit is None else limit
-    while order.size and len(keep) < cap:
-        best = int(order[0])
-        keep.append(best)
-        rest = order[1:]
-        order = rest[box_iou(boxes[best], boxes[rest]) <= iou]
-    return np.asarray(keep, dtype=np.int64)
 
 
 def _named(outputs: Sequence[np.ndarray], names: Sequence[str], name: str | None, what: str) -> np.ndarray:
@@ -180,14 +133,25 @@ def _rank3(array: np.ndarray, fmt: str, expected: str) -> np.ndarray:
     return array
 
 
-def _class_scores(scores: np.ndarray, spec: DetectionSpec, fmt: str) -> np.ndarray:
+def _class_scores(scores: np.ndarray, spec: DetectionSpec, fmt: str, axis: int = -1) -> np.ndarray:
     if spec.num_classes is None:
         return scores
-    if scores.shape[-1] < spec.num_classes:
+    if scores.shape[axis] < spec.num_classes:
         raise ValueError(
-            f"postprocess.num_classes is {spec.num_classes} but the '{fmt}' output has {scores.shape[-1]} class channels"
+            f"postprocess.num_classes is {spec.num_classes} but the '{fmt}' output has {scores.shape[axis]} class channels"
         )
-    return scores[..., : spec.num_classes]
+    return scores[:, : spec.num_classes] if axis == 1 else scores[..., : spec.num_classes]
+
+
+@dataclass
+class _Head:
+    """A decoded head, before any box is selected: the conversions run on the candidates only."""
+
+    boxes: np.ndarray  # [B, N, 4], possibly a strided view
+    xywh: bool
+    scores: np.ndarray  # class scores, [B, nc, N] when channels_first else [B, N, nc]
+    channels_first: bool
+    objectness: np.ndarray | None  # [B, N]
 
 
 def yolox_grid(input_hw: tuple[int, int], strides: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +168,7 @@ def yolox_grid(input_hw: tuple[int, int], strides: Sequence[int]) -> tuple[np.nd
 
 def _decode(
     outputs: Sequence[np.ndarray], names: Sequence[str], spec: DetectionSpec, input_hw: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """xyxy boxes [B, N, 4] in input pixels (before any normalisation is undone) and class scores [B, N, nc]."""
+) -> _Head:
     fmt = spec.format
     if fmt == "split":
         raw_boxes = _rank3(_named(outputs, names, spec.boxes_output, "boxes_output"), fmt, "[B, N, 4]")
@@ -215,16 +178,16 @@ def _decode(
                 f"detection format 'split' expects boxes [B, N, 4] and scores [B, N, nc] with the same B and N, "
                 f"got {list(raw_boxes.shape)} and {list(scores.shape)}"
             )
-        boxes = raw_boxes.astype(np.float32)
-        return (xywh_to_xyxy(boxes) if spec.box == "xywh" else boxes), _class_scores(scores, spec, fmt)
-    head = _rank3(_named(outputs, names, spec.boxes_output, "boxes_output"), fmt, _SHAPES[fmt]).astype(np.float32)
+        return _Head(raw_boxes, spec.box == "xywh", _class_scores(scores, spec, fmt), False, None)
+    head = _rank3(_named(outputs, names, spec.boxes_output, "boxes_output"), fmt, _SHAPES[fmt])
     if fmt == "yolov8":
         if head.shape[1] < 5:
             raise ValueError(f"detection format 'yolov8' expects [B, 4+nc, N], got {list(head.shape)}")
-        head = head.transpose(0, 2, 1)
-        return xywh_to_xyxy(head[..., :4]), _class_scores(head[..., 4:], spec, fmt)
+        # kept channels-first: the per-anchor best class is a reduction over rows, not a strided gather
+        return _Head(head[:, :4].transpose(0, 2, 1), True, _class_scores(head[:, 4:], spec, fmt, 1), True, None)
     if head.shape[2] < 6:
         raise ValueError(f"detection format '{fmt}' expects [B, N, 5+nc], got {list(head.shape)}")
+    boxes = head[..., :4]
     if fmt == "yolox":
         grid, stride = yolox_grid(input_hw, spec.strides)
         if grid.shape[0] != head.shape[1]:
@@ -232,11 +195,10 @@ def _decode(
                 f"yolox grid for input {list(input_hw)} and strides {spec.strides} has {grid.shape[0]} cells but the "
                 f"output has {head.shape[1]} rows; set postprocess.strides to the head's strides"
             )
-        xy = (head[..., 0:2] + grid) * stride
-        wh = np.exp(np.minimum(head[..., 2:4], 80.0)) * stride  # clamp: exp overflows float32 past ~88
-        head = np.concatenate([xy, wh, head[..., 4:]], axis=-1)
-    scores = _class_scores(head[..., 5:], spec, fmt) * head[..., 4:5]
-    return xywh_to_xyxy(head[..., :4]), scores
+        xy = (head[..., 0:2].astype(np.float32) + grid) * stride
+        wh = np.exp(np.minimum(head[..., 2:4].astype(np.float32), 80.0)) * stride  # exp overflows float32 past ~88
+        boxes = np.concatenate([xy, wh], axis=-1)
+    return _Head(boxes, True, _class_scores(head[..., 5:], spec, fmt), False, head[..., 4])
 
 
 _SHAPES = {"yolov8": "[B, 4+nc, N]", "yolov5": "[B, N, 5+nc]", "yolox": "[B, N, 5+nc]", "end2end": "[B, K, 6]"}
@@ -277,22 +239,27 @@ def detect(
             _select(boxes_all[b], table[b, :, 4], np.rint(table[b, :, 5]).astype(np.int64), conf, max_det)
             for b in range(table.shape[0])
         ]
-    boxes, scores = _decode(outputs, output_names, spec, input_hw)
-    boxes = _scale(boxes, spec, input_hw)
-    found = []
-    for b in range(boxes.shape[0]):
-        if not scores.shape[1] or not scores.shape[2]:
-            found.append(Detections.empty())
-            continue
-        class_ids = scores[b].argmax(-1)  # one label per box, its best class (as Ultralytics' default)
-        best = np.take_along_axis(scores[b], class_ids[:, None], axis=-1)[:, 0]
-        mask = best >= conf
-        item_boxes, item_scores, item_ids = boxes[b][mask], best[mask], class_ids[mask].astype(np.int64)
-        keep = nms(item_boxes, item_scores, item_ids, iou, spec.class_agnostic, limit=max_det)
-        found.append(
-            Detections(item_boxes[keep].astype(np.float32), item_scores[keep].astype(np.float32), item_ids[keep])
-        )
-    return found
+    head = _decode(outputs, output_names, spec, input_hw)
+    return [_image_detections(head, b, spec, input_hw, conf, iou, max_det) for b in range(head.boxes.shape[0])]
+
+
+def _image_detections(
+    head: _Head, b: int, spec: DetectionSpec, input_hw: tuple[int, int], conf: float, iou: float, max_det: int
+) -> Detections:
+    """One image of a decoded head: its best class per box above ``conf``, then NMS."""
+    scores = head.scores[b]
+    axis = 0 if head.channels_first else 1
+    if not scores.size:
+        return Detections.empty()
+    best = scores.max(axis).astype(np.float32)  # one label per box, its best class (as Ultralytics' default)
+    if head.objectness is not None:
+        best = best * head.objectness[b]  # argmax of obj * cls is argmax of cls: obj is one factor per box
+    picked = np.flatnonzero(best >= conf)
+    class_ids = (scores[:, picked].argmax(0) if head.channels_first else scores[picked].argmax(1)).astype(np.int64)
+    boxes = head.boxes[b, picked].astype(np.float32)
+    boxes = _scale(xywh_to_xyxy(boxes) if head.xywh else boxes, spec, input_hw)
+    keep = nms(boxes, best[picked], class_ids, iou, spec.class_agnostic, limit=max_det)
+    return Detections(boxes[keep], best[picked][keep].astype(np.float32), class_ids[keep])
 
 
 def _select(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, conf: float, max_det: int) -> Detections:
@@ -309,50 +276,12 @@ def to_image(det: Detections, transform: ImageTransform) -> Detections:
     return Detections(transform.to_image(det.boxes), det.scores, det.class_ids)
 
 
-@dataclass(frozen=True)
-class BoxMatch:
-    """How detections agree with reference detections (e.g. golden FP32 ones), box by box."""
-
-    reference_boxes: int
-    boxes: int
-    matched: int  # same-class pairs at IoU >= the matching threshold
-    worst_iou: float  # lowest IoU among the matched pairs (1.0 when none)
-    max_score_diff: float  # largest |score - reference score| among the matched pairs
-
-    @property
-    def fraction(self) -> float:
-        """Matched pairs over the larger box count: a missed box and a spurious one count alike."""
-        total = max(self.reference_boxes, self.boxes)
-        return self.matched / total if total else 1.0
-
-
-def match_detections(reference: Sequence[Detections], found: Sequence[Detections], min_iou: float) -> BoxMatch:
-    """Pair each reference box (best score first) with the unpaired found box of its class that overlaps
-    it most, image by image; a pair counts when its IoU is at least ``min_iou``."""
-    if len(reference) != len(found):
-        raise ValueError(f"{len(reference)} reference images but {len(found)} with detections")
-    matched, worst_iou, worst_score = 0, 1.0, 0.0
-    for want, got in zip(reference, found, strict=True):
-        free = np.ones(len(got), dtype=bool)
-        for box, score, class_id in zip(want.boxes, want.scores, want.class_ids, strict=True):
-            candidates = np.flatnonzero(free & (got.class_ids == class_id))
-            if not candidates.size:
-                continue
-            overlaps = box_iou(box.astype(np.float64), got.boxes[candidates].astype(np.float64))
-            best = int(np.argmax(overlaps))
-            if overlaps[best] < min_iou:
-                continue
-            free[candidates[best]] = False
-            matched += 1
-            worst_iou = min(worst_iou, float(overlaps[best]))
-            worst_score = max(worst_score, abs(float(got.scores[candidates[best]]) - float(score)))
-    return BoxMatch(sum(map(len, reference)), sum(map(len, found)), matched, worst_iou, worst_score)
-
-
 # ---- the /v1/predict answer ----
 
 
 class DetectedObject(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     label: str = Field(description="the class name from the bundle's labels, else the class index")
     class_id: int
     score: float
@@ -360,6 +289,8 @@ class DetectedObject(BaseModel):
 
 
 class DetectionResponse(BaseModel):
+    model_config = ConfigDict(defer_build=True)  # built on first answer, not at server start
+
     model: str
     image_size: tuple[int, int] = Field(description="[width, height] of the image as sent")
     detections: list[DetectedObject] = Field(description="best score first; empty when nothing is detected")
