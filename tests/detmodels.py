@@ -19,7 +19,6 @@ CLASSES = 3
 REG_MAX = 4
 POSTPROCESS = {"type": "detection", "format": "yolov8", "strides": list(STRIDES)}
 PREPROCESS = {"preset": "unit", "resize": "letterbox", "fill": 114}
-LABELS = ["circle", "square", "triangle"]
 
 
 class DFL(nn.Module):
@@ -133,3 +132,43 @@ def write_scene_folder(root: Path, n: int = 8, seed: int = 0, labels: bool = Tru
                 f"{cls} {cx:.6f} {cy:.6f} {side / width:.6f} {side / height:.6f}\n"
             )
     return root
+
+
+def write_self_labelled_folder(root: Path, n: int = 8, seed: int = 0) -> Path:
+    """A YOLO-format dataset whose labels are the FP32 detector's own boxes at conf 0.25 (so its mAP
+    against them is 1.0 and a variant's mAP drop is its real loss), letterboxed as PREPROCESS says."""
+    from edgerun.preprocess import parse_spec, preprocess_image_with_transform
+    from edgerun.tasks.detection import DetectionSpec, detect
+
+    write_scene_folder(root, n=n, seed=seed)
+    spec = parse_spec(PREPROCESS).for_input([1, 3, SIZE, SIZE])
+    model = tiny_yolo()
+    for image in sorted((root / "images").iterdir()):
+        x, transform = preprocess_image_with_transform(image.read_bytes(), spec)
+        with torch.no_grad():
+            out = model(torch.from_numpy(x)).numpy()
+        found = detect([out], ["output0"], DetectionSpec.model_validate(POSTPROCESS), (SIZE, SIZE))[0]
+        # Unclipped (labels may reach past the image edge), so they are exactly the detector's own boxes.
+        boxes = (found.boxes - [transform.pad_x, transform.pad_y] * 2) / ([transform.scale_x, transform.scale_y] * 2)
+        width, height = transform.original
+        lines = [
+            f"{c} {(b[0] + b[2]) / 2 / width:.6f} {(b[1] + b[3]) / 2 / height:.6f} "
+            f"{(b[2] - b[0]) / width:.6f} {(b[3] - b[1]) / height:.6f}"
+            for b, c in zip(boxes, found.class_ids)
+        ]
+        (root / "labels" / f"{image.stem}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def self_labelled_batches(n: int = 8, batch: int = 4):
+    """Callable DATA: ``(x, targets)`` with one ``[K, 5]`` array (class, x1, y1, x2, y2 in input pixels) per image,
+    the detector's own boxes at conf 0.25."""
+    from edgerun.tasks.detection import DetectionSpec, detect
+
+    x = images(n)
+    with torch.no_grad():
+        out = tiny_yolo()(torch.from_numpy(x)).numpy()
+    found = detect([out], ["output0"], DetectionSpec.model_validate(POSTPROCESS), (SIZE, SIZE))
+    targets = [np.concatenate([d.class_ids[:, None].astype(np.float32), d.boxes], axis=1) for d in found]
+    for i in range(0, n, batch):
+        yield x[i : i + batch], targets[i : i + batch]

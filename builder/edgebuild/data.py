@@ -174,7 +174,27 @@ def _assemble(arrays: Mapping[str, Any], labels, specs: list[InputSpec], source:
     counts = {n: len(a) for n, a in inputs.items()}
     if len(set(counts.values())) > 1:
         raise UsageError(f"data '{source}': inputs hold different numbers of samples {counts}")
+    targets = _box_targets(labels, len(next(iter(inputs.values()))), source)
+    if targets is not None:
+        return Batch(inputs, None, as_calls, targets)
     return Batch(inputs, _labels(labels), as_calls)
+
+
+def _box_targets(labels, samples: int, source: str) -> list | None:
+    """Detection labels from a callable: one ``[K, 5]`` array per sample (class, x1, y1, x2, y2 in
+    model-input pixels; K may be 0), else ``None`` (the labels are class indices)."""
+    if not isinstance(labels, (list, tuple)) or not labels:
+        return None
+    arrays = [_to_numpy(t) for t in labels]
+    if not all(a.ndim == 2 and a.shape[1] == 5 for a in arrays):
+        return None
+    if len(arrays) != samples:
+        raise UsageError(
+            f"data '{source}': {len(arrays)} box label arrays for {samples} samples (one [K, 5] per sample)"
+        )
+    from edgebuild.tasks.coco import BoxLabels
+
+    return [BoxLabels(a[:, 1:5].astype(np.float32), a[:, 0].astype(np.int64)) for a in arrays]
 
 
 def _batch_from_item(item, specs: list[InputSpec], source: str, one_call: bool = True) -> Batch:
@@ -517,6 +537,7 @@ class CalibrationReader:
         """Feed ``feeds_per_call`` small feeds per collection call (one row each, or the model's pinned batch)."""
         self.per_call = feeds_per_call
         self._rows = self._batch_size or 1
+        # ORT needs the count up front (a whole number of strides): one pass over the data counts the feeds.
         self._count = sum(1 for _ in self._feeds())
 
     def __len__(self) -> int:

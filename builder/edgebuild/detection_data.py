@@ -15,8 +15,9 @@ label boxes are mapped into model-input pixels with the same transform.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def is_coco_json(spec: str) -> bool:
     return spec.endswith(".json") and Path(spec).is_file()
 
 
-def _yolo_labels(path: Path, transform: ImageTransform, source: str) -> BoxLabels:
+def _yolo_labels(path: Path, transform: ImageTransform, *, source: str) -> BoxLabels:
     if not path.is_file():
         return BoxLabels.empty()
     rows = []
@@ -81,8 +82,11 @@ def _load(path: Path, preprocess: PreprocessSpec, source: str) -> tuple[np.ndarr
         raise UsageError(f"data '{source}': image '{path}': {exc}") from None
 
 
+LabelReader = Callable[[ImageTransform], BoxLabels]
+
+
 def _batches(
-    items: list[tuple[Path, Callable[[ImageTransform], BoxLabels] | None]],
+    items: Sequence[tuple[Path, LabelReader | None]],
     name: str,
     dtype: str,
     batch_size: int,
@@ -109,16 +113,24 @@ def yolo_source(root: Path, name: str, dtype: str, batch_size: int, preprocess: 
     images = _images(root / "images")
     if not images:
         raise UsageError(f"data '{root}': no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root / 'images'}")
-    items = []
+    items: list[tuple[Path, LabelReader | None]] = []
     for image in images:
         label = (root / "labels" / image.relative_to(root / "images")).with_suffix(".txt")
-        items.append((image, lambda transform, label=label: _yolo_labels(label, transform, str(root))))
+        items.append((image, functools.partial(_yolo_labels, label, source=str(root))))
     return _batches(items, name, dtype, batch_size, preprocess, str(root))
 
 
 def flat_source(root: Path, name: str, dtype: str, batch_size: int, preprocess: PreprocessSpec):
     images = _images(root)
     return _batches([(image, None) for image in images], name, dtype, batch_size, preprocess, str(root))
+
+
+def _coco_labels(boxes: list, classes: list[int], transform: ImageTransform) -> BoxLabels:
+    if not boxes:
+        return BoxLabels.empty()
+    xywh = np.asarray(boxes, dtype=np.float64)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    return BoxLabels(transform.to_input(xyxy), np.asarray(classes, dtype=np.int64))
 
 
 def coco_source(spec: str, name: str, dtype: str, batch_size: int, preprocess: PreprocessSpec):
@@ -139,10 +151,12 @@ def coco_source(spec: str, name: str, dtype: str, batch_size: int, preprocess: P
         if ann.get("iscrowd"):
             continue  # crowd regions are "ignore" areas in COCO's own evaluation, not objects to find
         if ann.get("category_id") not in index:
-            raise UsageError(f"data '{spec}': annotation {ann.get('id')} has category {ann.get('category_id')!r}, not in 'categories'")
+            raise UsageError(
+                f"data '{spec}': annotation {ann.get('id')} has category {ann.get('category_id')!r}, not in 'categories'"
+            )
         by_image.setdefault(ann["image_id"], []).append(ann)
     roots = [path.parent, path.parent / "images", path.parent.parent, path.parent.parent / "images"]
-    items = []
+    items: list[tuple[Path, LabelReader | None]] = []
     for image in images:
         file = next((r / image["file_name"] for r in roots if (r / image["file_name"]).is_file()), None)
         if file is None:
@@ -150,16 +164,9 @@ def coco_source(spec: str, name: str, dtype: str, batch_size: int, preprocess: P
                 f"data '{spec}': image '{image['file_name']}' is not next to the json, in images/ beside it, "
                 "or one folder up"
             )
-        anns = by_image.get(image["id"], [])
-
-        def labels(transform: ImageTransform, anns=anns) -> BoxLabels:
-            if not anns:
-                return BoxLabels.empty()
-            xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64)
-            xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-            return BoxLabels(transform.to_input(xyxy), np.asarray([index[a["category_id"]] for a in anns]))
-
-        items.append((file, labels))
+        boxes = [a["bbox"] for a in by_image.get(image["id"], [])]
+        classes = [index[a["category_id"]] for a in by_image.get(image["id"], [])]
+        items.append((file, functools.partial(_coco_labels, boxes, classes)))
     if not items:
         raise UsageError(f"data '{spec}' lists no images")
     names = [str(c.get("name", c["id"])) for c in categories]

@@ -1,8 +1,9 @@
 """Golden data for the device's parity check, and the pack-time proof that the bundle serves.
 
 Tolerances are derived per shipped variant from what that variant measured on this host (its
-largest deviation from the FP32 reference and its top-1 agreement on the golden inputs), with
-a margin: a device that drifts further than the host did fails the check, while a variant that
+largest deviation from the FP32 reference on every output and its top-1 agreement on the golden
+inputs; for detectors, its boxes matched against FP32's as the device matches them), with a
+margin: a device that drifts further than the host did fails the check, while a variant that
 merely behaves as it did here passes it. ``check_serves`` then runs edgerun's own loader on the
 staged bundle, so a bundle that packs is one that edgerun on this host accepts.
 """
@@ -15,6 +16,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from edgebuild.onnx_utils import fixed_batch, make_session
 from edgebuild.targets import TargetProfile
 from edgebuild.validate import as_outputs, run_session
 from edgerun.manifest import GoldenSpec, GoldenThresholds, ProviderSpec
+from edgerun.tasks.detection import DetectionSpec, detect, match_detections
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,53 @@ def variant_thresholds(
     return GoldenThresholds(atol=math.ceil(atol * 1e6) / 1e6, min_top1_agreement=min_agreement, measured=measured)
 
 
+# Detection: a golden box matches at COCO's base IoU; the recorded IoU is what the variant reached, less
+# this margin, and never under the base (a box below IoU 0.5 is not a detection of the object at all).
+BASE_BOX_IOU = 0.5
+BOX_IOU_MARGIN = 0.05
+# Score tolerance: twice the measured drift plus this floor, never above the serving conf (0.25 by
+# default): a score moving by more than that makes boxes appear and vanish at the threshold.
+SCORE_FLOOR = 0.01
+
+
+@dataclass
+class BoxCheck:
+    """What the device's box check needs from the builder: the decode and the task's budget."""
+
+    spec: DetectionSpec
+    input_hw: tuple[int, int]
+    max_drop: float
+
+
+def box_thresholds(
+    out: list[np.ndarray], expected: list[np.ndarray], names: list[str], check: BoxCheck
+) -> dict[str, Any]:
+    """``min_box_iou``, ``max_score_diff``, ``min_box_match`` from what one variant measured on the golden
+    inputs (decoded and matched as the device does), with margins; ``min_box_match`` never drops below
+    1 - the task's budget unless the variant itself measured less."""
+    want = detect(expected, names, check.spec, check.input_hw)
+    got = detect(out, names, check.spec, check.input_hw)
+    match = match_detections(want, got, BASE_BOX_IOU)
+    fraction = match.fraction
+    floor_match = 1.0 - check.max_drop
+    margin = 1.0 / max(match.reference_boxes, 1)  # one box more may be missed on the device
+    min_match = fraction if fraction < floor_match else max(fraction - margin, floor_match)
+    min_iou = max(BASE_BOX_IOU, math.floor((match.worst_iou - BOX_IOU_MARGIN) * 100) / 100)
+    score = min(check.spec.conf, math.ceil((2 * match.max_score_diff + SCORE_FLOOR) * 1000) / 1000)
+    return {
+        "min_box_iou": min_iou,
+        "max_score_diff": max(score, math.ceil(match.max_score_diff * 1000) / 1000),
+        "min_box_match": math.floor(min_match * 1000) / 1000,
+        "measured": {
+            "golden_boxes": match.reference_boxes,
+            "boxes": match.boxes,
+            "box_match": round(fraction, 6),
+            "worst_iou": round(match.worst_iou, 6),
+            "max_score_diff": round(match.max_score_diff, 6),
+        },
+    }
+
+
 def make_golden(
     output_names: list[str],
     shipped: list[ShippedModel],
@@ -94,6 +144,7 @@ def make_golden(
     val: Batch,
     target: TargetProfile,
     classifier: bool,
+    boxes: BoxCheck | None = None,
 ) -> tuple[bytes, GoldenSpec]:
     """``golden.npz`` bytes (reference inputs, FP32-reference outputs) and its spec with the
     tolerances of every shipped variant, each measured with the session options the device uses."""
@@ -103,7 +154,13 @@ def make_golden(
     per_variant = {}
     for model in shipped:
         session = make_session(model.path, target.session.graph_optimization_level, config=target.session.config)
-        per_variant[model.relative] = variant_thresholds(run_session(session, inputs), expected, classifier)
+        out = run_session(session, inputs)
+        limits = variant_thresholds(out, expected, classifier)
+        if boxes is not None:
+            found = box_thresholds(out, expected, output_names, boxes)
+            measured = {**limits.measured, **found.pop("measured")}
+            limits = limits.model_copy(update={**found, "measured": measured})
+        per_variant[model.relative] = limits
     buffer = io.BytesIO()
     arrays = {f"input:{k}": v for k, v in inputs.items()}
     for name, values in zip(output_names, expected):  # every output: the device checks each

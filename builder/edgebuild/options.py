@@ -19,14 +19,13 @@ from typing import Any
 
 import click
 
-from edgebuild.candidates import CALIB_METHODS, INT8_SEARCH
 from edgebuild.passes import TorchPass
 from edgebuild.passes.distill import DistillConfig
 from edgebuild.passes.prune import METHODS as PRUNE_METHODS
 from edgebuild.passes.prune import PruneConfig
+from edgebuild.passes.quantize import CALIB_METHODS, INT8_SEARCH, QUANTIZE_MODES
 from edgebuild.sources import InputShapes
 
-QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
 # --task names and the aliases it also accepts (edgebuild.tasks resolves them).
 TASK_CHOICES = ("detect", "classify", "embed", "tensor", "detection", "classification", "embedding")
 OPTIMIZE_FOR = ("latency", "size")
@@ -159,7 +158,6 @@ class PackOptions:
         kind="budget",
         click_type=str,
         aliases=("quantize.max_accuracy_drop",),
-        shown_default=0.01,
     )
     metric: str | None = option(
         None,

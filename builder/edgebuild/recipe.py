@@ -152,7 +152,9 @@ def load_postprocess(value: Any, where: str = "--postprocess") -> dict | str | N
         return value
     path = Path(value)
     if path.suffix != ".toml" or not path.is_file():
-        raise UsageError(f"{where} '{value}' is neither a detection preset ({', '.join(FORMATS)}) nor an existing .toml file")
+        raise UsageError(
+            f"{where} '{value}' is neither a detection preset ({', '.join(FORMATS)}) nor an existing .toml file"
+        )
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

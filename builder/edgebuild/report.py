@@ -16,10 +16,23 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _detection_cells(v: dict) -> str:
+    """mAP50-95 | mAP50 | box agreement | distinct scores (FP32's) of a detection candidate."""
+    scores = v.get("scores") or {}
+    reference = v.get("reference_scores") or {}
+    collapse = f"{scores.get('distinct', '–')} ({reference.get('distinct', '–')})"
+    if v.get("refused"):
+        collapse += " **refused**"
+    return f" {_fmt(v.get('map50_95'))} | {_fmt(v.get('map50'))} | {_fmt(v.get('box_agreement'))} | {collapse} |"
+
+
 def candidate_table(candidates, chosen) -> list[str]:
+    detection = any("box_agreement" in (c.validation or {}) for c in candidates)
+    extra_head = " mAP50-95 | mAP50 | box agreement | distinct scores (FP32) |" if detection else ""
     lines = [
-        "| variant | precision | recipe | p50 ms (batch 1) | size KiB | metric | value | drop | within budget | quantized ops |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | precision | recipe | p50 ms (batch 1) | size KiB | metric | value | drop | within budget | quantized ops |"
+        + extra_head,
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" * 4 if detection else ""),
     ]
     for c in candidates:
         mark = " **(chosen)**" if c is chosen else ""
@@ -29,11 +42,13 @@ def candidate_table(candidates, chosen) -> list[str]:
         if c.error:
             lines.append(
                 f"| {c.name} | {c.precision} | {c.recipe} | failed: {c.error[:80]} | | | | | no | {quantized} |"
+                + (" | | | |" if detection else "")
             )
             continue
         lines.append(
             f"| {c.name}{mark} | {c.precision} | {c.recipe} | {_fmt(c.latency and c.latency['p50_ms'], 3)} | {c.size_bytes / 1024:.1f} | "
             f"{v.get('metric', '–')} | {_fmt(v.get('packed'))} | {_fmt(v.get('drop'))} | {'yes' if c.within_budget else 'no'} | {quantized} |"
+            + (_detection_cells(v) if detection else "")
         )
     return lines
 
@@ -119,8 +134,19 @@ def notes(candidates, fp32) -> list[str]:
 
 
 def write_report(
-    path: Path, *, name, target, candidates, chosen, validation: dict, fp32, passes, choice: str | None = None
+    path: Path,
+    *,
+    name,
+    target,
+    candidates,
+    chosen,
+    validation: dict,
+    fp32,
+    passes,
+    choice: str | None = None,
+    pictures: dict[str, str] | None = None,
 ) -> tuple[Path, Path | None]:
+    """``pictures`` maps a file written next to the report (e.g. ``report-detections.png``) to its caption."""
     lines = [f"# {name} for {target.name}", "", target.description, ""]
     if chosen is None:
         lines += ["**No variant met the accuracy budget; no bundle was written.**", ""]
@@ -146,6 +172,8 @@ def write_report(
     if validation.get("metric_reason"):
         lines.append(f"- why this metric: {validation['metric_reason']}")
     lines += ["", "## Candidates", "", *candidate_table(candidates, chosen), ""]
+    for file, caption in (pictures or {}).items():
+        lines += [f"## {caption}", "", f"![{caption}]({file})", ""]
     extra = notes(candidates, fp32)
     if extra:
         lines += ["## Notes", "", *extra, ""]

@@ -174,7 +174,8 @@ class Metric:
             # A metric written for one array (the earlier signature): on a single-output model that is all there is.
             if len(reference) != 1:
                 raise
-            value = float(self.fn(reference[0], packed[0], labels))
+            legacy: Callable[..., float] = self.fn
+            value = float(legacy(reference[0], packed[0], labels))
             self.first_output_only = True
             return value
 
@@ -190,9 +191,7 @@ class Metric:
             return self._call(reference, packed, labels)
         return float(numbers[self.name])
 
-    def measure(
-        self, numbers: dict, reference: Outputs, packed: Outputs, labels: np.ndarray | None, names
-    ) -> dict:
+    def measure(self, numbers: dict, reference: Outputs, packed: Outputs, labels: np.ndarray | None, names) -> dict:
         """The budget's numbers (``metric``, ``reference``, ``packed``, ``drop``; a task's metric adds its
         own figures, and ``refused`` with the reason when a guard rejects the variant whatever the drop)."""
         ref_value = self.reference_value(reference, labels)

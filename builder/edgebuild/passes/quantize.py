@@ -13,11 +13,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgebuild.data import CalibrationReader, DataSource
-from edgebuild.memory import PeakMemory
 from edgebuild.errors import EdgebuildError, first_line
+from edgebuild.memory import PeakMemory
 from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage, scratch_cwd
 
 log = logging.getLogger(__name__)
+
+# What --quantize, --calib-method and --int8-search accept (declared as options in edgebuild.options).
+QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_SEARCH = ("quick", "full")
 
 
 # Why a QDQ file whose weights stayed float is not smaller than FP32 (recorded and shown in the report).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,6 @@ class TaskContext:
     input_hw: tuple[int, int] | None = None
     # Labels or a declared classification post-processing say the model classifies.
     known_classifier: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Task:
@@ -51,6 +50,15 @@ class Task:
     def default_budget(self, metric: Metric) -> float:
         """The accuracy budget when ``--max-accuracy-drop`` is not given."""
         return DEFAULT_BUDGET
+
+    def data_labels(
+        self, classes: list[str] | None, outputs: list[Any], postprocess: dict[str, Any] | None
+    ) -> list[str] | None:
+        """Class names the data carries (e.g. a COCO json's categories) taken as labels, when they fit the model."""
+        return None
+
+    def check_labels(self, labels: list[str] | None, outputs: list[Any], postprocess: dict[str, Any] | None) -> None:
+        """Exit 2 when the class names cannot be the model's classes (the default checks nothing)."""
 
     def postprocess(self, declared: dict[str, Any] | None, context: dict[str, Any]) -> dict[str, Any] | None:
         """The manifest's ``postprocess`` from what was declared (``None``: nothing to post-process)."""

@@ -14,13 +14,16 @@ class ClassificationTask(Task):
     name = "classification"
 
     def choose_metric(self, context: TaskContext) -> Metric:
-        return choose_metric(
+        metric = choose_metric(
             context.requested_metric,
             context.val.labels,
             context.reference[0],
             known_classifier=context.known_classifier,
             data=context.data,
         )
+        if metric.warning:  # the labels are vacuous: say what is judged instead
+            metric.warning += "; judging by top-1 agreement with the FP32 reference instead"
+        return metric
 
     def postprocess(self, declared, context):
         if declared is not None:

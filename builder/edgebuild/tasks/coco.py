@@ -43,7 +43,8 @@ def coco_map(truth: Sequence[BoxLabels], found: Sequence, classes: int | None = 
 
     if len(truth) != len(found):
         raise ValueError(f"{len(truth)} ground truths for {len(found)} images")
-    annotations, ids = [], set()
+    annotations: list[dict] = []
+    ids: set[int] = set()
     for image_id, labels in enumerate(truth):
         for box, cls in zip(_xywh(labels.boxes), labels.class_ids):
             annotations.append(

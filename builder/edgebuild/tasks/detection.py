@@ -27,7 +27,7 @@ from edgebuild.errors import UsageError
 from edgebuild.tasks.base import Task, TaskContext
 from edgebuild.tasks.coco import BoxLabels, coco_map
 from edgebuild.validate import Metric, Outputs, choose_metric
-from edgerun.tasks.detection import FORMATS, DetectionSpec, Detections, detect, parse_detection_spec
+from edgerun.tasks.detection import FORMATS, Detections, DetectionSpec, detect, parse_detection_spec
 
 # Candidates' detections are scored from this confidence up (COCO practice: the whole ranked list).
 EVAL_CONF = 0.001
@@ -81,7 +81,13 @@ class DetectionMetric(Metric):
     input_hw: tuple[int, int] = (640, 640)
     truth: list[BoxLabels] | None = None
     classes: int | None = None
-    _reference: dict[str, Any] | None = None
+    # FP32's detections and figures, computed once on the first call (every candidate shares them).
+    _reference: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def eval_conf(self) -> float:
+        """Scored detections start here: COCO's whole ranked list, and never above the serving threshold."""
+        return min(EVAL_CONF, self.spec.conf)
 
     def decode(self, outputs: Outputs, names: Sequence[str] | None, conf: float) -> list[Detections]:
         names = list(names) if names is not None else [f"output {i}" for i in range(len(outputs))]
@@ -90,7 +96,7 @@ class DetectionMetric(Metric):
     def reference_detections(self, reference: Outputs, names: Sequence[str] | None) -> dict[str, Any]:
         """FP32's detections (scored list and pseudo ground truth), its mAP and its score profile; once."""
         if self._reference is None:
-            found = self.decode(reference, names, EVAL_CONF)
+            found = self.decode(reference, names, self.eval_conf)
             pseudo = [
                 BoxLabels(d.boxes[d.scores >= self.spec.conf], d.class_ids[d.scores >= self.spec.conf]) for d in found
             ]
@@ -112,7 +118,7 @@ class DetectionMetric(Metric):
         if not numbers["finite"]:
             value = ref["labels" if self.truth is not None else "agreement"]["map50_95"]
             return {"metric": self.name, "reference": value, "packed": float("-inf"), "drop": float("inf")}
-        found = self.decode(packed, names, EVAL_CONF)
+        found = self.decode(packed, names, self.eval_conf)
         agreement = coco_map(ref["pseudo"], found, self.classes)
         profile = score_profile(found)
         out: dict[str, Any] = {
@@ -147,22 +153,53 @@ class DetectionMetric(Metric):
         return out
 
 
+# With labels, an FP32 mAP50 below this means the labels do not describe what the model detects (another
+# class order, another label set, normalised boxes read as pixels): a drop of it means nothing.
+VACUOUS_MAP50 = 0.05
+
+
 def detection_metric(context: TaskContext, spec: DetectionSpec) -> Metric:
     if context.input_hw is None:
         raise UsageError("detection needs an image input with a fixed height and width ([N, C, H, W])")
     truth = context.val.targets
     classes = spec.num_classes or (len(context.class_names) if context.class_names else None)
+    agreement_reason = (
+        f"box agreement: COCO mAP50-95 of each variant's boxes (conf >= {min(EVAL_CONF, spec.conf)}) against FP32's own at "
+        f"conf >= {spec.conf}"
+    )
     if truth is not None:
         boxes = sum(len(t) for t in truth)
         reason = f"labelled detection data ({boxes} boxes): COCO mAP50-95 of each variant's boxes (pycocotools)"
-        return DetectionMetric(
+        metric = DetectionMetric(
             "map50-95", reason=reason, spec=spec, input_hw=context.input_hw, truth=truth, classes=classes
         )
-    reason = (
-        f"no box labels: box agreement, COCO mAP50-95 of each variant's boxes (conf >= {EVAL_CONF}) against "
-        f"FP32's own at conf >= {spec.conf}"
+        fp32 = metric.reference_detections(context.reference, context.output_names)["labels"]
+        if not fp32["map50"] >= VACUOUS_MAP50:  # also NaN: no labelled box at all
+            warning = (
+                f"the FP32 model scores mAP50 {fp32['map50']:.4f} against these box labels ({boxes} boxes): they do "
+                "not describe what it detects (class order? another label set? box format?); judging by box "
+                "agreement with FP32 instead"
+            )
+            vacuous = DetectionMetric(
+                "box-agreement",
+                reason=f"FP32 mAP50 {fp32['map50']:.4f} on the labels is vacuous: {agreement_reason}",
+                warning=warning,
+                spec=spec,
+                input_hw=context.input_hw,
+                classes=classes,
+            )
+            vacuous.reference_detections(context.reference, context.output_names)
+            return vacuous
+        return metric
+    agreement = DetectionMetric(
+        "box-agreement",
+        reason=f"no box labels: {agreement_reason}",
+        spec=spec,
+        input_hw=context.input_hw,
+        classes=classes,
     )
-    return DetectionMetric("box-agreement", reason=reason, spec=spec, input_hw=context.input_hw, classes=classes)
+    agreement.reference_detections(context.reference, context.output_names)  # FP32 finds nothing: exit 2 now
+    return agreement
 
 
 def _format_from_shape(shape: Sequence[int], names: list[str] | None, end2end: bool | None) -> str | None:
@@ -204,6 +241,24 @@ def resolve_spec(declared: Any, outputs: Sequence[Any], metadata=None, where: st
         raise UsageError(str(exc)) from None
 
 
+def head_classes(spec: DetectionSpec, outputs: Sequence[Any]) -> int | None:
+    """How many classes the head scores, from its output shape (``None`` where the shape does not say)."""
+    if spec.num_classes is not None:
+        return spec.num_classes
+    by_name = {o.name: list(o.shape) for o in outputs}
+    if spec.format == "split":
+        shape = by_name.get(spec.scores_output or "", [])
+        return shape[-1] if len(shape) == 3 and shape[-1] > 0 else None
+    shape = by_name.get(spec.boxes_output, []) if spec.boxes_output else list(outputs[0].shape)
+    if len(shape) != 3:
+        return None
+    if spec.format == "yolov8":
+        return shape[1] - 4 if shape[1] > 4 else None
+    if spec.format in ("yolov5", "yolox"):
+        return shape[2] - 5 if shape[2] > 5 else None
+    return None  # end2end: class ids are values, not channels
+
+
 class DetectionTask(Task):
     name = "detection"
     head_in_float = True
@@ -221,6 +276,22 @@ class DetectionTask(Task):
                 )
             return metric
         return choose_metric(context.requested_metric, None, context.reference[0], data=context.data)
+
+    def data_labels(self, classes, outputs, postprocess):
+        if not classes or postprocess is None:
+            return None
+        return classes if head_classes(parse_detection_spec(postprocess), outputs) == len(classes) else None
+
+    def check_labels(self, labels, outputs, postprocess) -> None:
+        if not labels or postprocess is None:
+            return
+        classes = head_classes(parse_detection_spec(postprocess), outputs)
+        if classes is not None and classes != len(labels):
+            raise UsageError(
+                f"{len(labels)} labels given but the detection head has {classes} classes "
+                f"(format {postprocess['format']}, outputs {[list(o.shape) for o in outputs]}); give one label per class "
+                "or set postprocess.num_classes"
+            )
 
     def default_budget(self, metric: Metric) -> float:
         return AGREEMENT_BUDGET if metric.name == "box-agreement" else super().default_budget(metric)

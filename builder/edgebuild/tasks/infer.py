@@ -31,12 +31,16 @@ def declared_task(
         if task is not None:
             progress(f"task {task}: from the model's metadata (task: {metadata.task})")
             return task
-        progress(f"the model's metadata says task '{metadata.task}', which edgebuild has no module for: packed as tensor")
+        progress(
+            f"the model's metadata says task '{metadata.task}', which edgebuild has no module for: packed as tensor"
+        )
         return "tensor"
     if isinstance(postprocess, str):  # a detection preset name
         return "detection"
     if isinstance(postprocess, dict) and postprocess.get("type") in ("detection", "classification"):
         return str(postprocess["type"])
+    if isinstance(postprocess, dict) and "type" not in postprocess and "format" in postprocess:
+        return "detection"  # a [postprocess] table of detection keys (format = "yolov8", ...)
     return None
 
 

@@ -14,9 +14,7 @@ class TensorTask(Task):
     def choose_metric(self, context: TaskContext) -> Metric:
         if context.requested_metric in (None, "auto"):
             return Metric("cosine", reason=f"{self.name} task: output similarity on every output (worst output counts)")
-        return choose_metric(
-            context.requested_metric, context.val.labels, context.reference[0], data=context.data
-        )
+        return choose_metric(context.requested_metric, context.val.labels, context.reference[0], data=context.data)
 
     def postprocess(self, declared, context):
         return None
