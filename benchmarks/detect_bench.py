@@ -67,7 +67,7 @@ def export_yolov8n(work: Path) -> Path:
 class Bundle:
     """A packed bundle's chosen model and FP32 variant, with the manifest's pre/post-processing."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, source: Path | None = None):
         from edgerun.manifest import Manifest
         from edgerun.preprocess import parse_spec
         from edgerun.tasks.detection import DetectionSpec
@@ -75,7 +75,9 @@ class Bundle:
         self.path = path
         self.manifest = Manifest.model_validate_json((path / "manifest.json").read_text())
         self.chosen = self.manifest.model
-        self.fp32 = next(m for m in self.manifest.all_models() if m.precision == "fp32")
+        fp32 = [m for m in self.manifest.all_models() if m.precision == "fp32"]
+        # A forced --quantize int8 builds no FP32 candidate: the packed ONNX file is then the FP32 reference.
+        self.fp32 = fp32[0] if fp32 else self.chosen.model_copy(update={"path": str(source), "precision": "fp32"})
         self.preprocess = parse_spec(self.manifest.preprocess or {})
         self.spec = DetectionSpec.model_validate(self.manifest.postprocess)
         height, width = self.preprocess.size or (0, 0)
@@ -84,7 +86,7 @@ class Bundle:
     def session(self, model, threads: int):
         from edgebuild.onnx_utils import make_session
 
-        return make_session(self.path / model.path, model.session_options, threads=threads)
+        return make_session(self.path / model.path, self.chosen.session_options, threads=threads)
 
     def detect(self, session, x: np.ndarray, conf: float | None = None):
         from edgerun.tasks.detection import detect
@@ -213,10 +215,11 @@ def main() -> int:
         )
         bundles = [("shapes 128", example)]
         if not args.no_yolo:
+            yolov8n = export_yolov8n(work)
             yolo = Bundle(
                 pack(
                     work,
-                    str(export_yolov8n(work)),
+                    str(yolov8n),
                     "--task",
                     "detect",
                     "--quantize",
@@ -229,7 +232,8 @@ def main() -> int:
                     str(data / "val" / "images"),
                     "--val-samples",
                     "16",
-                )
+                ),
+                source=yolov8n,
             )
             bundles.append(("YOLOv8n 640 (random weights)", yolo))
         latency = [
