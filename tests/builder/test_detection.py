@@ -350,3 +350,29 @@ def test_callable_data_with_box_targets_is_labelled_detection_data():
     metric = _metric(_reference(8), targets=batch.targets)
     assert metric.name == "map50-95"
     assert evaluate(metric, _reference(8), _reference(8), None)["reference"] == pytest.approx(1.0)
+
+
+def test_int8_with_the_head_quantized_collapses_scores_at_high_cosine_and_is_refused(tmp_path):
+    """The trap a raw-output cosine never sees: one uint8 scale over the final Concat of box pixels and
+    probabilities. Quantizing the head leaves the scores one value (refused, box agreement 0) at cosine
+    0.9999; keeping the head tail in float (the default) ships INT8 with the boxes intact."""
+    from edgebuild.errors import AccuracyBudgetError
+
+    scenes = write_scene_folder(tmp_path / "scenes", n=8)
+    common = dict(
+        model="detmodels:tiny_yolo",
+        calib_data=str(scenes / "images"),
+        val_data=str(scenes / "images"),
+        quantize="int8",
+        partial_quantization=False,
+        calib_method="minmax",
+        **FAST,
+    )
+    with pytest.raises(AccuracyBudgetError) as refused:
+        pack(PackOptions(output_dir=tmp_path / "a", head_in_float=False, **common), progress=lambda message: None)
+    report = refused.value.report_path.read_text()
+    assert "**refused**" in report and "| 1 (" in report  # one distinct score value left
+    result = pack(PackOptions(output_dir=tmp_path / "b", **common), progress=lambda message: None)
+    chosen = result.chosen
+    assert chosen.metrics["float_head"]["nodes"] > 10 and "refused" not in chosen.validation
+    assert chosen.validation["box_agreement"] > 0.95 and chosen.validation["scores"]["distinct"] >= 8
