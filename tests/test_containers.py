@@ -22,6 +22,9 @@ import pytest
 from edgebuild.targets import load_target
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "docker"))
+import podman_image as podman  # noqa: E402  (docker/: the image's own tooling)
+
 DOCKERFILES = ["Dockerfile.x86", "Dockerfile.jetson"]
 
 
@@ -74,7 +77,10 @@ def test_image_contract(dockerfile):
 def test_dockerfile_base_matches_the_target_profile(target):
     container = load_target(target).container
     steps = instructions(container.dockerfile)
-    base = steps[[ins for ins, _ in steps].index("FROM")][1]
+    # Every stage starts from the profile's base (the install stage and the final one alike).
+    bases = {args.split()[0] for ins, args in steps if ins == "FROM"}
+    assert len(bases) == 1, bases
+    base = bases.pop()
     if base.startswith("${"):  # FROM ${ARG}: the default of that ARG
         arg = base.strip("${}")
         base = next(a.split("=", 1)[1] for ins, a in steps if ins == "ARG" and a.startswith(f"{arg}="))
@@ -124,8 +130,8 @@ def runtime_venv(tmp_path_factory) -> Path:
     context, venv = root / "src", root / "venv"
     context.mkdir()
     copy_build_context(context)
-    pip_line = next(a for ins, a in instructions("Dockerfile.x86") if ins == "RUN" and "pip install" in a)
-    spec = re.search(r'pip install --no-cache-dir "([^"]+)"', pip_line).group(1)
+    pip_line = next(a for ins, a in instructions("Dockerfile.x86") if ins == "RUN" and " install --no-cache-dir" in a)
+    spec = re.search(r' install --no-cache-dir "([^"]+)"', pip_line).group(1)
     # A clean environment: nothing from this interpreter's site-packages (which has torch), and a
     # home of its own: pip asks `rustc --version` for its user agent, and rustup then writes ~/.rustup.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -240,3 +246,182 @@ def test_runtime_install_serves_a_bundle(runtime_venv, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+# --- the x86 image itself, built and run with podman ---------------------------------------
+# Built once per session (layers cached by podman across sessions), run as the deployment docs
+# say. Marked `container`; in CI (CI set) a missing podman or base image fails the run, outside CI
+# it skips: `docker/podman-standin.sh` installs both.
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    sys.path.insert(0, str(REPO / "tests" / "runtime"))
+    try:
+        from runtime_fixtures import build_classifier_bundle
+    finally:
+        sys.path.pop(0)
+    reason = podman.unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"container tests cannot run in CI: {reason}")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("image")
+    bundle = build_classifier_bundle(root / "clf-x86")
+    context = podman.make_context(root / "context", bundle)
+    tag = f"localhost/edgerun-test-{os.getpid()}"
+    seconds = {
+        "plain": podman.build(context, f"{tag}:x86"),
+        "baked": podman.build(context, f"{tag}:x86-clf", "BUNDLE=bundle"),
+    }
+    print(f"\nimage build: {seconds['plain']:.1f} s, with a bundle baked in: {seconds['baked']:.1f} s more")
+    yield {"plain": f"{tag}:x86", "baked": f"{tag}:x86-clf", "bundle": bundle}
+    podman.podman("rmi", f"{tag}:x86-clf", f"{tag}:x86", check=False)
+
+
+def wait_container_ready(container, port: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s  # a start-up deadline, not a speed check
+    while time.monotonic() < deadline:
+        if not container.running():
+            raise AssertionError(f"container exited: {container.logs()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"container never became ready: {container.logs()}")
+
+
+def reference(bundle: Path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def triton_infer(port: int, x):
+    import tritonclient.http as httpclient
+
+    inp = httpclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
+    try:
+        return client.infer("clf", [inp]).as_numpy("probs")
+    finally:
+        client.close()
+
+
+def stop_and_check_exit(container, timeout_s: float = 40.0) -> float:
+    """SIGTERM; the container must exit 0 within the server's 30 s drain timeout (+ margin)."""
+    start = time.monotonic()
+    container.signal("TERM")
+    status = container.wait(timeout=timeout_s)
+    elapsed = time.monotonic() - start
+    assert status == 0, container.logs()
+    return elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.container
+@pytest.mark.parametrize("given", ["env", "flag"])
+def test_image_serves_a_mounted_bundle_read_only_as_uid_10001(images, given):
+    import numpy as np
+
+    port = free_port()
+    args = ["/bundle", "--host", "127.0.0.1", "--no-bench"]
+    env = {"EDGERUN_PORT": str(port)} if given == "env" else {}
+    if given == "flag":
+        args += ["--port", str(port)]  # the image's EDGERUN_PORT=8000 stays: the flag wins
+    container = podman.run(images["plain"], args, env=env, bundle=images["bundle"])
+    try:
+        wait_container_ready(container, port)
+        assert container.exec("id", "-u").stdout.strip() == "10001"
+        assert container.exec("touch", "/opt/edgerun/x").returncode != 0  # the root is read-only
+        x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+        assert np.array_equal(triton_infer(port, x), reference(images["bundle"], x))  # bit-identical
+        check = podman.healthcheck_command(images["plain"])
+        result = container.exec(*check)
+        assert result.returncode == 0, result.stdout + result.stderr  # follows the port however it was given
+        assert container.exec("ls", "-A", "/tmp").stdout.strip() == ""  # no ONNX Runtime device id
+        stop_and_check_exit(container)
+    finally:
+        container.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.container
+def test_image_with_a_baked_bundle_needs_no_mount(images):
+    import numpy as np
+
+    port = free_port()
+    container = podman.run(images["baked"], ["/bundle", "--host", "127.0.0.1"], env={"EDGERUN_PORT": str(port)})
+    try:
+        wait_container_ready(container, port)  # with the self-benchmark, as the image's CMD runs
+        x = np.ones((1, 4), dtype=np.float32)
+        assert np.array_equal(triton_infer(port, x), reference(images["bundle"], x))
+        assert container.exec(*podman.healthcheck_command(images["baked"])).returncode == 0
+        stop_and_check_exit(container)
+    finally:
+        container.remove()
+    # The project's source stays out of the image: only the installed package is there.
+    listing = podman.podman(
+        "run",
+        "--rm",
+        *podman.limit_flags(),
+        "--network",
+        "none",
+        "--entrypoint",
+        "ls",
+        images["baked"],
+        "-A",
+        "/opt/edgerun",
+    ).stdout.split()
+    assert sorted(listing) == ["healthcheck.py", "venv"]
+
+
+@pytest.mark.slow
+@pytest.mark.container
+def test_sigterm_answers_every_request_in_flight_then_exits_0(images):
+    import concurrent.futures
+
+    import httpx
+    import numpy as np
+
+    port = free_port()
+    # Requests wait up to 1.5 s for a batch to fill: all of them are in flight when SIGTERM arrives.
+    args = [
+        "/bundle",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-bench",
+        "--max-batch",
+        "64",
+        "--max-delay-ms",
+        "1500",
+    ]
+    container = podman.run(images["plain"], args, bundle=images["bundle"])
+    try:
+        wait_container_ready(container, port)
+        rows = [np.full((1, 4), i, dtype=np.float32) for i in range(8)]
+
+        def infer(x):
+            body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}
+            return httpx.post(f"http://127.0.0.1:{port}/v2/models/clf/infer", json=body, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
+            futures = [pool.submit(infer, x) for x in rows]
+            time.sleep(0.5)
+            assert not any(f.done() for f in futures)  # still waiting for their batch
+            elapsed = stop_and_check_exit(container)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * len(rows)
+        for x, response in zip(rows, responses):
+            got = np.array(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(1, 3)
+            assert np.allclose(got, reference(images["bundle"], x), atol=1e-6)
+        assert elapsed < 30
+    finally:
+        container.remove()

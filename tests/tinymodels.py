@@ -52,8 +52,35 @@ class Broken(nn.Module):
         raise RuntimeError("layer 'mystery' exploded")
 
 
+class ConvStack(nn.Module):
+    """Three 3x3 convolutions at 64x64, 64 channels (~0.3 G MACs): milliseconds per run, so kernels dominate
+    ONNX Runtime's fixed per-run overhead (~0.1 ms) in a profile."""
+
+    example_inputs = (torch.zeros(1, 3, 64, 64),)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.convs(x).mean((2, 3)))
+
+
 def tiny_cnn():
     return TinyCNN().eval()
+
+
+def conv_stack():
+    return ConvStack().eval()
 
 
 def token_classifier():
@@ -135,3 +162,47 @@ def write_images_npz(path, n=10, seed=0):
     """``n`` unlabelled 3x8x8 samples for the models above."""
     np.savez(path, x=np.random.default_rng(seed).random((n, 3, 8, 8), dtype=np.float32))
     return path
+
+
+def tiny_bert(layers=2, hidden=32, heads=4):
+    """A Hugging Face BERT encoder built from a config (random weights, nothing downloaded), with the
+    library's default attention implementation (SDPA)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=32,
+    )
+    model = BertModel(config, add_pooling_layer=False).eval()
+    model.example_inputs = {
+        "input_ids": torch.zeros(1, 6, dtype=torch.int64),
+        "attention_mask": torch.ones(1, 6, dtype=torch.int64),
+    }
+    return model
+
+
+class TwoHeads(nn.Module):
+    """Two outputs: ``scores`` survives INT8, ``fine`` does not (it rides on a +1000 offset that a uint8
+    scale cannot resolve), as a detector whose box head is fine while its score head collapses."""
+
+    example_inputs = (torch.zeros(1, 3, 8, 8),)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        scores = self.head(features)
+        return scores, (features + 1000.0) - 1000.0
+
+
+def two_heads():
+    return TwoHeads().eval()

@@ -10,10 +10,12 @@ import click
 
 from edgebuild.errors import handle_cli_errors
 from edgebuild.options import click_options
+from edgebuild.signals import stop_cleanly
+from edgerun.errors import DebugAnywhereGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
+@click.group(cls=DebugAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs (before or after the command).")
 @click.version_option(package_name="edgebuild")
 def main(debug: bool) -> None:
     """Pack trained PyTorch/ONNX models into small, fast, validated ONNX bundles for edge targets.
@@ -44,11 +46,15 @@ def pack(config_path, **params):
     MODEL is package.module:callable (returns an nn.Module), a torch.export .pt2 file, or an .onnx
     file. Without MODEL the embedded digits example is packed with its real data.
 
-    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle).
+    Exit codes: 0 ok, 2 bad usage/input (nothing written), 3 accuracy budget not met (report written, no bundle),
+    1 edgerun on this host would refuse the bundle (or an unexpected error: the line says so); stopped by a signal
+    (SIGINT, SIGTERM, SIGHUP): temporary files removed, no bundle, 128 + the signal (130, 143, 129).
     """
     from click.core import ParameterSource
 
     from edgebuild.pack import pack as run_pack
+    from edgebuild.progress import Stopwatch
+    from edgebuild.quiet import library_log_lines
     from edgebuild.recipe import load_recipe, merge, pack_options
 
     ctx = click.get_current_context()
@@ -57,14 +63,24 @@ def pack(config_path, **params):
     if settings.get("sign_key"):
         settings["sign_key"] = Path(settings["sign_key"]).read_bytes()
     options = pack_options(settings, recipe_path=str(config_path) if config_path else None)
-    result = run_pack(options)
+    elapsed = Stopwatch()
+    with stop_cleanly("edgebuild", "temporary files removed, no bundle written"), library_log_lines() as said:
+        try:
+            result = run_pack(options)
+        finally:
+            # What the libraries logged outside the per-candidate captures (export, validation, serve check).
+            if said.messages:
+                click.echo(f"edgebuild: {said.line('other steps')}", err=True)
     v = result.manifest.validation
     assert v is not None  # pack always records its validation
+    speedup = result.manifest.benchmark["speedup_vs_fp32"]
+    slower = " (SLOWER than FP32 on this host)" if speedup is not None and speedup < 1 else ""
     click.echo(
         f"edgebuild: {result.chosen.name}: {v.metric} {v.packed:.4f} (reference {v.reference:.4f}, drop {v.drop:+.4f}); "
-        f"speed-up vs FP32 {result.manifest.benchmark['speedup_vs_fp32']}×, size {result.chosen.size_bytes / 1024:.1f} KiB",
+        f"speed-up vs FP32 {speedup}×{slower}, size {result.chosen.size_bytes / 1024:.1f} KiB",
         err=True,
     )
+    click.echo(f"edgebuild: done in {elapsed}", err=True)
     click.echo(str(result.bundle))
 
 
@@ -109,14 +125,20 @@ def inspect_command(model, weights, input_shape, top, no_latency, bench_seconds,
 @click.argument("models", nargs=-1, required=True)
 @click.option("--val-data", help="Labelled validation DATA: adds an accuracy column.")
 @click.option("--val-samples", type=int, default=1000, show_default=True, help="Validation samples used at most.")
-@click.option("--input-shape", help="Example input shape for models that do not declare one.")
+@click.option(
+    "--input-shape", help="Example input shape for models that do not declare one (default: from --val-data)."
+)
+@click.option(
+    "--preprocess",
+    help="How an image folder becomes tensors, as for pack: imagenet, unit, none or FILE.toml (default: RGB, stretch, x1/255).",
+)
 @click.option(
     "--sort-by", type=click.Choice(["latency", "macs", "params", "accuracy"]), default="latency", show_default=True
 )
 @click.option("--bench-seconds", type=float, default=1.0, show_default=True, help="Time spent timing each model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 @handle_cli_errors
-def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, as_json):
+def compare(models, val_data, val_samples, input_shape, preprocess, sort_by, bench_seconds, as_json):
     """Rank architectures by MACs, params, measured ORT FP32 latency and (with --val-data) accuracy."""
     import json
 
@@ -130,6 +152,7 @@ def compare(models, val_data, val_samples, input_shape, sort_by, bench_seconds, 
         sort_by=sort_by,
         bench_seconds=bench_seconds,
         input_shape=parse_shape(input_shape) if input_shape else None,
+        preprocess=preprocess,
     )
     if as_json:
         click.echo(json.dumps([{k: v for k, v in r.to_dict().items() if k != "layers"} for r in reports], indent=2))
@@ -169,6 +192,42 @@ def bench(location, threads, bench_seconds, as_json):
             f"{row['path']:<50} {row['precision']:<12} {row['p50_ms']:>9.3f} {row['p90_ms']:>9.3f} "
             f"{(f'{recorded:.3f}' if recorded is not None else '–'):>13}"
         )
+
+
+@main.command("profile")
+@click.argument("location")
+@click.option("--variant", help="Bundle variant to profile next to FP32 (path or name; default: model.onnx).")
+@click.option("--top", type=int, default=15, show_default=True, help="Rows of the per-op-type and per-node tables.")
+@click.option("--batch", "batches", help="Comma-separated batch sizes (default: 1 and 8, edgerun's largest batch).")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Profiled runs (median).")
+@click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice).")
+@click.option("--weights", help="State dict for a module:callable MODEL.")
+@click.option("--input-shape", help="Example input shape for a MODEL that does not declare one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full profile as JSON instead of Markdown.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the op types as a bar chart.")
+@handle_cli_errors
+def profile_command(location, variant, top, batches, runs, threads, weights, input_shape, as_json, png):
+    """Where the time goes in a BUNDLE (FP32 next to the chosen variant) or a MODEL (its ONNX export and
+    eager PyTorch): ONNX Runtime's per-node profile, per op type, with the shares in Conv/MatMul, in float
+    and in Quantize/DequantizeLinear."""
+    import json
+
+    from edgebuild.profile import profile_location
+    from edgebuild.profile_format import format_markdown, write_chart
+    from edgebuild.sources import parse_shape
+
+    report = profile_location(
+        location,
+        variant=variant,
+        batches=list(parse_shape(batches)) if batches else None,
+        runs=runs,
+        threads=threads,
+        weights=weights,
+        input_shape=parse_shape(input_shape) if input_shape else None,
+    )
+    if png is not None:
+        write_chart(report, png, top=min(top, 12))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else format_markdown(report, top=top))
 
 
 @main.command()

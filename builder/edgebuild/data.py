@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class Batch:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     calls: bool = False
+    # Detection data: each sample's ground-truth boxes in model-input pixels (edgebuild.tasks.coco.BoxLabels).
+    targets: list | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -54,6 +56,10 @@ class DataSource:
     classes: list[str] | None = None
     # The preprocessing that turned images into tensors, when the data is an image folder.
     preprocess: PreprocessSpec | None = None
+    # Warnings about the data itself (images /v1/predict would refuse), shown once by pack.
+    notes: list[str] = field(default_factory=list)
+    # Detection data (YOLO-format folder, COCO json, flat image folder): see edgebuild.detection_data.
+    detection: bool = False
 
     def batches(self) -> Iterator[Batch]:
         seen = 0
@@ -66,6 +72,7 @@ class DataSource:
                     {k: v[:keep] for k, v in batch.inputs.items()},
                     None if batch.labels is None else batch.labels[:keep],
                     batch.calls,
+                    None if batch.targets is None else batch.targets[:keep],
                 )
             seen += len(batch)
             yield batch
@@ -81,7 +88,9 @@ class DataSource:
             raise UsageError(f"data '{self.description}': samples differ in shape ({exc})") from None
         has_labels = all(p.labels is not None for p in parts)
         labels = np.concatenate([p.labels for p in parts]) if has_labels else None
-        return Batch(inputs, labels, parts[0].calls)
+        has_targets = all(p.targets is not None for p in parts)
+        targets = [t for p in parts for t in (p.targets or [])] if has_targets else None
+        return Batch(inputs, labels, parts[0].calls, targets)
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -167,7 +176,27 @@ def _assemble(arrays: Mapping[str, Any], labels, specs: list[InputSpec], source:
     counts = {n: len(a) for n, a in inputs.items()}
     if len(set(counts.values())) > 1:
         raise UsageError(f"data '{source}': inputs hold different numbers of samples {counts}")
+    targets = _box_targets(labels, len(next(iter(inputs.values()))), source)
+    if targets is not None:
+        return Batch(inputs, None, as_calls, targets)
     return Batch(inputs, _labels(labels), as_calls)
+
+
+def _box_targets(labels, samples: int, source: str) -> list | None:
+    """Detection labels from a callable: one ``[K, 5]`` array per sample (class, x1, y1, x2, y2 in
+    model-input pixels; K may be 0), else ``None`` (the labels are class indices)."""
+    if not isinstance(labels, (list, tuple)) or not labels:
+        return None
+    arrays = [_to_numpy(t) for t in labels]
+    if not all(a.ndim == 2 and a.shape[1] == 5 for a in arrays):
+        return None
+    if len(arrays) != samples:
+        raise UsageError(
+            f"data '{source}': {len(arrays)} box label arrays for {samples} samples (one [K, 5] per sample)"
+        )
+    from edgebuild.tasks.coco import BoxLabels
+
+    return [BoxLabels(a[:, 1:5].astype(np.float32), a[:, 0].astype(np.int64)) for a in arrays]
 
 
 def _batch_from_item(item, specs: list[InputSpec], source: str, one_call: bool = True) -> Batch:
@@ -228,9 +257,37 @@ def default_preprocess(spec: InputSpec) -> PreprocessSpec:
     return parse_spec({**(preset_values("unit") or {}), "color": color})
 
 
+def serve_refusals(source: str, files: list[Path], preprocess: PreprocessSpec) -> str | None:
+    """One warning when /v1/predict would refuse some of these images, else None.
+
+    The check is the server's own (``edgerun.routes.predict.check_image``: the pixel budget, and an
+    aspect ratio more than 4x off the model's under ``stretch``), so pack and serve agree on which
+    images a bundle takes. Pack still uses them (stretched) and says what to declare to serve them.
+    """
+    from edgerun.routes.predict import check_image, image_size
+
+    manifest = preprocess.to_manifest()
+    refused: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            width, height = image_size(path.read_bytes())
+            check_image(width, height, manifest, "\0")
+        except EdgerunError as exc:
+            refused.append((path, str(exc).replace("model '\0' ", "the model ")))
+    if not refused:
+        return None
+    first, why = refused[0]
+    return (
+        f"{len(refused)} of {len(files)} images in '{source}' would be refused by /v1/predict with this "
+        f"preprocessing (e.g. '{first}': {why}); pack uses them as given. To serve such images declare "
+        'resize = "letterbox" or "center-crop" (--preprocess FILE.toml or a [preprocess] recipe table), '
+        "or crop them closer to the model's aspect ratio"
+    )
+
+
 def _image_folder_source(
     root: Path, specs: list[InputSpec], batch_size: int, preprocess: PreprocessSpec
-) -> Callable[[], Iterable[Batch]]:
+) -> tuple[Callable[[], Iterable[Batch]], list[Path]]:
     classes = image_folder_classes(root)
     if not classes:
         raise UsageError(f"data '{root}' has no class sub-folders (expected one sub-folder of images per class)")
@@ -256,7 +313,7 @@ def _image_folder_source(
             x = np.concatenate([load(f) for f, _ in chunk]).astype(specs[0].dtype, copy=False)
             yield Batch({specs[0].name: x}, np.array([label for _, label in chunk], dtype=np.int64))
 
-    return batches
+    return batches, [f for f, _ in files]
 
 
 def _random_source(specs: list[InputSpec], samples: int, seed: int) -> Callable[[], Iterable[Batch]]:
@@ -289,17 +346,22 @@ def open_data(
     batch_size: int = 32,
     seed: int = 0,
     preprocess: PreprocessSpec | None = None,
+    task: str | None = None,
 ) -> DataSource:
     """Open any ``DATA`` form for ``purpose`` (calibration, validation, training).
 
     An image folder becomes tensors through ``preprocess`` (default: RGB, resize, /255), the
-    runtime's own implementation.
+    runtime's own implementation. For ``task="detection"`` a YOLO-format folder, a COCO json or a
+    flat image folder is detection data (``edgebuild.detection_data``).
     """
     if spec == "random":
         if not allow_random:
             raise UsageError(f"'random' data is allowed for calibration only, not for {purpose}; give real data")
         return DataSource("random", _random_source(inputs, limit or 32, seed), is_random=True, limit=limit)
     path = Path(spec)
+    detection = _detection_data(spec, inputs, purpose, batch_size, preprocess, limit, task)
+    if detection is not None:
+        return detection
     if spec.endswith(".npz"):
         if not path.is_file():
             raise UsageError(f"{purpose} data file '{spec}' does not exist")
@@ -314,8 +376,9 @@ def open_data(
             image = (preprocess or default_preprocess(inputs[0])).for_input(inputs[0].shape, inputs[0].name)
         except ValueError as exc:
             raise UsageError(f"{purpose} data '{spec}': the preprocessing does not fit the model: {exc}") from None
-        make = _image_folder_source(path, inputs, batch_size, image)
-        return DataSource(spec, make, limit=limit, classes=image_folder_classes(path), preprocess=image)
+        make, files = _image_folder_source(path, inputs, batch_size, image)
+        notes = [note] if (note := serve_refusals(spec, files[:limit] if limit else files, image)) else []
+        return DataSource(spec, make, limit=limit, classes=image_folder_classes(path), preprocess=image, notes=notes)
     if ":" not in spec:
         raise UsageError(
             f"{purpose} data '{spec}' does not exist (expected an image folder, a .npz, 'module:callable' or 'random')"
@@ -333,13 +396,77 @@ def open_data(
     return DataSource(spec, batches, limit=limit)
 
 
-def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str) -> list[InputSpec]:
+def _image_spec(inputs: list[InputSpec], spec: str, purpose: str, preprocess: PreprocessSpec | None) -> PreprocessSpec:
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise UsageError(
+            f"{purpose} data '{spec}': an image folder feeds a single [N, C, H, W] or [N, H, W, C] image input; "
+            f"the model takes {[(s.name, list(s.shape)) for s in inputs]}"
+        )
+    try:
+        return (preprocess or default_preprocess(inputs[0])).for_input(inputs[0].shape, inputs[0].name)
+    except ValueError as exc:
+        raise UsageError(f"{purpose} data '{spec}': the preprocessing does not fit the model: {exc}") from None
+
+
+def _detection_data(
+    spec: str,
+    inputs: list[InputSpec],
+    purpose: str,
+    batch_size: int,
+    preprocess: PreprocessSpec | None,
+    limit: int | None,
+    task: str | None,
+) -> DataSource | None:
+    """A detection DATA form, or ``None`` for every other form; detection data for another task is exit 2."""
+    from edgebuild import detection_data as dd
+
+    path = Path(spec)
+    kind = (
+        "a COCO json"
+        if dd.is_coco_json(spec)
+        else "a YOLO-format dataset (images/ + labels/)"
+        if path.is_dir() and dd.is_yolo_dataset(path)
+        else "a flat image folder"
+        if path.is_dir() and task == "detection" and dd.is_flat_image_folder(path)
+        else None
+    )
+    if kind is None:
+        return None
+    if task != "detection":
+        raise UsageError(f"{purpose} data '{spec}' is {kind}, detection data; pack a detector with --task detect")
+    image = _image_spec(inputs, spec, purpose, preprocess)
+    name, dtype = inputs[0].name, inputs[0].dtype or "float32"
+    classes = None
+    if dd.is_coco_json(spec):
+        make, classes = dd.coco_source(spec, name, dtype, batch_size, image)
+    elif dd.is_yolo_dataset(path):
+        make = dd.yolo_source(path, name, dtype, batch_size, image)
+    else:
+        make = dd.flat_source(path, name, dtype, batch_size, image)
+    return DataSource(spec, make, limit=limit, classes=classes, preprocess=image, detection=True)
+
+
+def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str, module: Any = None) -> list[InputSpec]:
     """Fill in what the model does not say about its inputs (dynamic sizes, dtypes, rank) from the
     first sample of ``spec``; the data's own names pick forward()'s optional parameters."""
+    return infer_inputs(inputs, spec, purpose, module)[0]
+
+
+def infer_inputs(inputs: list[InputSpec], spec: str, purpose: str, module: Any = None) -> tuple[list[InputSpec], str]:
+    """:func:`resolve_inputs`, plus one line saying what one model call gets and how the data was read.
+
+    ``module`` (a torch model whose inputs only have names) decides how an ``.npz`` is read: see
+    :func:`edgebuild.data_layout.npz_layout`.
+    """
     if spec.endswith(".npz") and Path(spec).is_file() and any(not s.known for s in inputs):
         with np.load(spec, allow_pickle=False) as data:
             present = set(data.files)
-        inputs = _named_subset(inputs, present, spec)
+            inputs = _named_subset(inputs, present, spec)
+            if all(not s.known for s in inputs):
+                from edgebuild.data_layout import npz_layout
+
+                arrays = {s.name: data[s.name] if s.name in present else data["x"] for s in inputs}
+                return npz_layout(inputs, arrays, spec, module)
     elif ":" in spec and not Path(spec).exists() and any(not s.known for s in inputs):
         factory = import_callable(spec, what=f"{purpose} data")
         try:
@@ -365,7 +492,13 @@ def resolve_inputs(inputs: list[InputSpec], spec: str, purpose: str) -> list[Inp
             resolved.append(replace(s, shape=shape))
         else:
             resolved.append(InputSpec(s.name, tuple(int(d) for d in sample), array.dtype.name))
-    return resolved
+    how = "one call per entry" if first_batch.calls else "rows of the batch axis"
+    return resolved, f"{describe_inputs(resolved)} per call ({how})"
+
+
+def describe_inputs(inputs: list[InputSpec]) -> str:
+    """``input_ids [1, 32] int64, attention_mask [1, 32] int64``: what one model call gets."""
+    return ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in inputs)
 
 
 def _named_subset(inputs: list[InputSpec], present: set[str], spec: str) -> list[InputSpec]:
@@ -437,16 +570,46 @@ class CalibrationReader:
     """ONNX Runtime ``CalibrationDataReader`` over a :class:`DataSource` (one batch per call).
 
     ``batch_size`` is set for models that pin their batch size: the calibrator feeds the data as is.
+    :meth:`strided` makes it a reader for ORT's strided collection (``CalibStridedMinMax``): a few
+    small feeds per collection call, so histogram calibrators never hold the whole set in memory.
     """
 
     def __init__(self, source: DataSource, batch_size: int | None = None):
         self._source = source
         self._batch_size = batch_size
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
+        self.per_call: int | None = None
+        self._rows: int | None = None  # rows per feed when strided (the model's pinned batch, else 1)
+        self._count: int | None = None
+        self._end: int | None = None
+        self._position = 0
+
+    def strided(self, feeds_per_call: int) -> None:
+        """Feed ``feeds_per_call`` small feeds per collection call (one row each, or the model's pinned batch)."""
+        self.per_call = feeds_per_call
+        self._rows = self._batch_size or 1
+        # ORT needs the count up front (a whole number of strides): one pass over the data counts the feeds.
+        self._count = sum(1 for _ in self._feeds())
+
+    def __len__(self) -> int:
+        # ORT requires a whole number of strides; the last stride simply ends early (never empty).
+        assert self._count is not None and self.per_call is not None, "len() of a strided reader only"
+        return -(-self._count // self.per_call) * self.per_call
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        if self._iter is None or start_index < self._position:
+            self._iter, self._position = self._feeds(), 0
+        while self._position < start_index:  # ORT asks for consecutive ranges: this skips nothing then
+            next(self._iter, None)
+            self._position += 1
+        self._end = end_index
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._iter is None:
             self._iter = self._feeds()
+        if self._end is not None and self._position >= self._end:
+            return None
+        self._position += 1
         return next(self._iter, None)
 
     def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
@@ -459,7 +622,8 @@ class CalibrationReader:
                 yield from call_feeds(batch.inputs)
             return
         chained = itertools.chain((first,), batches)
-        if self._batch_size:
-            yield from fixed_size_feeds(chained, self._batch_size)
+        size = self._rows or self._batch_size
+        if size:
+            yield from fixed_size_feeds(chained, size)
         else:
             yield from (b.inputs for b in chained)

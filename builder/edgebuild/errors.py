@@ -15,9 +15,15 @@ __all__ = ["AccuracyBudgetError", "EdgebuildError", "UsageError", "first_line", 
 
 
 class EdgebuildError(Exception):
-    """Base class of every error the builder reports to a user (exit code 1)."""
+    """Base class of every error the builder reports to a user.
 
-    exit_code: ClassVar[int] = 1
+    Exit codes are the documented ones only: 2 (this class and :class:`UsageError`: the model, the
+    data or the options cannot make a bundle; nothing written), 3 (:class:`AccuracyBudgetError`) and
+    1 (``edgebuild.golden.ServeCheckError``: edgerun on this host would refuse the bundle). An
+    exception outside this family is a bug and exits 1 with ``unexpected`` in its line.
+    """
+
+    exit_code: ClassVar[int] = 2
 
 
 class UsageError(EdgebuildError):

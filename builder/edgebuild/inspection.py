@@ -14,6 +14,7 @@ import io
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -262,11 +263,12 @@ def inspect_model(
     return inspect_source(source, measure_latency=measure_latency, bench_seconds=bench_seconds, threads=threads)
 
 
-def _accuracy(source: ModelSource, val_spec: str, limit: int) -> float | None:
+def _accuracy(source: ModelSource, val_spec: str, limit: int, preprocess: Any = None) -> float | None:
     from edgebuild.data import open_data
     from edgebuild.validate import torch_outputs
 
-    batch = open_data(val_spec, source.inputs, purpose="validation", limit=limit).collect()
+    image = preprocess.for_input(source.inputs[0].shape, source.inputs[0].name) if preprocess else None
+    batch = open_data(val_spec, source.inputs, purpose="validation", limit=limit, preprocess=image).collect()
     if batch.labels is None:
         return None
     if source.module is not None:
@@ -282,6 +284,32 @@ def _accuracy(source: ModelSource, val_spec: str, limit: int) -> float | None:
     return float((out.argmax(1) == batch.labels).mean())
 
 
+def _load_with_data(spec: str, input_shape: Any, val_data: str | None, preprocess: Any) -> ModelSource:
+    """Load a model as ``pack`` does: shapes the model does not declare come from ``val_data``.
+
+    An image folder says nothing about the model's input size: that comes from ``--input-shape`` or
+    the ``size`` of a ``--preprocess`` file.
+    """
+    from edgebuild.data import resolve_inputs
+    from edgebuild.sources import require_shapes
+
+    folder = val_data is not None and Path(val_data).is_dir()
+    if input_shape is None and folder and preprocess is not None and preprocess.tensor_shape():
+        input_shape = (1, *preprocess.tensor_shape())
+    source = load_model(spec, input_shape=input_shape, shapes_from_data=bool(val_data))
+    if source.resolved:
+        return source
+    if folder:
+        raise UsageError(
+            f"model '{spec}': an image folder ('{val_data}') does not tell the model's input size; pass "
+            "--input-shape (e.g. 1,3,224,224) or a --preprocess FILE.toml with size = [H, W]"
+        )
+    if val_data:
+        source.inputs = resolve_inputs(source.inputs, val_data, "validation", source.module)
+    require_shapes(source.inputs)
+    return source
+
+
 def compare_models(
     specs: list[str],
     *,
@@ -291,6 +319,7 @@ def compare_models(
     bench_seconds: float = 1.0,
     threads: int | None = None,
     sort_by: str = "latency",
+    preprocess: str | None = None,
 ) -> list[ModelReport]:
     """``edgebuild compare``: inspect each model, measure its accuracy on labelled data, rank them.
 
@@ -307,12 +336,15 @@ def compare_models(
     }
     if sort_by not in keys:
         raise UsageError(f"--sort-by '{sort_by}' is unknown; use one of {', '.join(keys)}")
+    from edgebuild.recipe import load_preprocess
+
     reports = []
+    spec_pre = load_preprocess(preprocess) if preprocess is not None else None
     for spec in specs:
-        source = load_model(spec, input_shape=input_shape)
+        source = _load_with_data(spec, input_shape, val_data, spec_pre)
         report = inspect_source(source, bench_seconds=bench_seconds, threads=threads)
         if val_data:
-            report.accuracy = _accuracy(source, val_data, val_samples)
+            report.accuracy = _accuracy(source, val_data, val_samples, spec_pre)
             if report.accuracy is None:
                 report.notes.append("accuracy: validation data has no labels or the output is not [batch, classes]")
         reports.append(report)

@@ -19,14 +19,17 @@ from typing import Any
 
 import click
 
-from edgebuild.candidates import CALIB_METHODS, INT8_SEARCH
 from edgebuild.passes import TorchPass
 from edgebuild.passes.distill import DistillConfig
+from edgebuild.passes.fusion import MODEL_TYPE_CHOICES
 from edgebuild.passes.prune import METHODS as PRUNE_METHODS
 from edgebuild.passes.prune import PruneConfig
+from edgebuild.passes.quantize import CALIB_METHODS, INT8_SEARCH, QUANTIZE_MODES
+from edgebuild.shipping import VARIANT_MODES
 from edgebuild.sources import InputShapes
 
-QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
+# --task names and the aliases it also accepts (edgebuild.tasks resolves them).
+TASK_CHOICES = ("detect", "classify", "embed", "tensor", "detection", "classification", "embedding")
 OPTIMIZE_FOR = ("latency", "size")
 
 # What a recipe value may be, per kind of option (TOML is typed: "0.01" is a string, not a number).
@@ -112,6 +115,22 @@ class PackOptions:
         kind="table",
         path=True,
     )
+    task: str | None = option(
+        None,
+        "What the model does: detect | classify | embed | tensor (also detection, classification, embedding). "
+        "Decides validation (boxes for detect), quantization (detect: head tail in float) and /v1/predict "
+        "(default: the model's Ultralytics metadata, a declared post-processing, else classification for "
+        "[batch, classes] outputs and tensor otherwise).",
+        choices=TASK_CHOICES,
+    )
+    postprocess: str | dict | None = option(
+        None,
+        "Detection post-processing: yolov8 | yolov5 | yolox | end2end | FILE.toml (a [postprocess] table: format, "
+        "conf, iou, max_det, strides, box, normalized, class_agnostic, boxes_output, scores_output) "
+        "(default: the factory module's POSTPROCESS, else from the Ultralytics metadata and output shape).",
+        kind="table",
+        path=True,
+    )
     labels: list[str] | str | None = option(
         None,
         "Class names, one per line (default: the factory module's LABELS, or the image folder's class names).",
@@ -134,17 +153,19 @@ class PackOptions:
         recipe="quantize.mode",
         choices=QUANTIZE_MODES,
     )
-    max_accuracy_drop: float | str = option(
-        0.01,
-        "Largest allowed drop of the metric: a fraction (0.01 = 1 point) or a percent (1%); above 0.5 only as a percent.",
+    max_accuracy_drop: float | str | None = option(
+        None,
+        "Largest allowed drop of the metric: a fraction (0.01 = 1 point) or a percent (1%); above 0.5 only as a "
+        "percent. Default 0.01; detection judged by box agreement without labels: 0.05 (mAP50-95 vs FP32 >= 0.95).",
         kind="budget",
         click_type=str,
         aliases=("quantize.max_accuracy_drop",),
     )
     metric: str | None = option(
         None,
-        "accuracy | agreement | cosine | module:callable (default: accuracy with labels, agreement for known "
-        "classifiers, else cosine).",
+        "accuracy | agreement | cosine | map50-95 | box-agreement | module:callable(reference, packed, labels) "
+        "receiving every output as lists (default: accuracy with labels, agreement for known classifiers, "
+        "detection: map50-95 with box labels, box-agreement without; else cosine on every output).",
         aliases=("quantize.metric",),
     )
     optimize_for: str = option(
@@ -159,6 +180,13 @@ class PackOptions:
         None,
         "Also ship every in-budget variant for the device to choose from (default: on for GPU targets).",
         flags=("--ship-variants/--no-ship-variants",),
+    )
+    variants: str = option(
+        "auto",
+        "Variants the device's self-benchmark chooses among: one (model.onnx only), contenders (the best float "
+        "variant + the best INT8 variant of up to 2 recipe families, about 1.5x FP32's size), all (every in-budget "
+        "variant); auto: all on GPU targets, contenders on CPUs (--ship-variants/--no-ship-variants: all/one).",
+        choices=VARIANT_MODES,
     )
     force: bool = option(False, "Replace an existing bundle at the destination.")
     archive: bool = option(False, "Also write <bundle>.tar.gz.")
@@ -188,11 +216,26 @@ class PackOptions:
         recipe="quantize.int8_search",
         choices=INT8_SEARCH,
     )
+    head_in_float: bool = option(
+        True,
+        "Detection: keep the head's tail (the nodes after the last Conv on each output path: decode, DFL, "
+        "Sigmoid/Softmax, final Concat) in float when quantizing.",
+        flags=("--float-head/--quantize-head",),
+        recipe="quantize.float_head",
+    )
     partial_quantization: bool = option(
         True,
         "When every full INT8 variant breaks the budget, keep the worst nodes in float (precision 'mixed').",
         flags=("--partial/--no-partial",),
         recipe="quantize.partial",
+    )
+    model_type: str = option(
+        "auto",
+        "Transformer fusion (ONNX Runtime's transformer optimizer) as extra candidates on CPUs: the optimizer's "
+        "model type (bert, gpt2, vit, ...), auto (a Hugging Face config's type, else bert when the graph has "
+        "attention) or none.",
+        recipe="quantize.model_type",
+        choices=MODEL_TYPE_CHOICES,
     )
     # Not options: the resolved --config recipe (recorded in the manifest) and the torch-level passes built
     # from the TorchPassOptions settings, run before export when the source is a torch model.

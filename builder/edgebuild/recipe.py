@@ -25,6 +25,10 @@ calib_method = "minmax"       # minmax | entropy | percentile
 max_accuracy_drop = 0.01
 metric = "accuracy"
 
+[postprocess]                 # detectors (with task = "detect"); or postprocess = "yolov8" | ... | "file.toml"
+format = "yolov8"             # yolov8 | yolov5 | yolox | end2end | split
+conf = 0.25
+
 [preprocess]                  # optional; or preprocess = "imagenet" | "unit" | "none" | "file.toml"
 preset = "imagenet"           # start from a preset; the manifest's keys below override it
 resize = "center-crop"        # stretch | center-crop | letterbox
@@ -135,6 +139,32 @@ def load_preprocess(value: Any, where: str = "--preprocess") -> PreprocessSpec |
         raise UsageError(str(exc)) from None
 
 
+def load_postprocess(value: Any, where: str = "--postprocess") -> dict | str | None:
+    """A post-processing declaration: a detection preset name (``yolov8``, ...), a ``.toml`` file (a
+    ``[postprocess]`` table or top-level keys) or a table; checked by the task that uses it."""
+    from edgerun.tasks.detection import FORMATS
+
+    if value is None or isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise UsageError(f"{where} must be a preset name, a .toml file or a table, got {value!r}")
+    if value in FORMATS:
+        return value
+    path = Path(value)
+    if path.suffix != ".toml" or not path.is_file():
+        raise UsageError(
+            f"{where} '{value}' is neither a detection preset ({', '.join(FORMATS)}) nor an existing .toml file"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{where} '{value}' is not valid TOML: {exc}") from None
+    table = data.get("postprocess", data)
+    if not isinstance(table, dict):
+        raise UsageError(f"{where} '{value}': [postprocess] must be a table")
+    return table
+
+
 def load_labels(value: Any, where: str = "--labels") -> list[str] | None:
     """Class names from a file (one per line) or a list."""
     if value is None or isinstance(value, (list, tuple)):
@@ -203,6 +233,8 @@ def pack_options(settings: dict[str, Any], *, recipe_path: str | None = None):
     values["input_shape"] = parse_input_shapes(values.get("input_shape"))
     if isinstance(values.get("preprocess"), (str, dict)):
         load_preprocess(values["preprocess"])  # a bad declaration is exit 2 before anything is loaded
+    if isinstance(values.get("postprocess"), str):
+        values["postprocess"] = load_postprocess(values["postprocess"])
     if isinstance(values.get("input_names"), str):
         values["input_names"] = [n.strip() for n in values["input_names"].split(",")]
     if "output_dir" in values:

@@ -8,18 +8,60 @@ engine covers exactly what the device will be asked.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from edgebuild.onnx_utils import op_counts
+# Ops whose outputs are shape tensors: TensorRT computes them (and whatever is computed from them and
+# from constants only) at engine build or as shape arithmetic, never as layers on the data.
+SHAPE_OPS = frozenset({"Constant", "Shape", "Size"})
+
+
+def _shape_or_constant_nodes(graph: Any) -> set[int]:
+    """Indices of the nodes whose every input is a constant or a shape: folded by ONNX Runtime's and
+    TensorRT's constant folding, or evaluated as shape tensors. They are not layers TensorRT must run."""
+    static = {init.name for init in graph.initializer} | {""}  # "" is an omitted optional input
+    nodes = set()
+    for index, node in enumerate(graph.node):  # ONNX graphs are topologically sorted
+        if node.op_type in SHAPE_OPS or all(name in static for name in node.input):
+            if not any(attr.g.node or attr.graphs for attr in node.attribute):  # If/Loop bodies run on data
+                nodes.add(index)
+                static.update(node.output)
+    return nodes
+
+
+def layer_op_counts(model_path: Path) -> Counter[str]:
+    """Op types (with counts) of the nodes that run on data, inside If/Loop/Scan bodies too."""
+    import onnx
+
+    counts: Counter[str] = Counter()
+
+    def walk(graph: Any) -> None:
+        folded = _shape_or_constant_nodes(graph)
+        for index, node in enumerate(graph.node):
+            if index not in folded:
+                counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(onnx.load(str(model_path), load_external_data=False).graph)
+    return counts
 
 
 def unsupported_ops(model_path: Path, supported: list[str]) -> dict[str, int]:
-    """Op types (with counts) TensorRT will not run; ONNX Runtime places them on CUDA/CPU."""
+    """Op types (with counts) TensorRT will not run; ONNX Runtime places them on CUDA/CPU.
+
+    Constants, shapes and the arithmetic on them are left out: TensorRT folds them or handles them as
+    shape tensors, so listing them would only be noise.
+    """
     allowed = set(supported)
-    return {op: n for op, n in sorted(op_counts(model_path).items()) if op not in allowed}
+    return {op: n for op, n in sorted(layer_op_counts(model_path).items()) if op not in allowed}
 
 
 def _dims(shape: Sequence[int]) -> str:

@@ -1,14 +1,22 @@
 """Accuracy validation: the packed model against the FP32 reference on real data.
 
 The reference is the original model (torch eager for torch sources, ONNX Runtime FP32 for
-ONNX sources). Metrics are computed on the first output. ``accuracy`` needs labels;
-``agreement`` (top-1 vs the reference) and ``cosine`` (output similarity, for embeddings and
-dense heads) need none. ``drop`` is always "higher is better" reference minus packed.
+ONNX sources). Every output is compared: ``cosine`` and ``max_abs`` are the worst output's (a
+detector whose box head survives quantization while its score head does not is caught), each
+output's own figures are recorded under ``outputs``. ``accuracy`` and ``agreement`` (top-1 vs the
+reference) are computed on the classifier output (the first output); ``accuracy`` needs labels.
+``drop`` is always "higher is better" reference minus packed.
+
+A custom ``--metric package.module:callable`` is called as ``fn(reference, packed, labels)`` with
+``reference`` and ``packed`` the lists of every output (model order, each batch first) and
+``labels`` the validation labels or ``None``. A metric written for a single array (the earlier
+signature) still works on single-output models: when it fails on lists it is called again with
+output 0 and the validation records that it saw the first output only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +45,11 @@ def run_session(session, inputs: dict[str, np.ndarray], batch_size: int = 64) ->
         else:
             parts.append(session.run(None, chunk))
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def output_names(session) -> list[str]:
+    """An ORT session's output names, in the model's order."""
+    return [o.name for o in session.get_outputs()]
 
 
 def torch_outputs(source: ModelSource, inputs: dict[str, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
@@ -74,6 +87,14 @@ def _as_list(out) -> list[np.ndarray]:
     return [o.detach().float().numpy() for o in out]
 
 
+Outputs = list[np.ndarray]
+
+
+def as_outputs(value: np.ndarray | Sequence[np.ndarray]) -> Outputs:
+    """One array (a single-output model, earlier callers) or a sequence of them -> a list of outputs."""
+    return [value] if isinstance(value, np.ndarray) else list(value)
+
+
 def _cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
@@ -85,19 +106,42 @@ def _cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), np.where(both_zero, 1.0, 0.0))
 
 
-def compare_outputs(reference: np.ndarray, packed: np.ndarray, labels: np.ndarray | None) -> dict:
-    """Every number we know how to compute for a packed output vs its reference."""
-    out: dict = {"samples": int(len(reference))}
+def _compare_one(reference: np.ndarray, packed: np.ndarray) -> dict:
     finite = bool(np.isfinite(packed).all())
-    out["finite"] = finite
-    out["max_abs"] = (
-        float(np.abs(reference.astype(np.float64) - packed.astype(np.float64)).max()) if finite else float("inf")
-    )
+    if reference.shape != packed.shape:
+        return {"finite": finite, "max_abs": float("inf"), "cosine": 0.0, "cosine_min": 0.0, "shape": "differs"}
+    max_abs = float(np.abs(reference.astype(np.float64) - packed.astype(np.float64)).max()) if finite else float("inf")
     cos = _cosine_per_sample(reference, packed) if finite else np.zeros(len(reference))
-    out["cosine"] = float(cos.mean())
-    out["cosine_min"] = float(cos.min())
-    if reference.ndim == 2 and reference.shape[1] > 1:
-        ref_top1, packed_top1 = reference.argmax(1), packed.argmax(1)
+    return {"finite": finite, "max_abs": max_abs, "cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def compare_outputs(
+    reference: np.ndarray | Sequence[np.ndarray],
+    packed: np.ndarray | Sequence[np.ndarray],
+    labels: np.ndarray | None,
+    names: Sequence[str] | None = None,
+) -> dict:
+    """Every number we know how to compute for the packed outputs vs their references: the worst
+    output's cosine and max |diff| at the top level, each output's under ``outputs``."""
+    reference, packed = as_outputs(reference), as_outputs(packed)
+    if len(reference) != len(packed):
+        raise ValueError(f"the packed model has {len(packed)} outputs, the reference {len(reference)}")
+    names = list(names) if names is not None else [f"output {i}" for i in range(len(reference))]
+    per = [{"name": n, **_compare_one(r, p)} for n, r, p in zip(names, reference, packed)]
+    worst = min(per, key=lambda o: (o["cosine"], -o["max_abs"]))
+    out: dict = {
+        "samples": int(len(reference[0])),
+        "finite": all(o["finite"] for o in per),
+        "max_abs": max(o["max_abs"] for o in per),
+        "cosine": worst["cosine"],
+        "cosine_min": min(o["cosine_min"] for o in per),
+    }
+    if len(per) > 1:
+        out["outputs"] = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in o.items()} for o in per]
+        out["worst_output"] = worst["name"]
+    first_ref, first_packed = reference[0], packed[0]
+    if first_ref.ndim == 2 and first_ref.shape[1] > 1 and first_ref.shape == first_packed.shape:
+        ref_top1, packed_top1 = first_ref.argmax(1), first_packed.argmax(1)
         out["agreement"] = float((ref_top1 == packed_top1).mean())
         if labels is not None:
             out["accuracy"] = float((packed_top1 == labels).mean())
@@ -110,28 +154,49 @@ class Metric:
     """The number the accuracy budget applies to, and why it was chosen."""
 
     name: str
-    fn: Callable[[np.ndarray, np.ndarray, np.ndarray | None], float] | None = None
+    # fn(reference outputs, packed outputs, labels) -> value (higher is better); see the module docstring.
+    fn: Callable[[Outputs, Outputs, np.ndarray | None], float] | None = None
     # Why this metric (recorded in the manifest's validation), and a warning worth printing loudly.
     reason: str = ""
     warning: str | None = None
+    # Set when a custom metric only takes arrays: it was called with output 0 (recorded, single-output models only).
+    first_output_only: bool = False
 
     @property
     def is_classification(self) -> bool:
         return self.name in ("accuracy", "agreement")
 
-    def reference_value(self, reference: np.ndarray, labels: np.ndarray | None) -> float:
+    def _call(self, reference: Outputs, packed: Outputs, labels: np.ndarray | None) -> float:
+        assert self.fn is not None
+        try:
+            return float(self.fn(reference, packed, labels))
+        except (AttributeError, TypeError, IndexError):
+            # A metric written for one array (the earlier signature): on a single-output model that is all there is.
+            if len(reference) != 1:
+                raise
+            legacy: Callable[..., float] = self.fn
+            value = float(legacy(reference[0], packed[0], labels))
+            self.first_output_only = True
+            return value
+
+    def reference_value(self, reference: Outputs, labels: np.ndarray | None) -> float:
         if self.fn is not None:
-            return float(self.fn(reference, reference, labels))
+            return self._call(reference, reference, labels)
         if self.name == "accuracy":
-            return float((reference.argmax(1) == labels).mean())
+            return float((reference[0].argmax(1) == labels).mean())
         return 1.0  # agreement and cosine of the reference with itself
 
-    def packed_value(
-        self, numbers: dict, reference: np.ndarray, packed: np.ndarray, labels: np.ndarray | None
-    ) -> float:
+    def packed_value(self, numbers: dict, reference: Outputs, packed: Outputs, labels: np.ndarray | None) -> float:
         if self.fn is not None:
-            return float(self.fn(reference, packed, labels))
+            return self._call(reference, packed, labels)
         return float(numbers[self.name])
+
+    def measure(self, numbers: dict, reference: Outputs, packed: Outputs, labels: np.ndarray | None, names) -> dict:
+        """The budget's numbers (``metric``, ``reference``, ``packed``, ``drop``; a task's metric adds its
+        own figures, and ``refused`` with the reason when a guard rejects the variant whatever the drop)."""
+        ref_value = self.reference_value(reference, labels)
+        value = self.packed_value(numbers, reference, packed, labels) if numbers["finite"] else float("-inf")
+        return {"metric": self.name, "reference": ref_value, "packed": value, "drop": ref_value - value}
 
 
 # A plain --max-accuracy-drop above this is almost always a percent typed as a number ("1" for
@@ -231,7 +296,8 @@ def _accuracy_or_agreement(labels, reference: np.ndarray) -> Metric:
         return Metric("accuracy", reason=f"labelled data (reference accuracy {accuracy:.4f}, chance {chance:.4f})")
     warning = (
         f"the FP32 reference scores accuracy {accuracy:.4f} on these labels, at or below chance ({chance:.4f} for "
-        f"{classes} classes): the labels do not match the model's outputs (class order? another label set?)"
+        f"{classes} classes): the model is untrained (random weights?) or the labels do not match its outputs "
+        "(class order? another label set?)"
     )
     return Metric(
         "agreement",
@@ -241,9 +307,27 @@ def _accuracy_or_agreement(labels, reference: np.ndarray) -> Metric:
     )
 
 
-def evaluate(metric: Metric, reference: np.ndarray, packed: np.ndarray, labels: np.ndarray | None) -> dict:
-    numbers = compare_outputs(reference, packed, labels)
-    ref_value = metric.reference_value(reference, labels)
-    value = metric.packed_value(numbers, reference, packed, labels) if numbers["finite"] else float("-inf")
-    numbers.update({"metric": metric.name, "reference": ref_value, "packed": value, "drop": ref_value - value})
+def evaluate(
+    metric: Metric,
+    reference: np.ndarray | Sequence[np.ndarray],
+    packed: np.ndarray | Sequence[np.ndarray],
+    labels: np.ndarray | None,
+    names: Sequence[str] | None = None,
+) -> dict:
+    """The budget's metric and every output comparison of ``packed`` against ``reference`` (all outputs)."""
+    reference, packed = as_outputs(reference), as_outputs(packed)
+    numbers = compare_outputs(reference, packed, labels, names)
+    numbers.update(metric.measure(numbers, reference, packed, labels, names))
+    if metric.first_output_only:
+        numbers["metric_outputs"] = "first only (the metric takes one array)"
     return numbers
+
+
+def within_budget(validation: dict | None, max_drop: float) -> bool:
+    """A validated variant is within the budget: finite outputs, not refused by a guard, drop <= max_drop."""
+    return bool(
+        validation is not None
+        and validation.get("finite", True)
+        and not validation.get("refused")
+        and validation["drop"] <= max_drop + 1e-12
+    )

@@ -11,11 +11,13 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgerun.isa import cpu_isa
 from edgerun.session import ModelSession
 
 log = logging.getLogger("edgerun")
@@ -75,18 +77,27 @@ def measure(
     }
 
 
+# What times one session on one feed: ``timer(model, feeds, budget_s=...)`` -> ``measure``'s numbers.
+# The variant benchmark takes one so a test can make a variant look slow without a slow model.
+Timer = Callable[..., dict[str, float]]
+
+
 def self_benchmark(
-    model: ModelSession, max_batch: int, golden_inputs: dict[str, np.ndarray] | None = None, *, budget_s: float = 1.0
+    model: ModelSession,
+    max_batch: int,
+    golden_inputs: dict[str, np.ndarray] | None = None,
+    *,
+    budget_s: float = 1.0,
+    timer: Timer | None = None,
 ) -> dict[str, Any]:
     """Warm up, then measure at batch 1 and (when the batch dim is dynamic) at ``max_batch``."""
+    timer = timer or measure
     limit = getattr(model, "max_batch", None)
     if limit:
         max_batch = min(max_batch, limit)  # a TensorRT profile runs nothing larger
-    results = {"batch_1": measure(model, example_feeds(model, 1, golden_inputs), budget_s=budget_s)}
+    results = {"batch_1": timer(model, example_feeds(model, 1, golden_inputs), budget_s=budget_s)}
     if max_batch > 1 and model.batchable:
-        results[f"batch_{max_batch}"] = measure(
-            model, example_feeds(model, max_batch, golden_inputs), budget_s=budget_s
-        )
+        results[f"batch_{max_batch}"] = timer(model, example_feeds(model, max_batch, golden_inputs), budget_s=budget_s)
     return results
 
 
@@ -100,11 +111,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def decision_key(bundle_sha256: str, providers: list[str], cpu: str | None = None, threads: int | None = None) -> str:
-    """A variant choice is valid for one bundle, one provider list, one CPU model and one thread
-    count (a variant that wins on 4 threads may lose on 1)."""
-    text = json.dumps([bundle_sha256, providers, cpu if cpu is not None else cpu_model(), threads])
+def decision_key(
+    bundle_sha256: str,
+    providers: list[str],
+    cpu: str | None = None,
+    threads: int | None = None,
+    isa: list[str] | None = None,
+) -> str:
+    """A variant choice is valid for one bundle, one provider list, one CPU model, one thread
+    count (a variant that wins on 4 threads may lose on 1) and one set of ISA flags (INT8 wins
+    with VNNI/AMX and loses without: a VM moved to another host keeps its model name but not
+    always its flags)."""
+    flags = sorted(isa if isa is not None else cpu_isa())
+    text = json.dumps([bundle_sha256, providers, cpu if cpu is not None else cpu_model(), threads, flags])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def find_decisions(cache_dir: Path, bundle_sha256: str) -> list[dict[str, Any]]:
+    """The cached variant decisions recorded for one bundle (any provider list, thread count or ISA)."""
+    directory = Path(cache_dir).expanduser() / "decisions"
+    found = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            decision = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(decision, dict) and decision.get("bundle") == bundle_sha256 and "variant" in decision:
+            found.append(decision)
+    return found
 
 
 def read_decision(cache_dir: Path, key: str) -> dict[str, Any] | None:

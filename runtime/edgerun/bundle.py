@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from edgerun.errors import BundleError
+from edgerun.errors import BundleError, first_line
 from edgerun.manifest import MANIFEST_NAME, Manifest, parse_manifest
 
 _CHUNK = 1 << 20
@@ -127,6 +127,8 @@ MAX_ARCHIVE_BYTES = 8 << 30
 MAX_ARCHIVE_MEMBERS = 1000
 # What a damaged or truncated archive raises while being read.
 _ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+# Files a user may hand to `edgerun serve` that are models, not bundles.
+_MODEL_SUFFIXES = frozenset({".onnx", ".pt", ".pt2", ".pth", ".safetensors", ".ort", ".engine", ".plan"})
 # Header records that tarfile reads whole into memory (pax records, GNU long names) are a few hundred
 # bytes in a bundle; a few megabytes of gzip can declare gigabytes of them.
 MAX_ARCHIVE_HEADER_BYTES = 1 << 20
@@ -168,10 +170,18 @@ def extract_archive(
     Refuses absolute paths, ``..``, links and device files instead of trusting the archive, and
     turns a truncated or corrupt archive into one ``BundleError``.
     """
+    if Path(archive).suffix.lower() in _MODEL_SUFFIXES:
+        raise BundleError(
+            f"{archive} is a model file, not a bundle: edgerun serves a bundle (a directory or .tar.gz with "
+            f"manifest.json, golden.npz and the model) made by `edgebuild pack {Path(archive).name}`"
+        )
     try:
         tar = tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo)
     except _ARCHIVE_ERRORS as exc:
-        raise BundleError(f"{archive}: not a readable tar archive ({exc})") from None
+        raise BundleError(
+            f"{archive}: not a bundle (a directory or .tar.gz made by `edgebuild pack`): not a readable tar archive "
+            f"({first_line(exc)})"
+        ) from None
     with tar:
         members: list[tarfile.TarInfo] = []
         total = 0

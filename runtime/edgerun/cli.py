@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from edgerun import startup  # noqa: F401  (early: the start-up timeline's origin)
-from edgerun.errors import EdgerunError, report_errors
+from edgerun.errors import DebugAnywhereGroup, EdgerunError, report_errors
 from edgerun.memory import tune_malloc
 from edgerun.serve_options import DEFAULT_CACHE_DIR, LOAD_OPTIONS, ServeOptions, click_options
 
@@ -65,8 +65,8 @@ def _secret(value: str | None, path: str | None, option: str, envvar: str) -> st
     return value.strip() if value is not None else None
 
 
-@click.group()
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.group(cls=DebugAnywhereGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors (before or after the command).")
 @click.version_option(package_name="edgebuild", prog_name="edgerun")
 def main(debug: bool) -> None:
     """Serve edgebuild bundles on the device (KServe v2 REST)."""
@@ -175,6 +175,7 @@ def serve(bundles, **values):
         if given.no_bench:
             loader.start()
         with phase("imports"):
+            from edgerun.address import address_file
             from edgerun.server import create_app
             from edgerun.server import serve as run_server
         if not given.no_bench:
@@ -195,21 +196,30 @@ def serve(bundles, **values):
     try:
         with phase("app"):
             app = create_app(repo, given.server_config(token, admin_token))
-        run_server(app, host=host, port=given.port, log_level=given.log_level, on_ready=log_ready)
+        run_server(
+            app,
+            host=host,
+            port=given.port,
+            log_level=given.log_level,
+            on_ready=log_ready,
+            address_file=address_file(given.cache_dir),
+        )
     finally:
         repo.close()  # also when the server stops before its shutdown hook runs
 
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--trusted-key", type=click.Path(dir_okay=False), help="Also check the signature with this key.")
+@click_options(("cache_dir", "trusted_key"))  # the variant decisions this device cached are shown
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_handle_errors
-def info(bundle, trusted_key, as_json):
-    """Print the manifest summary of BUNDLE (checksums are verified on the way)."""
+def info(bundle, cache_dir, trusted_key, as_json):
+    """Print the manifest summary of BUNDLE (checksums are verified on the way), this device's ISA
+    and the variant its self-benchmark chose here."""
+    from edgerun.isa import describe
     from edgerun.loader import describe_bundle
 
-    summary = describe_bundle(bundle, _read_key(trusted_key))
+    summary = describe_bundle(bundle, _read_key(trusted_key), Path(cache_dir))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -230,6 +240,20 @@ def info(bundle, trusted_key, as_json):
     golden = summary["golden"]
     click.echo(f"  golden     {golden['path'] + ' ' + summary['golden_check'] if golden else 'none'}")
     click.echo(f"  signed     {'yes' if summary['signed'] else 'no'}; {summary['files']} files")
+    if summary["host_isa"] is not None:
+        click.echo(f"  host ISA   {describe(summary['host_isa'])} (where the manifest's timings were taken)")
+    device = summary["device"]
+    click.echo(f"  device     {device['cpu']}: {describe(device['isa'])}")
+    for choice in device["choices"]:
+        timings = ", ".join(f"{path} {ms:.3f} ms" for path, ms in choice["p50_ms"].items())
+        click.echo(
+            f"  choice     {choice['variant']} ({choice['precision']}) on {','.join(choice['providers'] or [])}, "
+            f"{choice['threads']} threads: {timings}"
+        )
+    if not device["choices"] and summary["variants"]:
+        click.echo(
+            "  choice     not measured on this device yet (edgerun serve or edgerun bench measures and caches it)"
+        )
 
 
 @main.command()

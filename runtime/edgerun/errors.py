@@ -108,6 +108,17 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+class DebugAnywhereGroup(click.Group):
+    """A command group whose ``--debug`` may also follow the subcommand (``edgebuild pack ... --debug``):
+    it is moved in front of the subcommand, where the group's own option reads it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        stop = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:stop]:
+            args = ["--debug", *(a for i, a in enumerate(args) if not (i < stop and a == "--debug"))]
+        return super().parse_args(ctx, args)
+
+
 def report_errors(prog: str, families: tuple[type[Exception], ...]) -> Callable[[F], F]:
     """Click command decorator: errors of ``families`` become one line and their ``exit_code``.
 

@@ -486,7 +486,10 @@ def plan_layout(
         request = replace(request, spinning=str(pinned) == "1")
     accelerator = bool(session.providers) and session.providers[0] != CPU
     candidates = candidate_layouts(budget, request, accelerator=accelerator)
-    key = layout_key(bundle_id, [p.name for p in providers], cpu_model(), budget, session.variant.path, request)
+    from edgerun.isa import cpu_isa
+
+    cpu = f"{cpu_model()} [{' '.join(cpu_isa())}]"  # like the variant decision: per CPU model and ISA flags
+    key = layout_key(bundle_id, [p.name for p in providers], cpu, budget, session.variant.path, request)
     fixed = request.instances is not None or request.threads is not None
     batch_limit = min(bench_batch, session.max_batch or bench_batch)
     try_batching = (

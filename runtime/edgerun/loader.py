@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgerun.bench import decision_key, read_decision, self_benchmark, write_decision
+from edgerun.bench import Timer, cpu_model, decision_key, find_decisions, read_decision, self_benchmark, write_decision
 from edgerun.bundle import Bundle, open_bundle
 from edgerun.errors import BundleError, EdgerunError, SessionError
 from edgerun.golden import GoldenData, check_golden, describe_thresholds, load_golden, thresholds_for
+from edgerun.isa import cpu_isa
 from edgerun.layout import LayoutRequest, plan_layout
 from edgerun.manifest import ModelFile
 from edgerun.memory import release_free_memory
@@ -53,6 +54,8 @@ class LoadOptions:
     optimize: str = DEFAULTS.optimize
     fixed_batch: int | None = None  # --max-batch given explicitly: every layout stacks this many rows
     batch_delay_ms: float = DEFAULTS.max_delay_ms  # the server's batching window, added to a batched layout's latency
+    # What times each variant in the self-benchmark (None: edgerun.bench.measure; tests inject a fake clock).
+    variant_timer: Timer | None = None
 
 
 @dataclass
@@ -178,7 +181,8 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     golden_inputs = golden_data.inputs if golden_data else None
 
     variants = manifest.all_models()
-    key = decision_key(bundle_id, [p.name for p in candidates], threads=thread_choice.threads)
+    isa = cpu_isa()
+    key = decision_key(bundle_id, [p.name for p in candidates], threads=thread_choice.threads, isa=isa)
     decision = read_decision(cache_dir, key) if options.bench and len(variants) > 1 else None
     if decision:
         decided = [v for v in variants if v.path == decision.get("variant")]
@@ -214,17 +218,36 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
             # alone (the layout step measures this session again, in every layout).
             budget_s = options.bench_budget_s if len(passing) > 1 else options.bench_budget_s / 4
             with phase("bench"):
-                numbers = self_benchmark(session, options.max_batch, golden_inputs, budget_s=budget_s)
+                numbers = self_benchmark(
+                    session, options.max_batch, golden_inputs, budget_s=budget_s, timer=options.variant_timer
+                )
             log.info("benchmark %s on %s: %s", session.variant.path, session.providers[0], numbers)
             results.append(numbers)
         best = min(range(len(passing)), key=lambda i: results[i]["batch_1"]["p50_ms"])
         benchmark = results[best]
         if len(passing) > 1:
             benchmark["variants"] = {passing[i][0].variant.path: results[i]["batch_1"] for i in range(len(passing))}
-            write_decision(cache_dir, key, {"variant": passing[best][0].variant.path, "benchmark": results})
+            write_decision(
+                cache_dir,
+                key,
+                {
+                    "variant": passing[best][0].variant.path,
+                    "precision": passing[best][0].variant.precision,
+                    "benchmark": results,
+                    # What the decision was taken for, so `edgerun info` can show it without a provider list.
+                    "bundle": bundle_id,
+                    "cpu": cpu_model(),
+                    "isa": isa,
+                    "providers": [p.name for p in candidates],
+                    "threads": thread_choice.threads,
+                    "p50_ms": {v: n["p50_ms"] for v, n in benchmark["variants"].items()},
+                },
+            )
         passing = [passing[best]]
     elif decision:
         benchmark = {"cached": decision.get("benchmark")}
+    if benchmark:
+        benchmark["isa"] = isa  # the timings above hold for this ISA only
     session, golden = passing[0]
     if not options.bench:
         with phase("layout"):
@@ -330,8 +353,11 @@ def _warm_feeds(session: ModelSession, golden_inputs):
     return example_feeds(session, 1, golden_inputs)
 
 
-def describe_bundle(location: str | Path, trusted_key: bytes | None = None) -> dict[str, Any]:
-    """Manifest summary for ``edgerun info`` / ``verify`` (verifies checksums on the way)."""
+def describe_bundle(
+    location: str | Path, trusted_key: bytes | None = None, cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """Manifest summary for ``edgerun info`` / ``verify`` (verifies checksums on the way), with this
+    device's ISA and the variant its self-benchmark chose here (when ``cache_dir`` holds one)."""
     bundle = open_bundle(location, trusted_public_key=trusted_key)
     bundle.close()  # everything below comes from the manifest already read
     m = bundle.manifest
@@ -347,6 +373,8 @@ def describe_bundle(location: str | Path, trusted_key: bytes | None = None) -> d
             "size_bytes": m.model.size_bytes,
         },
         "variants": [{"path": v.path, "precision": v.precision} for v in m.variants],
+        "host_isa": (m.benchmark.get("host") or {}).get("isa"),
+        "device": _device_choice(bundle.sha256, cache_dir),
         "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.inputs],
         "outputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape} for s in m.outputs],
         "providers": [p.name for p in m.providers],
@@ -357,6 +385,27 @@ def describe_bundle(location: str | Path, trusted_key: bytes | None = None) -> d
         "golden_check": describe_thresholds(thresholds_for(m.golden, m.model.path)) if m.golden else None,
         "signed": bool(m.signature),
         "files": len(m.files),
+    }
+
+
+def _device_choice(bundle_sha256: str, cache_dir: Path | None) -> dict[str, Any]:
+    """This device's CPU and ISA, and the variant decisions cached here for this bundle on this ISA."""
+    isa = cpu_isa()
+    decisions = find_decisions(cache_dir, bundle_sha256) if cache_dir is not None else []
+    here = [d for d in decisions if sorted(d.get("isa") or []) == isa]
+    return {
+        "cpu": cpu_model(),
+        "isa": isa,
+        "choices": [
+            {
+                "variant": d["variant"],
+                "precision": d.get("precision"),
+                "providers": d.get("providers"),
+                "threads": d.get("threads"),
+                "p50_ms": d.get("p50_ms") or {},
+            }
+            for d in here
+        ],
     }
 
 

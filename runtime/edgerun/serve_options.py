@@ -59,8 +59,16 @@ def option(
 class ServeOptions:
     """What ``edgerun serve`` runs with: the command line and Python callers both build this."""
 
-    host: str = option("127.0.0.1", "Bind address (keep local unless fronted).", show_default=True)
-    port: int = option(8000, "TCP port of the HTTP server.", kind="int", show_default=True)
+    host: str = option(
+        "127.0.0.1", "Bind address (keep local unless fronted).", envvar="EDGERUN_HOST", show_default=True
+    )
+    port: int = option(
+        8000,
+        "TCP port of the HTTP server (0: any free one; the bound address is recorded in <cache-dir>/run/serve.json).",
+        kind="int",
+        envvar="EDGERUN_PORT",
+        show_default=True,
+    )
     grpc_port: int | None = option(
         None,
         "Also serve KServe v2 gRPC on this port (off unless given; same --host, token and limits; needs the "

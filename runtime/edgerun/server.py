@@ -338,14 +338,18 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     on_ready: Callable[[], None] | None = None,
+    address_file: Path | None = None,
 ) -> None:
     """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling).
 
-    ``on_ready`` is called once the socket takes connections (the start-up timeline's end)."""
+    ``on_ready`` is called once the socket takes connections (the start-up timeline's end). The
+    socket is bound here, before uvicorn starts, so the address actually bound (``port`` 0
+    included) can be recorded in ``address_file`` for the health check (see ``edgerun.address``)."""
     import signal
 
     import uvicorn
 
+    from edgerun.address import remove_address, write_address
     from edgerun.startup import TIMELINE
 
     config = getattr(app.state, "config", None)
@@ -382,11 +386,18 @@ def serve(
         timeout_graceful_shutdown=30,
         access_log=False,
     )
+    sock = server_config.bind_socket()  # logs and exits 1 when the address is taken, as uvicorn.run does
+    if address_file is not None:
+        write_address(address_file, sock)
     server = Server(server_config)
     try:
-        server.run()  # what uvicorn.run does for one worker without reload
+        server.run(sockets=[sock])  # what uvicorn.run does for one worker without reload
     except KeyboardInterrupt:
         pass
+    finally:
+        if address_file is not None:
+            remove_address(address_file)
+        sock.close()
     if not server.started:
         raise SystemExit(STARTUP_FAILURE)
 

@@ -57,6 +57,7 @@ def _pack(tmp_path, *args):
     return CliRunner().invoke(main, ["pack", *args, "-o", str(tmp_path / "out"), "--bench-seconds", "0.02"])
 
 
+@pytest.mark.slow
 def test_forced_int8_over_budget_exits_3_with_report_and_no_bundle(tmp_path):
     result = _pack(
         tmp_path,
@@ -128,3 +129,28 @@ def test_report_table_shows_precision_coverage_and_failures():
         2
     ].endswith("| yes | 4/6 |")
     assert "failed: quantized 0 compute ops" in lines[3] and lines[3].endswith("| no | 0/2 |")
+
+
+def test_a_forced_precision_slower_than_fp32_is_not_called_fastest():
+    from edgebuild.candidates import choice_reason
+
+    fp32 = _candidate("fp32", "fp32", 1.231, 0.0, 1000)
+    int8 = _candidate("int8-qdq-u8s8-per-channel", "int8", 2.207, 0.0, 300)
+    reason = choice_reason(int8, fp32, None, "latency", forced="int8")
+    assert reason.startswith("fastest in-budget variant of the precision --quantize int8 forces")
+    assert "WARNING: 0.56x the speed of FP32, SLOWER on this host" in reason and "--quantize auto" in reason
+    faster = _candidate("int8-qdq", "int8", 0.8, 0.0, 300)
+    assert "SLOWER" not in choice_reason(faster, fp32, None, "latency", forced="int8")
+    assert choice_reason(faster, fp32, None, "latency").startswith("fastest in-budget variant on this host")
+
+
+def test_report_table_keeps_a_failed_candidates_whole_reason():
+    from edgebuild.report import candidate_table
+
+    reason = (
+        "quantized 0 compute ops (weights inside If/Loop subgraphs are not quantized); not an INT8 model | "
+        "the tail of the reason is no longer cut"
+    )
+    failed = _candidate("int8-dynamic", "int8-dynamic", 0.05, 0.0, 200, error=reason)
+    line = candidate_table([failed], None)[2]
+    assert "not an INT8 model \\| the tail of the reason is no longer cut |" in line

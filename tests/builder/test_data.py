@@ -172,3 +172,76 @@ def test_random_data_for_per_call_models_is_whole_calls():
     ]
     batch = open_data("random", specs, purpose="calibration", allow_random=True, limit=3).collect()
     assert batch.calls and batch.inputs["state"].shape == (3, 2, 1, 8) and batch.inputs["sr"].shape == (3,)
+
+
+class _BatchFirstEncoder:
+    """forward(input_ids, attention_mask) that needs [batch, T], as a Hugging Face encoder does."""
+
+    def __new__(cls):
+        import torch
+
+        class Encoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding(50, 4)
+
+            def forward(self, input_ids, attention_mask=None):
+                batch, length = input_ids.shape  # a [T] call fails here, as BertModel does
+                return (self.embed(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+
+        return Encoder().eval()
+
+
+TOKENS = [InputSpec(n, (), "", known=False) for n in ("input_ids", "attention_mask")]
+
+
+def test_tokenizer_arrays_n_by_t_are_rows_of_the_batch_axis(tmp_path):
+    from edgebuild.data import infer_inputs
+
+    ids = np.random.default_rng(0).integers(1, 50, (64, 32))
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, attention_mask=np.ones((64, 32), np.int64))
+    specs, line = infer_inputs(TOKENS, str(tmp_path / "tokens.npz"), "calibration", _BatchFirstEncoder())
+    assert [(s.name, s.shape, s.dtype, s.dynamic_axes) for s in specs] == [
+        ("input_ids", (1, 32), "int64", (0, 1)),
+        ("attention_mask", (1, 32), "int64", (0, 1)),
+    ]
+    assert line.startswith("input_ids [1, 32] int64, attention_mask [1, 32] int64 per call")
+    assert "read as the batch axis: 64 rows" in line
+    batch = open_data(str(tmp_path / "tokens.npz"), specs, purpose="validation").collect()
+    assert not batch.calls and batch.inputs["input_ids"].shape == (64, 32)
+
+
+def test_calls_with_a_leading_batch_of_one_stay_calls_with_the_model_too(tmp_path):
+    from edgebuild.data import infer_inputs
+
+    np.savez(tmp_path / "t.npz", input_ids=np.ones((4, 1, 7), np.int64), attention_mask=np.ones((4, 1, 7), np.int64))
+    specs, line = infer_inputs(TOKENS, str(tmp_path / "t.npz"), "validation", _BatchFirstEncoder())
+    assert [s.shape for s in specs] == [(1, 7), (1, 7)] and "counts calls: 4 calls" in line
+
+
+def test_data_the_model_runs_on_in_neither_layout_names_both_feeds(tmp_path):
+    from edgebuild.data import infer_inputs
+
+    np.savez(tmp_path / "t.npz", input_ids=np.ones((4, 2, 3, 7), np.int64), attention_mask=np.ones((4, 2, 3, 7)))
+    with pytest.raises(UsageError) as err:
+        infer_inputs(TOKENS, str(tmp_path / "t.npz"), "validation", _BatchFirstEncoder())
+    message = str(err.value)
+    assert "runs on neither reading" in message and "input_ids [2, 2, 3, 7]" in message
+    assert "input_ids [2, 3, 7]" in message and "a tokenizer's [N, T]" in message
+
+
+def test_images_the_server_would_refuse_are_counted_with_what_to_declare(tmp_path):
+    from edgebuild.data import serve_refusals
+    from edgerun.preprocess import parse_spec
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (70, 299)).save(tmp_path / "a" / "thin.png")  # 4.3x off a square model under stretch
+    Image.new("RGB", (64, 48)).save(tmp_path / "a" / "ok.png")
+    files = sorted((tmp_path / "a").iterdir())
+    stretch = parse_spec({"size": [224, 224]})
+    note = serve_refusals("imgs", files, stretch)
+    assert note is not None and note.startswith("1 of 2 images in 'imgs' would be refused by /v1/predict")
+    assert "thin.png" in note and "4.3x off" in note and 'resize = "letterbox"' in note
+    assert serve_refusals("imgs", files, parse_spec({"size": [224, 224], "resize": "letterbox"})) is None
+    source = open_data(str(tmp_path), IMG, purpose="validation")
+    assert len(source.notes) == 1 and "would be refused" in source.notes[0]

@@ -63,6 +63,7 @@ def test_distilled_student_beats_untrained_and_lowers_kd_loss(teacher):
     assert teacher.module.features[0].out_channels == 32
 
 
+@pytest.mark.slow
 def test_time_limit_stops_early_and_training_is_seeded(teacher):
     config = DistillConfig(
         train_data=f"{DIGITS}:train_data", epochs=3, max_train_minutes=1e-6, train_samples=256, seed=3

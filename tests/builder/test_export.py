@@ -57,3 +57,37 @@ def test_old_onnx_opset_is_upgraded(tmp_path):
     out_dir.mkdir()
     result = export_onnx(load_model(str(tmp_path / "old.onnx")), out_dir, 17)
     assert model_opset(result.path) == 17 and "opset 11" in result.fallback_reason
+
+
+@pytest.mark.slow
+def test_a_stock_hugging_face_bert_exports_at_opset_17_with_keyword_inputs(tmp_path):
+    """The TorchScript exporter (opset 17 is below dynamo's 18) binds inputs by position; BertModel's
+    forward() then got "multiple values for argument 'use_cache'"."""
+    import onnxruntime as ort
+    from transformers import BertConfig, BertModel
+
+    from edgebuild.sources import InputSpec, ModelSource
+
+    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    specs = [InputSpec(n, (1, 8), "int64") for n in ("input_ids", "attention_mask")]
+    source = ModelSource("callable", "hf:bert", specs, module=BertModel(config).eval())
+    result = export_onnx(source, tmp_path, 17)
+    assert result.exporter == "torchscript" and result.opset == 17
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    ids = np.ones((3, 11), np.int64)  # another batch and sequence length: the axes stay dynamic
+    out = session.run(None, {"input_ids": ids, "attention_mask": ids})
+    assert out[0].shape == (3, 11, 16)
+
+
+def test_when_both_exporters_fail_the_error_suggests_a_next_step(tmp_path, monkeypatch):
+    import edgebuild.export as export
+
+    def refuse(*args, **kwargs):
+        raise TypeError("forward() got multiple values for argument 'use_cache'")
+
+    monkeypatch.setattr(export, "_export_torchscript", refuse)
+    with pytest.raises(UsageError) as err:
+        export_onnx(load_model("tinymodels:tiny_cnn"), tmp_path, 17)
+    message = str(err.value)
+    assert "dynamo: ValueError: the dynamo exporter emits opset >= 18, the target needs 17" in message
+    assert "torchscript: TypeError" in message and "next step:" in message and "wrap the model" in message

@@ -1,10 +1,12 @@
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
 
 from edgebuild.candidates import Candidate, select
 from edgebuild.cli import main
+from edgebuild.errors import UsageError
 from edgerun.bundle import open_bundle
 
 FAST = ["--bench-seconds", "0.05"]
@@ -26,7 +28,13 @@ def test_pack_tiny_model_writes_verified_bundle_and_prints_path_last(tmp_path):
         "0.1",
     )
     assert result.exit_code == 0, result.stderr
+    # One progress line per measured candidate with its elapsed time; the total is the last stderr line.
+    err = result.stderr.splitlines()
+    measured = [line for line in err if re.match(r"edgebuild: \[\d+/\d+\] \S+: .* \(\d+\.\d s\)$", line)]
+    assert len(measured) >= 2 and measured[0].startswith("edgebuild: [1/")
+    assert re.fullmatch(r"edgebuild: done in \d+\.\d s", err[-1])
     path = result.stdout.strip().splitlines()[-1]
+    assert path.endswith("tiny-cnn-x86")  # the bundle path stays last on stdout
     bundle = open_bundle(path)
     m = bundle.manifest
     assert m.name == "tiny-cnn" and m.inputs[0].shape == [-1, 3, 8, 8] and m.inputs[0].dtype == "float32"
@@ -54,6 +62,7 @@ def test_pack_tiny_model_writes_verified_bundle_and_prints_path_last(tmp_path):
     assert m.model.size_bytes == chosen.size_bytes
 
 
+@pytest.mark.slow
 def test_multi_input_model_packs_with_named_int64_inputs(tmp_path):
     result = _pack(
         tmp_path,
@@ -94,6 +103,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_existing_bundle_is_kept_without_force(tmp_path):
     args = ["tinymodels:tiny_cnn", "--calib-data", "tinymodels:tiny_images", "--quantize", "none"]
     first = _pack(tmp_path, *args)
@@ -107,6 +117,7 @@ def test_existing_bundle_is_kept_without_force(tmp_path):
     assert json.loads((tmp_path / "out" / "tiny-cnn-x86" / "manifest.json").read_text())["created"]
 
 
+@pytest.mark.slow
 def test_random_calibration_is_recorded_as_not_validated(tmp_path):
     result = _pack(tmp_path, "tinymodels:tiny_cnn", "--calib-data", "random", "--max-accuracy-drop", "100%")
     assert result.exit_code == 0, result.stderr
@@ -128,6 +139,7 @@ def test_output_dir_that_is_a_file_fails_before_any_work(tmp_path):
     assert "not a directory" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_token_model_without_validation_data_packs_on_random_token_ids(tmp_path):
     result = _pack(tmp_path, "tinymodels:token_classifier", "--quantize", "none")
     assert result.exit_code == 0, result.output
@@ -156,3 +168,11 @@ def test_torch_passes_on_a_pt2_program_are_one_line_exit_2(tmp_path, flags):
     result = _pack(tmp_path, str(program), "--quantize", "none", *flags)
     assert result.exit_code == 2, result.output
     assert "package.module:callable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_debug_is_accepted_after_the_subcommand(tmp_path):
+    plain = CliRunner().invoke(main, ["pack", str(tmp_path / "missing.onnx")])
+    assert plain.exit_code == 2 and plain.stderr.count("edgebuild: error:") == 1 and "Traceback" not in plain.stderr
+    debug = CliRunner().invoke(main, ["pack", str(tmp_path / "missing.onnx"), "--debug"])
+    assert "No such option" not in debug.output
+    assert isinstance(debug.exception, UsageError)  # --debug lets the error through with its traceback

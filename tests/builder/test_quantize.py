@@ -7,10 +7,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgebuild.candidates import CandidatePlan, build_candidate, matmul_heavy, plan_candidates, static_variants
+from edgebuild.candidates import (
+    CandidatePlan,
+    SearchConfig,
+    build_candidate,
+    matmul_heavy,
+    plan_candidates,
+    static_variants,
+)
 from edgebuild.data import open_data
 from edgebuild.onnx_utils import make_session
-from edgebuild.pack import PackOptions
 from edgebuild.passes import quantize as q
 from edgebuild.passes.partial import exclusion_order, partial_quantize, partial_quantize_dynamic, rank_nodes
 from edgebuild.sources import load_model
@@ -186,7 +192,7 @@ def weight_dequantizers(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, i
 def test_tensorrt_preset_ships_int8_weights_per_output_channel_with_float_biases(tmp_path):
     src = dense_net(tmp_path / "dense.onnx")
     calibration, x = _calibration(src)
-    preset = static_variants(PackOptions(quantize="int8"), load_target("jetson"))[0]
+    preset = static_variants(SearchConfig(quantize="int8"), load_target("jetson"))[0]
     dst = tmp_path / "q.onnx"
     metrics = q.quantize_static_int8(src, dst, calibration, preset)
     weights = weight_dequantizers(dst)
@@ -259,22 +265,22 @@ def test_partial_coverage_is_recorded_as_mixed(tmp_path):
 
 def test_auto_variants_and_dynamic_only_for_matmul_heavy_models(tmp_path):
     x86 = load_target("x86")
-    quick = [c.describe() for c in static_variants(PackOptions(), x86)]
+    quick = [c.describe() for c in static_variants(SearchConfig(), x86)]
     assert quick == [
         "QDQ U8S8 per-channel",
         "QDQ U8S8 per-channel reduce-range",
         "QOPERATOR U8S8 per-channel",
         "QOPERATOR U8S8 per-channel reduce-range",
     ]
-    assert len(static_variants(PackOptions(int8_search="full"), x86)) == 2 * 2 * 2 * 3
-    forced = static_variants(PackOptions(quantize="int8", calib_method="entropy", per_channel=False), x86)
+    assert len(static_variants(SearchConfig(int8_search="full"), x86)) == 2 * 2 * 2 * 3
+    forced = static_variants(SearchConfig(quantize="int8", calib_method="entropy", per_channel=False), x86)
     assert [c.describe() for c in forced] == ["QDQ U8S8 per-tensor entropy"]
     cnn, mlp = tiny_cnn(tmp_path / "cnn.onnx"), outlier_mlp(tmp_path / "mlp.onnx")
     assert matmul_heavy(mlp) and not matmul_heavy(cnn)
     calibration, _ = _calibration(cnn)
-    assert "int8-dynamic" in [p.precision for p in plan_candidates(PackOptions(), x86, calibration, mlp)]
-    assert "int8-dynamic" not in [p.precision for p in plan_candidates(PackOptions(), x86, calibration, cnn)]
-    assert [p.precision for p in plan_candidates(PackOptions(quantize="int8-dynamic"), x86, None, cnn)] == [
+    assert "int8-dynamic" in [p.precision for p in plan_candidates(SearchConfig(), x86, calibration, mlp)]
+    assert "int8-dynamic" not in [p.precision for p in plan_candidates(SearchConfig(), x86, calibration, cnn)]
+    assert [p.precision for p in plan_candidates(SearchConfig(quantize="int8-dynamic"), x86, None, cnn)] == [
         "int8-dynamic"
     ]
 
@@ -356,8 +362,9 @@ def test_forcing_int8_on_a_model_it_cannot_quantize_says_so_instead_of_blaming_t
             "0.05",
         ],
     )
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # the model cannot take the forced precision: bad input
     assert "no candidate could be built" in result.stderr and "quantized 0 compute ops" in result.stderr
+    assert "try --quantize auto" in result.stderr and result.stderr.count("edgebuild: error:") == 1
     assert not (tmp_path / "out" / "if-x86").exists()
 
 

@@ -45,3 +45,19 @@ def test_notes_explain_a_quantized_file_not_smaller_than_fp32_and_captured_libra
     assert any("`int8-qdq` is 101.0 KiB, not smaller than FP32" in line and "Q/DQ pairs" in line for line in lines)
     assert any("12 library message(s)" in line for line in lines)
     assert not any("int8-qop" in line for line in lines)
+
+
+def test_plot_draws_failed_candidates_and_writes_drops_as_drops(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    texts = []
+    real = matplotlib.axes.Axes.text
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "text", lambda self, x, y, s, **kw: texts.append(s) or real(self, x, y, s, **kw)
+    )
+    fp32 = _candidate("fp32", "fp32", 5.0, 0.0, 100)
+    int8 = _candidate("int8-qdq", "int8", 4.0, 0.075, 30, within=False)
+    failed = Candidate("int8-dynamic", "int8-dynamic", error="quantized 0 compute ops")
+    assert write_plot(tmp_path / "p.png", [fp32, int8, failed], fp32, "accuracy") is not None
+    assert any("drop 0.0750" in t for t in texts) and not any("+0.0750" in t for t in texts)
+    assert any(t.strip() == "failed: quantized 0 compute ops" for t in texts)

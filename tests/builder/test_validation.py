@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -282,3 +283,68 @@ def test_golden_tolerances_follow_what_the_host_measured_with_a_margin():
     assert limits.atol >= 2 * limits.measured["max_abs"]
     dense = variant_thresholds(out, expected, classifier=False)
     assert dense.min_top1_agreement is None and "top1_agreement" not in dense.measured
+
+
+def test_every_output_is_compared_and_the_worst_one_is_the_figure():
+    import numpy as np
+
+    from edgebuild.validate import Metric, evaluate
+
+    rng = np.random.default_rng(0)
+    first, second = rng.random((6, 4)), rng.random((6, 5))
+    broken = second[:, ::-1].copy()
+    numbers = evaluate(Metric("cosine"), [first, second], [first, broken], None, ["scores", "boxes"])
+    assert numbers["outputs"][0]["cosine"] == pytest.approx(1.0)
+    assert numbers["worst_output"] == "boxes"
+    assert numbers["cosine"] == pytest.approx(numbers["outputs"][1]["cosine"]) and numbers["cosine"] < 0.99
+    assert numbers["drop"] == pytest.approx(1.0 - numbers["outputs"][1]["cosine"])
+
+
+def test_a_model_whose_second_output_degrades_under_int8_is_caught(tmp_path):
+    from tinymodels import write_images_npz
+
+    from edgebuild.pack import PackOptions, pack
+
+    data = str(write_images_npz(tmp_path / "data.npz", n=16))
+    result = pack(
+        PackOptions(
+            model="tinymodels:two_heads",
+            output_dir=tmp_path / "out",
+            calib_data=data,
+            val_data=data,
+            bench_seconds=0.02,
+            partial_quantization=False,
+        ),
+        progress=lambda message: None,
+    )
+    static = [c for c in result.candidates if c.name.startswith("int8-") and c.validation]
+    assert static
+    for candidate in static:
+        first, second = candidate.validation["outputs"]
+        assert first["name"] == "output_0" and first["cosine"] > 0.99  # output 0 alone would have passed
+        assert candidate.validation["worst_output"] == "output_1" and not candidate.within_budget
+    assert result.chosen.name == "fp32"
+    golden = np.load(result.bundle / "golden.npz")
+    assert {"output:output_0", "output:output_1"} <= set(golden.files)
+
+
+def _list_metric(reference, packed, labels):
+    assert isinstance(reference, list) and len(reference) == 2
+    return float(np.mean([np.allclose(r, p, atol=1e-3) for r, p in zip(reference, packed)]))
+
+
+def _array_metric(reference, packed, labels):
+    return float(-np.abs(reference - packed).max())
+
+
+def test_a_custom_metric_receives_every_output_and_an_array_metric_still_works_on_one_output():
+    from edgebuild.validate import Metric, evaluate
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((4, 3)), rng.random((4, 2))
+    listed = evaluate(Metric("custom", _list_metric), [a, b], [a, b + 1], None)
+    assert listed["reference"] == 1.0 and listed["packed"] == 0.5
+    single = evaluate(Metric("custom", _array_metric), [a], [a + 0.5], None)
+    assert single["packed"] == pytest.approx(-0.5) and "first only" in single["metric_outputs"]
+    with pytest.raises(TypeError):
+        evaluate(Metric("custom", _array_metric), [a, b], [a, b], None)

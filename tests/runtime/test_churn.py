@@ -266,6 +266,7 @@ def _drop(archive: Path, watched: Path) -> None:
     staging.replace(watched / "clf.tar.gz")
 
 
+@pytest.mark.slow
 def test_real_server_churn_rollback_and_no_extracted_copies_after_stop(tmp_path, versions):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -155,3 +155,18 @@ def test_serve_refuses_non_positive_limits_in_one_line(bundles, cache_dir, optio
     )
     assert result.exit_code == 2, result.output
     assert option[0] in result.output and "Traceback" not in result.output
+
+
+def test_short_help_and_debug_after_the_command():
+    assert CliRunner().invoke(main, ["-h"]).exit_code == 0
+    result = CliRunner().invoke(main, ["info", "/nonexistent-bundle", "--debug"])
+    assert "No such option" not in result.output and result.exception is not None
+
+
+def test_a_model_file_is_told_it_needs_a_bundle(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"\x08\x07")  # any model file: it is not opened as an archive
+    result = CliRunner().invoke(main, ["info", str(model)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "is a model file, not a bundle" in result.stderr and "edgebuild pack model.onnx" in result.stderr
+    assert "method gz" not in result.stderr

@@ -175,7 +175,7 @@ def test_variant_provider_options_merge_over_manifest_options(tmp_path, cache_di
     monkeypatch.setattr(
         loader_module,
         "self_benchmark",  # compare both variants without timing anything
-        lambda session, max_batch, golden, budget_s=1.0: {"batch_1": {"batch": 1, "p50_ms": 1.0}},
+        lambda session, max_batch, golden, budget_s=1.0, timer=None: {"batch_1": {"batch": 1, "p50_ms": 1.0}},
     )
     served = load_model(bundle, LoadOptions(cache_dir=cache_dir, bench=True, threads=1))
     trt = dict(factory.chains(TENSORRT))

@@ -243,6 +243,7 @@ def fuzz_client(bundles, tmp_path_factory):
         yield client
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=malformed_requests())
 def test_fuzzed_requests_get_4xx_and_server_keeps_answering(fuzz_client, request):

@@ -369,7 +369,7 @@ def no_timing(monkeypatch):
     monkeypatch.setattr(
         loader_module,
         "self_benchmark",
-        lambda session, max_batch, golden, budget_s=1.0: {
+        lambda session, max_batch, golden, budget_s=1.0, timer=None: {
             "batch_1": {"batch": 1, "p50_ms": 1.0, "throughput_per_s": 1.0}
         },
     )

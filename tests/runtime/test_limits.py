@@ -33,6 +33,7 @@ def peak_rss_mib(pid: int) -> float:
     raise AssertionError("no VmHWM in /proc/PID/status")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
 def test_concurrent_large_uploads_keep_the_server_under_the_memory_limit(bundles, cache_dir):
     huge = png(6300, 6300)  # ~120 MB once decoded, a small file

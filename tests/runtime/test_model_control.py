@@ -237,6 +237,7 @@ def test_tokens_from_files_and_empty_tokens_refused(bundles, cache_dir, monkeypa
 # ---- a real server process, as a client on the network sees it ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("watch", [False, True])
 def test_black_box_outside_paths_text_plain_symlinks_and_tokens(tmp_path, cache_dir, watch):
     repo_dir = tmp_path / "repo"

@@ -124,7 +124,7 @@ def test_benchmark_picks_fastest_variant_and_caches_decision(tmp_path, cache_dir
     fake = {"model.onnx": 5.0, "variants/alt.onnx": 1.0}
     calls = []
 
-    def fake_bench(session, max_batch, golden_inputs, budget_s=1.0):
+    def fake_bench(session, max_batch, golden_inputs, budget_s=1.0, timer=None):
         calls.append(session.variant.path)
         return {"batch_1": {"batch": 1, "p50_ms": fake[session.variant.path], "throughput_per_s": 1.0}}
 

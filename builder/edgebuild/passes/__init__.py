@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from edgebuild.pack import PackOptions
     from edgebuild.sources import ModelSource
     from edgerun.manifest import PassRecord
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a torch pass may use of the build besides its own config: the validation data."""
+
+    val_data: str | None = None
+    val_samples: int | None = None
 
 
 class TorchPass(Protocol):
@@ -22,5 +30,5 @@ class TorchPass(Protocol):
     name: str
 
     def run(
-        self, source: ModelSource, options: PackOptions | None = None, progress: Callable[[str], None] = ...
+        self, source: ModelSource, context: PassContext | None = None, progress: Callable[[str], None] = ...
     ) -> tuple[ModelSource, PassRecord]: ...

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from edgebuild.pack import PackOptions
+    from edgebuild.passes import PassContext
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class DistillPass:
     def run(
         self,
         source: ModelSource,
-        options: PackOptions | None = None,
+        context: PassContext | None = None,
         progress: Callable[[str], None] = lambda message: None,
         teacher: ModelSource | None = None,
     ) -> tuple[ModelSource, PassRecord]:
@@ -200,10 +200,13 @@ class DistillPass:
 
         assert cfg.train_data is not None  # config.check() refused a missing one
         train = open_data(cfg.train_data, source.inputs, purpose="training", limit=cfg.train_samples).collect()
-        val_spec = self.val_data or (getattr(options, "val_data", None) if options is not None else None)
+        val_spec = self.val_data or (context.val_data if context is not None else None)
         if val_spec and val_spec != "random":
             val = open_data(
-                val_spec, source.inputs, purpose="validation", limit=getattr(options, "val_samples", None)
+                val_spec,
+                source.inputs,
+                purpose="validation",
+                limit=context.val_samples if context is not None else None,
             ).collect()
             val_from = val_spec
         else:

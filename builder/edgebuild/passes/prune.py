@@ -28,7 +28,7 @@ from edgerun.manifest import PassRecord
 if TYPE_CHECKING:
     from torch import nn
 
-    from edgebuild.pack import PackOptions
+    from edgebuild.passes import PassContext
 
     WeightedLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear
 
@@ -149,7 +149,7 @@ def _channel(module: nn.Module, source: ModelSource, config: PruneConfig) -> Non
 
 
 class PrunePass:
-    """Torch-level pass: ``run(source, options, progress) -> (new ModelSource, PassRecord)``."""
+    """Torch-level pass: ``run(source, context, progress) -> (new ModelSource, PassRecord)``."""
 
     name = "prune"
 
@@ -160,7 +160,7 @@ class PrunePass:
     def run(
         self,
         source: ModelSource,
-        options: PackOptions | None = None,
+        context: PassContext | None = None,
         progress: Callable[[str], None] = lambda message: None,
     ) -> tuple[ModelSource, PassRecord]:
         import torch

@@ -14,9 +14,15 @@ from pathlib import Path
 
 from edgebuild.data import CalibrationReader, DataSource
 from edgebuild.errors import EdgebuildError, first_line
+from edgebuild.memory import PeakMemory
 from edgebuild.onnx_utils import check_model, fixed_batch, quantization_coverage, scratch_cwd
 
 log = logging.getLogger(__name__)
+
+# What --quantize, --calib-method and --int8-search accept (declared as options in edgebuild.options).
+QUANTIZE_MODES = ("auto", "int8", "int8-dynamic", "fp16", "none")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT8_SEARCH = ("quick", "full")
 
 
 # Why a QDQ file whose weights stayed float is not smaller than FP32 (recorded and shown in the report).
@@ -61,6 +67,8 @@ class StaticInt8Config:
     weight_symmetric: bool = True
     calibration_method: str = "minmax"  # minmax | entropy | percentile
     nodes_to_exclude: list[str] = field(default_factory=list)  # kept in float (partial quantization)
+    # Detectors: keep the head tail (nodes after the last Conv on each output path) in float, read from the graph.
+    float_head: bool = False
     # Extra quantize_static options, e.g. the QDQ layout TensorRT fuses (DedicatedQDQPair, ...).
     extra_options: dict = field(default_factory=dict)
 
@@ -76,9 +84,28 @@ class StaticInt8Config:
             parts.append("reduce-range")
         if self.calibration_method != "minmax":
             parts.append(self.calibration_method)
+        if self.float_head:
+            parts.append("head float")
         if self.nodes_to_exclude:
             parts.append(f"{len(self.nodes_to_exclude)} nodes float")
         return " ".join(parts)
+
+
+# Histogram calibrators (entropy, percentile) keep every intermediate output of a collection call in
+# memory: 24 images at 800x608 were OOM-killed at 22 GB in one call. This many calibration feeds per
+# call keeps the peak bounded; MinMax keeps only running ranges and takes the data in one call.
+HISTOGRAM_FEEDS_PER_CALL = 4
+
+
+def head_tail(prepared: Path) -> tuple[list[str], dict[str, int]]:
+    """The head-tail node names of a (pre-processed) model and their op counts."""
+    import onnx
+
+    from edgebuild.tasks.head import describe, head_tail_nodes
+
+    model = onnx.load(str(prepared), load_external_data=False)
+    nodes = head_tail_nodes(model)
+    return nodes, describe(nodes, model)
 
 
 def _quant_types(config: StaticInt8Config):
@@ -142,20 +169,32 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
             "ActivationSymmetric": config.activation_symmetric,
             "WeightSymmetric": config.weight_symmetric,
         }
+        exclude = list(config.nodes_to_exclude)
+        float_head: dict | None = None
+        if config.float_head:
+            tail, ops = head_tail(prepared)
+            exclude += [n for n in tail if n not in exclude]
+            float_head = {"nodes": len(tail), "ops": ops}
+        reader = CalibrationReader(calibration, fixed_batch(src))
+        if config.calibration_method in ("entropy", "percentile"):
+            # ORT's strided collection: one collect_data call per stride of feeds, histograms merged between calls.
+            reader.strided(HISTOGRAM_FEEDS_PER_CALL)
+            extra["CalibStridedMinMax"] = HISTOGRAM_FEEDS_PER_CALL
         # CalibMaxIntermediateOutputs is deliberately left unset: it discards collected ranges.
+        peak = PeakMemory()
         try:
             # Calibrators print progress to stdout; callers capture it (edgebuild.quiet): stdout is the bundle path.
             quantize_static(
                 str(prepared),
                 str(dst),
-                CalibrationReader(calibration, fixed_batch(src)),
+                reader,
                 quant_format=fmt,
                 activation_type=act,
                 weight_type=wt,
                 per_channel=config.per_channel,
                 reduce_range=config.reduce_range,
                 calibrate_method=method,
-                nodes_to_exclude=list(config.nodes_to_exclude),
+                nodes_to_exclude=exclude,
                 extra_options=extra,
             )
         except Exception as exc:  # noqa: BLE001
@@ -167,9 +206,12 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
         "recipe": config.describe(),
         "preprocess": pre,
         "calibration_data": calibration.description,
+        "calibration": {"method": config.calibration_method, "feeds_per_call": reader.per_call, **peak.read()},
         "coverage": quantization_coverage(src, dst),
         "weights": weights,
     }
+    if float_head is not None:
+        metrics["float_head"] = float_head
     if weights["float_behind_qdq"]:
         metrics["weight_storage"] = WEIGHTS_BEHIND_QDQ
     return metrics
