@@ -171,6 +171,14 @@ class ModelRepository:
         self._closed = False
         self.on_change = on_change  # called with the new ServedModel (metrics, logs)
         self.builds: dict[str, threading.Thread] = {}  # background TensorRT builds by model name
+        # Each location's files as they were just before its last load (served or refused): the
+        # directory watcher compares against this, never against a scan of its own, so a bundle
+        # replaced after its load but before the watcher first looks is still seen as changed.
+        self._tried: dict[str, tuple | None] = {}
+
+    def tried(self, location: str | Path) -> tuple | None:
+        """The fingerprint ``location`` had when a load of it last started (None: never tried)."""
+        return self._tried.get(os.path.realpath(location))
 
     @property
     def default_name(self) -> str | None:
@@ -210,6 +218,8 @@ class ModelRepository:
     def load(self, location: str | Path, expected_name: str | None = None) -> ServedModel:
         """Load and check a bundle, then swap it in. Raises (old model untouched) when anything fails."""
         with self._load_lock:
+            # Taken before a byte is read: files replaced during the load show as a change later.
+            self._tried[os.path.realpath(location)] = _fingerprint(Path(location))
             served = load_model(location, self.options)
             if expected_name is not None and served.name != expected_name:
                 served.close()
@@ -294,24 +304,23 @@ def bundle_entries(directory: Path) -> dict[Path, tuple]:
 
 async def watch_directory(repo: ModelRepository, directory: Path, interval_s: float = 1.0) -> None:
     """Poll ``directory``; load new or changed bundles, including those present at start that are not
-    served yet. A fingerprint must hold still for one interval before loading, so a bundle still
-    being copied is not read half-way; one refused mid-copy is tried again once its files change."""
-    served_from = {Path(m.source) for m in repo.models.values()}
+    served yet. "Changed" is against the files each location had when the repository last tried it
+    (``ModelRepository.tried``), whenever that was. A fingerprint must hold still for one interval
+    before loading, so a bundle still being copied is not read half-way; one refused mid-copy is tried
+    again once its files change."""
     loop = asyncio.get_running_loop()
-    # Walking and stat-ing every bundle file runs off the event loop: requests keep flowing meanwhile.
-    initial = await loop.run_in_executor(None, bundle_entries, directory)
-    seen = {path: fp for path, fp in initial.items() if path in served_from}
     candidates: dict[Path, tuple] = {}
     while True:
+        # Walking and stat-ing every bundle file runs off the event loop: requests keep flowing meanwhile.
         current = await loop.run_in_executor(None, bundle_entries, directory)
         for path, fingerprint in current.items():
-            if seen.get(path) == fingerprint:
+            if repo.tried(path) == fingerprint:
+                candidates.pop(path, None)
                 continue
             if candidates.get(path) != fingerprint:
                 candidates[path] = fingerprint
                 continue
             candidates.pop(path, None)
-            seen[path] = fingerprint
             try:
                 await loop.run_in_executor(None, repo.load, path)
             except EdgerunError as exc:

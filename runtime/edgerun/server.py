@@ -162,7 +162,7 @@ def _lifespan(state: ServerState):
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(**config.batcher_settings(), on_batch=metrics.batch_size.observe)
+        batcher = Batcher(**config.batcher_settings(), on_batch=metrics.observe_batch)
         batcher.start()
         state.dataplane.batcher = batcher
         state.image_slots = asyncio.Semaphore(config.image_decodes)  # bound to this event loop
@@ -372,6 +372,9 @@ def serve(
                 TIMELINE.add("bind", time.perf_counter() - bind_started)
                 if on_ready is not None:
                     on_ready()
+                metrics = getattr(app.state, "metrics", None)
+                if isinstance(metrics, Metrics):  # its import waits until connections are taken
+                    asyncio.get_running_loop().run_in_executor(None, metrics.prepare)
 
     server_config = uvicorn.Config(
         app,

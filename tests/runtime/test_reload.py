@@ -6,11 +6,13 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from runtime_fixtures import W, build_classifier_bundle, classifier_onnx
 
 from edgerun.cli import main
+from edgerun.errors import EdgerunError
 from edgerun.reload import ModelRepository, VersionStore
 from edgerun.server import ServerConfig, create_app
 
@@ -87,6 +89,39 @@ def test_watch_directory_loads_new_bundles_and_ignores_broken(tmp_path, load_opt
         time.sleep(0.3)  # give the watcher time to try (and refuse) the broken one too
         assert repo.get("clf").version == after
         assert client.post("/v2/models/clf/infer", json=X).status_code == 200
+
+
+def test_watch_loads_a_bundle_replaced_before_the_watcher_first_looked(tmp_path, load_options):
+    # The served bundle is replaced after its load but before the watcher's first scan (as when a
+    # device owner drops a new version in while the server is still starting): the watcher must
+    # judge it against the files that were loaded, not take its own first look as "already served".
+    watched = tmp_path / "models"
+    build_classifier_bundle(watched / "clf")
+    repo = ModelRepository(load_options)
+    before = repo.load(watched / "clf").version
+    build_classifier_bundle(watched / "clf", golden=False)
+    config = ServerConfig(watch_dir=watched, watch_interval_s=0.05)
+    with TestClient(create_app(repo, config)):
+        deadline = time.monotonic() + 20
+        while repo.get("clf").version == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert repo.get("clf").version != before
+
+
+def test_watch_does_not_reload_what_was_loaded_or_refused_before_it_started(tmp_path, load_options):
+    watched = tmp_path / "models"
+    build_classifier_bundle(watched / "clf")
+    build_classifier_bundle(watched / "broken", name="clf", model=classifier_onnx(weight=W * 3))
+    repo = ModelRepository(load_options)
+    served = repo.load(watched / "clf")
+    with pytest.raises(EdgerunError, match="golden check failed"):
+        repo.load(watched / "broken")
+    loads = []
+    original = repo.load
+    repo.load = lambda location, expected_name=None: loads.append(location) or original(location, expected_name)
+    with TestClient(create_app(repo, ServerConfig(watch_dir=watched, watch_interval_s=0.01))):
+        time.sleep(0.3)  # many scans
+    assert loads == [] and repo.get("clf") is served
 
 
 def test_adding_a_model_does_not_break_a_reader_iterating_the_models(tmp_path, load_options):

@@ -6,7 +6,7 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from runtime_fixtures import classifier_reference, infer_json
+from runtime_fixtures import build_classifier_bundle, classifier_reference, infer_json
 
 from edgerun.reload import ModelRepository
 from edgerun.server import ServerConfig, create_app
@@ -247,3 +247,36 @@ def test_model_status_is_typed_and_becomes_json_only_at_the_edges(client):
     parameters = client.get("/v2/models/clf").json()["parameters"]
     assert parameters == {**status.to_json(), "task": "tensor", "max_batch": 1, "max_delay_ms": 2.0}
     assert f'variant="{status.variant}"' in client.get("/metrics").text
+
+
+def test_metrics_remember_what_happened_before_prometheus_was_imported(tmp_path, load_options):
+    import prometheus_client
+
+    from edgerun.metrics import Metrics
+
+    assert Metrics.content_type == prometheus_client.CONTENT_TYPE_LATEST
+    metrics = Metrics()
+    repo = ModelRepository(load_options)
+    served = repo.load(build_classifier_bundle(tmp_path / "m"))
+    metrics.describe_model(served.name, served.version, served.status)  # before the registry exists
+    metrics.track_queue(lambda: 3)
+    assert metrics._live is None
+    text = metrics.render().decode()
+    assert f'edgerun_model_info{{layout="{served.status.layout.layout.label}"' in text
+    assert f'version="{served.version}"' in text
+    assert "edgerun_queue_depth 3.0" in text
+
+
+def test_building_the_app_does_not_import_prometheus_client(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from edgerun.reload import ModelRepository\n"
+        "from edgerun.server import ServerConfig, create_app\n"
+        "create_app(ModelRepository(), ServerConfig())\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported at start-up'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr

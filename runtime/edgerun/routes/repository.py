@@ -68,10 +68,10 @@ async def load_by_name(state: ServerState, control: ModelControl, name: str, req
     try:
         served = await run_in_threadpool(state.repo.load, location, name)
     except EdgerunError as exc:
-        state.metrics.reloads.labels(name if name in state.repo.models else "unknown", "refused").inc()
+        state.metrics.count_reload(name if name in state.repo.models else "unknown", "refused")
         log.error("load of %s refused, previous version keeps serving: %s", name, exc)
         raise RequestError(f"load refused, previous version keeps serving: {exc}") from None
-    state.metrics.reloads.labels(served.name, "loaded").inc()
+    state.metrics.count_reload(served.name, "loaded")
     return served
 
 
