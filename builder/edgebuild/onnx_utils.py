@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +88,18 @@ def fixed_batch(path: Path) -> int | None:
     return min(fixed) if fixed else None
 
 
-def op_counts(path: Path) -> Counter[str]:
-    """Count op types, including those inside If/Loop/Scan subgraphs."""
+def op_counts(path: Path, skip: Callable[[Any], set[int]] | None = None) -> Counter[str]:
+    """Count op types, including those inside If/Loop/Scan subgraphs; ``skip(graph)`` names the
+    indices of a graph's nodes to leave out."""
     import onnx
 
     counts: Counter[str] = Counter()
 
     def walk(graph: Any) -> None:
-        for node in graph.node:
-            counts[node.op_type] += 1
+        left_out = skip(graph) if skip is not None else set()
+        for index, node in enumerate(graph.node):
+            if index not in left_out:
+                counts[node.op_type] += 1
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     walk(attr.g)

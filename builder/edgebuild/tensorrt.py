@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from edgebuild.onnx_utils import op_counts
+
 # Ops whose outputs are shape tensors: TensorRT computes them (and whatever is computed from them and
 # from constants only) at engine build or as shape arithmetic, never as layers on the data.
 SHAPE_OPS = frozenset({"Constant", "Shape", "Size"})
@@ -35,23 +37,7 @@ def _shape_or_constant_nodes(graph: Any) -> set[int]:
 
 def layer_op_counts(model_path: Path) -> Counter[str]:
     """Op types (with counts) of the nodes that run on data, inside If/Loop/Scan bodies too."""
-    import onnx
-
-    counts: Counter[str] = Counter()
-
-    def walk(graph: Any) -> None:
-        folded = _shape_or_constant_nodes(graph)
-        for index, node in enumerate(graph.node):
-            if index not in folded:
-                counts[node.op_type] += 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
-
-    walk(onnx.load(str(model_path), load_external_data=False).graph)
-    return counts
+    return op_counts(model_path, skip=_shape_or_constant_nodes)
 
 
 def unsupported_ops(model_path: Path, supported: list[str]) -> dict[str, int]:
