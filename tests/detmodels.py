@@ -80,6 +80,16 @@ def tiny_yolo():
     return TinyYolo().eval()
 
 
+def silent_yolo():
+    """TinyYolo whose every class score is sigmoid(-60): it finds nothing at any confidence."""
+    model = TinyYolo().eval()
+    with torch.no_grad():
+        for head in model.cls:
+            head.weight.zero_()
+            head.bias.fill_(-60.0)
+    return model
+
+
 def write_tiny_yolo_onnx(path: Path, batch: int | None = None) -> Path:
     """The detector as ONNX; ``batch`` pins the input's batch size (dynamic when None)."""
     model = tiny_yolo()

@@ -280,7 +280,7 @@ def test_box_agreement_with_nothing_detected_is_exit_2_before_any_candidate_is_b
     with pytest.raises(UsageError, match="finds no box at conf >= 0.99"):
         pack(
             PackOptions(
-                model="detmodels:tiny_yolo",
+                model="detmodels:silent_yolo",
                 output_dir=tmp_path / "out",
                 val_data=str(tmp_path / "blank.npz"),
                 calib_data=str(tmp_path / "blank.npz"),
@@ -291,6 +291,31 @@ def test_box_agreement_with_nothing_detected_is_exit_2_before_any_candidate_is_b
         )
     assert not any("quantize: building" in line for line in said)
     assert not (tmp_path / "out").exists()
+
+
+def test_no_box_at_the_serving_threshold_is_judged_at_fp32s_own_score_level_and_said_loudly(tmp_path):
+    """An untrained detector (no box at conf 0.99 here) packs for its speed, with a warning that its boxes
+    are only compared with FP32's, at half FP32's best score."""
+    np.savez(tmp_path / "blank.npz", x=np.zeros((4, 3, SIZE, SIZE), np.float32))
+    said: list[str] = []
+    result = pack(
+        PackOptions(
+            model="detmodels:tiny_yolo",
+            output_dir=tmp_path / "out",
+            val_data=str(tmp_path / "blank.npz"),
+            calib_data=str(tmp_path / "blank.npz"),
+            postprocess={"format": "yolov8", "strides": [8, 16], "conf": 0.99},
+            **FAST,
+        ),
+        progress=said.append,
+    )
+    assert any("WARNING: the FP32 model finds no box at conf >= 0.99" in line for line in said)
+    validation = result.manifest.validation
+    assert validation is not None and validation.metric == "box-agreement"
+    assert "FP32's own score level" in (validation.metric_reason or "")
+    assert (
+        result.manifest.postprocess is not None and result.manifest.postprocess["conf"] == 0.99
+    )  # serving keeps its own
 
 
 def test_recipe_task_and_postprocess_table_and_the_cli_flags(tmp_path):

@@ -29,8 +29,13 @@ from edgebuild.tasks.coco import BoxLabels, coco_map
 from edgebuild.validate import Metric, Outputs, choose_metric
 from edgerun.tasks.detection import FORMATS, Detections, DetectionSpec, detect, parse_detection_spec
 
-# Candidates' detections are scored from this confidence up (COCO practice: the whole ranked list).
+# Candidates' detections are scored from this confidence up (COCO practice: the whole ranked list), at
+# the serving threshold's default 0.25 and above; a lower pseudo-ground-truth threshold scales it down.
 EVAL_CONF = 0.001
+DEFAULT_CONF = 0.25
+# An FP32 detector that finds no box at the serving threshold (an untrained model: Ultralytics' class-bias
+# prior puts every score near 1e-5) is judged at half its own best score; below this it finds nothing at all.
+NOTHING_FOUND = 1e-9
 # Box agreement without labels: the default budget is 5 points of mAP50-95 against FP32's boxes
 # (an INT8 detector whose boxes agree at >= 0.95 keeps every object FP32 finds; measured 0.93-0.97
 # on YOLOv8n/YOLOX-family detectors with the head tail in float).
@@ -87,7 +92,7 @@ class DetectionMetric(Metric):
     @property
     def eval_conf(self) -> float:
         """Scored detections start here: COCO's whole ranked list, and never above the serving threshold."""
-        return min(EVAL_CONF, self.spec.conf)
+        return min(EVAL_CONF, self.spec.conf * EVAL_CONF / DEFAULT_CONF)
 
     def decode(self, outputs: Outputs, names: Sequence[str] | None, conf: float) -> list[Detections]:
         names = list(names) if names is not None else [f"output {i}" for i in range(len(outputs))]
@@ -198,8 +203,35 @@ def detection_metric(context: TaskContext, spec: DetectionSpec) -> Metric:
         input_hw=context.input_hw,
         classes=classes,
     )
-    agreement.reference_detections(context.reference, context.output_names)  # FP32 finds nothing: exit 2 now
+    try:
+        agreement.reference_detections(context.reference, context.output_names)
+    except UsageError:
+        relative = _own_score_level(agreement, context)
+        if relative is None:
+            raise  # FP32 finds nothing at any confidence: exit 2 before any candidate is built
+        agreement = DetectionMetric(
+            "box-agreement",
+            reason=f"no box labels, FP32 finds no box at conf >= {spec.conf}: box agreement at FP32's own score "
+            f"level (conf >= {relative:.3g}, half its best score)",
+            warning=(
+                f"the FP32 model finds no box at conf >= {spec.conf} on the validation images (an untrained model, "
+                f"or images without objects); its boxes are compared at conf >= {relative:.3g} instead, which "
+                "says the variants keep FP32's outputs, not that they detect anything: give images with objects "
+                "or labelled data to measure accuracy"
+            ),
+            spec=spec.model_copy(update={"conf": relative}),
+            input_hw=context.input_hw,
+            classes=classes,
+        )
+        agreement.reference_detections(context.reference, context.output_names)
     return agreement
+
+
+def _own_score_level(metric: DetectionMetric, context: TaskContext) -> float | None:
+    """Half of FP32's best score on the validation images, or None when it scores (next to) nothing."""
+    found = metric.decode(context.reference, context.output_names, NOTHING_FOUND)
+    best = max((float(d.scores.max()) for d in found if len(d.scores)), default=0.0)
+    return best / 2 if best > NOTHING_FOUND else None
 
 
 def _format_from_shape(shape: Sequence[int], names: list[str] | None, end2end: bool | None) -> str | None:
