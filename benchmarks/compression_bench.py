@@ -5,7 +5,7 @@ and (digits) channel pruning + distillation.
 
 torchvision models are untrained (weights=None: no downloads here) and calibrated/validated on 32
 smooth random "image-like" inputs: that is enough to time them, NOT to judge their accuracy
-(FIELD-NOTES: random calibration hides real accuracy loss). Their budget uses output cosine.
+(measured: random calibration hides real accuracy loss). Their budget uses output cosine.
 Accuracy is only reported for digits, which has real labelled data.
 """
 

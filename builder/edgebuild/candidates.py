@@ -154,7 +154,7 @@ class SearchConfig:
 
 def static_variants(options: SearchConfig, target: TargetProfile) -> list[q.StaticInt8Config]:
     """Static INT8 recipes to measure: the target preset first, then (auto on CPUs) the variants that
-    change speed and accuracy per model and CPU, so only a measurement decides (FIELD-NOTES)."""
+    change speed and accuracy per model and CPU, so only a measurement decides (measured on this kind of CPU)."""
     preset = q.StaticInt8Config.from_profile(
         target.quantization,
         extra_options=dict(target.notes.get("quantize_extra_options", {})),

@@ -51,7 +51,7 @@ BALANCED_MARGIN = 0.25
 BATCH_GAIN = 1.10
 # In-process numbers flatter spinning: its busy-waiting threads take the cores the HTTP event loop
 # needs under load (measured here: a spinning 1x2 at 115 req/s over HTTP against 153 in-process,
-# FIELD-NOTES: ~0.35 core). For throughput it must beat the same layout without spinning by this much.
+# measured: ~0.35 core). For throughput it must beat the same layout without spinning by this much.
 SPIN_GAIN = 1.15
 # Most (instances, threads) shapes measured at start-up.
 _MAX_SHAPES = 4

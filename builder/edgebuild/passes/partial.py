@@ -1,6 +1,6 @@
 """Accuracy-aware partial quantization: keep the nodes that hurt accuracy most in float.
 
-Used when every full-INT8 candidate breaks the accuracy budget (FIELD-NOTES: even the best
+Used when every full-INT8 candidate breaks the accuracy budget (measured: even the best
 full INT8 variant of a transformer missed a 0.98 worst-case cosine). Two steps:
 
 1. **Rank** the quantizable compute nodes (Conv/MatMul/Gemm/...) by the error each one adds.
@@ -318,7 +318,7 @@ def partial_quantize_dynamic(
     progress: Callable[[str], None] = lambda message: None,
 ) -> PartialResult | None:
     """Dynamic INT8 (no calibration) with the fewest worst-ranked nodes in float: how a transformer
-    whose full dynamic INT8 misses a tight budget keeps most of its speed-up (FIELD-NOTES)."""
+    whose full dynamic INT8 misses a tight budget keeps most of its speed-up (measured on this kind of CPU)."""
     found = _partial(
         src,
         dst,

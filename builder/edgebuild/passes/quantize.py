@@ -221,7 +221,7 @@ def quantize_static_int8(src: Path, dst: Path, calibration: DataSource, config: 
 class DynamicInt8Config:
     """Dynamic INT8: int8 weights, activations quantized at run time (no calibration)."""
 
-    per_channel: bool = True  # per-tensor wrecked a MiniLM's worst-case cosine (FIELD-NOTES)
+    per_channel: bool = True  # per-tensor wrecked a MiniLM's worst-case cosine (measured on this kind of CPU)
     reduce_range: bool = False
     nodes_to_exclude: list[str] = field(default_factory=list)  # kept in float (partial quantization)
 
