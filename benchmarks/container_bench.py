@@ -26,8 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -49,18 +47,8 @@ def free_port() -> int:
 
 
 def wait_ready(port: int, alive, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not alive():
-            raise SystemExit("the server exited before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.02)
-    raise SystemExit("the server never became ready")
+    if not podman.wait_ready(port, alive, timeout_s, poll_s=0.02):
+        raise SystemExit("the server exited before it was ready" if not alive() else "the server never became ready")
 
 
 def pack_digits(dest: Path) -> Path:

@@ -15,7 +15,10 @@ import shlex
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,3 +163,18 @@ def healthcheck_command(image: str) -> list[str]:
     test = json.loads(podman("image", "inspect", "--format", "{{json .Config.Healthcheck}}", image).stdout)["Test"]
     assert test[0] == "CMD", test
     return test[1:]
+
+
+def wait_ready(port: int, alive: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Poll ``/v2/health/ready`` on loopback until it answers 200 (True), ``alive()`` turns false or the
+    start-up deadline passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(poll_s)
+    return False

@@ -280,18 +280,10 @@ def images(tmp_path_factory):
 
 
 def wait_container_ready(container, port: int, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s  # a start-up deadline, not a speed check
-    while time.monotonic() < deadline:
-        if not container.running():
-            raise AssertionError(f"container exited: {container.logs()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"container never became ready: {container.logs()}")
+    # A start-up deadline, not a speed check.
+    if not podman.wait_ready(port, container.running, timeout_s, poll_s=0.2):
+        state = "exited" if not container.running() else "never became ready"
+        raise AssertionError(f"container {state}: {container.logs()}")
 
 
 def reference(bundle: Path, x):
