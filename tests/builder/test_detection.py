@@ -274,33 +274,12 @@ def test_fixed_batch_detector_gets_calibration_fallbacks_and_partial_quantizatio
     assert result.chosen.name == "fp32"
 
 
-def test_box_agreement_with_nothing_detected_is_exit_2_before_any_candidate_is_built(tmp_path):
+def pack_blank_images(tmp_path, model: str, said: list[str]):
+    """Pack ``model`` from blank images with a serving threshold (0.99) no box reaches."""
     np.savez(tmp_path / "blank.npz", x=np.zeros((4, 3, SIZE, SIZE), np.float32))
-    said: list[str] = []
-    with pytest.raises(UsageError, match="finds no box at conf >= 0.99"):
-        pack(
-            PackOptions(
-                model="detmodels:silent_yolo",
-                output_dir=tmp_path / "out",
-                val_data=str(tmp_path / "blank.npz"),
-                calib_data=str(tmp_path / "blank.npz"),
-                postprocess={"format": "yolov8", "strides": [8, 16], "conf": 0.99},
-                **FAST,
-            ),
-            progress=said.append,
-        )
-    assert not any("quantize: building" in line for line in said)
-    assert not (tmp_path / "out").exists()
-
-
-def test_no_box_at_the_serving_threshold_is_judged_at_fp32s_own_score_level_and_said_loudly(tmp_path):
-    """An untrained detector (no box at conf 0.99 here) packs for its speed, with a warning that its boxes
-    are only compared with FP32's, at half FP32's best score."""
-    np.savez(tmp_path / "blank.npz", x=np.zeros((4, 3, SIZE, SIZE), np.float32))
-    said: list[str] = []
-    result = pack(
+    return pack(
         PackOptions(
-            model="detmodels:tiny_yolo",
+            model=model,
             output_dir=tmp_path / "out",
             val_data=str(tmp_path / "blank.npz"),
             calib_data=str(tmp_path / "blank.npz"),
@@ -309,6 +288,21 @@ def test_no_box_at_the_serving_threshold_is_judged_at_fp32s_own_score_level_and_
         ),
         progress=said.append,
     )
+
+
+def test_box_agreement_with_nothing_detected_is_exit_2_before_any_candidate_is_built(tmp_path):
+    said: list[str] = []
+    with pytest.raises(UsageError, match="finds no box at conf >= 0.99"):
+        pack_blank_images(tmp_path, "detmodels:silent_yolo", said)
+    assert not any("quantize: building" in line for line in said)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_box_at_the_serving_threshold_is_judged_at_fp32s_own_score_level_and_said_loudly(tmp_path):
+    """An untrained detector (no box at conf 0.99 here) packs for its speed, with a warning that its boxes
+    are only compared with FP32's, at half FP32's best score."""
+    said: list[str] = []
+    result = pack_blank_images(tmp_path, "detmodels:tiny_yolo", said)
     assert any("WARNING: the FP32 model finds no box at conf >= 0.99" in line for line in said)
     validation = result.manifest.validation
     assert validation is not None and validation.metric == "box-agreement"
