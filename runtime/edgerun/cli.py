@@ -135,77 +135,83 @@ def serve(bundles, **values):
         _check_grpc_door(host, given.grpc_port)
     _setup_logging(given.log_level)
     tune_malloc()
-    import threading
-
-    from edgerun.startup import log_ready, phase
+    from edgerun.startup import StartupLoad, log_ready, phase
 
     log = logging.getLogger("edgerun")
-    loaded: list = []  # the repository, once made
-    failure: list[BaseException] = []
 
-    def load_all() -> None:
-        try:
-            with phase("imports"):
-                from edgerun.errors import EdgerunError
-                from edgerun.reload import ModelRepository, VersionStore, bundle_entries
+    def make_repository():
+        with phase("imports"):
+            from edgerun.reload import ModelRepository, VersionStore
 
-            options = given.load_options(_read_key(given.trusted_key))
-            repo = ModelRepository(options, store=VersionStore(Path(given.cache_dir)))
-            loaded.append(repo)
-            for location in bundles:
-                repo.load(location)
-            if given.watch_dir:
-                Path(given.watch_dir).mkdir(parents=True, exist_ok=True)
-                for location in bundle_entries(Path(given.watch_dir)):
-                    try:
-                        repo.load(location)
-                    except EdgerunError as exc:
-                        log.error("watch: skipped %s: %s", location, exc)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
-            failure.append(exc)
+        return ModelRepository(
+            given.load_options(_read_key(given.trusted_key)), store=VersionStore(Path(given.cache_dir))
+        )
 
-    # Without the self-benchmark the load starts first: reading and hashing the bundle and the golden
-    # runs release the GIL, so they overlap with importing the web stack here. The self-benchmark times
-    # every core: importing next to it would skew it, so it starts after the imports.
-    loader = threading.Thread(target=load_all, name="edgerun-load")
+    def load_all(repo) -> None:
+        from edgerun.errors import EdgerunError
+        from edgerun.reload import bundle_entries
+
+        for location in bundles:
+            repo.load(location)
+        if given.watch_dir:
+            Path(given.watch_dir).mkdir(parents=True, exist_ok=True)
+            for location in bundle_entries(Path(given.watch_dir)):
+                try:
+                    repo.load(location)
+                except EdgerunError as exc:
+                    log.error("watch: skipped %s: %s", location, exc)
+
+    # The bundles load on their own thread while this one imports the web stack, builds the app and
+    # binds: ready (200) once they are loaded. Without the self-benchmark the load starts first (reading
+    # and hashing the bundle, session creation and the golden runs release the GIL); the self-benchmark
+    # times every core, so it starts after the imports, which would skew it.
+    loading = StartupLoad(make_repository, load_all)
     # Start-up allocates some 100,000 objects (modules, pydantic schemas, routes) that all stay alive:
-    # the cyclic collector scanning them again and again cost about 8% of the imports' CPU time.
+    # the cyclic collector scanning them again and again cost about 8% of the imports' CPU time, and one
+    # full collection after them 50 ms. They are frozen (never scanned) once the server is ready.
     gc.disable()
     try:
         if given.no_bench:
-            loader.start()
+            loading.start()
         with phase("imports"):
             from edgerun.address import address_file
             from edgerun.server import create_app
             from edgerun.server import serve as run_server
         if not given.no_bench:
-            loader.start()
-        loader.join()
-    finally:
+            loading.start()
+        repo = loading.wait_repository()
+    except BaseException:
         gc.enable()
-    repo = loaded[0] if loaded else None
-    if failure:
-        if repo is not None:
-            repo.close()
-        raise failure[0]
-    assert repo is not None
-    if not repo.models and not given.watch_dir:
-        raise click.UsageError("no bundle loaded")
+        raise
     if not is_loopback(host) and not token:
         log.warning("serving on %s without --token: anyone who can reach it can use it", host)
+
+    def ready() -> None:
+        gc.freeze()
+        gc.enable()
+        log_ready()
+
     try:
         with phase("app"):
             app = create_app(repo, given.server_config(token, admin_token))
-        run_server(
-            app,
-            host=host,
-            port=given.port,
-            log_level=given.log_level,
-            on_ready=log_ready,
-            address_file=address_file(given.cache_dir),
-        )
+        if loading.error is not None:  # failed already: no socket is bound for nothing
+            loading.stopped_server = True
+        else:
+            run_server(
+                app,
+                host=host,
+                port=given.port,
+                log_level=given.log_level,
+                on_ready=ready,
+                address_file=address_file(given.cache_dir),
+                startup=loading,
+            )
     finally:
+        gc.enable()
+        loading.join()  # a load still running (the server stopped first) ends before its repository closes
         repo.close()  # also when the server stops before its shutdown hook runs
+    if loading.stopped_server and loading.error is not None:
+        raise loading.error
 
 
 @main.command()

@@ -43,8 +43,9 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """Ready once a model serves (health/ready is 503 before)."""
-        return bool(self.repo.models)
+        """Ready once the bundles the server started with are loaded and a model serves (health/ready
+        is 503 before)."""
+        return self.repo.initial_load.is_set() and bool(self.repo.models)
 
     def model(self, name: str | None, version: str | None = None) -> ServedModel:
         """The served model ``name`` (and ``version`` when given), or ModelNotFoundError (404)."""

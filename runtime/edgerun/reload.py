@@ -175,6 +175,10 @@ class ModelRepository:
         # directory watcher compares against this, never against a scan of its own, so a bundle
         # replaced after its load but before the watcher first looks is still seen as changed.
         self._tried: dict[str, tuple | None] = {}
+        # Set once the bundles a server starts with are loaded (``edgerun.startup.StartupLoad`` clears
+        # it while they load, behind a socket that already takes connections): ready waits for it.
+        self.initial_load = threading.Event()
+        self.initial_load.set()
 
     def tried(self, location: str | Path) -> tuple | None:
         """The fingerprint ``location`` had when a load of it last started (None: never tried)."""
@@ -188,6 +192,8 @@ class ModelRepository:
         name = name or self.default_name
         model = self.models.get(name) if name else None
         if model is None:
+            if not self.initial_load.is_set():
+                raise ModelNotFoundError(f"model '{name}' is not served yet: the server is still loading its bundles")
             raise ModelNotFoundError(f"model '{name}' is not served here; available: {sorted(self.models)}")
         return model
 

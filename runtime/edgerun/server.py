@@ -42,6 +42,7 @@ from edgerun.routes.deps import CLIENT_CLOSED, ServerState
 from edgerun.routes.inference import InferFastPath
 from edgerun.routes.repository import LoadRequest
 from edgerun.routes.shm import RegisterRegion
+from edgerun.startup import TIMELINE, StartupLoad
 
 log = logging.getLogger("edgerun")
 
@@ -169,7 +170,7 @@ def _lifespan(state: ServerState):
         metrics.track_queue(lambda: batcher.depth)
         watcher = None
         if config.watch_dir is not None:
-            watcher = asyncio.create_task(watch_directory(repo, config.watch_dir, config.watch_interval_s))
+            watcher = asyncio.create_task(_watch_after_initial_load(repo, config.watch_dir, config.watch_interval_s))
         grpc_server = await _start_grpc(state) if config.grpc_port is not None else None
         try:
             yield
@@ -184,6 +185,14 @@ def _lifespan(state: ServerState):
             repo.close()  # extracted copies go with the server
 
     return lifespan
+
+
+async def _watch_after_initial_load(repo: ModelRepository, directory: Path, interval_s: float) -> None:
+    """The directory watcher, once the bundles the server started with are loaded: it compares against
+    the files each load saw, so it must not look before those loads have run."""
+    while not repo.initial_load.is_set():
+        await asyncio.sleep(0.02)
+    await watch_directory(repo, directory, interval_s)
 
 
 async def _start_grpc(state: ServerState) -> Any:
@@ -339,18 +348,20 @@ def serve(
     log_level: str = "info",
     on_ready: Callable[[], None] | None = None,
     address_file: Path | None = None,
+    startup: StartupLoad | None = None,
 ) -> None:
     """Run under uvicorn with uvloop/httptools when installed (about 2x the protocol ceiling).
 
-    ``on_ready`` is called once the socket takes connections (the start-up timeline's end). The
-    socket is bound here, before uvicorn starts, so the address actually bound (``port`` 0
-    included) can be recorded in ``address_file`` for the health check (see ``edgerun.address``)."""
+    ``on_ready`` is called once the socket takes connections and, with ``startup`` (the bundles still
+    loading on their thread), once they are loaded: the start-up timeline's end. A ``startup`` that
+    fails stops the server (the caller re-raises its error). The socket is bound here, before uvicorn
+    starts, so the address actually bound (``port`` 0 included) can be recorded in ``address_file``
+    for the health check (see ``edgerun.address``)."""
     import signal
 
     import uvicorn
 
     from edgerun.address import remove_address, write_address
-    from edgerun.startup import TIMELINE
 
     config = getattr(app.state, "config", None)
 
@@ -366,15 +377,27 @@ def serve(
     bind_started = time.perf_counter()
 
     class Server(uvicorn.Server):
+        _after_load: asyncio.Task | None = None  # held: the loop keeps only a weak reference to tasks
+
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:
                 TIMELINE.add("bind", time.perf_counter() - bind_started)
-                if on_ready is not None:
-                    on_ready()
-                metrics = getattr(app.state, "metrics", None)
-                if isinstance(metrics, Metrics):  # its import waits until connections are taken
-                    asyncio.get_running_loop().run_in_executor(None, metrics.prepare)
+                self._after_load = asyncio.create_task(self._when_loaded())
+
+        async def _when_loaded(self) -> None:
+            # Polled: readiness itself reads the repository's event directly, this only logs and tidies.
+            while startup is not None and not startup.finished.is_set():
+                await asyncio.sleep(0.005)
+            if startup is not None and startup.error is not None:
+                startup.stopped_server = True
+                self.should_exit = True
+                return
+            if on_ready is not None:
+                on_ready()
+            metrics = getattr(app.state, "metrics", None)
+            if isinstance(metrics, Metrics):  # its import waits until the server is ready
+                asyncio.get_running_loop().run_in_executor(None, metrics.prepare)
 
     server_config = uvicorn.Config(
         app,

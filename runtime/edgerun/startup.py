@@ -17,7 +17,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgerun.reload import ModelRepository
 
 log = logging.getLogger("edgerun")
 
@@ -74,3 +78,55 @@ def phase(name: str) -> contextlib.AbstractContextManager[None]:
 
 def log_ready() -> None:
     log.debug(TIMELINE.summary())
+
+
+class StartupLoad:
+    """The bundles ``edgerun serve`` starts with, loaded on a thread of their own.
+
+    The thread imports the loading half of edgerun (numpy, ONNX Runtime), makes the repository, then
+    loads every bundle (verify, sessions, golden check) while the main thread imports the web stack,
+    builds the app and binds the socket: hashing, session creation and inference release the GIL, so
+    the two overlap. ``make_repository`` and ``load`` run on the thread. The repository's
+    ``initial_load`` event is set once every bundle passed, so ``/v2/health/ready`` stays 503 until
+    then; ``finished`` is set either way, with ``error`` holding what stopped the load: the server
+    stops, and the main thread re-raises it as a load on it would have raised it. A load cut short
+    because the server was stopped first (a signal) is not an error of its own.
+    """
+
+    def __init__(self, make_repository: Callable[[], ModelRepository], load: Callable[[ModelRepository], Any]) -> None:
+        self._make_repository = make_repository
+        self._load = load
+        self._made = threading.Event()
+        self.finished = threading.Event()
+        self.repository: ModelRepository | None = None
+        self.error: BaseException | None = None
+        self.stopped_server = False  # set by the server when this load's failure made it stop
+        self._thread = threading.Thread(target=self._run, name="edgerun-load")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            repository = self._make_repository()
+            repository.initial_load.clear()  # before the main thread can see it
+            self.repository = repository
+            self._made.set()
+            self._load(repository)
+            repository.initial_load.set()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            self.error = exc
+        finally:
+            self._made.set()
+            self.finished.set()
+
+    def wait_repository(self) -> ModelRepository:
+        """The repository once made (the load goes on); raises what failed before it was."""
+        self._made.wait()
+        if self.repository is None:
+            assert self.error is not None
+            raise self.error
+        return self.repository
+
+    def join(self) -> None:
+        self._thread.join()
