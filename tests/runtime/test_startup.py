@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import threading
 
+import pytest
 from server_process import start_server, stop_server
 
 from edgerun.bundle import open_bundle
-from edgerun.startup import PHASES, Timeline
+from edgerun.startup import PHASES, StartupLoad, Timeline
 
 
 def test_timeline_adds_up_repeated_phases_and_keeps_their_order():
@@ -68,3 +70,109 @@ def _refusal(bundle, path: str) -> str:
     except Exception as exc:  # noqa: BLE001 - the message is what is checked
         return str(exc)
     return ""
+
+
+def test_ready_waits_for_the_bundles_the_server_starts_with(bundles, load_options):
+    """Served behind a bound socket while its bundles load: live at once, ready (and the models) only
+    once every starting bundle is loaded, even when one of them already serves."""
+    from fastapi.testclient import TestClient
+
+    from edgerun.reload import ModelRepository
+    from edgerun.server import create_app
+
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    repo.initial_load.clear()  # as StartupLoad leaves it while the other bundles load
+    with TestClient(create_app(repo)) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.get("/v2/health/ready").status_code == 503
+        missing = client.get("/v2/models/pair")
+        assert missing.status_code == 404 and "still loading" in missing.json()["error"]
+        repo.initial_load.set()
+        assert client.get("/v2/health/ready").json() == {"ready": True}
+        assert "available: ['clf']" in client.get("/v2/models/pair").json()["error"]
+
+
+def test_startup_load_hands_over_the_repository_then_loads(bundles, load_options):
+    from edgerun.reload import ModelRepository
+
+    loaded = threading.Event()
+    release = threading.Event()
+
+    def load(repo):
+        release.wait(10)
+        repo.load(bundles["classifier"])
+        loaded.set()
+
+    loading = StartupLoad(lambda: ModelRepository(load_options), load)
+    loading.start()
+    repo = loading.wait_repository()  # handed over before its load has run
+    assert not repo.initial_load.is_set() and not repo.models and not loaded.is_set()
+    release.set()
+    loading.join()
+    assert loading.finished.is_set() and loading.error is None
+    assert repo.initial_load.is_set() and set(repo.models) == {"clf"}
+    repo.close()
+
+
+def test_startup_load_failures_are_kept_for_the_main_thread(tmp_path, load_options):
+    from edgerun.errors import BundleError
+    from edgerun.reload import ModelRepository
+
+    def unreadable_key():
+        raise BundleError("--trusted-key 'k' cannot be read")
+
+    early = StartupLoad(unreadable_key, lambda repo: None)
+    early.start()
+    with pytest.raises(BundleError, match="trusted-key"):
+        early.wait_repository()
+    assert early.finished.is_set()
+
+    late = StartupLoad(lambda: ModelRepository(load_options), lambda repo: repo.load(tmp_path / "missing"))
+    late.start()
+    repo = late.wait_repository()
+    late.join()
+    assert isinstance(late.error, BundleError) and "does not exist" in str(late.error)
+    assert not repo.initial_load.is_set()  # never ready on a failed start
+
+
+def test_the_directory_watcher_starts_after_the_initial_load(tmp_path, monkeypatch, load_options):
+    """The watcher compares against the files each load saw: it must not look before those loads ran."""
+    import asyncio
+
+    import edgerun.server
+    from edgerun.reload import ModelRepository
+
+    calls = []
+
+    async def watch(repo, directory, interval_s):
+        calls.append(directory)
+
+    monkeypatch.setattr(edgerun.server, "watch_directory", watch)
+    repo = ModelRepository(load_options)
+    repo.initial_load.clear()
+
+    async def scenario():
+        task = asyncio.create_task(edgerun.server._watch_after_initial_load(repo, tmp_path, 1.0))
+        await asyncio.sleep(0.1)
+        assert calls == []
+        repo.initial_load.set()
+        await asyncio.wait_for(task, 5)
+        assert calls == [tmp_path]
+
+    asyncio.run(scenario())
+
+
+def test_serve_stops_and_reports_a_bundle_that_fails_while_the_socket_is_bound(bundles, cache_dir, tmp_path):
+    """One good bundle, one refused: the command ends with the refusal (exit 2, one line), no traceback,
+    and nothing is left serving."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ nope")
+    proc, _ = start_server([str(bundles["classifier"]), str(broken)], cache_dir, wait=False)
+    try:
+        assert proc.wait(timeout=60) == 2
+    finally:
+        proc.kill()
+    stderr = proc.stderr.read()
+    assert "not valid JSON" in stderr and "Traceback" not in stderr
