@@ -114,7 +114,7 @@ def _check_grpc_door(host: str, port: int) -> None:
 @_handle_errors
 def serve(bundles, **values):
     """Verify, check and benchmark BUNDLE(s) (directory or .tar.gz), then serve them over HTTP."""
-    from edgerun.guard import is_loopback
+    from edgerun.hosts import is_loopback
 
     given = ServeOptions(**values)
     host = given.host

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import re
 import sys
 from collections.abc import Awaitable, Iterable
@@ -18,10 +17,10 @@ from typing import TypeVar
 import orjson
 
 from edgerun.errors import PayloadTooLargeError, RequestTimeoutError
+from edgerun.hosts import host_name, is_loopback
 
 # Routes guarded by the admin credential instead of the inference token.
 MODEL_CONTROL_PATH = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 T = TypeVar("T")
 
 
@@ -46,24 +45,6 @@ def bearer_matches(header: bytes | str | None, token: str) -> bool:
     value = header.decode("latin-1") if isinstance(header, bytes) else header
     scheme, _, credentials = value.strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
-
-
-def host_name(header: bytes | str | None) -> str:
-    """The host part of a Host header, lower-case, without port or IPv6 brackets."""
-    value = (header.decode("latin-1") if isinstance(header, bytes) else header or "").strip().lower()
-    if value.startswith("["):
-        return value[1:].split("]", 1)[0]
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class GuardMiddleware:

@@ -249,7 +249,7 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     if benchmark:
         benchmark["isa"] = isa  # the timings above hold for this ISA only
     session, golden = passing[0]
-    if not options.bench:
+    if not options.bench and golden_data is None:  # the golden check's runs warmed it otherwise
         with phase("layout"):
             session.run(_warm_feeds(session, golden_inputs))  # first run allocates; do it before traffic
 

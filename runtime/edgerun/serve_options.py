@@ -201,7 +201,7 @@ class ServeOptions:
     def server_config(self, token: str | None = None, admin_token: str | None = None) -> ServerConfig:
         """The server's settings (``token``/``admin_token``: resolved from their flags, files or variables)."""
         from edgerun.config import ServerConfig
-        from edgerun.guard import is_loopback
+        from edgerun.hosts import is_loopback
 
         return ServerConfig(
             token=token,

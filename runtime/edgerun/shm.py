@@ -42,7 +42,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 def local_shm(shm: SharedMemory | None, client_host: str | None) -> SharedMemory:
     """The server's shared memory for a request from ``client_host``: only with --allow-shm, only on this host."""
-    from edgerun.guard import is_loopback
+    from edgerun.hosts import is_loopback
 
     if shm is None:
         raise ForbiddenError("system shared memory is off; start the server with --allow-shm")

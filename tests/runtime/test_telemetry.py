@@ -222,3 +222,23 @@ def test_serve_makes_no_connection_off_the_machine(bundles, tmp_path):
     assert "accept" in trace  # the trace sees the server: it accepted the health checks' connections
     bad = outside_traffic(trace)
     assert bad == [], f"edgerun serve addressed {len(bad)} non-loopback endpoint(s): {bad[:5]}"
+
+
+def test_no_pydantic_plugin_is_loaded_unless_the_user_turns_them_on(tmp_path):
+    """An installed package that declares a pydantic plugin (an observability exporter would see every
+    value validated) is not loaded by edgerun; clearing PYDANTIC_DISABLE_PLUGINS loads it."""
+    site = tmp_path / "site"
+    dist = site / "spyplugin-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: spyplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[pydantic]\nspy = spyplugin:plugin\n")
+    marker = tmp_path / "loaded"
+    (site / "spyplugin.py").write_text(f"open({str(marker)!r}, 'w').close()\nplugin = object()\n")
+    env = clean_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)
+    code = "import edgerun.server; edgerun.server.create_app(edgerun.server.ModelRepository())"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    assert not marker.exists()
+    subprocess.run([sys.executable, "-c", code], env={**env, "PYDANTIC_DISABLE_PLUGINS": ""}, capture_output=True)
+    assert marker.exists()  # the same package, plugins on: loaded

@@ -24,7 +24,8 @@ from edgerun.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from edgerun.guard import bearer_matches, host_name, is_loopback
+from edgerun.guard import bearer_matches
+from edgerun.hosts import host_name, is_loopback
 from edgerun.loader import ServedModel
 from edgerun.metrics import Metrics
 from edgerun.protocol import ErrorResponse
