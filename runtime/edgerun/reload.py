@@ -9,7 +9,6 @@ model held on disk (an archive's extracted copy) is removed, and so is everythin
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -314,6 +313,8 @@ async def watch_directory(repo: ModelRepository, directory: Path, interval_s: fl
     (``ModelRepository.tried``), whenever that was. A fingerprint must hold still for one interval
     before loading, so a bundle still being copied is not read half-way; one refused mid-copy is tried
     again once its files change."""
+    import asyncio  # the web stack's: the thread that loads a server's first bundles never needs it
+
     loop = asyncio.get_running_loop()
     candidates: dict[Path, tuple] = {}
     while True:
