@@ -170,6 +170,9 @@ def serve(bundles, **values):
     # the cyclic collector scanning them again and again cost about 8% of the imports' CPU time, and one
     # full collection after them 50 ms. They are frozen (never scanned) once the server is ready.
     gc.disable()
+    # FastAPI imports pydantic's bundled v1 package (18 ms of CPU here) only to refuse v1 models, which
+    # edgerun has none of; this process runs no other code that could want it (bundles are data).
+    sys.modules.setdefault("pydantic.v1", None)  # type: ignore[arg-type]
     try:
         if given.no_bench:
             loading.start()

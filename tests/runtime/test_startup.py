@@ -176,3 +176,22 @@ def test_serve_stops_and_reports_a_bundle_that_fails_while_the_socket_is_bound(b
         proc.kill()
     stderr = proc.stderr.read()
     assert "not valid JSON" in stderr and "Traceback" not in stderr
+
+
+def test_the_served_openapi_document_is_the_in_process_one(bundles, cache_dir, load_options):
+    """``edgerun serve`` keeps FastAPI from importing pydantic.v1 (start-up time) and builds its app
+    while the bundle loads: the document it publishes is the one the same app builds in-process."""
+    import httpx
+
+    from edgerun.reload import ModelRepository
+    from edgerun.server import create_app
+
+    proc, url = start_server([str(bundles["classifier"])], cache_dir)
+    try:
+        served = httpx.get(f"{url}/openapi.json", timeout=10).json()
+    finally:
+        stop_server(proc)
+    repo = ModelRepository(load_options)
+    repo.load(bundles["classifier"])
+    assert served == create_app(repo).openapi()
+    repo.close()
