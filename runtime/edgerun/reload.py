@@ -223,6 +223,8 @@ class ModelRepository:
     def load(self, location: str | Path, expected_name: str | None = None) -> ServedModel:
         """Load and check a bundle, then swap it in. Raises (old model untouched) when anything fails."""
         with self._load_lock:
+            if self._closed:  # stopped while the bundles a server starts with were loading
+                raise BundleError("the server is shutting down; load refused")
             # Taken before a byte is read: files replaced during the load show as a change later.
             self._tried[os.path.realpath(location)] = _fingerprint(Path(location))
             served = load_model(location, self.options)
