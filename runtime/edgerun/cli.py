@@ -185,13 +185,19 @@ def serve(bundles, **values):
         repo = loading.wait_repository()
     except BaseException:
         gc.enable()
+        loading.abandon()
         raise
     if not is_loopback(host) and not token:
         log.warning("serving on %s without --token: anyone who can reach it can use it", host)
 
+    import asyncio
+
     def ready() -> None:
+        # Frozen objects are never collected: back into the oldest generation a minute later, so garbage
+        # made during start-up (or a starting model replaced later) can still be collected.
         gc.freeze()
         gc.enable()
+        asyncio.get_running_loop().call_later(60.0, gc.unfreeze)
         log_ready()
 
     try:
@@ -211,7 +217,8 @@ def serve(bundles, **values):
             )
     finally:
         gc.enable()
-        loading.join()  # a load still running (the server stopped first) ends before its repository closes
+        repo.refuse_loads()  # the server stopped first: no further bundle loads
+        loading.join()  # the one still running ends before its repository closes
         repo.close()  # also when the server stops before its shutdown hook runs
     if loading.stopped_server and loading.error is not None:
         raise loading.error

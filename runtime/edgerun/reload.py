@@ -192,7 +192,8 @@ class ModelRepository:
         model = self.models.get(name) if name else None
         if model is None:
             if not self.initial_load.is_set():
-                raise ModelNotFoundError(f"model '{name}' is not served yet: the server is still loading its bundles")
+                what = f"model '{name}' is" if name else "no model is"
+                raise ModelNotFoundError(f"{what} not served yet: the server is still loading its bundles")
             raise ModelNotFoundError(f"model '{name}' is not served here; available: {sorted(self.models)}")
         return model
 
@@ -262,10 +263,16 @@ class ModelRepository:
             log.info("model %s %s unloaded", served.name, served.version)
             return served
 
+    def refuse_loads(self) -> None:
+        """From now on every load is refused: one running ends refused, the next one at once (no lock:
+        this must not wait for a load)."""
+        self._closed = True
+
     def close(self) -> None:
-        """Shutdown: release every model's extracted copy and cancel pending TensorRT builds."""
+        """Shutdown: release every model's extracted copy and cancel pending TensorRT builds (after the
+        load running now, if any, ended refused)."""
+        self.refuse_loads()
         with self._load_lock:
-            self._closed = True
             for served in self.models.values():
                 served.close()
 

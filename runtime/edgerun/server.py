@@ -182,7 +182,8 @@ def _lifespan(state: ServerState):
             await batcher.close(config.drain_timeout_s)
             if state.shm is not None:
                 state.shm.close()  # every region unmapped at shutdown
-            repo.close()  # extracted copies go with the server
+            # Extracted copies go with the server; off the loop, as it may wait for a load still running.
+            await asyncio.get_running_loop().run_in_executor(None, repo.close)
 
     return lifespan
 
@@ -390,8 +391,9 @@ def serve(
             while startup is not None and not startup.finished.is_set():
                 await asyncio.sleep(0.005)
             if startup is not None and startup.error is not None:
-                startup.stopped_server = True
-                self.should_exit = True
+                if not self.should_exit:  # not a load refused because the server was stopping already
+                    startup.stopped_server = True
+                    self.should_exit = True
                 return
             if on_ready is not None:
                 on_ready()

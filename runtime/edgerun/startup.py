@@ -101,6 +101,8 @@ class StartupLoad:
         self.repository: ModelRepository | None = None
         self.error: BaseException | None = None
         self.stopped_server = False  # set by the server when this load's failure made it stop
+        self._lock = threading.Lock()
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="edgerun-load")
 
     def start(self) -> None:
@@ -118,7 +120,22 @@ class StartupLoad:
             self.error = exc
         finally:
             self._made.set()
-            self.finished.set()
+            with self._lock:
+                self.finished.set()
+                abandoned = self._abandoned
+            if abandoned and self.repository is not None:
+                self.repository.close()
+
+    def abandon(self) -> None:
+        """No server will run (start-up failed on the main thread): the loads still to come are refused,
+        and what was loaded is released once the running load ends, on the loading thread."""
+        with self._lock:
+            self._abandoned = True
+            done = self.finished.is_set()
+        if self.repository is not None:
+            self.repository.refuse_loads()
+            if done:
+                self.repository.close()
 
     def wait_repository(self) -> ModelRepository:
         """The repository once made (the load goes on); raises what failed before it was."""

@@ -195,3 +195,27 @@ def test_the_served_openapi_document_is_the_in_process_one(bundles, cache_dir, l
     repo.load(bundles["classifier"])
     assert served == create_app(repo).openapi()
     repo.close()
+
+
+def test_an_abandoned_startup_refuses_the_loads_to_come_and_releases_the_repository(bundles, load_options):
+    """The main thread failed (an import error, Ctrl-C) while the bundles load: the next load is refused at
+    once instead of running for nobody, and the repository is closed on the loading thread."""
+    from edgerun.errors import BundleError
+    from edgerun.reload import ModelRepository
+
+    release = threading.Event()
+
+    def load(repo):
+        release.wait(10)
+        repo.load(bundles["classifier"])
+
+    loading = StartupLoad(lambda: ModelRepository(load_options), load)
+    loading.start()
+    repo = loading.wait_repository()
+    loading.abandon()
+    release.set()
+    loading.join()
+    assert isinstance(loading.error, BundleError) and "shutting down" in str(loading.error)
+    assert not repo.models and not repo.initial_load.is_set()
+    with pytest.raises(BundleError, match="shutting down"):
+        repo.load(bundles["classifier"])
