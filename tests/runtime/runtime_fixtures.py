@@ -329,3 +329,17 @@ def build_detector_bundle(
         "golden.npz": npz_bytes(**{"input:images": x, "output:output0": detector_reference(x)}),
     }
     return write_bundle(dest, manifest, files, force=True)
+
+
+def serve_after_load(record: dict | None = None):
+    """A stand-in for ``edgerun.server.serve`` in CLI tests: binds nothing and returns once the bundles the
+    command is loading are loaded (a real server runs meanwhile), recording its arguments in ``record``."""
+
+    def serve(app, **kwargs) -> None:
+        startup = kwargs.get("startup")
+        if startup is not None:
+            startup.finished.wait(60)
+        if record is not None:
+            record.update(app=app, kwargs=kwargs, **kwargs)
+
+    return serve

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from runtime_fixtures import build_classifier_bundle, classifier_reference, post_concurrently
+from runtime_fixtures import build_classifier_bundle, classifier_reference, post_concurrently, serve_after_load
 
 import edgerun.layout as layout_module
 import edgerun.loader as loader_module
@@ -463,7 +463,7 @@ def test_serve_flags_reach_the_layout(tmp_path, cache_dir, monkeypatch):
 
     bundle = build_classifier_bundle(tmp_path / "b")
     started = {}
-    monkeypatch.setattr(server_module, "serve", lambda app, **kwargs: started.update(app=app))
+    monkeypatch.setattr(server_module, "serve", serve_after_load(started))
     result = CliRunner().invoke(
         main,
         [

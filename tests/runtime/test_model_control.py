@@ -10,7 +10,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from runtime_fixtures import build_classifier_bundle
+from runtime_fixtures import build_classifier_bundle, serve_after_load
 from server_process import start_server, stop_server
 
 from edgerun.cli import main
@@ -190,7 +190,7 @@ def _serve(args, monkeypatch, cache_dir):
     import edgerun.server
 
     started = {}
-    monkeypatch.setattr(edgerun.server, "serve", lambda app, **kwargs: started.update(app=app, **kwargs))
+    monkeypatch.setattr(edgerun.server, "serve", serve_after_load(started))
     result = CliRunner().invoke(main, ["serve", *args, "--cache-dir", str(cache_dir), "--no-bench"])
     return result, started
 

@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 from click.testing import CliRunner
+from runtime_fixtures import serve_after_load
 
 from edgerun.batching import Batcher
 from edgerun.cli import main, serve
@@ -33,12 +34,8 @@ def served_with(bundles, cache_dir, monkeypatch):
     """Run ``edgerun serve BUNDLE --no-bench ARGS`` up to the bind; return the app it would serve."""
     import edgerun.server
 
-    captured = {}
-
-    def capture(app, **kwargs):
-        captured["app"], captured["kwargs"] = app, kwargs
-
-    monkeypatch.setattr(edgerun.server, "serve", capture)
+    captured: dict = {}
+    monkeypatch.setattr(edgerun.server, "serve", serve_after_load(captured))
 
     def run(*args: str):
         command = ["serve", str(bundles["classifier"]), "--cache-dir", str(cache_dir), "--no-bench", *args]
@@ -102,7 +99,7 @@ def test_flags_reach_the_library(served_with):
 def test_cache_dir_from_the_environment(bundles, tmp_path, monkeypatch):
     import edgerun.server
 
-    monkeypatch.setattr(edgerun.server, "serve", lambda app, **kwargs: None)
+    monkeypatch.setattr(edgerun.server, "serve", serve_after_load())
     monkeypatch.setenv("EDGERUN_CACHE_DIR", str(tmp_path / "from-env"))
     result = CliRunner().invoke(main, ["serve", str(bundles["classifier"]), "--no-bench"])
     assert result.exit_code == 0, result.output
