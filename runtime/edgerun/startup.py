@@ -1,14 +1,16 @@
 """The start-up timeline: how long each phase of ``edgerun serve`` took (logged at debug level).
 
 Devices restart (power cuts, watchdogs, rolling updates, scale to zero), so start-up is paid again and
-again. The phases: ``imports`` (the web stack's modules), ``verify`` (manifest and checksums),
-``session`` (ONNX Runtime sessions), ``golden`` (the parity check), ``bench`` (the self-benchmark's variant timing), ``layout`` (the execution layout and
-its warm-up run), ``app`` (assembling the FastAPI app) and ``bind`` (the batcher, the socket, the
-server's start). Loading runs on its own thread next to the imports, so phases may overlap; ``ready``
-is the wall-clock time from the command line's start (``edgerun.cli`` imports this module first) to the
-socket taking connections; the interpreter's own start before it is not included (``/proc``'s process
-start time was 0.19-0.22 s off in a sandboxed VM, too coarse to use). Each phase is shown with its
-duration (summed over the times it ran) and when it first began and last ended, in ms since then.
+again. The phases: ``imports`` (both threads' modules), ``verify`` (manifest and checksums),
+``session`` (ONNX Runtime sessions), ``golden`` (the parity check), ``bench`` (the self-benchmark's
+variant timing), ``layout`` (the execution layout, and a warm-up run when no golden check ran),
+``app`` (assembling the FastAPI app) and ``bind`` (the batcher, the socket, the server's start).
+Loading runs on its own thread (``StartupLoad``, below) next to the imports and the bind, so phases
+overlap; ``ready`` is the wall-clock time from the command line's start (``edgerun.cli`` imports this
+module first) to the later of the socket taking connections and the bundles being loaded; the
+interpreter's own start before it is not included (``/proc``'s process start time was 0.19-0.22 s off
+in a sandboxed VM, too coarse to use). Each phase is shown with its duration (summed over the times it
+ran) and when it first began and last ended, in ms since then.
 """
 
 from __future__ import annotations
