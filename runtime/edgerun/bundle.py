@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from edgerun.errors import BundleError, first_line
 from edgerun.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from edgerun.prefetch import BundlePrefetch
 
 _CHUNK = 1 << 20
 # Files up to this size are kept in memory once read (golden data, labels): read once, used twice.
@@ -212,11 +213,12 @@ def extract_archive(
     return manifests[0].parent
 
 
-def verify_files(root: Path, manifest: Manifest) -> dict[str, VerifiedFile]:
+def verify_files(root: Path, manifest: Manifest, prefetched: BundlePrefetch | None = None) -> dict[str, VerifiedFile]:
     """Check every file the manifest lists (and every file it uses) against its sha256.
 
     Returns the bytes of the files a load reads first (the selected model, golden data, labels), read
-    whole and checked here; the others are hashed in chunks and not kept."""
+    whole and checked here; the others are hashed in chunks and not kept. A file ``prefetched`` read
+    and hashed ahead is checked with those bytes and digest instead of being read again."""
     used = [model.path for model in manifest.all_models()]
     used += [path for path in (manifest.golden.path if manifest.golden else None, manifest.labels) if path]
     for relative in used:
@@ -229,7 +231,12 @@ def verify_files(root: Path, manifest: Manifest) -> dict[str, VerifiedFile]:
         path = root / relative
         if not path.is_file():
             raise BundleError(f"bundle file '{relative}' is missing from {root}")
-        if relative in first:
+        ahead = prefetched.take(relative) if prefetched is not None else None
+        if ahead is not None:
+            data, actual = ahead
+            if relative in first:
+                kept[relative] = VerifiedFile(relative, data, actual)
+        elif relative in first:
             try:
                 data = path.read_bytes()
             except OSError as exc:
@@ -271,18 +278,23 @@ def verify_signature(manifest: Manifest, trusted_public_key: bytes) -> None:
 
 
 def open_bundle(
-    location: str | Path, *, trusted_public_key: bytes | None = None, workdir: Path | None = None
+    location: str | Path,
+    *,
+    trusted_public_key: bytes | None = None,
+    workdir: Path | None = None,
+    prefetched: BundlePrefetch | None = None,
 ) -> Bundle:
     """Open a bundle directory or archive and verify it completely before anything uses it.
 
     An archive is extracted into ``workdir`` or, without one, into a new temporary directory
-    that the returned bundle owns (``Bundle.close`` removes it).
+    that the returned bundle owns (``Bundle.close`` removes it). A directory's files read ahead
+    (``prefetched``, see ``edgerun.prefetch``) are verified from those bytes.
     """
     location = Path(location)
     if not location.exists():
         raise BundleError(f"bundle '{location}' does not exist")
     if not location.is_file():
-        return _verified(location, trusted_public_key)
+        return _verified(location, trusted_public_key, prefetched)
     dest = Path(workdir or tempfile.mkdtemp(prefix="edgerun-"))
     try:
         bundle = _verified(extract_archive(location, dest), trusted_public_key)
@@ -299,12 +311,13 @@ def _owning(bundle: Bundle, extracted: Path) -> Bundle:
     )
 
 
-def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
+def _verified(root: Path, trusted_public_key: bytes | None, prefetched: BundlePrefetch | None = None) -> Bundle:
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{root}: no {MANIFEST_NAME} found; is this an edgebuild bundle directory?")
+    ahead = prefetched.take(MANIFEST_NAME) if prefetched is not None else None
     try:
-        raw = path.read_bytes()
+        raw = ahead[0] if ahead is not None else path.read_bytes()  # one snapshot with the files read ahead
         data = json.loads(raw)
     except OSError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
@@ -313,7 +326,7 @@ def _verified(root: Path, trusted_public_key: bytes | None) -> Bundle:
     manifest = parse_manifest(data, str(path))
     if trusted_public_key is not None:  # authenticate the manifest before trusting its hashes
         verify_signature(manifest, trusted_public_key)
-    kept = verify_files(root, manifest)
+    kept = verify_files(root, manifest, prefetched)
     return Bundle(
         root=Path(os.path.realpath(root)), manifest=manifest, sha256=hashlib.sha256(raw).hexdigest(), _fresh=kept
     )

@@ -22,6 +22,7 @@ from edgerun.isa import cpu_isa
 from edgerun.layout import LayoutRequest, plan_layout
 from edgerun.manifest import ModelFile
 from edgerun.memory import release_free_memory
+from edgerun.prefetch import BundlePrefetch
 from edgerun.provider_options import check_manifest
 from edgerun.serve_options import DEFAULTS
 from edgerun.session import ModelSession, create_model_session, provider_candidates
@@ -141,15 +142,17 @@ def _try_variant(
     return None
 
 
-def load_model(location: str | Path, options: LoadOptions | None = None) -> ServedModel:
+def load_model(
+    location: str | Path, options: LoadOptions | None = None, prefetched: BundlePrefetch | None = None
+) -> ServedModel:
     """Open, verify, golden-check and (optionally) benchmark a bundle; return what to serve.
 
     An archive's extracted copy belongs to the returned model (``ServedModel.close``); when the
-    load fails it is removed here.
+    load fails it is removed here. ``prefetched``: the directory's files read and hashed ahead.
     """
     options = options or LoadOptions()
     with phase("verify"):
-        bundle = open_bundle(location, trusted_public_key=options.trusted_key)
+        bundle = open_bundle(location, trusted_public_key=options.trusted_key, prefetched=prefetched)
     try:
         served = _load_verified(bundle, Path(location), options)
     except BaseException:

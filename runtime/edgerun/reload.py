@@ -21,6 +21,8 @@ from typing import Any
 from edgerun.errors import BundleError, EdgerunError, ModelNotFoundError
 from edgerun.loader import LoadOptions, ServedModel, load_model
 from edgerun.manifest import MANIFEST_NAME, is_one_path_component
+from edgerun.prefetch import BundlePrefetch
+from edgerun.prefetch import fingerprint as _fingerprint
 from edgerun.trt_build import start_background_build
 
 log = logging.getLogger("edgerun")
@@ -221,14 +223,18 @@ class ModelRepository:
             self.add(new)
             return True
 
-    def load(self, location: str | Path, expected_name: str | None = None) -> ServedModel:
-        """Load and check a bundle, then swap it in. Raises (old model untouched) when anything fails."""
+    def load(
+        self, location: str | Path, expected_name: str | None = None, prefetched: BundlePrefetch | None = None
+    ) -> ServedModel:
+        """Load and check a bundle, then swap it in. Raises (old model untouched) when anything fails.
+        ``prefetched``: its files read and hashed ahead (``edgerun.prefetch``), fingerprinted before."""
         with self._load_lock:
             if self._closed:  # stopped while the bundles a server starts with were loading
                 raise BundleError("the server is shutting down; load refused")
             # Taken before a byte is read: files replaced during the load show as a change later.
-            self._tried[os.path.realpath(location)] = _fingerprint(Path(location))
-            served = load_model(location, self.options)
+            seen = prefetched.take_fingerprint() if prefetched is not None else _fingerprint(Path(location))
+            self._tried[os.path.realpath(location)] = seen
+            served = load_model(location, self.options, prefetched)
             if expected_name is not None and served.name != expected_name:
                 served.close()
                 raise BundleError(
@@ -275,24 +281,6 @@ class ModelRepository:
         with self._load_lock:
             for served in self.models.values():
                 served.close()
-
-
-def _fingerprint(entry: Path) -> tuple | None:
-    """Every file of a bundle directory (or the archive file): any change while it is copied shows."""
-    try:
-        if entry.is_file():
-            stat = entry.stat()
-            return ((entry.name, stat.st_mtime_ns, stat.st_size, stat.st_ino),)
-        if not (entry / MANIFEST_NAME).is_file():
-            return None
-        parts = []
-        for path in sorted(entry.rglob("*")):
-            if path.is_file():
-                stat = path.stat()
-                parts.append((str(path.relative_to(entry)), stat.st_mtime_ns, stat.st_size, stat.st_ino))
-        return tuple(parts)
-    except OSError:  # removed while we looked: not a bundle right now
-        return None
 
 
 def bundle_entries(directory: Path) -> dict[Path, tuple]:

@@ -219,3 +219,45 @@ def test_an_abandoned_startup_refuses_the_loads_to_come_and_releases_the_reposit
     assert not repo.models and not repo.initial_load.is_set()
     with pytest.raises(BundleError, match="shutting down"):
         repo.load(bundles["classifier"])
+
+
+def test_files_read_ahead_are_the_bytes_verified_and_loaded(bundles, tmp_path, load_options):
+    """``edgerun serve`` reads and hashes a bundle directory's files while it imports: the verification
+    checks those bytes against the manifest and hands them on, and the watcher's fingerprint is the one
+    from before the read, so a file replaced afterwards shows as a change."""
+    import shutil
+
+    from edgerun.bundle import open_bundle
+    from edgerun.prefetch import BundlePrefetch, fingerprint
+    from edgerun.reload import ModelRepository
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles["classifier"], bundle)
+    model = open_bundle(bundle).manifest.model.path
+    original = (bundle / model).read_bytes()
+    ahead = BundlePrefetch(bundle).start()
+    before = ahead.take_fingerprint()
+    (bundle / model).write_bytes(b"replaced after the read ahead")  # never read in its place
+    repo = ModelRepository(load_options)
+    served = repo.load(bundle, prefetched=ahead)
+    assert served.session is not None and repo.tried(bundle) == before != fingerprint(bundle)
+    repo.close()
+    (bundle / model).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # damaged before the read
+    with pytest.raises(Exception, match="does not match its checksum"):
+        open_bundle(bundle, prefetched=BundlePrefetch(bundle).start())
+
+
+def test_read_ahead_skips_what_it_must_not_read(bundles, tmp_path):
+    """A FIFO never blocks it and files over its size bound are left to the verification."""
+    import os
+    import shutil
+
+    from edgerun.bundle import open_bundle
+    from edgerun.prefetch import BundlePrefetch
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles["classifier"], bundle)
+    os.mkfifo(bundle / "pipe")
+    small = BundlePrefetch(bundle, max_bytes=64).start()
+    assert small.take("pipe") is None and small.take("manifest.json") is None  # the manifest is over 64 bytes
+    assert open_bundle(bundle, prefetched=small).manifest.name == "clf"  # read by the verification instead
