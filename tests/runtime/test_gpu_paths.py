@@ -372,7 +372,7 @@ def test_no_background_flag_builds_before_serving(tmp_path, cache_dir, fake_gpu,
     seen = {}
     monkeypatch.setattr(
         "edgerun.reload.ModelRepository.load",
-        lambda self, location: seen.setdefault("background", self.options.trt_background),
+        lambda self, location, **kwargs: seen.setdefault("background", self.options.trt_background),
     )
     monkeypatch.setattr("edgerun.server.serve", lambda *a, **k: None)
     monkeypatch.setattr("edgerun.cli.tune_malloc", lambda: None)
