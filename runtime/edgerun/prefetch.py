@@ -29,7 +29,7 @@ def fingerprint(entry: Path) -> tuple | None:
         if entry.is_file():
             st = entry.stat()
             return ((entry.name, st.st_mtime_ns, st.st_size, st.st_ino),)
-        if not (entry / "manifest.json").is_file():
+        if not (entry / "manifest.json").is_file():  # edgerun.manifest.MANIFEST_NAME (that module loads pydantic)
             return None
         parts = []
         for path in sorted(entry.rglob("*")):

@@ -21,8 +21,7 @@ from typing import Any
 from edgerun.errors import BundleError, EdgerunError, ModelNotFoundError
 from edgerun.loader import LoadOptions, ServedModel, load_model
 from edgerun.manifest import MANIFEST_NAME, is_one_path_component
-from edgerun.prefetch import BundlePrefetch
-from edgerun.prefetch import fingerprint as _fingerprint
+from edgerun.prefetch import BundlePrefetch, fingerprint
 from edgerun.trt_build import start_background_build
 
 log = logging.getLogger("edgerun")
@@ -232,7 +231,7 @@ class ModelRepository:
             if self._closed:  # stopped while the bundles a server starts with were loading
                 raise BundleError("the server is shutting down; load refused")
             # Taken before a byte is read: files replaced during the load show as a change later.
-            seen = prefetched.take_fingerprint() if prefetched is not None else _fingerprint(Path(location))
+            seen = prefetched.take_fingerprint() if prefetched is not None else fingerprint(Path(location))
             self._tried[os.path.realpath(location)] = seen
             served = load_model(location, self.options, prefetched)
             if expected_name is not None and served.name != expected_name:
@@ -298,9 +297,9 @@ def bundle_entries(directory: Path) -> dict[Path, tuple]:
             continue  # a link out of the directory is not a bundle dropped into it
         if child.is_file() and not child.name.endswith((".tar.gz", ".tgz")):
             continue
-        fingerprint = _fingerprint(child)
-        if fingerprint is not None:
-            entries[child] = fingerprint
+        seen = fingerprint(child)
+        if seen is not None:
+            entries[child] = seen
     return entries
 
 
@@ -317,12 +316,12 @@ async def watch_directory(repo: ModelRepository, directory: Path, interval_s: fl
     while True:
         # Walking and stat-ing every bundle file runs off the event loop: requests keep flowing meanwhile.
         current = await loop.run_in_executor(None, bundle_entries, directory)
-        for path, fingerprint in current.items():
-            if repo.tried(path) == fingerprint:
+        for path, files in current.items():
+            if repo.tried(path) == files:
                 candidates.pop(path, None)
                 continue
-            if candidates.get(path) != fingerprint:
-                candidates[path] = fingerprint
+            if candidates.get(path) != files:
+                candidates[path] = files
                 continue
             candidates.pop(path, None)
             try:
