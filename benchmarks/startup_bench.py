@@ -1,6 +1,6 @@
 """Cold start, side by side, in one run: edgerun against a plain FastAPI + ONNX Runtime app.
 
-    python benchmarks/startup_bench.py [BUNDLE_DIR] [--rounds 5] [--baseline-runtime DIR] [--json]
+    python benchmarks/startup_bench.py [BUNDLE_DIR] [--rounds 5] [--baseline-runtime DIR ...] [--json]
 
 Without a bundle it builds one as ``serve_bench.py`` does: torchvision ``mobilenet_v2`` (weights=None)
 packed FP32 by ``edgebuild pack`` (golden data included). Then, in interleaved rounds (so machine load hits
@@ -9,10 +9,13 @@ all alike), each measured from launch to the first ``200`` on ``GET /v2/health/r
 - ``edgerun serve BUNDLE --no-bench`` (fresh cache each time): verify checksums, sessions, golden check;
 - the plain app: a uvicorn server that imports FastAPI, creates one ONNX Runtime session on the bundle's
   ``model.onnx``, runs it once and answers the ready route (no checks of any kind);
-- with ``--baseline-runtime DIR`` also edgerun from another checkout's ``runtime/`` folder (before/after).
+- with ``--baseline-runtime DIR`` also edgerun from another checkout's ``runtime/`` folder (before/after;
+  give it more than once to compare several, each labelled with the checkout's folder name).
 
 Each start also reports the CPU seconds (user + system, all threads) the server used by the time it was
-ready: on a shared machine the wall-clock times move with other load, the CPU time much less.
+ready: on a shared machine the wall-clock times move with other load, the CPU time much less. The ratio
+to the plain app is also given per round (each start against the plain start of its own round), as the
+median of those paired ratios: it moves less than the ratio of the medians when the machine's speed drifts.
 
 Also: the import time of the server's module graph (``python -X importtime -c "import edgerun.server,
 edgerun.loader"``, top-level modules summed; median of the rounds) and edgerun's start-up timeline (the
@@ -131,7 +134,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, nargs="?", help="a bundle directory (default: build mobilenet_v2)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
-    parser.add_argument("--baseline-runtime", type=Path, help="also measure edgerun from this runtime/ folder")
+    parser.add_argument(
+        "--baseline-runtime",
+        type=Path,
+        action="append",
+        default=[],
+        help="also measure edgerun from this runtime/ folder (repeatable)",
+    )
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args()
 
@@ -140,8 +149,9 @@ def main() -> int:
     manifest = json.loads((bundle / "manifest.json").read_text())
     model = bundle / manifest["model"]["path"]
     runtimes = {"edgerun": REPO / "runtime"}
-    if args.baseline_runtime is not None:
-        runtimes["edgerun (baseline)"] = args.baseline_runtime.resolve()
+    for folder in args.baseline_runtime:
+        label = f"edgerun ({folder.resolve().parent.name})"
+        runtimes[label if label not in runtimes else f"{label[:-1]} {len(runtimes)})"] = folder.resolve()
 
     def env(runtime: Path) -> dict[str, str]:
         return _env(runtime, work / f"pycache-{abs(hash(str(runtime)))}")
@@ -176,13 +186,19 @@ def main() -> int:
                 timeline = next((line for line in stderr.splitlines() if "start-up:" in line), timeline)
 
     medians = {label: statistics.median(values) for label, values in times.items()}
+    plain_runs = times["plain FastAPI + ONNX Runtime"]
     plain = medians["plain FastAPI + ONNX Runtime"]
+    paired = {
+        label: statistics.median(t / p for t, p in zip(values, plain_runs, strict=True))
+        for label, values in times.items()
+    }
     numbers = {
         "bundle": str(bundle),
         "rounds": args.rounds,
         "cold_start_s": {label: round(value, 3) for label, value in medians.items()},
         "cold_start_runs_s": {label: [round(v, 3) for v in values] for label, values in times.items()},
         "vs_plain": {label: round(value / plain, 3) for label, value in medians.items()},
+        "vs_plain_paired": {label: round(value, 3) for label, value in paired.items()},
         "cpu_to_ready_s": {label: round(statistics.median(values), 3) for label, values in cpus.items()},
         "import_ms": {label: round(statistics.median(values), 1) for label, values in imports.items()},
         "timeline": timeline.split("DEBUG ", 1)[-1],
@@ -194,7 +210,10 @@ def main() -> int:
     for label, value in medians.items():
         runs = ", ".join(f"{v:.3f}" for v in times[label])
         cpu = numbers["cpu_to_ready_s"][label]
-        print(f"  {label:<30} {value:.3f} s  {value / plain:.2f}x the plain app  CPU {cpu:.2f} s  ({runs})")
+        print(
+            f"  {label:<30} {value:.3f} s  {value / plain:.2f}x the plain app (paired {paired[label]:.2f}x)  "
+            f"CPU {cpu:.2f} s  ({runs})"
+        )
     for label, value in numbers["import_ms"].items():
         print(f"  import edgerun.server, edgerun.loader ({label}): {value:.0f} ms")
     print(f"  timeline (edgerun, last round): {numbers['timeline'] or 'not logged'}")

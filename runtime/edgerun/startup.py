@@ -85,14 +85,16 @@ def log_ready() -> None:
 class StartupLoad:
     """The bundles ``edgerun serve`` starts with, loaded on a thread of their own.
 
-    The thread imports the loading half of edgerun (numpy, ONNX Runtime), makes the repository, then
-    loads every bundle (verify, sessions, golden check) while the main thread imports the web stack,
-    builds the app and binds the socket: hashing, session creation and inference release the GIL, so
-    the two overlap. ``make_repository`` and ``load`` run on the thread. The repository's
-    ``initial_load`` event is set once every bundle passed, so ``/v2/health/ready`` stays 503 until
-    then; ``finished`` is set either way, with ``error`` holding what stopped the load: the server
-    stops, and the main thread re-raises it as a load on it would have raised it. A load cut short
-    because the server was stopped first (a signal) is not an error of its own.
+    The thread imports the loading half of edgerun (numpy, pydantic, the manifest models), makes the
+    repository, then loads every bundle (verify, sessions, golden check) while the main thread imports
+    the web stack, builds the app and binds the socket: hashing, session creation and inference release
+    the GIL, so the two overlap. ``edgerun serve --no-bench`` has the main thread wait for the repository
+    (``wait_repository``) before its own imports, so the two threads' imports do not take turns.
+    ``make_repository`` and ``load`` run on the thread. The repository's ``initial_load`` event is set
+    once every bundle passed, so ``/v2/health/ready`` stays 503 until then; ``finished`` is set either
+    way, with ``error`` holding what stopped the load: the server stops, and the main thread re-raises
+    it as a load on it would have raised it. A load cut short because the server was stopped first (a
+    signal) is not an error of its own.
     """
 
     def __init__(self, make_repository: Callable[[], ModelRepository], load: Callable[[ModelRepository], Any]) -> None:

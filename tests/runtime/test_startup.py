@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 
@@ -261,3 +262,68 @@ def test_read_ahead_skips_what_it_must_not_read(bundles, tmp_path):
     small = BundlePrefetch(bundle, max_bytes=64).start()
     assert small.take("pipe") is None and small.take("manifest.json") is None  # the manifest is over 64 bytes
     assert open_bundle(bundle, prefetched=small).manifest.name == "clf"  # read by the verification instead
+
+
+@pytest.mark.parametrize("self_benchmark", [False, True])
+def test_the_loading_thread_imports_alone_first_unless_the_self_benchmark_runs(
+    self_benchmark, bundles, cache_dir, monkeypatch
+):
+    """Without the self-benchmark the main thread starts importing the web stack only once the loading
+    thread has made the repository (its imports done): the two would otherwise take turns for the GIL.
+    With it, the load starts after the imports, so the benchmark's timings have the cores to themselves."""
+    from click.testing import CliRunner
+    from runtime_fixtures import serve_after_load
+
+    import edgerun.server
+    import edgerun.startup
+    from edgerun.cli import main
+
+    events: list[str] = []
+    main_thread = threading.get_ident()
+    timeline_phase = edgerun.startup.phase
+
+    def phase(name):
+        if threading.get_ident() == main_thread:
+            events.append(f"main {name}")
+        return timeline_phase(name)
+
+    handed_over = StartupLoad.wait_repository
+
+    def wait_repository(self):
+        repo = handed_over(self)
+        events.append("repository made")
+        return repo
+
+    started = StartupLoad.start
+
+    def start(self):
+        events.append("load started")
+        started(self)
+
+    monkeypatch.setattr(edgerun.startup, "phase", phase)
+    monkeypatch.setattr(StartupLoad, "wait_repository", wait_repository)
+    monkeypatch.setattr(StartupLoad, "start", start)
+    monkeypatch.setattr(edgerun.server, "serve", serve_after_load())
+    args = ["serve", str(bundles["classifier"]), "--cache-dir", str(cache_dir)]
+    result = CliRunner().invoke(main, [*args] if self_benchmark else [*args, "--no-bench"])
+    assert result.exit_code == 0, result.output
+    web_stack = events.index("main imports")
+    if self_benchmark:
+        assert web_stack < events.index("load started") < events.index("repository made"), events
+    else:
+        assert events.index("load started") < events.index("repository made") < web_stack, events
+
+
+def test_serve_gives_numpy_blas_one_thread(bundles, cache_dir, monkeypatch):
+    from click.testing import CliRunner
+    from runtime_fixtures import serve_after_load
+
+    import edgerun.server
+    from edgerun.cli import main
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setattr(edgerun.server, "serve", serve_after_load())
+    args = ["serve", str(bundles["classifier"]), "--no-bench", "--cache-dir", str(cache_dir)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"

@@ -1,11 +1,22 @@
-"""Thread count from CPU affinity and cgroup v1/v2 quotas (fake cgroup trees)."""
+"""Thread count from CPU affinity and cgroup v1/v2 quotas (fake cgroup trees), and numpy's BLAS threads."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 
 from edgerun.errors import EdgerunError
-from edgerun.threads import cgroup_cpu_quota, choose_threads, parse_cgroup_v1_quota, parse_cgroup_v2_cpu_max
+from edgerun.threads import (
+    BLAS_THREAD_VARIABLES,
+    cgroup_cpu_quota,
+    choose_threads,
+    parse_cgroup_v1_quota,
+    parse_cgroup_v2_cpu_max,
+    single_thread_blas,
+)
 
 
 @pytest.mark.parametrize(
@@ -56,3 +67,25 @@ def test_affinity_when_unlimited_and_override(tmp_path):
     assert choose_threads(5, root=tmp_path, proc_cgroup="0::/\n", affinity=3).threads == 5
     with pytest.raises(EdgerunError, match="at least 1"):
         choose_threads(0, root=tmp_path, proc_cgroup="", affinity=3)
+
+
+def test_numpy_blas_gets_one_thread_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "4")
+    single_thread_blas()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert os.environ["MKL_NUM_THREADS"] == "4"  # the user's number is kept
+    assert set(BLAS_THREAD_VARIABLES) == {"OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"}
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenBLAS starts no pool to leave out")
+def test_the_blas_setting_leaves_out_openblas_threads_when_numpy_loads():
+    """OpenBLAS reads the variable once, when numpy loads it: set before, no pool thread is started."""
+    count = "import os, numpy; print(len(os.listdir('/proc/self/task')))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+    def threads(code: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout)
+
+    assert threads(f"from edgerun.threads import single_thread_blas; single_thread_blas(); {count}") == 1
+    assert threads(count) > 1
