@@ -82,6 +82,7 @@ def _load_once(bundle, providers, threads, cache_dir, trusted_key, bench: bool, 
     options = given.load_options(_read_key(trusted_key))
     options.max_batch = max_batch
     options.trt_background = False  # a one-off load builds no engine in the background
+    options.remeasure = True  # `edgerun bench` measures now, not what an earlier start cached
     served = load_model(bundle, options)
     served.close()  # the numbers are kept; an archive's extracted copy is not
     return served

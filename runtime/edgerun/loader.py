@@ -57,6 +57,9 @@ class LoadOptions:
     batch_delay_ms: float = DEFAULTS.max_delay_ms  # the server's batching window, added to a batched layout's latency
     # What times each variant in the self-benchmark (None: edgerun.bench.measure; tests inject a fake clock).
     variant_timer: Timer | None = None
+    # Measure the served variant again even when this device cached its numbers (``edgerun bench``); a
+    # server restarting on the same device, bundle, providers and threads reuses them instead.
+    remeasure: bool = False
 
 
 @dataclass
@@ -186,8 +189,8 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     variants = manifest.all_models()
     isa = cpu_isa()
     key = decision_key(bundle_id, [p.name for p in candidates], threads=thread_choice.threads, isa=isa)
-    decision = read_decision(cache_dir, key) if options.bench and len(variants) > 1 else None
-    if decision:
+    decision = read_decision(cache_dir, key) if options.bench else None
+    if decision and len(variants) > 1:
         decided = [v for v in variants if v.path == decision.get("variant")]
         if decided:
             log.info("using cached variant decision %s (%s)", decision["variant"], key)
@@ -214,7 +217,13 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
         raise SessionError(f"{manifest.name}: no variant/provider passed its checks: " + "; ".join(dropped))
 
     benchmark: dict[str, Any] = {}
-    if options.bench:
+    reused = None if options.remeasure else _cached_numbers(decision, passing[0][0].variant.path)
+    if options.bench and reused is not None:
+        # Measured on an earlier start of this device: the same bundle, providers, threads and ISA.
+        log.info("%s: cached self-benchmark numbers for %s (%s)", manifest.name, passing[0][0].variant.path, key)
+        benchmark = reused
+        passing = passing[:1]
+    elif options.bench:
         results = []
         for session, _ in passing:
             # With one variant there is nothing to compare: a quarter of the time, for the numbers
@@ -230,6 +239,12 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
         benchmark = results[best]
         if len(passing) > 1:
             benchmark["variants"] = {passing[i][0].variant.path: results[i]["batch_1"] for i in range(len(passing))}
+        if len(passing) > 1 or len(variants) == 1 or decision:
+            # The choice (when variants were compared) and each variant's numbers, so a restart on this
+            # device has nothing to measure again. A multi-variant bundle with no decision and one
+            # passing variant records nothing: the others are tried again at the next start.
+            measured = {passing[i][0].variant.path: results[i] for i in range(len(passing))}
+            numbers = {**_recorded_numbers(decision), **measured}
             write_decision(
                 cache_dir,
                 key,
@@ -243,7 +258,8 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
                     "isa": isa,
                     "providers": [p.name for p in candidates],
                     "threads": thread_choice.threads,
-                    "p50_ms": {v: n["p50_ms"] for v, n in benchmark["variants"].items()},
+                    "p50_ms": {v: n["batch_1"]["p50_ms"] for v, n in numbers.items()},
+                    "numbers": numbers,
                 },
             )
         passing = [passing[best]]
@@ -301,7 +317,8 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
             batch_delay_ms=options.batch_delay_ms,
             batch_gain=_batch_gain(benchmark, options.max_batch),
             check=lambda candidate: check_golden(candidate, golden_data),
-            fresh=options.bench,  # the variant benchmark's batches grew this session's memory arena
+            # The variant benchmark's batches grew this session's memory arena (cached numbers: it did not run).
+            fresh=options.bench and reused is None,
         )
 
     status = ModelStatus(
@@ -340,6 +357,33 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
         labels=labels,
         tensorrt_build=build,
     )
+
+
+def _recorded_numbers(decision: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Each variant's self-benchmark numbers in a cached decision; entries of another shape (a cache file
+    from another version, or damaged) are left out, so they are measured again."""
+    numbers = (decision or {}).get("numbers")
+    if not isinstance(numbers, dict):
+        return {}
+    return {
+        path: n
+        for path, n in numbers.items()
+        if isinstance(n, dict)
+        and isinstance(n.get("batch_1"), dict)
+        and isinstance(n["batch_1"].get("p50_ms"), int | float)
+    }
+
+
+def _cached_numbers(decision: dict[str, Any] | None, variant: str) -> dict[str, Any] | None:
+    """The self-benchmark numbers an earlier start measured for ``variant`` (in a decision under the same
+    key), shaped as a fresh measurement and marked ``cached``; None when it holds none for that variant."""
+    numbers = _recorded_numbers(decision)
+    if variant not in numbers:
+        return None
+    reused: dict[str, Any] = {**numbers[variant], "cached": True}
+    if len(numbers) > 1:
+        reused["variants"] = {path: n["batch_1"] for path, n in numbers.items()}
+    return reused
 
 
 def _batch_gain(benchmark: dict[str, Any], max_batch: int) -> float | None:

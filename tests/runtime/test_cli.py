@@ -81,6 +81,8 @@ def test_bench_json(bundles, cache_dir):
     numbers = json.loads(result.output)["benchmark"]
     assert set(numbers) >= {"batch_1", "batch_4"}
     assert numbers["batch_4"]["p50_ms"] > 0 and numbers["batch_1"]["throughput_per_s"] > 0
+    again = CliRunner().invoke(main, ["bench", str(bundles["classifier"]), "--json", "--cache-dir", str(cache_dir)])
+    assert "cached" not in json.loads(again.output)["benchmark"]  # measured now, not the cached numbers
 
 
 def test_bad_bundle_is_one_line_no_traceback(tmp_path, bundles):

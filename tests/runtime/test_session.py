@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 
 import pytest
@@ -136,8 +138,50 @@ def test_benchmark_picks_fastest_variant_and_caches_decision(tmp_path, cache_dir
     assert set(served.parameters["benchmark"]["variants"]) == {"model.onnx", "variants/alt.onnx"}
     assert list((cache_dir / "decisions").glob("*.json"))
     calls.clear()
-    served = load_model(bundle, options)  # decision cached: only the chosen variant is loaded and measured
-    assert calls == ["variants/alt.onnx"] and served.parameters["variant"] == "variants/alt.onnx"
+    served = load_model(bundle, options)  # decision cached: only the chosen variant is loaded, measured never
+    assert calls == [] and served.parameters["variant"] == "variants/alt.onnx"
+    numbers = served.parameters["benchmark"]
+    assert numbers["cached"] is True and numbers["batch_1"]["p50_ms"] == 1.0
+    assert {path: n["p50_ms"] for path, n in numbers["variants"].items()} == fake
+    served = load_model(bundle, dataclasses.replace(options, remeasure=True))  # edgerun bench's load
+    assert calls == ["variants/alt.onnx"] and "cached" not in served.parameters["benchmark"]
+
+
+def test_a_restart_reuses_the_numbers_of_a_single_variant_bundle(bundles, cache_dir, monkeypatch):
+    """A device restarting the bundle it served measures nothing again (same bundle, providers, threads
+    and ISA): the numbers its first start measured are served, marked cached."""
+    import edgerun.loader as loader
+
+    calls = []
+    measure = loader.self_benchmark
+
+    def counted(session, *args, **kwargs):
+        calls.append(session.variant.path)
+        return measure(session, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "self_benchmark", counted)
+    options = LoadOptions(cache_dir=cache_dir, bench=True, max_batch=4, bench_budget_s=0.1)
+    first = load_model(bundles["classifier"], options).parameters["benchmark"]
+    again = load_model(bundles["classifier"], options).parameters["benchmark"]
+    assert calls == ["model.onnx"]
+    assert again.pop("cached") is True and "cached" not in first
+    assert again == first
+    other_threads = load_model(bundles["classifier"], dataclasses.replace(options, threads=1))
+    assert calls == ["model.onnx", "model.onnx"]  # another thread count is another key: measured
+    assert "cached" not in other_threads.parameters["benchmark"]
+
+
+def test_damaged_cached_numbers_are_measured_again(bundles, cache_dir):
+    options = LoadOptions(cache_dir=cache_dir, bench=True, max_batch=4, bench_budget_s=0.1)
+    load_model(bundles["classifier"], options)
+    (record,) = [p for p in (cache_dir / "decisions").glob("*.json") if "numbers" in json.loads(p.read_text())]
+    decision = json.loads(record.read_text())
+    assert "model.onnx" in decision["numbers"]
+    decision["numbers"] = {"model.onnx": {"batch_1": "fast"}}
+    record.write_text(json.dumps(decision))
+    numbers = load_model(bundles["classifier"], options).parameters["benchmark"]
+    assert "cached" not in numbers and numbers["batch_1"]["p50_ms"] > 0
+    assert json.loads(record.read_text())["numbers"]["model.onnx"]["batch_1"]["p50_ms"] > 0  # mended
 
 
 def test_real_self_benchmark_numbers(bundles, cache_dir):
