@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -147,13 +148,15 @@ def serve(bundles, **values):
 
     log = logging.getLogger("edgerun")
 
+    imported = threading.Event()  # this thread's imports are done: nothing is timed before (see below)
+
     def make_repository():
         with phase("imports"):
             from edgerun.reload import ModelRepository, VersionStore
 
-        return ModelRepository(
-            given.load_options(_read_key(given.trusted_key)), store=VersionStore(Path(given.cache_dir))
-        )
+        options = given.load_options(_read_key(given.trusted_key))
+        options.before_timing = imported.wait
+        return ModelRepository(options, store=VersionStore(Path(given.cache_dir)))
 
     def load_all(repo) -> None:
         from edgerun.errors import EdgerunError
@@ -170,11 +173,12 @@ def serve(bundles, **values):
                     log.error("watch: skipped %s: %s", location, exc)
 
     # The bundles load on their own thread while this one imports the web stack, builds the app and
-    # binds: ready (200) once they are loaded. Without the self-benchmark the loading thread starts first
-    # and imports alone; this thread's imports start once it has made the repository, so they run while
-    # that thread is in native code (session creation and the golden runs release the GIL) instead of
-    # taking turns with its imports for the GIL (measured: 1.21x -> 1.10x the plain app's cold start).
-    # The self-benchmark times every core, so with it the load starts after the imports.
+    # binds: ready (200) once they are loaded. The loading thread starts first and imports alone; this
+    # thread's imports start once it has made the repository, so they run while that thread is in native
+    # code (session creation and the golden runs release the GIL) instead of taking turns with its
+    # imports for the GIL (measured: 1.21x -> 1.10x the plain app's cold start). The self-benchmark and
+    # the layout measurement time every core, so they wait for this thread's imports (``imported``);
+    # a restart that reuses cached numbers times nothing.
     loading = StartupLoad(make_repository, load_all)
     # Start-up allocates some 100,000 objects (modules, pydantic schemas, routes) that all stay alive:
     # the cyclic collector scanning them again and again cost about 8% of the imports' CPU time, and one
@@ -184,16 +188,15 @@ def serve(bundles, **values):
     # edgerun has none of; this process runs no other code that could want it (bundles are data).
     sys.modules.setdefault("pydantic.v1", None)  # type: ignore[arg-type]
     try:
-        if given.no_bench:
-            loading.start()
-            repo = loading.wait_repository()
-        with phase("imports"):
-            from edgerun.address import address_file
-            from edgerun.server import create_app
-            from edgerun.server import serve as run_server
-        if not given.no_bench:
-            loading.start()
-            repo = loading.wait_repository()
+        loading.start()
+        repo = loading.wait_repository()
+        try:
+            with phase("imports"):
+                from edgerun.address import address_file
+                from edgerun.server import create_app
+                from edgerun.server import serve as run_server
+        finally:
+            imported.set()
     except BaseException:
         gc.enable()
         loading.abandon()

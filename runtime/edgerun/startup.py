@@ -88,7 +88,7 @@ class StartupLoad:
     The thread imports the loading half of edgerun (numpy, pydantic, the manifest models), makes the
     repository, then loads every bundle (verify, sessions, golden check) while the main thread imports
     the web stack, builds the app and binds the socket: hashing, session creation and inference release
-    the GIL, so the two overlap. ``edgerun serve --no-bench`` has the main thread wait for the repository
+    the GIL, so the two overlap. ``edgerun serve`` has the main thread wait for the repository
     (``wait_repository``) before its own imports, so the two threads' imports do not take turns.
     ``make_repository`` and ``load`` run on the thread. The repository's ``initial_load`` event is set
     once every bundle passed, so ``/v2/health/ready`` stays 503 until then; ``finished`` is set either

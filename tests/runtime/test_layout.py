@@ -4,6 +4,7 @@ and the override flags — counted and compared, never timed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -548,3 +549,32 @@ def test_the_variant_decision_is_also_keyed_by_threads():
 
 
 CPU_NAME = "CPUExecutionProvider"
+
+
+def test_nothing_is_timed_before_the_caller_says_so_and_nothing_waits_on_a_cached_decision(
+    tmp_path, cache_dir, monkeypatch, no_timing
+):
+    """``LoadOptions.before_timing`` runs before the self-benchmark and before the first layout
+    measurement (``edgerun serve`` waits there for its web stack's imports); a restart that finds both
+    cached measures nothing and does not wait."""
+    bundle = build_classifier_bundle(tmp_path / "b")
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
+    timed_before_the_gate: list[int] = []
+    gate: list[str] = []
+    fake = layout_module.measure_layout
+
+    def measure(*args, **kwargs):
+        if gate != ["open", "open"]:  # the self-benchmark's call, then the layout step's own
+            timed_before_the_gate.append(len(gate))
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(layout_module, "measure_layout", measure)
+    options = LoadOptions(cache_dir=cache_dir, bench=True, before_timing=lambda: gate.append("open"))
+    load_model(bundle, options)
+    assert gate and not timed_before_the_gate and no_timing  # measured, and only after the gate
+    gate.clear()
+    measured = len(no_timing)
+    served = load_model(bundle, dataclasses.replace(options, before_timing=lambda: gate.append("waited")))
+    assert gate == [] and len(no_timing) == measured  # both cached: nothing timed, nothing waited for
+    assert served.parameters["benchmark"]["cached"] is True
+    assert served.parameters["layout"]["source"] == "cached self-benchmark"
