@@ -34,7 +34,7 @@ import numpy as np
 
 from edgerun.bundle import VerifiedFile
 from edgerun.errors import EdgerunError
-from edgerun.manifest import ProviderSpec
+from edgerun.manifest import ModelFile, ProviderSpec
 from edgerun.serve_options import DEFAULTS, OPTIMIZE_CHOICES
 from edgerun.session import ModelSession, create_model_session
 
@@ -284,6 +284,40 @@ def layout_key(
     return "layout-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _keyed_request(bundle_sha256: str, providers: list[str], budget: int, variant: ModelFile, request: LayoutRequest):
+    """The cache key of ``variant``'s layout measurements on this CPU, and the request with the
+    spinning the variant's session options pin (one implementation for ``plan_layout`` and
+    ``cached_layout``)."""
+    from edgerun.bench import cpu_model
+    from edgerun.isa import cpu_isa
+
+    pinned = variant.session_options.config.get(SPINNING_KEY)
+    if pinned is not None and request.spinning is None:
+        request = replace(request, spinning=str(pinned) == "1")
+    cpu = f"{cpu_model()} [{' '.join(cpu_isa())}]"  # like the variant decision: per CPU model and ISA flags
+    return layout_key(bundle_sha256, providers, cpu, budget, variant.path, request), request
+
+
+def _cached_measurements(cache_dir: Path, key: str) -> list[LayoutMeasurement]:
+    from edgerun.bench import read_decision
+
+    cached = read_decision(cache_dir, key)
+    try:
+        return [LayoutMeasurement.from_dict(m) for m in (cached or {}).get("measurements") or []]
+    except (KeyError, TypeError, ValueError):  # another version's or a damaged entry: measured again
+        return []
+
+
+def cached_layout(
+    *, bundle_id: str, providers: list[str], budget: int, variant: ModelFile, request: LayoutRequest, cache_dir: Path
+) -> Layout | None:
+    """The layout ``plan_layout`` will choose from this device's cached measurements, or None when
+    none are cached: the loader makes its first session in that layout's setting, so it serves as is."""
+    key, request = _keyed_request(bundle_id, providers, budget, variant, request)
+    measurements = _cached_measurements(cache_dir, key)
+    return select_layout(measurements, request.optimize).layout if measurements else None
+
+
 # ---- serving with several instances ----
 
 
@@ -481,17 +515,11 @@ def plan_layout(
     to the benchmark's batches and keep that size (measured: 20 MB more resident for mobilenet_v2).
     ``before_timing`` is called (and waited for) before the first measurement.
     """
-    from edgerun.bench import cpu_model, example_feeds, read_decision, write_decision
+    from edgerun.bench import example_feeds, write_decision
 
-    pinned = session.variant.session_options.config.get(SPINNING_KEY)
-    if pinned is not None and request.spinning is None:
-        request = replace(request, spinning=str(pinned) == "1")
+    key, request = _keyed_request(bundle_id, [p.name for p in providers], budget, session.variant, request)
     accelerator = bool(session.providers) and session.providers[0] != CPU
     candidates = candidate_layouts(budget, request, accelerator=accelerator)
-    from edgerun.isa import cpu_isa
-
-    cpu = f"{cpu_model()} [{' '.join(cpu_isa())}]"  # like the variant decision: per CPU model and ISA flags
-    key = layout_key(bundle_id, [p.name for p in providers], cpu, budget, session.variant.path, request)
     fixed = request.instances is not None or request.threads is not None
     batch_limit = min(bench_batch, session.max_batch or bench_batch)
     try_batching = (
@@ -513,10 +541,8 @@ def plan_layout(
     settings = {(layout.threads, layout.spinning): layout.instances for layout in candidates}
     rounds = _MEASURE_ROUNDS if sum(settings.values()) <= _MAX_KEPT_SESSIONS else 1
     factory = InstanceFactory(make, session, is_spinning(session), keep_all=rounds > 1)
-    measurements: list[LayoutMeasurement] = []
-    cached = read_decision(cache_dir, key)
-    if cached and cached.get("measurements"):
-        measurements = [LayoutMeasurement.from_dict(m) for m in cached["measurements"]]
+    measurements = _cached_measurements(cache_dir, key)
+    if measurements:
         source = "cached self-benchmark"
     elif bench and (len(candidates) > 1 or try_batching):
         if before_timing is not None:
@@ -603,6 +629,7 @@ __all__ = [
     "LayoutDecision",
     "LayoutMeasurement",
     "LayoutRequest",
+    "cached_layout",
     "candidate_layouts",
     "default_layout",
     "plan_layout",

@@ -20,13 +20,13 @@ from edgerun.bundle import Bundle, open_bundle
 from edgerun.errors import BundleError, EdgerunError, SessionError
 from edgerun.golden import GoldenData, check_golden, describe_thresholds, load_golden, thresholds_for
 from edgerun.isa import cpu_isa
-from edgerun.layout import LayoutRequest, plan_layout
+from edgerun.layout import LayoutRequest, cached_layout, plan_layout
 from edgerun.manifest import ModelFile
 from edgerun.memory import release_free_memory
 from edgerun.prefetch import BundlePrefetch
 from edgerun.provider_options import check_manifest
 from edgerun.serve_options import DEFAULTS
-from edgerun.session import ModelSession, create_model_session, provider_candidates
+from edgerun.session import CPU, ModelSession, create_model_session, provider_candidates
 from edgerun.startup import phase
 from edgerun.status import ModelStatus, TensorrtState
 from edgerun.tensorrt import TENSORRT
@@ -207,9 +207,18 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     # CPU/CUDA timings do not predict TensorRT's, so while its engine is pending keep the
     # builder's variant order (its precision preference for the target) instead of racing them.
     compare_all = options.bench and not decision and not background
+    layout_budget = (thread_choice if options.threads is None else choose_threads()).threads
+    layout_request = LayoutRequest(
+        options.instances, options.threads, None, options.fixed_batch, options.optimize, options.runs
+    )
     for chain in [candidates[1:], candidates] if background else [candidates]:
         for variant in variants:
-            found = _try_variant(bundle, variant, chain, thread_choice.threads, dropped, cache_dir, golden_data)
+            threads = thread_choice.threads
+            if not options.bench or (not options.remeasure and variant.path in _recorded_numbers(decision)):
+                # Nothing measures this session: made in the cached layout's setting, it serves as is.
+                planned = _cached_cpu_threads(variant, chain, bundle_id, layout_budget, layout_request, cache_dir)
+                threads = planned or thread_choice.threads
+            found = _try_variant(bundle, variant, chain, threads, dropped, cache_dir, golden_data)
             if found:
                 passing.append(found)
                 if not compare_all:
@@ -309,10 +318,8 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
             session,
             bundle=bundle,
             providers=[p for p in allowed if p.name in session.providers] or allowed,
-            budget=(thread_choice if options.threads is None else choose_threads()).threads,
-            request=LayoutRequest(
-                options.instances, options.threads, None, options.fixed_batch, options.optimize, options.runs
-            ),
+            budget=layout_budget,
+            request=layout_request,
             bench=options.bench and build is None,  # a pending TensorRT engine replaces this session anyway
             cache_dir=cache_dir,
             bundle_id=bundle_id,
@@ -363,6 +370,21 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
         labels=labels,
         tensorrt_build=build,
     )
+
+
+def _cached_cpu_threads(
+    variant: ModelFile, chain, bundle_id: str, budget: int, request: LayoutRequest, cache_dir: Path
+) -> int | None:
+    """The intra-op threads of the layout this device's cached measurements choose for ``variant`` on
+    the CPU, or None (not a CPU-only variant, or nothing cached). The self-benchmark's numbers are
+    keyed by the thread budget, so only a session nothing will measure is made this way."""
+    names = [p.name for p in _allowed(variant, chain)]
+    if names != [CPU]:
+        return None  # an accelerator keeps one instance with every thread
+    planned = cached_layout(
+        bundle_id=bundle_id, providers=names, budget=budget, variant=variant, request=request, cache_dir=cache_dir
+    )
+    return planned.threads if planned is not None else None
 
 
 def _before_timing(options: LoadOptions) -> None:

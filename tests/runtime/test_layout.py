@@ -578,3 +578,41 @@ def test_nothing_is_timed_before_the_caller_says_so_and_nothing_waits_on_a_cache
     assert gate == [] and len(no_timing) == measured  # both cached: nothing timed, nothing waited for
     assert served.parameters["benchmark"]["cached"] is True
     assert served.parameters["layout"]["source"] == "cached self-benchmark"
+
+
+def test_a_restart_makes_its_first_session_in_the_cached_layout_and_serves_it(
+    tmp_path, cache_dir, monkeypatch, no_timing
+):
+    """With the layout measurements cached (and the self-benchmark's numbers, or no self-benchmark),
+    the first session is made with the chosen layout's threads: it is golden-checked once and served as
+    is, with no second session for the layout step. A session the self-benchmark will measure is made
+    with the thread budget its numbers are keyed by."""
+    bundle = build_classifier_bundle(tmp_path / "b")
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
+    made: list[int] = []
+    checked: list[int] = []
+    make, check = loader_module.create_model_session, loader_module.check_golden
+
+    def counted_make(model, manifest, variant, providers, threads, cache_dir):
+        made.append(threads)
+        return make(model, manifest, variant, providers, threads, cache_dir)
+
+    def counted_check(session, golden):
+        checked.append(session.threads)
+        return check(session, golden)
+
+    monkeypatch.setattr(loader_module, "create_model_session", counted_make)
+    monkeypatch.setattr(loader_module, "check_golden", counted_check)
+    options = LoadOptions(cache_dir=cache_dir, optimize="throughput")
+    load_model(bundle, options)  # measures: 1x1 runs 2 wins on throughput
+    assert made[0] == 2 and checked[0] == 2  # the self-benchmark measured the 2-thread session
+    for restart in (options, dataclasses.replace(options, bench=False)):
+        made.clear()
+        checked.clear()
+        served = load_model(bundle, restart)
+        assert served.parameters["layout"]["label"] == "1x1 runs 2"
+        assert made == [1] and checked == [1]  # one session, one golden check
+        assert [instance.threads for instance in served.session.instances] == [1]
+    made.clear()
+    served = load_model(bundle, dataclasses.replace(options, remeasure=True))  # edgerun bench: measured again
+    assert made[0] == 2 and "cached" not in served.parameters["benchmark"]
