@@ -200,10 +200,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def healthcheck(venv: Path, port: int) -> int:
+def healthcheck(venv: Path, port: int, home: Path) -> int:
+    """The image's HEALTHCHECK command, with the server's HOME: it reads the address that server recorded
+    under ``~/.cache/edgerun``, not one another server on this machine left there."""
     return subprocess.run(
         [str(venv / "bin" / "python"), str(REPO / "docker" / "healthcheck.py")],
-        env={"EDGERUN_PORT": str(port), "PATH": os.environ["PATH"]},
+        env={"EDGERUN_PORT": str(port), "PATH": os.environ["PATH"], "HOME": str(home)},
     ).returncode
 
 
@@ -212,7 +214,7 @@ def healthcheck(venv: Path, port: int) -> int:
 def test_runtime_install_serves_a_bundle(runtime_venv, tmp_path):
     bundle = tiny_bundle(tmp_path / "double-x86")
     port = free_port()
-    assert healthcheck(runtime_venv, port) == 1  # nothing listening yet
+    assert healthcheck(runtime_venv, port, tmp_path) == 1  # nothing listening yet
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
         [
@@ -241,7 +243,7 @@ def test_runtime_install_serves_a_bundle(runtime_venv, tmp_path):
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
         assert status == 200, (tmp_path / "server.log").read_text()[-3000:]
-        assert healthcheck(runtime_venv, port) == 0  # the image's HEALTHCHECK command agrees
+        assert healthcheck(runtime_venv, port, tmp_path) == 0  # the image's HEALTHCHECK command agrees
     finally:
         server.terminate()
         server.wait(timeout=30)
