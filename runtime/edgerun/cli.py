@@ -140,7 +140,7 @@ def serve(bundles, **values):
     tune_malloc()
     single_thread_blas()  # before the loading thread imports numpy
     from edgerun.prefetch import BundlePrefetch
-    from edgerun.startup import StartupLoad, log_ready, phase
+    from edgerun.startup import StartupLoad, deferred_model_builds, log_ready, phase
 
     # Each bundle directory's files are read and hashed from here on, on a thread of their own, while
     # both threads below import (edgerun.prefetch); the verification takes those bytes.
@@ -192,6 +192,8 @@ def serve(bundles, **values):
         repo = loading.wait_repository()
         try:
             with phase("imports"):
+                with deferred_model_builds():  # FastAPI's OpenAPI models: built for /openapi.json
+                    import fastapi  # noqa: F401
                 from edgerun.address import address_file
                 from edgerun.server import create_app
                 from edgerun.server import serve as run_server

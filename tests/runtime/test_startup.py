@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import types
 
 import pytest
 from server_process import start_server, stop_server
@@ -182,8 +187,9 @@ def test_serve_stops_and_reports_a_bundle_that_fails_while_the_socket_is_bound(b
 
 
 def test_the_served_openapi_document_is_the_in_process_one(bundles, cache_dir, load_options):
-    """``edgerun serve`` keeps FastAPI from importing pydantic.v1 (start-up time) and builds its app
-    while the bundle loads: the document it publishes is the one the same app builds in-process."""
+    """``edgerun serve`` keeps FastAPI from importing pydantic.v1 (start-up time), defers the build of
+    FastAPI's OpenAPI models to the first document and builds its app while the bundle loads: the
+    document it publishes is the one the same app builds in-process."""
     import httpx
 
     from edgerun.reload import ModelRepository
@@ -329,3 +335,74 @@ def test_serve_gives_numpy_blas_one_thread(bundles, cache_dir, monkeypatch):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+
+
+def test_models_defined_while_builds_are_deferred_are_built_on_first_use():
+    from pydantic import BaseModel
+
+    from edgerun.startup import deferred_model_builds
+
+    with deferred_model_builds():
+
+        class Deferred(BaseModel):
+            size: int
+
+    class Eager(BaseModel):
+        size: int
+
+    assert not Deferred.__pydantic_complete__ and Eager.__pydantic_complete__
+    assert Deferred.model_validate({"size": "3"}).size == 3  # built now, validating as usual
+    assert Deferred.__pydantic_complete__
+    with pytest.raises(RuntimeError), deferred_model_builds():
+        raise RuntimeError("an import failed")
+
+    class After(BaseModel):
+        size: int
+
+    assert After.__pydantic_complete__  # the default is back, also after a failure
+
+
+def test_fastapis_own_models_wait_for_the_openapi_document(tmp_path):
+    """``edgerun serve`` imports FastAPI this way: its OpenAPI models are not built until the document is
+    asked for, and the document is the one FastAPI builds when imported as usual."""
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from edgerun.startup import deferred_model_builds
+        with deferred_model_builds():
+            import fastapi
+        import fastapi.openapi.models as models
+        from fastapi import FastAPI
+        deferred = not models.Info.__pydantic_complete__ and not models.OpenAPI.__pydantic_complete__
+        app = FastAPI(title="t")
+
+        @app.get("/items/{name}")
+        async def item(name: str, limit: int = 3) -> dict:
+            return {}
+
+        print(json.dumps({"deferred": deferred, "document": app.openapi()}))
+        """
+    )
+    plain = code.replace("with deferred_model_builds():\n    import fastapi", "import fastapi")
+    runs = [
+        json.loads(subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True).stdout)
+        for c in (code, plain)
+    ]
+    assert runs[0]["deferred"] is True and runs[1]["deferred"] is False
+    assert runs[0]["document"] == runs[1]["document"]
+
+
+def test_without_the_pydantic_default_nothing_is_deferred(monkeypatch):
+    from pydantic import BaseModel
+    from pydantic._internal import _config
+
+    from edgerun.startup import deferred_model_builds
+
+    # Another shape than the dict it is in the pydantic releases this knows (still readable by pydantic).
+    monkeypatch.setattr(_config, "config_defaults", types.MappingProxyType(dict(_config.config_defaults)))
+    with deferred_model_builds():
+
+        class Built(BaseModel):
+            size: int
+
+    assert Built.__pydantic_complete__
