@@ -167,8 +167,10 @@ def load_model(
         raise
     # The sessions made for the self-benchmark and not served are garbage now (some in reference
     # cycles): collected and trimmed, they leave nothing resident (measured on mobilenet_v2: 149 ->
-    # 120 MB). Without the self-benchmark there is little to collect, and a cold start saves 35 ms.
-    if options.bench:
+    # 120 MB). When nothing was measured (no self-benchmark, or a restart that found every number
+    # cached) there is little to collect, and the full collection (35-90 ms, holding the GIL the main
+    # thread's imports need) is skipped.
+    if _measured(served.status):
         gc.collect()
     release_free_memory()
     return served
@@ -385,6 +387,13 @@ def _cached_cpu_threads(
         bundle_id=bundle_id, providers=names, budget=budget, variant=variant, request=request, cache_dir=cache_dir
     )
     return planned.threads if planned is not None else None
+
+
+def _measured(status: ModelStatus) -> bool:
+    """Whether this load timed anything (and so made sessions it does not serve)."""
+    numbers = status.benchmark or {}
+    variants_timed = "batch_1" in numbers and not numbers.get("cached")
+    return variants_timed or (status.layout is not None and status.layout.source.startswith("self-benchmark"))
 
 
 def _before_timing(options: LoadOptions) -> None:

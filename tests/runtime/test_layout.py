@@ -616,3 +616,18 @@ def test_a_restart_makes_its_first_session_in_the_cached_layout_and_serves_it(
     made.clear()
     served = load_model(bundle, dataclasses.replace(options, remeasure=True))  # edgerun bench: measured again
     assert made[0] == 2 and "cached" not in served.parameters["benchmark"]
+
+
+def test_a_load_that_measured_nothing_runs_no_full_collection(tmp_path, cache_dir, monkeypatch, no_timing):
+    """The full garbage collection after a load is for the sessions a self-benchmark made and dropped;
+    a restart that found every number cached made none, and its main thread is importing meanwhile."""
+    bundle = build_classifier_bundle(tmp_path / "b")
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
+    collections: list[int] = []
+    monkeypatch.setattr(loader_module.gc, "collect", lambda *args: collections.append(1) or 0)
+    options = LoadOptions(cache_dir=cache_dir)
+    load_model(bundle, options)
+    assert collections == [1]  # measured: the benchmark's sessions are garbage
+    load_model(bundle, options)
+    load_model(bundle, dataclasses.replace(options, bench=False))
+    assert collections == [1]
