@@ -284,7 +284,9 @@ def layout_key(
     return "layout-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _keyed_request(bundle_sha256: str, providers: list[str], budget: int, variant: ModelFile, request: LayoutRequest):
+def _keyed_request(
+    bundle_sha256: str, providers: list[str], budget: int, variant: ModelFile, request: LayoutRequest
+) -> tuple[str, LayoutRequest]:
     """The cache key of ``variant``'s layout measurements on this CPU, and the request with the
     spinning the variant's session options pin (one implementation for ``plan_layout`` and
     ``cached_layout``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -631,3 +632,15 @@ def test_a_load_that_measured_nothing_runs_no_full_collection(tmp_path, cache_di
     load_model(bundle, options)
     load_model(bundle, dataclasses.replace(options, bench=False))
     assert collections == [1]
+
+
+def test_damaged_cached_layout_measurements_are_measured_again(tmp_path, cache_dir, monkeypatch, no_timing):
+    bundle = build_classifier_bundle(tmp_path / "b")
+    monkeypatch.setattr(loader_module, "choose_threads", budget_of(2))
+    load_model(bundle, LoadOptions(cache_dir=cache_dir))
+    (record,) = (cache_dir / "decisions").glob("layout-*.json")
+    record.write_text(json.dumps({"measurements": [{"layout": {"instances": "many"}}]}))
+    measured = len(no_timing)
+    served = load_model(bundle, LoadOptions(cache_dir=cache_dir))
+    assert len(no_timing) > measured and served.parameters["layout"]["source"] == "self-benchmark"
+    assert json.loads(record.read_text())["measurements"][0]["layout"]["instances"] >= 1  # rewritten
