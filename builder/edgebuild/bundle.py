@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgebuild.errors import UsageError
+from edgebuild.signals import raise_if_stopped
 from edgerun.bundle import sha256_file
 from edgerun.manifest import MANIFEST_NAME, Manifest, is_one_path_component
 
@@ -127,6 +128,7 @@ def write_bundle(
         if archive:
             with tarfile.open(staged_archive, "w:gz") as tar:
                 tar.add(stage, arcname=dest.name)
+        raise_if_stopped()  # a stop whose exception was lost (see edgebuild.signals) publishes nothing
         _replace(stage, dest)
         if archive:
             staged_archive.replace(_archive_path(dest))

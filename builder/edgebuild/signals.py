@@ -22,6 +22,12 @@ import click
 
 CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
+# The signals the running ``stop_cleanly`` block received. The exception a handler raises can be lost:
+# raised while Python runs a weakref callback or a ``__del__`` (garbage collection can start anywhere),
+# it is printed as "Exception ignored" and the block runs on. So the steps that publish a result check
+# here too (``raise_if_stopped``) instead of trusting the exception alone.
+_received: list[int] = []
+
 
 class Stopped(KeyboardInterrupt):
     """The process was asked to stop by a signal."""
@@ -38,7 +44,8 @@ def stop_cleanly(prog: str, what: str) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         yield
         return
-    received: list[int] = []
+    received = _received
+    received.clear()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         # A second signal must not interrupt the clean-up the first one started.
@@ -59,6 +66,14 @@ def stop_cleanly(prog: str, what: str) -> Iterator[None]:
         click.echo(f"{prog}: stopped by {signal.Signals(signum).name}: {what}", err=True)
         raise click.exceptions.Exit(128 + signum) from None
     finally:
+        received.clear()
         for sig, handler in previous.items():
             if handler is not None:  # None: a handler not installed from Python, which cannot be restored
                 signal.signal(sig, handler)
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Stopped` if the running ``stop_cleanly`` block was asked to stop, also when the
+    exception its handler raised was lost on the way: called right before a result is published."""
+    if _received:
+        raise Stopped(_received[0])

@@ -81,3 +81,44 @@ def test_stopped_pack_leaves_nothing_behind(tmp_path, signum):
     # torch.export leaves an empty torchinductor_root directory behind; the pack's own are gone.
     assert [e for e in entries(scratch) if e != "torchinductor_root"] == []
     assert not out.exists() or entries(out) == []
+
+
+def test_a_stop_whose_exception_was_lost_still_publishes_no_bundle(tmp_path, monkeypatch):
+    """The handler's exception raised inside a weakref callback (garbage collection can run one at any
+    point) is printed as "Exception ignored" and lost; the bundle is still not moved into place."""
+    import weakref
+
+    import click
+
+    from edgebuild.bundle import write_bundle
+    from edgebuild.signals import stop_cleanly
+    from edgerun.manifest import FORMAT_VERSION, Manifest, ModelFile, TensorSpec
+
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        name="m",
+        created="2026-01-01T00:00:00+00:00",
+        model=ModelFile(path="model.onnx", sha256="", size_bytes=0, precision="fp32", opset=18),
+        inputs=[TensorSpec(name="x", dtype="float32", shape=[1, 2])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=[1, 2])],
+    )
+
+    class Collected:
+        pass
+
+    def signalled_while_collected(ref) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # the handler runs here, and its exception cannot leave the callback
+            pass
+
+    lost: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: lost.append(unraisable.exc_value))
+    with pytest.raises(click.exceptions.Exit) as stopped, stop_cleanly("edgebuild", "no bundle written"):
+        thing = Collected()
+        ref = weakref.ref(thing, signalled_while_collected)
+        del thing
+        assert ref() is None
+        write_bundle(tmp_path / "b", manifest, {"model.onnx": b"abc"})
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert [type(e).__name__ for e in lost] == ["Stopped"]  # the handler's exception was indeed lost
+    assert entries(tmp_path) == []  # no bundle, no staging directory
