@@ -179,7 +179,7 @@ def serve(bundles, **values):
     # imports for the GIL (measured: 1.21x -> 1.10x the plain app's cold start). The self-benchmark and
     # the layout measurement time every core, so they wait for this thread's imports (``imported``);
     # a restart that reuses cached numbers times nothing.
-    loading = StartupLoad(make_repository, load_all)
+    loading = StartupLoad(make_repository, load_all, spare_a_core=True)
     # Start-up allocates some 100,000 objects (modules, pydantic schemas, routes) that all stay alive:
     # the cyclic collector scanning them again and again cost about 8% of the imports' CPU time, and one
     # full collection after them 50 ms. They are frozen (never scanned) once the server is ready.
@@ -198,6 +198,7 @@ def serve(bundles, **values):
                 from edgerun.server import create_app
                 from edgerun.server import serve as run_server
         finally:
+            loading.share_every_core()
             imported.set()
     except BaseException:
         gc.enable()

@@ -128,9 +128,17 @@ class StartupLoad:
     signal) is not an error of its own.
     """
 
-    def __init__(self, make_repository: Callable[[], ModelRepository], load: Callable[[ModelRepository], Any]) -> None:
+    def __init__(
+        self,
+        make_repository: Callable[[], ModelRepository],
+        load: Callable[[ModelRepository], Any],
+        *,
+        spare_a_core: bool = False,
+    ) -> None:
         self._make_repository = make_repository
         self._load = load
+        self._spare_a_core = spare_a_core
+        self._spared: tuple[frozenset[int], frozenset[int]] | None = None
         self._made = threading.Event()
         self.finished = threading.Event()
         self.repository: ModelRepository | None = None
@@ -144,22 +152,37 @@ class StartupLoad:
         self._thread.start()
 
     def _run(self) -> None:
+        if self._spare_a_core:
+            from edgerun.threads import spare_a_core
+
+            self._spared = spare_a_core()
         try:
             repository = self._make_repository()
             repository.initial_load.clear()  # before the main thread can see it
             self.repository = repository
             self._made.set()
             self._load(repository)
+            self.share_every_core()  # before ready: the server runs on every core
             repository.initial_load.set()
         except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
             self.error = exc
         finally:
+            self.share_every_core()  # also the threads this one created after the main thread's call
             self._made.set()
             with self._lock:
                 self.finished.set()
                 abandoned = self._abandoned
             if abandoned and self.repository is not None:
                 self.repository.close()
+
+    def share_every_core(self) -> None:
+        """The loading thread and the ONNX Runtime threads it made, kept off one core while the main
+        thread imports (``spare_a_core``), get every core back: called by the main thread once its
+        imports are done (before anything is timed) and by the loading thread before ready."""
+        if self._spared is not None:
+            from edgerun.threads import widen
+
+            widen(self._spared)
 
     def abandon(self) -> None:
         """No server will run (start-up failed on the main thread): the loads still to come are refused,

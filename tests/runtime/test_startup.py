@@ -406,3 +406,51 @@ def test_without_the_pydantic_default_nothing_is_deferred(monkeypatch):
             size: int
 
     assert Built.__pydantic_complete__
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="per-thread CPU affinity on 2+ CPUs (Linux): with one there is no core to spare",
+)
+def test_the_load_leaves_the_main_thread_a_core_while_it_imports(bundles, cache_dir, monkeypatch):
+    """The golden runs (the loading thread and ONNX Runtime's pool) keep off one core while the main
+    thread imports; once those imports are done, and before ready, every thread has every core again."""
+    from click.testing import CliRunner
+    from runtime_fixtures import serve_after_load
+
+    import edgerun.loader
+    import edgerun.server
+    import edgerun.startup
+    from edgerun.cli import main
+
+    allowed = frozenset(os.sched_getaffinity(0))
+    during_load: list[frozenset[int]] = []
+    check = edgerun.loader.check_golden
+    release = threading.Event()
+
+    def checked(session, golden):
+        during_load.append(frozenset(os.sched_getaffinity(0)))
+        return check(session, golden)
+
+    timeline_phase = edgerun.startup.phase
+
+    @contextlib.contextmanager
+    def phase(name):
+        with timeline_phase(name):
+            yield
+            if name == "imports" and threading.current_thread() is threading.main_thread():
+                release.wait(5)  # the main thread imports until the golden check has run
+
+    def golden_then_release(session, golden):
+        result = checked(session, golden)
+        release.set()
+        return result
+
+    monkeypatch.setattr(edgerun.loader, "check_golden", golden_then_release)
+    monkeypatch.setattr(edgerun.startup, "phase", phase)
+    monkeypatch.setattr(edgerun.server, "serve", serve_after_load())
+    args = ["serve", str(bundles["classifier"]), "--no-bench", "--cache-dir", str(cache_dir)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert during_load and len(during_load[0]) == len(allowed) - 1
+    assert {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")} == {allowed}

@@ -89,3 +89,53 @@ def test_the_blas_setting_leaves_out_openblas_threads_when_numpy_loads():
 
     assert threads(f"from edgerun.threads import single_thread_blas; single_thread_blas(); {count}") == 1
     assert threads(count) > 1
+
+
+needs_two_cpus = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="per-thread CPU affinity on 2+ CPUs (Linux): with one there is no core to spare",
+)
+
+
+@needs_two_cpus
+def test_a_spared_core_is_kept_by_the_thread_and_the_threads_it_starts_until_widened():
+    import threading
+
+    from edgerun.threads import spare_a_core, widen
+
+    allowed = frozenset(os.sched_getaffinity(0))
+    seen: dict[str, frozenset[int]] = {}
+    release, own_mask_set = threading.Event(), threading.Event()
+
+    def child() -> None:
+        release.wait(10)
+        seen["child after widen"] = frozenset(os.sched_getaffinity(0))
+
+    def pinned_elsewhere() -> None:  # a thread that chose its own CPUs: left alone
+        os.sched_setaffinity(0, {min(allowed)})
+        own_mask_set.set()
+        release.wait(10)
+        seen["own"] = frozenset(os.sched_getaffinity(0))
+
+    def loading() -> None:
+        spared = spare_a_core()
+        assert spared is not None
+        seen["loading"] = frozenset(os.sched_getaffinity(0))
+        started = threading.Thread(target=child)
+        started.start()
+        other = threading.Thread(target=pinned_elsewhere)
+        other.start()
+        own_mask_set.wait(10)
+        widen(spared)
+        seen["loading after widen"] = frozenset(os.sched_getaffinity(0))
+        release.set()
+        started.join()
+        other.join()
+
+    thread = threading.Thread(target=loading)
+    thread.start()
+    thread.join()
+    assert len(seen["loading"]) == len(allowed) - 1 and seen["loading"] < allowed
+    assert seen["loading after widen"] == allowed and seen["child after widen"] == allowed
+    assert seen["own"] == {min(allowed)}
+    assert frozenset(os.sched_getaffinity(0)) == allowed  # the caller's thread was never narrowed
