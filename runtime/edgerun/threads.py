@@ -1,4 +1,5 @@
-"""How many intra-op threads fit this box: CPU affinity and the cgroup CPU quota.
+"""How many intra-op threads fit this box (CPU affinity and the cgroup CPU quota), numpy's BLAS
+threads in the server, and the core the start-up load leaves to the importing thread.
 
 ORT defaults to one thread per *host* core, which in a container limited to 2 CPUs out of
 64 means 64 threads fighting for 2 cores. We size from what the process may really use.
@@ -133,8 +134,8 @@ def single_thread_blas() -> None:
 
 # While ``edgerun serve``'s main thread imports the web stack (Python, one core), the loading thread
 # creates the session and runs the golden check, and ONNX Runtime's pool has one thread per core: on
-# 2 cores that made 3 runnable threads for 2 cores, and the imports, which set the pace to ready, ran
-# at about 2/3 speed while the golden runs lasted. So the loading thread, and the pool threads it
+# 2 cores that made 3 runnable threads for 2 cores, and the imports, which set the pace to ready, could
+# get as little as 2/3 of a core while the golden runs lasted. So the loading thread, and the pool threads it
 # creates, keep off one core until those imports are done; then every thread left with that mask gets
 # the whole set back (Linux: affinity is per thread and inherited by the threads a thread creates).
 # Measured side by side on 2 cores (benchmarks/startup_bench.py, 15-21 rounds): 1.00x -> 0.99x,
