@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -148,14 +147,12 @@ def serve(bundles, **values):
 
     log = logging.getLogger("edgerun")
 
-    imported = threading.Event()  # this thread's imports are done: nothing is timed before (see below)
-
     def make_repository():
         with phase("imports"):
             from edgerun.reload import ModelRepository, VersionStore
 
         options = given.load_options(_read_key(given.trusted_key))
-        options.before_timing = imported.wait
+        options.before_timing = loading.main_imports_done.wait  # nothing is timed before (see below)
         return ModelRepository(options, store=VersionStore(Path(given.cache_dir)))
 
     def load_all(repo) -> None:
@@ -177,7 +174,7 @@ def serve(bundles, **values):
     # thread's imports start once it has made the repository, so they run while that thread is in native
     # code (session creation and the golden runs release the GIL) instead of taking turns with its
     # imports for the GIL (measured: 1.21x -> 1.10x the plain app's cold start). The self-benchmark and
-    # the layout measurement time every core, so they wait for this thread's imports (``imported``);
+    # the layout measurement time every core, so they wait for this thread's imports (``main_imports_done``);
     # a restart that reuses cached numbers times nothing.
     loading = StartupLoad(make_repository, load_all, spare_a_core=True)
     # Start-up allocates some 100,000 objects (modules, pydantic schemas, routes) that all stay alive:
@@ -198,8 +195,7 @@ def serve(bundles, **values):
                 from edgerun.server import create_app
                 from edgerun.server import serve as run_server
         finally:
-            loading.share_every_core()
-            imported.set()
+            loading.main_thread_imported()
     except BaseException:
         gc.enable()
         loading.abandon()

@@ -196,6 +196,7 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     isa = cpu_isa()
     key = decision_key(bundle_id, [p.name for p in candidates], threads=thread_choice.threads, isa=isa)
     decision = read_decision(cache_dir, key) if options.bench else None
+    recorded = _recorded_numbers(decision)  # each variant's self-benchmark numbers an earlier start cached
     if decision and len(variants) > 1:
         decided = [v for v in variants if v.path == decision.get("variant")]
         if decided:
@@ -216,7 +217,7 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
     for chain in [candidates[1:], candidates] if background else [candidates]:
         for variant in variants:
             threads = thread_choice.threads
-            if not options.bench or (not options.remeasure and variant.path in _recorded_numbers(decision)):
+            if not options.bench or (not options.remeasure and variant.path in recorded):
                 # Nothing measures this session: made in the cached layout's setting, it serves as is.
                 planned = _cached_cpu_threads(variant, chain, bundle_id, layout_budget, layout_request, cache_dir)
                 threads = planned or thread_choice.threads
@@ -232,7 +233,7 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
         raise SessionError(f"{manifest.name}: no variant/provider passed its checks: " + "; ".join(dropped))
 
     benchmark: dict[str, Any] = {}
-    reused = None if options.remeasure else _cached_numbers(decision, passing[0][0].variant.path)
+    reused = None if options.remeasure else _cached_numbers(recorded, passing[0][0].variant.path)
     if options.bench and reused is not None:
         # Measured on an earlier start of this device: the same bundle, providers, threads and ISA.
         log.info("%s: cached self-benchmark numbers for %s (%s)", manifest.name, passing[0][0].variant.path, key)
@@ -260,7 +261,7 @@ def _load_verified(bundle: Bundle, location: Path, options: LoadOptions) -> Serv
             # device has nothing to measure again. A multi-variant bundle with no decision and one
             # passing variant records nothing: the others are tried again at the next start.
             measured = {passing[i][0].variant.path: results[i] for i in range(len(passing))}
-            numbers = {**_recorded_numbers(decision), **measured}
+            numbers = {**recorded, **measured}
             write_decision(
                 cache_dir,
                 key,
@@ -416,10 +417,9 @@ def _recorded_numbers(decision: dict[str, Any] | None) -> dict[str, dict[str, An
     }
 
 
-def _cached_numbers(decision: dict[str, Any] | None, variant: str) -> dict[str, Any] | None:
-    """The self-benchmark numbers an earlier start measured for ``variant`` (in a decision under the same
-    key), shaped as a fresh measurement and marked ``cached``; None when it holds none for that variant."""
-    numbers = _recorded_numbers(decision)
+def _cached_numbers(numbers: dict[str, dict[str, Any]], variant: str) -> dict[str, Any] | None:
+    """The self-benchmark numbers an earlier start measured for ``variant`` (``numbers``: from
+    ``_recorded_numbers``), shaped as a fresh measurement and marked ``cached``; None when there are none."""
     if variant not in numbers:
         return None
     reused: dict[str, Any] = {**numbers[variant], "cached": True}

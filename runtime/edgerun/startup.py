@@ -139,6 +139,8 @@ class StartupLoad:
         self._load = load
         self._spare_a_core = spare_a_core
         self._spared: tuple[frozenset[int], frozenset[int]] | None = None
+        # The main thread's imports are done (``main_thread_imported``): the load may time things now.
+        self.main_imports_done = threading.Event()
         self._made = threading.Event()
         self.finished = threading.Event()
         self.repository: ModelRepository | None = None
@@ -175,10 +177,16 @@ class StartupLoad:
             if abandoned and self.repository is not None:
                 self.repository.close()
 
+    def main_thread_imported(self) -> None:
+        """Called by the main thread once its imports are done (or failed): every core is shared again
+        and ``main_imports_done`` is set, which the load's timed steps wait for."""
+        self.share_every_core()
+        self.main_imports_done.set()
+
     def share_every_core(self) -> None:
         """The loading thread and the ONNX Runtime threads it made, kept off one core while the main
-        thread imports (``spare_a_core``), get every core back: called by the main thread once its
-        imports are done (before anything is timed) and by the loading thread before ready."""
+        thread imports (``spare_a_core``), get every core back: on ``main_thread_imported``, and on the
+        loading thread before ready."""
         if self._spared is not None:
             from edgerun.threads import widen
 
